@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# stdio-sse build and test entry point.
+#   ./build.sh        static release binary in dist/stdio-sse (musl; glibc crt-static fallback)
+#   ./build.sh test   every test: cargo integration tests, then the external judges
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MUSL=x86_64-unknown-linux-musl
+
+build() {
+    mkdir -p dist
+    if rustup target list --installed 2>/dev/null | grep -qx "$MUSL" || rustup target add "$MUSL" >/dev/null 2>&1; then
+        cargo build --release --locked --target "$MUSL"
+        cp "target/$MUSL/release/stdio-sse" dist/stdio-sse
+    else
+        echo "build: the musl target cannot be installed here; building a static glibc binary (crt-static) instead"
+        RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu
+        cp target/x86_64-unknown-linux-gnu/release/stdio-sse dist/stdio-sse
+    fi
+    echo "build: dist/stdio-sse is $(stat -c %s dist/stdio-sse) bytes"
+    command -v file >/dev/null && file dist/stdio-sse || true
+}
+
+run_tests() {
+    build
+    local log
+    log=$(mktemp)
+    # Integration tests: the real binary over real sockets with real child processes.
+    set +e
+    cargo test --locked 2>&1 | tee "$log"
+    local cargo_rc=${PIPESTATUS[0]}
+    set -e
+    local cargo_passed cargo_failed
+    cargo_passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | grep -Eo '[0-9]+' | awk "{s+=\$1} END {print s+0}")
+    cargo_failed=$(grep -Eo '[0-9]+ failed;' "$log" | grep -Eo '[0-9]+' | awk "{s+=\$1} END {print s+0}")
+    rm -f "$log"
+    # External judges: conformance suite, Python and TypeScript SDK clients, real servers.
+    set +e
+    STDIO_SSE_BIN="$PWD/dist/stdio-sse" bash tests/external/run.sh
+    local ext_rc=$?
+    set -e
+    local ext_passed ext_failed
+    ext_passed=$(cat .cache/external-passed 2>/dev/null || echo 0)
+    ext_failed=$(cat .cache/external-failed 2>/dev/null || echo 1)
+    echo
+    echo "cargo tests: ${cargo_passed:-0} passed, ${cargo_failed:-0} failed; external checks: $ext_passed passed, $ext_failed failed"
+    echo "$(( ${cargo_passed:-0} + ext_passed )) passed, $(( ${cargo_failed:-0} + ext_failed )) failed"
+    [ "$cargo_rc" -eq 0 ] && [ "$ext_rc" -eq 0 ]
+}
+
+case "${1:-build}" in
+    build) build ;;
+    test) run_tests ;;
+    bench)
+        echo "bench: the benchmark is not built yet (issue: Performance)" >&2
+        exit 2 ;;
+    *) echo "usage: ./build.sh [build|test]" >&2; exit 2 ;;
+esac

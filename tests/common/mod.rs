@@ -1,0 +1,458 @@
+//! Test harness: runs the real stdio-sse binary on a loopback port and talks to it with a
+//! small HTTP/1.1 client over real sockets, including incremental SSE reading.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stdio-sse");
+/// Upper bound for anything a test waits for.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The everything fixture as a COMMAND.
+pub fn everything() -> Vec<String> {
+    vec!["python3".into(), fixture("everything.py")]
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    closed: bool,
+}
+
+/// A running stdio-sse. Dropping it stops the process (only the one this test started).
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    log: Arc<(Mutex<LogState>, Condvar)>,
+}
+
+impl Server {
+    pub fn start(flags: &[&str], command: &[String]) -> Server {
+        Self::start_env(flags, command, &[])
+    }
+
+    pub fn start_env(flags: &[&str], command: &[String], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--port", "0", "--host", "127.0.0.1"]).args(flags);
+        if !command.is_empty() {
+            cmd.arg("--").args(command);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start stdio-sse");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new((Mutex::new(LogState::default()), Condvar::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("STDIO_SSE_TEST_LOG").is_some() {
+                    eprintln!("{line}");
+                }
+                sink.0.lock().unwrap_or_else(|e| e.into_inner()).lines.push(line);
+                sink.1.notify_all();
+            }
+            sink.0.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+            sink.1.notify_all();
+        });
+        let mut server = Server { child, port: 0, log };
+        let line = server.wait_log("listening on http://");
+        let port = line.rsplit_once("127.0.0.1:").and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next()).and_then(|p| p.parse().ok());
+        server.port = port.unwrap_or_else(|| panic!("no port in {line:?}"));
+        server
+    }
+
+    /// Waits (bounded) for a log line containing `needle` and returns it.
+    pub fn wait_log(&self, needle: &str) -> String {
+        self.wait_log_after(needle, 0).1
+    }
+
+    /// Like wait_log, but only lines from index `from` on; returns (index, line).
+    pub fn wait_log_after(&self, needle: &str, from: usize) -> (usize, String) {
+        let (lock, cv) = &*self.log;
+        let end = Instant::now() + DEADLINE;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some((i, l)) = st.lines.iter().enumerate().skip(from).find(|(_, l)| l.contains(needle)) {
+                return (i, l.clone());
+            }
+            let now = Instant::now();
+            if now >= end || st.closed {
+                let log = st.lines.join("\n");
+                drop(st);
+                panic!("log line containing {needle:?} never came; log:\n{log}");
+            }
+            st = cv.wait_timeout(st, end - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.0.lock().unwrap_or_else(|e| e.into_inner()).lines.len()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.0.lock().unwrap_or_else(|e| e.into_inner()).lines.join("\n")
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal and waits (bounded) for the exit.
+    pub fn stop_with(&mut self, sig: i32) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.pid(), sig) };
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < end, "stdio-sse did not exit after signal {sig}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(10);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A parsed response whose body has been read in full.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn events(&self) -> Vec<Event> {
+        parse_events(&self.text())
+    }
+    /// The JSON of each `message` event.
+    pub fn messages(&self) -> Vec<Value> {
+        self.events().iter().filter(|e| e.event.as_deref().unwrap_or("message") == "message" && !e.data.is_empty()).map(|e| serde_json::from_str(&e.data).unwrap()).collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+pub fn parse_events(text: &str) -> Vec<Event> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let mut ev = Event { event: None, id: None, data: String::new() };
+        let mut any = false;
+        let mut has_data = false;
+        for line in block.lines() {
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = line.split_once(':').map(|(f, v)| (f, v.strip_prefix(' ').unwrap_or(v))).unwrap_or((line, ""));
+            match field {
+                "event" => ev.event = Some(value.to_string()),
+                "id" => ev.id = Some(value.to_string()),
+                "data" => {
+                    if has_data {
+                        ev.data.push('\n');
+                    }
+                    has_data = true;
+                    ev.data.push_str(value);
+                }
+                _ => {}
+            }
+            any = true;
+        }
+        if any {
+            out.push(ev);
+        }
+    }
+    out
+}
+
+/// A keep-alive HTTP/1.1 connection.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    pub host: String,
+}
+
+impl Conn {
+    pub fn open(server: &Server) -> Conn {
+        Self::open_addr(&server.addr())
+    }
+    pub fn open_addr(addr: &str) -> Conn {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        Conn { reader: BufReader::new(s), host: addr.to_string() }
+    }
+
+    /// Sends a request; `headers` may override Host.
+    pub fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
+        let mut req = format!("{method} {path} HTTP/1.1\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req.push_str(&format!("Host: {}\r\n", self.host));
+        }
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !body.is_empty() || method == "POST" {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let s = self.reader.get_mut();
+        s.write_all(req.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+    }
+
+    /// Reads a status line and headers.
+    pub fn head(&mut self) -> (u16, Vec<(String, String)>) {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("status line");
+        let status: u16 = line.split_whitespace().nth(1).unwrap_or_else(|| panic!("bad status line {line:?}")).parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            self.reader.read_line(&mut h).unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':').unwrap();
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        (status, headers)
+    }
+
+    /// Reads one chunk of a chunked body; None at the terminating chunk.
+    pub fn chunk(&mut self) -> Option<Vec<u8>> {
+        let mut size = String::new();
+        self.reader.read_line(&mut size).expect("chunk size");
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
+        let mut data = vec![0; n + 2];
+        self.reader.read_exact(&mut data).unwrap();
+        data.truncate(n);
+        (n > 0).then_some(data)
+    }
+
+    pub fn response(&mut self) -> Response {
+        let (status, headers) = self.head();
+        let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+        let mut body = Vec::new();
+        if get("Transfer-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            while let Some(c) = self.chunk() {
+                body.extend(c);
+            }
+        } else if let Some(n) = get("Content-Length") {
+            body.resize(n.parse().unwrap(), 0);
+            self.reader.read_exact(&mut body).unwrap();
+        } else {
+            self.reader.read_to_end(&mut body).unwrap();
+        }
+        Response { status, headers, body }
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        self.send(method, path, headers, body);
+        self.response()
+    }
+
+    pub fn set_timeout(&self, d: Duration) {
+        self.reader.get_ref().set_read_timeout(Some(d)).unwrap();
+    }
+
+    pub fn into_stream(self) -> TcpStream {
+        self.reader.into_inner()
+    }
+}
+
+/// Reads SSE events from a chunked stream one at a time.
+pub struct SseReader {
+    pub conn: Conn,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pending: String,
+    pub ended: bool,
+}
+
+impl SseReader {
+    pub fn new(mut conn: Conn) -> SseReader {
+        let (status, headers) = conn.head();
+        SseReader { conn, status, headers, pending: String::new(), ended: false }
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    /// The next event (comments skipped); None when the stream ends.
+    pub fn next_event(&mut self) -> Option<Event> {
+        loop {
+            if let Some(i) = self.pending.find("\n\n") {
+                let block: String = self.pending.drain(..i + 2).collect();
+                if let Some(ev) = parse_events(&block).into_iter().next() {
+                    return Some(ev);
+                }
+                continue;
+            }
+            if self.ended {
+                return None;
+            }
+            match self.conn.chunk() {
+                Some(c) => self.pending.push_str(&String::from_utf8(c).unwrap()),
+                None => self.ended = true,
+            }
+        }
+    }
+    pub fn next_message(&mut self) -> Option<Value> {
+        loop {
+            let ev = self.next_event()?;
+            if ev.event.as_deref().unwrap_or("message") == "message" && !ev.data.is_empty() {
+                return Some(serde_json::from_str(&ev.data).unwrap());
+            }
+        }
+    }
+    /// Every remaining message until the stream ends.
+    pub fn rest(&mut self) -> Vec<Value> {
+        std::iter::from_fn(|| self.next_message()).collect()
+    }
+}
+
+pub const ACCEPT_BOTH: (&str, &str) = ("Accept", "application/json, text/event-stream");
+pub const JSON_CT: (&str, &str) = ("Content-Type", "application/json");
+
+pub fn init_body(version: &str) -> String {
+    json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": version, "capabilities": {"sampling": {}, "elicitation": {}},
+        "clientInfo": {"name": "stdio-sse-tests", "version": "1.0"}}})
+    .to_string()
+}
+
+/// A Streamable HTTP session set up the way SDK clients do it.
+pub struct Session {
+    pub id: String,
+    pub addr: String,
+    pub init: Value,
+}
+
+impl Session {
+    pub fn open(server: &Server) -> Session {
+        Self::open_version(server, "2025-11-25")
+    }
+    pub fn open_version(server: &Server, version: &str) -> Session {
+        let mut c = Conn::open(server);
+        let r = c.request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], init_body(version).as_bytes());
+        assert_eq!(r.status, 200, "initialize failed: {}", r.text());
+        let id = r.header("Mcp-Session-Id").expect("session id").to_string();
+        let init = r.messages().into_iter().last().expect("initialize result");
+        let s = Session { id, addr: server.addr(), init };
+        let n = s.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        assert_eq!(n.status, 202);
+        s
+    }
+    pub fn headers(&self) -> Vec<(&str, &str)> {
+        vec![JSON_CT, ACCEPT_BOTH, ("Mcp-Session-Id", self.id.as_str()), ("MCP-Protocol-Version", "2025-11-25")]
+    }
+    pub fn post(&self, body: &Value) -> Response {
+        Conn::open_addr(&self.addr).request("POST", "/mcp", &self.headers(), body.to_string().as_bytes())
+    }
+    /// POSTs and returns the open stream for incremental reading.
+    pub fn post_stream(&self, body: &Value) -> SseReader {
+        let mut c = Conn::open_addr(&self.addr);
+        c.send("POST", "/mcp", &self.headers(), body.to_string().as_bytes());
+        SseReader::new(c)
+    }
+    pub fn call(&self, id: i64, tool: &str, args: Value) -> Response {
+        self.post(&tool_call(id, tool, args))
+    }
+    pub fn get_stream(&self) -> SseReader {
+        let mut c = Conn::open_addr(&self.addr);
+        c.send("GET", "/mcp", &[("Accept", "text/event-stream"), ("Mcp-Session-Id", self.id.as_str())], b"");
+        SseReader::new(c)
+    }
+    pub fn delete(&self) -> Response {
+        Conn::open_addr(&self.addr).request("DELETE", "/mcp", &[("Mcp-Session-Id", self.id.as_str())], b"")
+    }
+}
+
+pub fn tool_call(id: i64, tool: &str, args: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}})
+}
+
+/// The text of a tools/call result.
+pub fn result_text(msg: &Value) -> String {
+    msg.pointer("/result/content/0/text").and_then(Value::as_str).unwrap_or_else(|| panic!("no text in {msg}")).to_string()
+}
+
+/// True while the process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Waits (bounded) for a process to be gone; a kill takes effect asynchronously.
+pub fn assert_gone(pid: i32, what: &str) {
+    let end = Instant::now() + DEADLINE;
+    while alive(pid) {
+        assert!(Instant::now() < end, "{what} (pid {pid}) is still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Pids whose parent is `ppid`.
+pub fn children_of(ppid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if let Some((_, rest)) = stat.rsplit_once(") ") {
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(ppid) && !fields[0].starts_with('Z') {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn vm_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap()
+}

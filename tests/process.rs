@@ -1,0 +1,67 @@
+//! Process ownership: no zombies, no orphans after DELETE, idle expiry, shutdown, and a
+//! child that forks a grandchild (ST-7).
+mod common;
+use common::*;
+use serde_json::json;
+
+fn pids(sess: &Session) -> (i32, i32) {
+    let child = result_text(&sess.call(100, "pid", json!({})).messages()[0]).parse().unwrap();
+    let grandchild = result_text(&sess.call(101, "spawn_grandchild", json!({})).messages()[0]).parse().unwrap();
+    (child, grandchild)
+}
+
+#[test]
+fn delete_leaves_no_process_behind() {
+    let s = Server::start(&[], &everything());
+    let sess = Session::open(&s);
+    let (child, grandchild) = pids(&sess);
+    assert!(alive(child) && alive(grandchild));
+    assert_eq!(sess.delete().status, 200);
+    assert!(!alive(child), "child reaped before DELETE answered");
+    assert_gone(grandchild, "grandchild");
+    assert!(children_of(s.pid()).is_empty(), "stdio-sse has no children left: {:?}", children_of(s.pid()));
+}
+
+#[test]
+fn idle_sessions_expire_with_their_children() {
+    let s = Server::start(&["--session-idle-timeout", "500ms", "--keepalive", "0"], &everything());
+    let sess = Session::open(&s);
+    let (child, grandchild) = pids(&sess);
+    s.wait_log("session ended (idle)");
+    assert_gone(child, "idle session's child");
+    assert_gone(grandchild, "idle session's grandchild");
+    assert_eq!(sess.call(1, "pid", json!({})).status, 404);
+}
+
+#[test]
+fn sigterm_ends_every_child_and_exits_zero() {
+    let mut s = Server::start(&[], &everything());
+    let a = Session::open(&s);
+    let b = Session::open(&s);
+    let (ca, ga) = pids(&a);
+    let (cb, gb) = pids(&b);
+    let status = s.stop_with(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+    for (pid, what) in [(ca, "child a"), (ga, "grandchild a"), (cb, "child b"), (gb, "grandchild b")] {
+        assert_gone(pid, what);
+    }
+}
+
+/// A child that ignores stdin EOF and SIGTERM is SIGKILLed after the grace periods, and
+/// the request it was working on gets an error.
+#[test]
+fn stubborn_child_is_killed_after_grace() {
+    let stubborn = vec!["sh".into(), "-c".into(), format!("trap '' TERM; exec python3 {}", fixture("everything.py"))];
+    let s = Server::start_env(&["--shutdown-grace", "200ms"], &stubborn, &[("EVERYTHING_IGNORE_EOF", "1")]);
+    let sess = Session::open(&s);
+    let child: i32 = result_text(&sess.call(1, "pid", json!({})).messages()[0]).parse().unwrap();
+    let mut busy = sess.post_stream(&tool_call(2, "sleep", json!({"seconds": 60})));
+    assert_eq!(busy.status, 200);
+    assert_eq!(sess.delete().status, 200);
+    assert!(!alive(child));
+    s.wait_log("ignored stdin EOF");
+    s.wait_log("sending SIGKILL");
+    let err = busy.next_message().unwrap();
+    assert_eq!(err["id"], 2);
+    assert!(err["error"]["message"].as_str().unwrap().contains("DELETE"));
+}
