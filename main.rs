@@ -52,7 +52,8 @@ mod config {
 
     /// Protocol versions whose HTTP framing we relay (rule V-3: validate against what
     /// the bridge can carry, not what the child negotiated).
-    pub const SUPPORTED_VERSIONS: &[&str] = &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
+    pub const SUPPORTED_VERSIONS: &[&str] =
+        &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
     /// Rule V-2: a request without MCP-Protocol-Version is taken to be this version.
     pub const ASSUMED_VERSION: &str = "2025-03-26";
     /// The only version that allows JSON-RPC batches (rules B-1, B-2).
@@ -68,36 +69,145 @@ mod config {
         pub help: &'static str,
     }
 
-    const fn flag(name: &'static str, value: &'static str, default: &'static str, help: &'static str) -> Flag {
-        Flag { name, value, default, repeatable: false, help }
+    const fn flag(
+        name: &'static str,
+        value: &'static str,
+        default: &'static str,
+        help: &'static str,
+    ) -> Flag {
+        Flag {
+            name,
+            value,
+            default,
+            repeatable: false,
+            help,
+        }
     }
     const fn many(name: &'static str, value: &'static str, help: &'static str) -> Flag {
-        Flag { name, value, default: "", repeatable: true, help }
+        Flag {
+            name,
+            value,
+            default: "",
+            repeatable: true,
+            help,
+        }
     }
 
     /// Every flag, in `--help` order. Each is also read from `STDIO_SSE_<NAME>`.
     pub const FLAGS: &[Flag] = &[
         flag("host", "ADDR", DEFAULT_HOST, "address to listen on"),
-        flag("port", "PORT", DEFAULT_PORT, "port to listen on (0 picks a free one)"),
-        flag("mode", "MODE", DEFAULT_MODE, "session: one child per client session; oneshot: one child per request"),
-        flag("mcp-path", "PATH", DEFAULT_MCP_PATH, "Streamable HTTP endpoint (one-shot endpoint in oneshot mode)"),
-        flag("sse-path", "PATH", DEFAULT_SSE_PATH, "legacy HTTP+SSE stream endpoint"),
-        flag("message-path", "PATH", DEFAULT_MESSAGE_PATH, "legacy HTTP+SSE message endpoint"),
-        flag("cwd", "DIR", "", "working directory of the child (default: ours)"),
-        many("env", "KEY=VALUE", "extra environment variable for the child (repeatable)"),
-        many("allowed-host", "HOST", "Host header value to accept besides loopback names (repeatable; * = any)"),
-        many("allowed-origin", "ORIGIN", "Origin to accept besides loopback origins (repeatable; * = any)"),
+        flag(
+            "port",
+            "PORT",
+            DEFAULT_PORT,
+            "port to listen on (0 picks a free one)",
+        ),
+        flag(
+            "mode",
+            "MODE",
+            DEFAULT_MODE,
+            "session: one child per client session; oneshot: one child per request",
+        ),
+        flag(
+            "mcp-path",
+            "PATH",
+            DEFAULT_MCP_PATH,
+            "Streamable HTTP endpoint (one-shot endpoint in oneshot mode)",
+        ),
+        flag(
+            "sse-path",
+            "PATH",
+            DEFAULT_SSE_PATH,
+            "legacy HTTP+SSE stream endpoint",
+        ),
+        flag(
+            "message-path",
+            "PATH",
+            DEFAULT_MESSAGE_PATH,
+            "legacy HTTP+SSE message endpoint",
+        ),
+        flag(
+            "cwd",
+            "DIR",
+            "",
+            "working directory of the child (default: ours)",
+        ),
+        many(
+            "env",
+            "KEY=VALUE",
+            "extra environment variable for the child (repeatable)",
+        ),
+        many(
+            "allowed-host",
+            "HOST",
+            "Host header value to accept besides loopback names (repeatable; * = any)",
+        ),
+        many(
+            "allowed-origin",
+            "ORIGIN",
+            "Origin to accept besides loopback origins (repeatable; * = any)",
+        ),
         flag("max-body", "SIZE", DEFAULT_MAX_BODY, "largest request body"),
-        flag("max-message", "SIZE", DEFAULT_MAX_MESSAGE, "largest line the child may print"),
-        flag("max-sessions", "N", DEFAULT_MAX_SESSIONS, "most sessions (or one-shot children) at once"),
-        flag("session-idle-timeout", "DURATION", DEFAULT_SESSION_IDLE_TIMEOUT, "end a session idle this long (0 = never)"),
-        flag("keepalive", "DURATION", DEFAULT_KEEPALIVE, "SSE comment ping interval (0 = off)"),
-        flag("shutdown-grace", "DURATION", DEFAULT_SHUTDOWN_GRACE, "wait after stdin EOF, then after SIGTERM, before SIGKILL"),
-        flag("max-held", "N", DEFAULT_MAX_HELD, "child messages held for a session with no open stream"),
-        flag("stream-queue", "N", DEFAULT_STREAM_QUEUE, "events queued per stream before the child is slowed"),
-        flag("stall-timeout", "DURATION", DEFAULT_STALL_TIMEOUT, "give up on a stream that accepts no event this long"),
-        flag("stderr-tail", "N", DEFAULT_STDERR_TAIL, "child stderr lines quoted when a child dies"),
-        flag("log-level", "LEVEL", DEFAULT_LOG_LEVEL, "error, warn, info or debug"),
+        flag(
+            "max-message",
+            "SIZE",
+            DEFAULT_MAX_MESSAGE,
+            "largest line the child may print",
+        ),
+        flag(
+            "max-sessions",
+            "N",
+            DEFAULT_MAX_SESSIONS,
+            "most sessions (or one-shot children) at once",
+        ),
+        flag(
+            "session-idle-timeout",
+            "DURATION",
+            DEFAULT_SESSION_IDLE_TIMEOUT,
+            "end a session idle this long (0 = never)",
+        ),
+        flag(
+            "keepalive",
+            "DURATION",
+            DEFAULT_KEEPALIVE,
+            "SSE comment ping interval (0 = off)",
+        ),
+        flag(
+            "shutdown-grace",
+            "DURATION",
+            DEFAULT_SHUTDOWN_GRACE,
+            "wait after stdin EOF, then after SIGTERM, before SIGKILL",
+        ),
+        flag(
+            "max-held",
+            "N",
+            DEFAULT_MAX_HELD,
+            "child messages held for a session with no open stream",
+        ),
+        flag(
+            "stream-queue",
+            "N",
+            DEFAULT_STREAM_QUEUE,
+            "events queued per stream before the child is slowed",
+        ),
+        flag(
+            "stall-timeout",
+            "DURATION",
+            DEFAULT_STALL_TIMEOUT,
+            "give up on a stream that accepts no event this long",
+        ),
+        flag(
+            "stderr-tail",
+            "N",
+            DEFAULT_STDERR_TAIL,
+            "child stderr lines quoted when a child dies",
+        ),
+        flag(
+            "log-level",
+            "LEVEL",
+            DEFAULT_LOG_LEVEL,
+            "error, warn, info or debug",
+        ),
     ];
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -154,7 +264,11 @@ mod config {
                 // --env values may hold commas, so its variable is split on newlines.
                 let sep = if f.name == "env" { '\n' } else { ',' };
                 let list = if f.repeatable {
-                    v.split(sep).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+                    v.split(sep)
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
                 } else {
                     vec![v]
                 };
@@ -191,7 +305,9 @@ mod config {
                 Some(v) => v,
                 None => {
                     i += 1;
-                    args.get(i).cloned().ok_or_else(|| format!("--{name} needs a value ({})", f.value))?
+                    args.get(i)
+                        .cloned()
+                        .ok_or_else(|| format!("--{name} needs a value ({})", f.value))?
                 }
             };
             let slot = values.entry(f.name).or_default();
@@ -205,8 +321,14 @@ mod config {
             i += 1;
         }
         let get = |name: &str| -> String {
-            let f = FLAGS.iter().find(|f| f.name == name).expect("flag in table");
-            values.get(f.name).and_then(|v| v.last().cloned()).unwrap_or_else(|| f.default.to_string())
+            let f = FLAGS
+                .iter()
+                .find(|f| f.name == name)
+                .expect("flag in table");
+            values
+                .get(f.name)
+                .and_then(|v| v.last().cloned())
+                .unwrap_or_else(|| f.default.to_string())
         };
         let list = |name: &str| values.get(name).cloned().unwrap_or_default();
 
@@ -232,27 +354,42 @@ mod config {
         let cwd = get("cwd");
         let cfg = Config {
             host: get("host"),
-            port: get("port").parse().map_err(|_| format!("--port must be 0..65535, got {:?}", get("port")))?,
+            port: get("port")
+                .parse()
+                .map_err(|_| format!("--port must be 0..65535, got {:?}", get("port")))?,
             mode,
             mcp_path: paths[0].1.clone(),
             sse_path: paths[1].1.clone(),
             message_path: paths[2].1.clone(),
             cwd: (!cwd.is_empty()).then(|| PathBuf::from(cwd)),
             env: env_pairs,
-            allowed_hosts: list("allowed-host").iter().map(|h| h.to_ascii_lowercase()).collect(),
-            allowed_origins: list("allowed-origin").iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
+            allowed_hosts: list("allowed-host")
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            allowed_origins: list("allowed-origin")
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
             max_body: parse_size("max-body", &get("max-body"))?,
             max_message: parse_size("max-message", &get("max-message"))?,
             max_sessions: parse_count("max-sessions", &get("max-sessions"))?,
-            session_idle_timeout: nonzero(parse_duration("session-idle-timeout", &get("session-idle-timeout"))?),
+            session_idle_timeout: nonzero(parse_duration(
+                "session-idle-timeout",
+                &get("session-idle-timeout"),
+            )?),
             keepalive: nonzero(parse_duration("keepalive", &get("keepalive"))?),
             shutdown_grace: parse_duration("shutdown-grace", &get("shutdown-grace"))?,
             max_held: parse_count("max-held", &get("max-held"))?,
             stream_queue: parse_count("stream-queue", &get("stream-queue"))?.max(1),
             stall_timeout: parse_duration("stall-timeout", &get("stall-timeout"))?,
             stderr_tail: parse_count("stderr-tail", &get("stderr-tail"))?,
-            log_level: crate::observe::Level::parse(&get("log-level"))
-                .ok_or_else(|| format!("--log-level must be error, warn, info or debug, got {:?}", get("log-level")))?,
+            log_level: crate::observe::Level::parse(&get("log-level")).ok_or_else(|| {
+                format!(
+                    "--log-level must be error, warn, info or debug, got {:?}",
+                    get("log-level")
+                )
+            })?,
             command,
             demo,
         };
@@ -264,21 +401,31 @@ mod config {
     }
 
     fn parse_count(flag: &str, s: &str) -> Result<usize, String> {
-        s.trim().parse().map_err(|_| format!("--{flag} takes a whole number, got {s:?}"))
+        s.trim()
+            .parse()
+            .map_err(|_| format!("--{flag} takes a whole number, got {s:?}"))
     }
 
     /// `30m`, `15s`, `250ms`, `1h`; a bare number is seconds.
     pub fn parse_duration(flag: &str, s: &str) -> Result<Duration, String> {
         let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: f64 = num.parse().map_err(|_| format!("--{flag} takes a duration like 30s, 500ms or 5m, got {s:?}"))?;
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("--{flag} takes a duration like 30s, 500ms or 5m, got {s:?}"))?;
         let secs = match unit.trim() {
             "" | "s" => n,
             "ms" => n / 1000.0,
             "m" | "min" => n * 60.0,
             "h" => n * 3600.0,
-            _ => return Err(format!("--{flag}: unknown unit {unit:?} (use ms, s, m or h)")),
+            _ => {
+                return Err(format!(
+                    "--{flag}: unknown unit {unit:?} (use ms, s, m or h)"
+                ))
+            }
         };
         Ok(Duration::from_secs_f64(secs))
     }
@@ -288,15 +435,22 @@ mod config {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: usize = num.parse().map_err(|_| format!("--{flag} takes a size like 4MiB or 65536, got {s:?}"))?;
+        let n: usize = num
+            .parse()
+            .map_err(|_| format!("--{flag} takes a size like 4MiB or 65536, got {s:?}"))?;
         let mult = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" | "kib" => 1 << 10,
             "m" | "mb" | "mib" => 1 << 20,
             "g" | "gb" | "gib" => 1 << 30,
-            _ => return Err(format!("--{flag}: unknown unit {unit:?} (use KiB, MiB or GiB)")),
+            _ => {
+                return Err(format!(
+                    "--{flag}: unknown unit {unit:?} (use KiB, MiB or GiB)"
+                ))
+            }
         };
-        n.checked_mul(mult).ok_or_else(|| format!("--{flag} is too large"))
+        n.checked_mul(mult)
+            .ok_or_else(|| format!("--{flag} is too large"))
     }
 
     pub fn help() -> String {
@@ -307,8 +461,17 @@ mod config {
         );
         for f in FLAGS {
             let left = format!("  --{} {}", f.name, f.value);
-            let default = if f.default.is_empty() { String::new() } else { format!(" [default: {}]", f.default) };
-            out.push_str(&format!("{left:<34}{}{default}\n{:34}env {}\n", f.help, "", env_name(f.name)));
+            let default = if f.default.is_empty() {
+                String::new()
+            } else {
+                format!(" [default: {}]", f.default)
+            };
+            out.push_str(&format!(
+                "{left:<34}{}{default}\n{:34}env {}\n",
+                f.help,
+                "",
+                env_name(f.name)
+            ));
         }
         out.push_str("  -h, --help                      this text\n  -V, --version                   print the version\n");
         out
@@ -334,7 +497,11 @@ mod http {
 
     impl Incoming {
         pub fn header(&self, name: &str) -> Option<&str> {
-            self.rq.headers().iter().find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
+            self.rq
+                .headers()
+                .iter()
+                .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+                .map(|h| h.value.as_str())
         }
         pub fn method(&self) -> &Method {
             self.rq.method()
@@ -356,14 +523,28 @@ mod http {
         /// Reads the body, refusing more than `limit` bytes before reading them when the
         /// length is declared, and after `limit + 1` bytes otherwise.
         pub fn read_body(&mut self, limit: usize) -> Result<Vec<u8>, Reply> {
-            let too_large = || Reply::error(413, -32600, format!("Request body too large: the limit is {limit} bytes (--max-body)"));
+            let too_large = || {
+                Reply::error(
+                    413,
+                    -32600,
+                    format!("Request body too large: the limit is {limit} bytes (--max-body)"),
+                )
+            };
             if self.rq.body_length().is_some_and(|n| n > limit) {
                 return Err(too_large());
             }
             let mut body = Vec::with_capacity(self.rq.body_length().unwrap_or(0).min(limit));
-            let read = self.rq.as_reader().take(limit as u64 + 1).read_to_end(&mut body);
+            let read = self
+                .rq
+                .as_reader()
+                .take(limit as u64 + 1)
+                .read_to_end(&mut body);
             match read {
-                Err(e) => Err(Reply::error(400, -32700, format!("Could not read request body: {e}"))),
+                Err(e) => Err(Reply::error(
+                    400,
+                    -32700,
+                    format!("Could not read request body: {e}"),
+                )),
                 Ok(_) if body.len() > limit => Err(too_large()),
                 Ok(_) => Ok(body),
             }
@@ -383,15 +564,35 @@ mod http {
         pub fn error(status: u16, code: i64, message: impl Into<String>) -> Reply {
             Reply::rpc_error(status, &serde_json::Value::Null, code, message)
         }
-        pub fn rpc_error(status: u16, id: &serde_json::Value, code: i64, message: impl Into<String>) -> Reply {
+        pub fn rpc_error(
+            status: u16,
+            id: &serde_json::Value,
+            code: i64,
+            message: impl Into<String>,
+        ) -> Reply {
             let body = crate::message::error_response(id, code, &message.into(), None);
-            Reply { status, headers: Vec::new(), content_type: "application/json", body: body.into_bytes() }
+            Reply {
+                status,
+                headers: Vec::new(),
+                content_type: "application/json",
+                body: body.into_bytes(),
+            }
         }
         pub fn json(status: u16, value: serde_json::Value) -> Reply {
-            Reply { status, headers: Vec::new(), content_type: "application/json", body: value.to_string().into_bytes() }
+            Reply {
+                status,
+                headers: Vec::new(),
+                content_type: "application/json",
+                body: value.to_string().into_bytes(),
+            }
         }
         pub fn text(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Reply {
-            Reply { status, headers: Vec::new(), content_type, body: body.into() }
+            Reply {
+                status,
+                headers: Vec::new(),
+                content_type,
+                body: body.into(),
+            }
         }
         pub fn accepted() -> Reply {
             Reply::text(202, "", Vec::new())
@@ -402,7 +603,9 @@ mod http {
         }
         pub fn message(&self) -> Option<String> {
             let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-            v.pointer("/error/message").and_then(|m| m.as_str()).map(String::from)
+            v.pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map(String::from)
         }
     }
 
@@ -412,9 +615,23 @@ mod http {
         app.metrics.http_response(reply.status);
         if reply.status >= 400 {
             let why = reply.message().unwrap_or_default();
-            crate::log!(Info, "http_error", "{} -> {} {}", inc.summary(), reply.status, why);
+            crate::log!(
+                Info,
+                "http_error",
+                "{} -> {} {}",
+                inc.summary(),
+                reply.status,
+                why
+            );
         } else {
-            crate::log!(Debug, "http", "{} -> {} in {:?}", inc.summary(), reply.status, inc.started.elapsed());
+            crate::log!(
+                Debug,
+                "http",
+                "{} -> {} in {:?}",
+                inc.summary(),
+                reply.status,
+                inc.started.elapsed()
+            );
         }
         let mut head = crate::sse::status_line(reply.status);
         if !reply.content_type.is_empty() {
@@ -465,17 +682,33 @@ mod http {
             Some((p, q)) => (p.to_string(), q.to_string()),
             None => (url, String::new()),
         };
-        let inc = Incoming { rq, path, query, started: Instant::now() };
+        let inc = Incoming {
+            rq,
+            path,
+            query,
+            started: Instant::now(),
+        };
         if let Err(reply) = check_host_and_origin(&inc) {
             return respond(inc, reply);
         }
         if app.shutting_down.load(Ordering::Acquire) {
-            return respond(inc, Reply::error(503, -32000, "Server is shutting down").with_header("Retry-After", "1"));
+            return respond(
+                inc,
+                Reply::error(503, -32000, "Server is shutting down")
+                    .with_header("Retry-After", "1"),
+            );
         }
         let cfg = &app.cfg;
         let path = inc.path.as_str();
         let method = inc.method().clone();
-        let allow = |allowed: &'static str| Reply::error(405, -32000, format!("Method not allowed; allowed: {allowed}")).with_header("Allow", allowed);
+        let allow = |allowed: &'static str| {
+            Reply::error(
+                405,
+                -32000,
+                format!("Method not allowed; allowed: {allowed}"),
+            )
+            .with_header("Allow", allowed)
+        };
         match (path, cfg.mode) {
             ("/healthz", _) => match method {
                 Method::Get => respond(inc, Reply::json(200, serde_json::json!({"status": "ok"}))),
@@ -486,7 +719,10 @@ mod http {
                 _ => respond(inc, allow("GET")),
             },
             ("/metrics", _) => match method {
-                Method::Get => respond(inc, Reply::text(200, "text/plain; version=0.0.4", app.metrics.render())),
+                Method::Get => respond(
+                    inc,
+                    Reply::text(200, "text/plain; version=0.0.4", app.metrics.render()),
+                ),
                 _ => respond(inc, allow("GET")),
             },
             (p, Mode::Session) if p == cfg.mcp_path => match method {
@@ -522,12 +758,20 @@ mod http {
         let host_header = inc.header("Host");
         if let Some(host) = host_header {
             if !host_allowed(host, cfg) {
-                return Err(Reply::error(403, -32000, format!("Forbidden: Host {host:?} is not allowed (see --allowed-host)")));
+                return Err(Reply::error(
+                    403,
+                    -32000,
+                    format!("Forbidden: Host {host:?} is not allowed (see --allowed-host)"),
+                ));
             }
         }
         if let Some(origin) = inc.header("Origin") {
             if !origin_allowed(origin, host_header, cfg) {
-                return Err(Reply::error(403, -32000, format!("Forbidden: Origin {origin:?} is not allowed (see --allowed-origin)")));
+                return Err(Reply::error(
+                    403,
+                    -32000,
+                    format!("Forbidden: Origin {origin:?} is not allowed (see --allowed-origin)"),
+                ));
             }
         }
         Ok(())
@@ -546,7 +790,11 @@ mod http {
     }
 
     fn is_loopback_name(host: &str) -> bool {
-        host == "localhost" || host == "::1" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+        host == "localhost"
+            || host == "::1"
+            || host
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
 
     pub fn host_allowed(host: &str, cfg: &config::Config) -> bool {
@@ -555,7 +803,10 @@ mod http {
         let bound = host_name(&cfg.host);
         is_loopback_name(&name)
             || (name == bound && bound != "0.0.0.0" && bound != "::")
-            || cfg.allowed_hosts.iter().any(|a| a == "*" || *a == name || *a == full)
+            || cfg
+                .allowed_hosts
+                .iter()
+                .any(|a| a == "*" || *a == name || *a == full)
     }
 
     /// An Origin passes when it is loopback, listed, or the very origin named by an
@@ -565,8 +816,11 @@ mod http {
         if cfg.allowed_origins.iter().any(|a| a == "*" || *a == o) {
             return true;
         }
-        let Some((_, authority)) = o.split_once("://") else { return false };
-        is_loopback_name(&host_name(authority)) || host.is_some_and(|h| h.trim().eq_ignore_ascii_case(authority))
+        let Some((_, authority)) = o.split_once("://") else {
+            return false;
+        };
+        is_loopback_name(&host_name(authority))
+            || host.is_some_and(|h| h.trim().eq_ignore_ascii_case(authority))
     }
 
     /// Media-type check that honours wildcards; an absent Accept accepts anything.
@@ -574,13 +828,24 @@ mod http {
         let Some(accept) = accept else { return true };
         let (wtype, _) = wanted.split_once('/').unwrap_or((wanted, ""));
         accept.split(',').any(|item| {
-            let media = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let media = item
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             media == wanted || media == "*/*" || media == format!("{wtype}/*")
         })
     }
 
     pub fn is_json_content_type(ct: Option<&str>) -> bool {
-        ct.is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"))
+        ct.is_some_and(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        })
     }
 
     fn percent_decode(s: &str) -> String {
@@ -590,7 +855,9 @@ mod http {
         let mut i = 0;
         while i < b.len() {
             let decoded = match b[i] {
-                b'%' if i + 2 < b.len() => hex(b[i + 1]).zip(hex(b[i + 2])).map(|(h, l)| h << 4 | l),
+                b'%' if i + 2 < b.len() => {
+                    hex(b[i + 1]).zip(hex(b[i + 2])).map(|(h, l)| h << 4 | l)
+                }
                 _ => None,
             };
             match (b[i], decoded) {
@@ -611,7 +878,11 @@ mod http {
     pub fn read_jsonrpc_body(inc: &mut Incoming) -> Result<(Vec<serde_json::Value>, bool), Reply> {
         if !is_json_content_type(inc.header("Content-Type")) {
             let got = inc.header("Content-Type").unwrap_or("none").to_string();
-            return Err(Reply::error(415, -32000, format!("Unsupported Media Type: Content-Type must be application/json, got {got}")));
+            return Err(Reply::error(
+                415,
+                -32000,
+                format!("Unsupported Media Type: Content-Type must be application/json, got {got}"),
+            ));
         }
         let body = inc.read_body(app().cfg.max_body)?;
         let value: serde_json::Value = serde_json::from_slice(&body)
@@ -625,7 +896,11 @@ mod http {
         }
         for m in &messages {
             if let crate::message::Kind::Invalid(why) = crate::message::classify(m) {
-                return Err(Reply::error(400, -32600, format!("Invalid Request: not a JSON-RPC 2.0 message ({why})")));
+                return Err(Reply::error(
+                    400,
+                    -32600,
+                    format!("Invalid Request: not a JSON-RPC 2.0 message ({why})"),
+                ));
             }
         }
         Ok((messages, batch))
@@ -659,11 +934,26 @@ mod streamable {
             Err(reply) => return respond(inc, reply),
         };
         let app = app();
-        let is_init = |m: &serde_json::Value| matches!(classify(m), Kind::Request { method: "initialize", .. });
+        let is_init = |m: &serde_json::Value| {
+            matches!(
+                classify(m),
+                Kind::Request {
+                    method: "initialize",
+                    ..
+                }
+            )
+        };
         let session_id = inc.header(SESSION_HEADER).map(str::to_string);
         if messages.iter().any(is_init) {
             if batch {
-                return respond(inc, Reply::error(400, -32600, "Invalid Request: initialize must not be part of a batch"));
+                return respond(
+                    inc,
+                    Reply::error(
+                        400,
+                        -32600,
+                        "Invalid Request: initialize must not be part of a batch",
+                    ),
+                );
             }
             if let Some(id) = session_id {
                 return match app.sessions.get(&id, Transport::Streamable) {
@@ -685,7 +975,13 @@ mod streamable {
         if let Err(reply) = check_version(&inc) {
             return respond(inc, reply);
         }
-        if batch && session.version().as_deref().unwrap_or(config::ASSUMED_VERSION) != config::BATCH_VERSION {
+        if batch
+            && session
+                .version()
+                .as_deref()
+                .unwrap_or(config::ASSUMED_VERSION)
+                != config::BATCH_VERSION
+        {
             return respond(inc, Reply::error(400, -32600, "Invalid Request: JSON-RPC batches are only allowed with protocol version 2025-03-26"));
         }
         session.touch();
@@ -698,7 +994,10 @@ mod streamable {
             Some(v) if !config::SUPPORTED_VERSIONS.contains(&v) => Err(Reply::error(
                 400,
                 -32000,
-                format!("Bad Request: Unsupported protocol version: {v} (supported versions: {})", config::SUPPORTED_VERSIONS.join(", ")),
+                format!(
+                    "Bad Request: Unsupported protocol version: {v} (supported versions: {})",
+                    config::SUPPORTED_VERSIONS.join(", ")
+                ),
             )),
             _ => Ok(()),
         }
@@ -715,15 +1014,24 @@ mod streamable {
                 forward_and_stream(inc, &session, vec![init], Some(session.id.clone()));
             }
             Err(sessions::CreateError::Full(reply)) => respond(inc, reply),
-            Err(sessions::CreateError::Spawn(msg)) => respond(inc, Reply::rpc_error(502, &init_id, -32603, msg)),
+            Err(sessions::CreateError::Spawn(msg)) => {
+                respond(inc, Reply::rpc_error(502, &init_id, -32603, msg))
+            }
         }
     }
 
     /// Sends the client's messages to the child. Notifications and responses alone get
     /// 202 (P-4); requests get an SSE stream that carries what the child says about them
     /// and ends after the last response (P-5..P-8).
-    fn forward_and_stream(inc: Incoming, session: &Arc<Session>, messages: Vec<serde_json::Value>, new_session: Option<String>) {
-        let has_requests = messages.iter().any(|m| matches!(classify(m), Kind::Request { .. }));
+    fn forward_and_stream(
+        inc: Incoming,
+        session: &Arc<Session>,
+        messages: Vec<serde_json::Value>,
+        new_session: Option<String>,
+    ) {
+        let has_requests = messages
+            .iter()
+            .any(|m| matches!(classify(m), Kind::Request { .. }));
         let (sink, rx) = match has_requests.then(|| session.new_sink()) {
             Some((s, r)) => (Some(s), Some(r)),
             None => (None, None),
@@ -734,7 +1042,11 @@ mod streamable {
         };
         if let Err(e) = session.send_to_child(&messages) {
             session.forget_requests(&messages);
-            let reply = Reply::error(502, -32603, format!("The server process is not accepting input ({e}); the session has ended"));
+            let reply = Reply::error(
+                502,
+                -32603,
+                format!("The server process is not accepting input ({e}); the session has ended"),
+            );
             sessions::end_in_background(session.clone(), sessions::EndReason::ChildGone);
             return respond(inc, reply);
         }
@@ -749,18 +1061,41 @@ mod streamable {
             headers.push((SESSION_HEADER, id.clone()));
         }
         app().metrics.http_response(200);
-        crate::log!(Debug, "http", "{} -> 200 stream [{}]", inc.summary(), session.tag);
+        crate::log!(
+            Debug,
+            "http",
+            "{} -> 200 stream [{}]",
+            inc.summary(),
+            session.tag
+        );
         let chunked = inc.chunked();
-        let Ok(stream) = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &headers) else { return };
+        let Ok(stream) = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &headers)
+        else {
+            return;
+        };
         crate::sse::pump(stream, rx, requests, session, crate::sse::StreamKind::Post);
     }
 
     pub fn get(inc: Incoming) {
         if !accepts(inc.header("Accept"), "text/event-stream") {
-            return respond(inc, Reply::error(406, -32000, "Not Acceptable: Accept must list text/event-stream"));
+            return respond(
+                inc,
+                Reply::error(
+                    406,
+                    -32000,
+                    "Not Acceptable: Accept must list text/event-stream",
+                ),
+            );
         }
         let Some(id) = inc.header(SESSION_HEADER) else {
-            return respond(inc, Reply::error(400, -32000, "Bad Request: Mcp-Session-Id header is required"));
+            return respond(
+                inc,
+                Reply::error(
+                    400,
+                    -32000,
+                    "Bad Request: Mcp-Session-Id header is required",
+                ),
+            );
         };
         let Some(session) = app().sessions.get(id, Transport::Streamable) else {
             return respond(inc, Reply::error(404, -32001, "Session not found"));
@@ -769,11 +1104,24 @@ mod streamable {
             return respond(inc, reply);
         }
         let Some((rx, held)) = session.attach_listener() else {
-            return respond(inc, Reply::error(409, -32000, "Conflict: only one GET stream is allowed per session"));
+            return respond(
+                inc,
+                Reply::error(
+                    409,
+                    -32000,
+                    "Conflict: only one GET stream is allowed per session",
+                ),
+            );
         };
         session.touch();
         app().metrics.http_response(200);
-        crate::log!(Debug, "http", "{} -> 200 listen [{}]", inc.summary(), session.tag);
+        crate::log!(
+            Debug,
+            "http",
+            "{} -> 200 listen [{}]",
+            inc.summary(),
+            session.tag
+        );
         let chunked = inc.chunked();
         let Ok(mut stream) = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &[]) else {
             session.detach_listener();
@@ -789,7 +1137,14 @@ mod streamable {
     /// DELETE ends the session and its child (S-7); it answers once the child is gone.
     pub fn delete(inc: Incoming) {
         let Some(id) = inc.header(SESSION_HEADER) else {
-            return respond(inc, Reply::error(400, -32000, "Bad Request: Mcp-Session-Id header is required"));
+            return respond(
+                inc,
+                Reply::error(
+                    400,
+                    -32000,
+                    "Bad Request: Mcp-Session-Id header is required",
+                ),
+            );
         };
         let Some(session) = app().sessions.get(id, Transport::Streamable) else {
             return respond(inc, Reply::error(404, -32001, "Session not found"));
@@ -812,16 +1167,33 @@ mod legacy {
 
     pub fn open(inc: Incoming) {
         if !accepts(inc.header("Accept"), "text/event-stream") {
-            return respond(inc, Reply::error(406, -32000, "Not Acceptable: Accept must list text/event-stream"));
+            return respond(
+                inc,
+                Reply::error(
+                    406,
+                    -32000,
+                    "Not Acceptable: Accept must list text/event-stream",
+                ),
+            );
         }
         let session = match sessions::create(Transport::Legacy) {
             Ok(s) => s,
             Err(sessions::CreateError::Full(reply)) => return respond(inc, reply),
-            Err(sessions::CreateError::Spawn(msg)) => return respond(inc, Reply::error(502, -32603, msg)),
+            Err(sessions::CreateError::Spawn(msg)) => {
+                return respond(inc, Reply::error(502, -32603, msg))
+            }
         };
-        let Some((rx, _held)) = session.attach_listener() else { return };
+        let Some((rx, _held)) = session.attach_listener() else {
+            return;
+        };
         crate::app().metrics.http_response(200);
-        crate::log!(Debug, "http", "{} -> 200 legacy stream [{}]", inc.summary(), session.tag);
+        crate::log!(
+            Debug,
+            "http",
+            "{} -> 200 legacy stream [{}]",
+            inc.summary(),
+            session.tag
+        );
         let chunked = inc.chunked();
         let opened = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &[]);
         let endpoint = format!("{}?sessionId={}", crate::app().cfg.message_path, session.id);
@@ -835,8 +1207,18 @@ mod legacy {
     }
 
     pub fn post(mut inc: Incoming) {
-        let Some(id) = inc.query_param("sessionId").or_else(|| inc.query_param("session_id")) else {
-            return respond(inc, Reply::error(400, -32000, "Bad Request: sessionId query parameter is required"));
+        let Some(id) = inc
+            .query_param("sessionId")
+            .or_else(|| inc.query_param("session_id"))
+        else {
+            return respond(
+                inc,
+                Reply::error(
+                    400,
+                    -32000,
+                    "Bad Request: sessionId query parameter is required",
+                ),
+            );
         };
         let Some(session) = crate::app().sessions.get(&id, Transport::Legacy) else {
             return respond(inc, Reply::error(404, -32001, "Session not found"));
@@ -853,7 +1235,16 @@ mod legacy {
         if let Err(e) = session.send_to_child(&messages) {
             session.forget_requests(&messages);
             sessions::end_in_background(session.clone(), sessions::EndReason::ChildGone);
-            return respond(inc, Reply::error(502, -32603, format!("The server process is not accepting input ({e}); the session has ended")));
+            return respond(
+                inc,
+                Reply::error(
+                    502,
+                    -32603,
+                    format!(
+                        "The server process is not accepting input ({e}); the session has ended"
+                    ),
+                ),
+            );
         }
         respond(inc, Reply::text(202, "text/plain", "Accepted"));
     }
@@ -875,7 +1266,16 @@ mod oneshot {
     pub fn post(mut inc: Incoming) {
         if !crate::http::is_json_content_type(inc.header("Content-Type")) {
             let got = inc.header("Content-Type").unwrap_or("none").to_string();
-            return respond(inc, Reply::error(415, -32000, format!("Unsupported Media Type: Content-Type must be application/json, got {got}")));
+            return respond(
+                inc,
+                Reply::error(
+                    415,
+                    -32000,
+                    format!(
+                        "Unsupported Media Type: Content-Type must be application/json, got {got}"
+                    ),
+                ),
+            );
         }
         let body = match inc.read_body(app().cfg.max_body) {
             Ok(b) => b,
@@ -887,29 +1287,64 @@ mod oneshot {
     /// `GET /mcp?request=<url-encoded JSON>` for EventSource clients.
     pub fn get(inc: Incoming) {
         let Some(request) = inc.query_param("request") else {
-            return respond(inc, Reply::error(400, -32600, "Bad Request: the request query parameter is required (url-encoded JSON)"));
+            return respond(
+                inc,
+                Reply::error(
+                    400,
+                    -32600,
+                    "Bad Request: the request query parameter is required (url-encoded JSON)",
+                ),
+            );
         };
         if request.len() > app().cfg.max_body {
-            return respond(inc, Reply::error(413, -32600, format!("Request too large: the limit is {} bytes (--max-body)", app().cfg.max_body)));
+            return respond(
+                inc,
+                Reply::error(
+                    413,
+                    -32600,
+                    format!(
+                        "Request too large: the limit is {} bytes (--max-body)",
+                        app().cfg.max_body
+                    ),
+                ),
+            );
         }
         run(inc, request.as_bytes());
     }
 
     fn run(inc: Incoming, body: &[u8]) {
         if !accepts(inc.header("Accept"), "text/event-stream") {
-            return respond(inc, Reply::error(406, -32000, "Not Acceptable: Accept must allow text/event-stream"));
+            return respond(
+                inc,
+                Reply::error(
+                    406,
+                    -32000,
+                    "Not Acceptable: Accept must allow text/event-stream",
+                ),
+            );
         }
         // Any JSON, compacted to one line (ST-1, ST-6): the program reads lines.
         let value: serde_json::Value = match serde_json::from_slice(body) {
             Ok(v) => v,
-            Err(e) => return respond(inc, Reply::error(400, -32700, format!("Parse error: invalid JSON: {e}"))),
+            Err(e) => {
+                return respond(
+                    inc,
+                    Reply::error(400, -32700, format!("Parse error: invalid JSON: {e}")),
+                )
+            }
         };
         let app = app();
         if ACTIVE.fetch_add(1, Ordering::AcqRel) >= app.cfg.max_sessions {
             ACTIVE.fetch_sub(1, Ordering::AcqRel);
             app.metrics.rejected("capacity");
-            let msg = format!("Too many requests in flight (--max-sessions {})", app.cfg.max_sessions);
-            return respond(inc, Reply::error(503, -32000, msg).with_header("Retry-After", "1"));
+            let msg = format!(
+                "Too many requests in flight (--max-sessions {})",
+                app.cfg.max_sessions
+            );
+            return respond(
+                inc,
+                Reply::error(503, -32000, msg).with_header("Retry-After", "1"),
+            );
         }
         struct Slot;
         impl Drop for Slot {
@@ -946,12 +1381,20 @@ mod oneshot {
         let stream = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &[]);
         let delivered = stream.and_then(|s| stream_output(s, &rx, &child));
         if delivered.is_err() {
-            crate::log!(Info, "oneshot_client_gone", "[{tag}] client disconnected; ending the child's process group");
+            crate::log!(
+                Info,
+                "oneshot_client_gone",
+                "[{tag}] client disconnected; ending the child's process group"
+            );
             child.kill_now(app.cfg.shutdown_grace);
         }
     }
 
-    fn stream_output(mut stream: crate::sse::SseStream, rx: &crossbeam_channel::Receiver<Option<String>>, child: &Arc<ChildProc>) -> std::io::Result<()> {
+    fn stream_output(
+        mut stream: crate::sse::SseStream,
+        rx: &crossbeam_channel::Receiver<Option<String>>,
+        child: &Arc<ChildProc>,
+    ) -> std::io::Result<()> {
         let keepalive = app().cfg.keepalive.unwrap_or(Duration::from_secs(3600));
         loop {
             match rx.recv_timeout(keepalive) {
@@ -997,17 +1440,23 @@ mod message {
     }
 
     pub fn classify(v: &Value) -> Kind<'_> {
-        let Some(obj) = v.as_object() else { return Kind::Invalid("not an object") };
+        let Some(obj) = v.as_object() else {
+            return Kind::Invalid("not an object");
+        };
         if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
             return Kind::Invalid("jsonrpc must be \"2.0\"");
         }
         let id = obj.get("id");
         match (obj.get("method"), id) {
-            (Some(Value::String(method)), Some(id)) if id.is_string() || id.is_number() => Kind::Request { id, method },
+            (Some(Value::String(method)), Some(id)) if id.is_string() || id.is_number() => {
+                Kind::Request { id, method }
+            }
             (Some(Value::String(_)), Some(_)) => Kind::Invalid("id must be a string or a number"),
             (Some(Value::String(method)), None) => Kind::Notification { method },
             (Some(_), _) => Kind::Invalid("method must be a string"),
-            (None, Some(id)) if obj.contains_key("result") != obj.contains_key("error") => Kind::Response { id },
+            (None, Some(id)) if obj.contains_key("result") != obj.contains_key("error") => {
+                Kind::Response { id }
+            }
             (None, Some(_)) => Kind::Invalid("a response needs exactly one of result and error"),
             (None, None) => Kind::Invalid("neither a request, a notification nor a response"),
         }
@@ -1150,13 +1599,17 @@ mod sessions {
         let app = crate::app();
         let full = || {
             app.metrics.rejected("capacity");
-            let msg = format!("Too many sessions (--max-sessions {}); retry later or end a session", app.cfg.max_sessions);
+            let msg = format!(
+                "Too many sessions (--max-sessions {}); retry later or end a session",
+                app.cfg.max_sessions
+            );
             CreateError::Full(Reply::error(503, -32000, msg).with_header("Retry-After", "5"))
         };
         if app.sessions.len() >= app.cfg.max_sessions {
             return Err(full());
         }
-        let id = crate::random_uuid().map_err(|e| CreateError::Spawn(format!("cannot make a session id: {e}")))?;
+        let id = crate::random_uuid()
+            .map_err(|e| CreateError::Spawn(format!("cannot make a session id: {e}")))?;
         let tag = id[..8].to_string();
         let (child, stdout) = crate::child::spawn(&tag).map_err(CreateError::Spawn)?;
         let session = Arc::new(Session {
@@ -1184,17 +1637,25 @@ mod sessions {
             Box::new(move || child_stdout_closed(&for_eof)),
         );
         app.metrics.session_opened(transport);
-        crate::log!(Info, "session_open", "[{tag}] {transport:?} session opened, child pid {}", child.pid);
+        crate::log!(
+            Info,
+            "session_open",
+            "[{tag}] {transport:?} session opened, child pid {}",
+            child.pid
+        );
         Ok(session)
     }
 
     impl Session {
         pub fn touch(&self) {
-            self.last_active_ms.store(crate::now_ms(), Ordering::Relaxed);
+            self.last_active_ms
+                .store(crate::now_ms(), Ordering::Relaxed);
         }
 
         pub fn idle_for(&self) -> Duration {
-            Duration::from_millis(crate::now_ms().saturating_sub(self.last_active_ms.load(Ordering::Relaxed)))
+            Duration::from_millis(
+                crate::now_ms().saturating_sub(self.last_active_ms.load(Ordering::Relaxed)),
+            )
         }
 
         pub fn version(&self) -> Option<String> {
@@ -1208,12 +1669,22 @@ mod sessions {
         /// A bounded queue for a new stream.
         pub fn new_sink(&self) -> (Sink, Receiver<Frame>) {
             let (tx, rx) = crossbeam_channel::bounded(crate::app().cfg.stream_queue);
-            (Sink { id: crate::next_id(), tx }, rx)
+            (
+                Sink {
+                    id: crate::next_id(),
+                    tx,
+                },
+                rx,
+            )
         }
 
         /// Records which stream waits for each request before the child can answer.
         /// Returns how many responses the stream should expect.
-        pub fn register_requests(&self, messages: &[Value], sink: Option<&Sink>) -> Result<usize, Reply> {
+        pub fn register_requests(
+            &self,
+            messages: &[Value],
+            sink: Option<&Sink>,
+        ) -> Result<usize, Reply> {
             let mut r = self.routing.lock().unwrap();
             if r.closed {
                 return Err(Reply::error(404, -32001, "Session not found"));
@@ -1221,7 +1692,9 @@ mod sessions {
             let keys: Vec<(String, Option<String>)> = messages
                 .iter()
                 .filter_map(|m| match classify(m) {
-                    Kind::Request { id, .. } => Some((id_key(id), crate::message::progress_token(m).map(id_key))),
+                    Kind::Request { id, .. } => {
+                        Some((id_key(id), crate::message::progress_token(m).map(id_key)))
+                    }
                     _ => None,
                 })
                 .collect();
@@ -1234,12 +1707,22 @@ mod sessions {
                 if keys.is_empty() {
                     return Ok(0);
                 }
-                return Err(Reply::error(409, -32000, "Conflict: no open stream to answer on"));
+                return Err(Reply::error(
+                    409,
+                    -32000,
+                    "Conflict: no open stream to answer on",
+                ));
             };
             for (key, token) in &keys {
                 let seq = r.next_seq;
                 r.next_seq += 1;
-                r.in_flight.insert(key.clone(), InFlight { sink: sink.clone(), seq });
+                r.in_flight.insert(
+                    key.clone(),
+                    InFlight {
+                        sink: sink.clone(),
+                        seq,
+                    },
+                );
                 if let Some(t) = token {
                     r.progress.insert(t.clone(), key.clone());
                 }
@@ -1319,13 +1802,22 @@ mod sessions {
                 // ST-5: the child's bug, not the session's end.
                 app.metrics.dropped("non_json");
                 let shown: String = line.chars().take(200).collect();
-                crate::log!(Warn, "child_non_json", "[{}] skipped a stdout line that is not JSON ({e}): {shown}", session.tag);
+                crate::log!(
+                    Warn,
+                    "child_non_json",
+                    "[{}] skipped a stdout line that is not JSON ({e}): {shown}",
+                    session.tag
+                );
                 return;
             }
         };
         // SSE splits on CR too; JSON text may hold a raw CR only as whitespace, so
         // re-serialize in that rare case.
-        let json = if line.contains('\r') { value.to_string() } else { line };
+        let json = if line.contains('\r') {
+            value.to_string()
+        } else {
+            line
+        };
         if let Value::Array(items) = value {
             for item in items {
                 route_value(session, item.to_string(), &item);
@@ -1348,7 +1840,10 @@ mod sessions {
                     let mut init_failed = false;
                     if r.initialize_id.as_deref() == Some(key.as_str()) {
                         r.initialize_id = None;
-                        match value.pointer("/result/protocolVersion").and_then(Value::as_str) {
+                        match value
+                            .pointer("/result/protocolVersion")
+                            .and_then(Value::as_str)
+                        {
                             Some(v) => r.version = Some(v.to_string()),
                             None => init_failed = true,
                         }
@@ -1357,7 +1852,15 @@ mod sessions {
                 };
                 match target {
                     Some(t) => {
-                        if deliver(&t.sink, Frame::Message { json, completes: true }).is_err() {
+                        if deliver(
+                            &t.sink,
+                            Frame::Message {
+                                json,
+                                completes: true,
+                            },
+                        )
+                        .is_err()
+                        {
                             // P-9: the client left; its answer has nowhere to go.
                             app.metrics.dropped("client_gone");
                             crate::log!(Info, "message_dropped", "[{}] response to {key} dropped: its stream was closed by the client", session.tag);
@@ -1365,17 +1868,30 @@ mod sessions {
                     }
                     None => {
                         app.metrics.dropped("unknown_id");
-                        crate::log!(Warn, "message_dropped", "[{}] child answered id {key}, which no request is waiting for", session.tag);
+                        crate::log!(
+                            Warn,
+                            "message_dropped",
+                            "[{}] child answered id {key}, which no request is waiting for",
+                            session.tag
+                        );
                     }
                 }
                 if init_failed {
-                    crate::log!(Warn, "initialize_failed", "[{}] the server refused initialize; ending the session", session.tag);
+                    crate::log!(
+                        Warn,
+                        "initialize_failed",
+                        "[{}] the server refused initialize; ending the session",
+                        session.tag
+                    );
                     end_in_background(session.clone(), EndReason::InitializeFailed);
                 }
             }
             Kind::Request { method, .. } | Kind::Notification { method } => {
                 let candidates = targets(session, method, value);
-                let mut frame = Frame::Message { json, completes: false };
+                let mut frame = Frame::Message {
+                    json,
+                    completes: false,
+                };
                 for sink in candidates {
                     match deliver(&sink, frame) {
                         Ok(()) => return,
@@ -1388,7 +1904,12 @@ mod sessions {
             }
             Kind::Invalid(why) => {
                 app.metrics.dropped("invalid");
-                crate::log!(Warn, "child_invalid", "[{}] skipped a child message that is not JSON-RPC ({why})", session.tag);
+                crate::log!(
+                    Warn,
+                    "child_invalid",
+                    "[{}] skipped a child message that is not JSON-RPC ({why})",
+                    session.tag
+                );
             }
         }
     }
@@ -1400,7 +1921,8 @@ mod sessions {
     fn targets(session: &Session, method: &str, value: &Value) -> Vec<Sink> {
         let r = session.routing.lock().unwrap();
         let mut out = Vec::with_capacity(2);
-        let session_wide = method.ends_with("/list_changed") || method == "notifications/resources/updated";
+        let session_wide =
+            method.ends_with("/list_changed") || method == "notifications/resources/updated";
         if method == "notifications/progress" {
             let owner = value
                 .pointer("/params/progressToken")
@@ -1430,8 +1952,17 @@ mod sessions {
             return;
         }
         let grace = crate::app().cfg.shutdown_grace;
-        let status = session.child.wait_exit(grace).unwrap_or_else(|| session.child.terminate(grace));
-        crate::log!(Warn, "child_exit", "[{}] server process {} while the session was open", session.tag, crate::child::describe(&status));
+        let status = session
+            .child
+            .wait_exit(grace)
+            .unwrap_or_else(|| session.child.terminate(grace));
+        crate::log!(
+            Warn,
+            "child_exit",
+            "[{}] server process {} while the session was open",
+            session.tag,
+            crate::child::describe(&status)
+        );
         end(session, EndReason::ChildGone);
     }
 
@@ -1459,33 +1990,66 @@ mod sessions {
         let (code, message, data) = match reason {
             EndReason::ChildGone | EndReason::InitializeFailed => {
                 let status = session.child.wait_exit(Duration::ZERO);
-                let what = status.as_ref().map(crate::child::describe).unwrap_or_else(|| "stopped answering".into());
+                let what = status
+                    .as_ref()
+                    .map(crate::child::describe)
+                    .unwrap_or_else(|| "stopped answering".into());
                 let tail = session.child.stderr_tail();
-                let last = tail.iter().rev().take(3).rev().cloned().collect::<Vec<_>>().join(" | ");
+                let last = tail
+                    .iter()
+                    .rev()
+                    .take(3)
+                    .rev()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" | ");
                 let msg = if last.is_empty() {
                     format!("MCP server process {what}")
                 } else {
                     format!("MCP server process {what}; last stderr: {last}")
                 };
-                (-32603, msg, Some(serde_json::json!({"exit": what, "stderr": tail})))
+                (
+                    -32603,
+                    msg,
+                    Some(serde_json::json!({"exit": what, "stderr": tail})),
+                )
             }
             EndReason::Deleted => (-32000, "Session terminated by DELETE".to_string(), None),
             EndReason::Idle => (-32000, "Session expired (idle timeout)".to_string(), None),
-            EndReason::ClientGone => (-32000, "Session ended: the client disconnected".to_string(), None),
+            EndReason::ClientGone => (
+                -32000,
+                "Session ended: the client disconnected".to_string(),
+                None,
+            ),
             EndReason::Shutdown => (-32000, "Server is shutting down".to_string(), None),
         };
         for (key, f) in in_flight {
             let id: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
             let json = crate::message::error_response(&id, code, &message, data.clone());
-            if deliver(&f.sink, Frame::Message { json, completes: true }).is_err() {
+            if deliver(
+                &f.sink,
+                Frame::Message {
+                    json,
+                    completes: true,
+                },
+            )
+            .is_err()
+            {
                 app.metrics.dropped("client_gone");
             }
         }
         if let Some(l) = listener {
             let _ = l.tx.try_send(Frame::End);
         }
-        app.metrics.session_closed(session.transport, reason.label());
-        crate::log!(Info, "session_close", "[{}] session ended ({})", session.tag, reason.label());
+        app.metrics
+            .session_closed(session.transport, reason.label());
+        crate::log!(
+            Info,
+            "session_close",
+            "[{}] session ended ({})",
+            session.tag,
+            reason.label()
+        );
         session.child.terminate(app.cfg.shutdown_grace);
     }
 
@@ -1494,13 +2058,21 @@ mod sessions {
     /// vanished are reaped.
     pub fn run_idle_reaper() {
         let app = crate::app();
-        let Some(timeout) = app.cfg.session_idle_timeout else { return };
+        let Some(timeout) = app.cfg.session_idle_timeout else {
+            return;
+        };
         let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             std::thread::sleep(tick);
             for s in app.sessions.all() {
                 if s.idle_for() > timeout {
-                    crate::log!(Info, "session_idle", "[{}] idle for {:?}; ending it", s.tag, s.idle_for());
+                    crate::log!(
+                        Info,
+                        "session_idle",
+                        "[{}] idle for {:?}; ending it",
+                        s.tag,
+                        s.idle_for()
+                    );
                     end_in_background(s, EndReason::Idle);
                 }
             }
@@ -1547,7 +2119,8 @@ mod child {
         reply: crossbeam_channel::Sender<Result<(std::process::Child, Arc<ChildProc>), String>>,
     }
 
-    static SPAWNER: std::sync::OnceLock<crossbeam_channel::Sender<SpawnJob>> = std::sync::OnceLock::new();
+    static SPAWNER: std::sync::OnceLock<crossbeam_channel::Sender<SpawnJob>> =
+        std::sync::OnceLock::new();
 
     /// Starts the spawner thread; it lives as long as the process.
     pub fn start_spawner() {
@@ -1574,14 +2147,23 @@ mod child {
     fn spawn_here(tag: &str) -> Result<(std::process::Child, Arc<ChildProc>), String> {
         let cfg = &crate::app().cfg;
         let mut cmd = command();
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // Own process group: the whole tree can be signalled, and a Ctrl-C at a terminal
         // reaches only us, so children end in order.
         cmd.process_group(0);
         let parent = unsafe { libc::getpid() };
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 // We may have died between fork and prctl.
@@ -1594,8 +2176,12 @@ mod child {
         let child = cmd.spawn().map_err(|e| {
             let shown = cfg.command.join(" ");
             match e.kind() {
-                std::io::ErrorKind::NotFound => format!("Cannot start the server command `{shown}`: command not found ({e})"),
-                std::io::ErrorKind::PermissionDenied => format!("Cannot start the server command `{shown}`: permission denied ({e})"),
+                std::io::ErrorKind::NotFound => {
+                    format!("Cannot start the server command `{shown}`: command not found ({e})")
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    format!("Cannot start the server command `{shown}`: permission denied ({e})")
+                }
                 _ => format!("Cannot start the server command `{shown}`: {e}"),
             }
         })?;
@@ -1616,16 +2202,27 @@ mod child {
         let app = crate::app();
         let (reply, rx) = crossbeam_channel::bounded(1);
         let spawner = SPAWNER.get().ok_or("spawner not started")?;
-        spawner.send(SpawnJob { tag: tag.to_string(), reply }).map_err(|_| "spawner gone".to_string())?;
-        let (mut child, proc_) = rx.recv().map_err(|_| "spawner gone".to_string())?.inspect_err(|e| {
-            crate::log!(Error, "spawn_failed", "[{tag}] {e}");
-            app.metrics.spawn_failed();
-        })?;
+        spawner
+            .send(SpawnJob {
+                tag: tag.to_string(),
+                reply,
+            })
+            .map_err(|_| "spawner gone".to_string())?;
+        let (mut child, proc_) = rx
+            .recv()
+            .map_err(|_| "spawner gone".to_string())?
+            .inspect_err(|e| {
+                crate::log!(Error, "spawn_failed", "[{tag}] {e}");
+                app.metrics.spawn_failed();
+            })?;
         *proc_.stdin.lock().unwrap() = child.stdin.take();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         app.metrics.child_spawned();
-        app.children.lock().unwrap().insert(proc_.pid, proc_.clone());
+        app.children
+            .lock()
+            .unwrap()
+            .insert(proc_.pid, proc_.clone());
         crate::log!(Debug, "child_spawn", "[{tag}] started pid {}", proc_.pid);
         let p = proc_.clone();
         crate::spawn_thread("child-stderr", move || read_stderr(stderr, &p));
@@ -1638,7 +2235,9 @@ mod child {
     pub fn start_reader(p: &ChildProc, stdout: ChildStdout, on_line: OnLine, on_eof: OnEof) {
         let max = crate::app().cfg.max_message;
         let tag = p.tag.clone();
-        crate::spawn_thread("child-stdout", move || read_stdout(stdout, max, &tag, on_line, on_eof));
+        crate::spawn_thread("child-stdout", move || {
+            read_stdout(stdout, max, &tag, on_line, on_eof)
+        });
     }
 
     /// Blocks until the leader exits without reaping it (so its pid cannot be reused),
@@ -1646,8 +2245,16 @@ mod child {
     fn wait_and_reap(mut child: std::process::Child, p: &Arc<ChildProc>) {
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         loop {
-            let rc = unsafe { libc::waitid(libc::P_PID, p.pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
-            if rc == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    p.pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+            if rc == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
                 break;
             }
         }
@@ -1659,7 +2266,14 @@ mod child {
         let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(0));
         crate::app().children.lock().unwrap().remove(&p.pid);
         crate::app().metrics.child_exited(&status);
-        crate::log!(Debug, "child_exit", "[{}] pid {} {}", p.tag, p.pid, describe(&status));
+        crate::log!(
+            Debug,
+            "child_exit",
+            "[{}] pid {} {}",
+            p.tag,
+            p.pid,
+            describe(&status)
+        );
         p.life.lock().unwrap().status = Some(status);
         p.exited.notify_all();
     }
@@ -1682,7 +2296,11 @@ mod child {
                         Ok(line) => on_line(line),
                         Err(_) => {
                             crate::app().metrics.dropped("non_utf8");
-                            crate::log!(Warn, "child_bad_utf8", "[{tag}] skipped a stdout line that is not UTF-8 (ST-10)");
+                            crate::log!(
+                                Warn,
+                                "child_bad_utf8",
+                                "[{tag}] skipped a stdout line that is not UTF-8 (ST-10)"
+                            );
                         }
                     }
                 }
@@ -1704,7 +2322,11 @@ mod child {
 
     /// Reads one line into `buf` without the `\n`; a line longer than `limit` is consumed
     /// and reported instead of being buffered.
-    pub fn read_line_limited<R: BufRead>(r: &mut R, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<LineRead> {
+    pub fn read_line_limited<R: BufRead>(
+        r: &mut R,
+        buf: &mut Vec<u8>,
+        limit: usize,
+    ) -> std::io::Result<LineRead> {
         let mut skipped = 0usize;
         loop {
             let avail = match r.fill_buf() {
@@ -1732,7 +2354,11 @@ mod child {
             let used = found.unwrap_or(avail.len());
             r.consume(used);
             if found.is_some() {
-                return Ok(if skipped > 0 { LineRead::TooLong(skipped) } else { LineRead::Line });
+                return Ok(if skipped > 0 {
+                    LineRead::TooLong(skipped)
+                } else {
+                    LineRead::Line
+                });
             }
         }
     }
@@ -1751,7 +2377,11 @@ mod child {
                 Ok(_) => {}
             }
             let text = String::from_utf8_lossy(&buf);
-            let line: String = text.trim_end_matches(['\n', '\r']).chars().take(MAX_LINE).collect();
+            let line: String = text
+                .trim_end_matches(['\n', '\r'])
+                .chars()
+                .take(MAX_LINE)
+                .collect();
             crate::log!(Info, "child_stderr", "[{}] child: {line}", p.tag);
             let mut tail = p.stderr_tail.lock().unwrap();
             if keep > 0 {
@@ -1767,7 +2397,9 @@ mod child {
         /// One write per message: the line and its newline together.
         pub fn send_line(&self, line: &[u8]) -> std::io::Result<()> {
             let mut guard = self.stdin.lock().unwrap();
-            let stdin = guard.as_mut().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin closed"))?;
+            let stdin = guard.as_mut().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin closed")
+            })?;
             let mut framed = Vec::with_capacity(line.len() + 1);
             framed.extend_from_slice(line);
             framed.push(b'\n');
@@ -1787,7 +2419,10 @@ mod child {
 
         pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
             let life = self.life.lock().unwrap();
-            let (life, _) = self.exited.wait_timeout_while(life, timeout, |l| l.status.is_none()).unwrap();
+            let (life, _) = self
+                .exited
+                .wait_timeout_while(life, timeout, |l| l.status.is_none())
+                .unwrap();
             life.status
         }
 
@@ -1805,7 +2440,13 @@ mod child {
             if let Some(s) = self.wait_exit(grace) {
                 return s;
             }
-            crate::log!(Info, "child_term", "[{}] pid {} ignored stdin EOF for {grace:?}; sending SIGTERM", self.tag, self.pid);
+            crate::log!(
+                Info,
+                "child_term",
+                "[{}] pid {} ignored stdin EOF for {grace:?}; sending SIGTERM",
+                self.tag,
+                self.pid
+            );
             self.signal_group(libc::SIGTERM);
             self.kill_after(grace)
         }
@@ -1822,7 +2463,13 @@ mod child {
             if let Some(s) = self.wait_exit(grace) {
                 return s;
             }
-            crate::log!(Warn, "child_kill", "[{}] pid {} still running {grace:?} after SIGTERM; sending SIGKILL", self.tag, self.pid);
+            crate::log!(
+                Warn,
+                "child_kill",
+                "[{}] pid {} still running {grace:?} after SIGTERM; sending SIGKILL",
+                self.tag,
+                self.pid
+            );
             self.signal_group(libc::SIGKILL);
             loop {
                 if let Some(s) = self.wait_exit(Duration::from_secs(60)) {
@@ -1844,17 +2491,35 @@ mod child {
     pub fn readiness() -> Reply {
         let cfg = &crate::app().cfg;
         let program = &cfg.command[0];
-        let path_var = cfg.env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone()).or_else(|| std::env::var("PATH").ok());
+        let path_var = cfg
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("PATH").ok());
         let found = resolve(program, cfg.cwd.as_deref(), path_var.as_deref());
         match found {
-            Some(path) => Reply::json(200, serde_json::json!({"status": "ready", "command": path.display().to_string()})),
-            None => Reply::json(503, serde_json::json!({"status": "not ready", "reason": format!("command {program:?} is not an executable file on PATH")})),
+            Some(path) => Reply::json(
+                200,
+                serde_json::json!({"status": "ready", "command": path.display().to_string()}),
+            ),
+            None => Reply::json(
+                503,
+                serde_json::json!({"status": "not ready", "reason": format!("command {program:?} is not an executable file on PATH")}),
+            ),
         }
     }
 
-    fn resolve(program: &str, cwd: Option<&std::path::Path>, path_var: Option<&str>) -> Option<std::path::PathBuf> {
+    fn resolve(
+        program: &str,
+        cwd: Option<&std::path::Path>,
+        path_var: Option<&str>,
+    ) -> Option<std::path::PathBuf> {
         use std::os::unix::fs::PermissionsExt;
-        let executable = |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        let executable = |p: &std::path::Path| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        };
         if program.contains('/') {
             let p = std::path::Path::new(program);
             let p = match cwd {
@@ -1863,7 +2528,11 @@ mod child {
             };
             return executable(&p).then_some(p);
         }
-        path_var?.split(':').filter(|d| !d.is_empty()).map(|d| std::path::Path::new(d).join(program)).find(|p| executable(p))
+        path_var?
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| std::path::Path::new(d).join(program))
+            .find(|p| executable(p))
     }
 }
 
@@ -1906,14 +2575,26 @@ mod sse {
     impl SseStream {
         /// Writes and flushes the head at once, so clients see the stream open (and the
         /// session id) before the first event.
-        pub fn open(out: Box<dyn Write + Send>, chunked: bool, extra: &[(&str, String)]) -> std::io::Result<SseStream> {
+        pub fn open(
+            out: Box<dyn Write + Send>,
+            chunked: bool,
+            extra: &[(&str, String)],
+        ) -> std::io::Result<SseStream> {
             let mut head = status_line(200);
             head.push_str("Content-Type: text/event-stream\r\nCache-Control: no-cache, no-transform\r\nX-Accel-Buffering: no\r\n");
             for (k, v) in extra {
                 head.push_str(&format!("{k}: {v}\r\n"));
             }
-            head.push_str(if chunked { "Transfer-Encoding: chunked\r\n\r\n" } else { "Connection: close\r\n\r\n" });
-            let mut s = SseStream { out, chunked, buf: Vec::with_capacity(4096) };
+            head.push_str(if chunked {
+                "Transfer-Encoding: chunked\r\n\r\n"
+            } else {
+                "Connection: close\r\n\r\n"
+            });
+            let mut s = SseStream {
+                out,
+                chunked,
+                buf: Vec::with_capacity(4096),
+            };
             s.buf.extend_from_slice(head.as_bytes());
             s.flush()?;
             Ok(s)
@@ -1923,7 +2604,8 @@ mod sse {
         fn push(&mut self, parts: &[&[u8]]) {
             let len: usize = parts.iter().map(|p| p.len()).sum();
             if self.chunked {
-                self.buf.extend_from_slice(format!("{len:x}\r\n").as_bytes());
+                self.buf
+                    .extend_from_slice(format!("{len:x}\r\n").as_bytes());
             }
             for p in parts {
                 self.buf.extend_from_slice(p);
@@ -1950,7 +2632,13 @@ mod sse {
 
         pub fn event(&mut self, event: Option<&str>, data: &str) -> std::io::Result<()> {
             match event {
-                Some(e) => self.push(&[b"event: ", e.as_bytes(), b"\ndata: ", data.as_bytes(), b"\n\n"]),
+                Some(e) => self.push(&[
+                    b"event: ",
+                    e.as_bytes(),
+                    b"\ndata: ",
+                    data.as_bytes(),
+                    b"\n\n",
+                ]),
                 None => self.push(&[b"data: ", data.as_bytes(), b"\n\n"]),
             }
             self.flush()
@@ -1994,9 +2682,18 @@ mod sse {
     /// Writes queued frames as events until the stream is done. Frames already waiting
     /// are written together in one flush. Each successful write counts as session
     /// activity; a failed write means the client left.
-    pub fn pump(mut stream: SseStream, rx: Receiver<Frame>, mut expected: usize, session: &Session, kind: StreamKind) {
+    pub fn pump(
+        mut stream: SseStream,
+        rx: Receiver<Frame>,
+        mut expected: usize,
+        session: &Session,
+        kind: StreamKind,
+    ) {
         const MAX_BATCH: usize = 64;
-        let keepalive = crate::app().cfg.keepalive.unwrap_or(Duration::from_secs(3600));
+        let keepalive = crate::app()
+            .cfg
+            .keepalive
+            .unwrap_or(Duration::from_secs(3600));
         let done = loop {
             let first = match rx.recv_timeout(keepalive) {
                 Ok(f) => f,
@@ -2042,7 +2739,12 @@ mod sse {
                 session.touch();
             }
         } else {
-            crate::log!(Debug, "stream_closed", "[{}] client closed a stream", session.tag);
+            crate::log!(
+                Debug,
+                "stream_closed",
+                "[{}] client closed a stream",
+                session.tag
+            );
         }
         if kind == StreamKind::Listener {
             session.detach_listener();
@@ -2086,7 +2788,8 @@ mod observe {
         }
     }
 
-    pub static LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(Level::Info as u8);
+    pub static LEVEL: std::sync::atomic::AtomicU8 =
+        std::sync::atomic::AtomicU8::new(Level::Info as u8);
 
     pub fn enabled(level: Level) -> bool {
         level as u8 <= LEVEL.load(Ordering::Relaxed)
@@ -2100,7 +2803,9 @@ mod observe {
 
     /// RFC 3339 UTC with milliseconds, from the civil-from-days algorithm (no tz data).
     fn timestamp() -> String {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         let secs = now.as_secs() as i64;
         let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
         let z = days + 719_468;
@@ -2175,7 +2880,11 @@ mod observe {
             self.spawn_failures.fetch_add(1, Ordering::Relaxed);
         }
         pub fn child_exited(&self, status: &std::process::ExitStatus) {
-            let c = if status.success() { &self.children_exited_ok } else { &self.children_exited_err };
+            let c = if status.success() {
+                &self.children_exited_ok
+            } else {
+                &self.children_exited_err
+            };
             c.fetch_add(1, Ordering::Relaxed);
         }
         pub fn message_in(&self, _m: &serde_json::Value) {
@@ -2196,42 +2905,144 @@ mod observe {
             let app = crate::app();
             let mut o = String::new();
             let g = |o: &mut String, name: &str, help: &str, kind: &str| {
-                let _ = writeln!(o, "# HELP stdio_sse_{name} {help}\n# TYPE stdio_sse_{name} {kind}");
+                let _ = writeln!(
+                    o,
+                    "# HELP stdio_sse_{name} {help}\n# TYPE stdio_sse_{name} {kind}"
+                );
             };
-            g(&mut o, "build_info", "Version and mode of this stdio-sse.", "gauge");
+            g(
+                &mut o,
+                "build_info",
+                "Version and mode of this stdio-sse.",
+                "gauge",
+            );
             let mode = format!("{:?}", app.cfg.mode).to_lowercase();
-            let _ = writeln!(o, "stdio_sse_build_info{{version=\"{}\",mode=\"{mode}\"}} 1", env!("CARGO_PKG_VERSION"));
-            g(&mut o, "http_responses_total", "HTTP responses by status class.", "counter");
+            let _ = writeln!(
+                o,
+                "stdio_sse_build_info{{version=\"{}\",mode=\"{mode}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            );
+            g(
+                &mut o,
+                "http_responses_total",
+                "HTTP responses by status class.",
+                "counter",
+            );
             for (i, c) in self.http.iter().enumerate() {
-                let _ = writeln!(o, "stdio_sse_http_responses_total{{class=\"{}xx\"}} {}", i + 1, c.load(Ordering::Relaxed));
+                let _ = writeln!(
+                    o,
+                    "stdio_sse_http_responses_total{{class=\"{}xx\"}} {}",
+                    i + 1,
+                    c.load(Ordering::Relaxed)
+                );
             }
-            g(&mut o, "sessions_opened_total", "Sessions opened, by transport.", "counter");
+            g(
+                &mut o,
+                "sessions_opened_total",
+                "Sessions opened, by transport.",
+                "counter",
+            );
             for (i, t) in ["streamable_http", "sse"].iter().enumerate() {
-                let _ = writeln!(o, "stdio_sse_sessions_opened_total{{transport=\"{t}\"}} {}", self.sessions_opened[i].load(Ordering::Relaxed));
+                let _ = writeln!(
+                    o,
+                    "stdio_sse_sessions_opened_total{{transport=\"{t}\"}} {}",
+                    self.sessions_opened[i].load(Ordering::Relaxed)
+                );
             }
-            g(&mut o, "sessions_closed_total", "Sessions closed, by transport and reason.", "counter");
+            g(
+                &mut o,
+                "sessions_closed_total",
+                "Sessions closed, by transport and reason.",
+                "counter",
+            );
             for (t, r, n) in self.sessions_closed.lock().unwrap().iter() {
-                let _ = writeln!(o, "stdio_sse_sessions_closed_total{{transport=\"{t}\",reason=\"{r}\"}} {n}");
+                let _ = writeln!(
+                    o,
+                    "stdio_sse_sessions_closed_total{{transport=\"{t}\",reason=\"{r}\"}} {n}"
+                );
             }
             g(&mut o, "sessions_active", "Sessions open now.", "gauge");
             let _ = writeln!(o, "stdio_sse_sessions_active {}", app.sessions.len());
-            g(&mut o, "children_spawned_total", "Child processes started.", "counter");
-            let _ = writeln!(o, "stdio_sse_children_spawned_total {}", self.children_spawned.load(Ordering::Relaxed));
-            g(&mut o, "child_spawn_failures_total", "Child processes that could not be started.", "counter");
-            let _ = writeln!(o, "stdio_sse_child_spawn_failures_total {}", self.spawn_failures.load(Ordering::Relaxed));
-            g(&mut o, "children_exited_total", "Child processes reaped, by outcome.", "counter");
-            let _ = writeln!(o, "stdio_sse_children_exited_total{{status=\"success\"}} {}", self.children_exited_ok.load(Ordering::Relaxed));
-            let _ = writeln!(o, "stdio_sse_children_exited_total{{status=\"failure\"}} {}", self.children_exited_err.load(Ordering::Relaxed));
-            g(&mut o, "children_active", "Child processes running now.", "gauge");
-            let _ = writeln!(o, "stdio_sse_children_active {}", app.children.lock().unwrap().len());
-            g(&mut o, "messages_total", "JSON-RPC messages relayed, by direction.", "counter");
-            let _ = writeln!(o, "stdio_sse_messages_total{{direction=\"to_child\"}} {}", self.messages_in.load(Ordering::Relaxed));
-            let _ = writeln!(o, "stdio_sse_messages_total{{direction=\"from_child\"}} {}", self.messages_out.load(Ordering::Relaxed));
-            g(&mut o, "messages_dropped_total", "Messages that could not be delivered, by reason.", "counter");
+            g(
+                &mut o,
+                "children_spawned_total",
+                "Child processes started.",
+                "counter",
+            );
+            let _ = writeln!(
+                o,
+                "stdio_sse_children_spawned_total {}",
+                self.children_spawned.load(Ordering::Relaxed)
+            );
+            g(
+                &mut o,
+                "child_spawn_failures_total",
+                "Child processes that could not be started.",
+                "counter",
+            );
+            let _ = writeln!(
+                o,
+                "stdio_sse_child_spawn_failures_total {}",
+                self.spawn_failures.load(Ordering::Relaxed)
+            );
+            g(
+                &mut o,
+                "children_exited_total",
+                "Child processes reaped, by outcome.",
+                "counter",
+            );
+            let _ = writeln!(
+                o,
+                "stdio_sse_children_exited_total{{status=\"success\"}} {}",
+                self.children_exited_ok.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                o,
+                "stdio_sse_children_exited_total{{status=\"failure\"}} {}",
+                self.children_exited_err.load(Ordering::Relaxed)
+            );
+            g(
+                &mut o,
+                "children_active",
+                "Child processes running now.",
+                "gauge",
+            );
+            let _ = writeln!(
+                o,
+                "stdio_sse_children_active {}",
+                app.children.lock().unwrap().len()
+            );
+            g(
+                &mut o,
+                "messages_total",
+                "JSON-RPC messages relayed, by direction.",
+                "counter",
+            );
+            let _ = writeln!(
+                o,
+                "stdio_sse_messages_total{{direction=\"to_child\"}} {}",
+                self.messages_in.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                o,
+                "stdio_sse_messages_total{{direction=\"from_child\"}} {}",
+                self.messages_out.load(Ordering::Relaxed)
+            );
+            g(
+                &mut o,
+                "messages_dropped_total",
+                "Messages that could not be delivered, by reason.",
+                "counter",
+            );
             for (r, n) in self.dropped.lock().unwrap().iter() {
                 let _ = writeln!(o, "stdio_sse_messages_dropped_total{{reason=\"{r}\"}} {n}");
             }
-            g(&mut o, "requests_rejected_total", "Requests refused for capacity, by reason.", "counter");
+            g(
+                &mut o,
+                "requests_rejected_total",
+                "Requests refused for capacity, by reason.",
+                "counter",
+            );
             for (r, n) in self.rejected.lock().unwrap().iter() {
                 let _ = writeln!(o, "stdio_sse_requests_rejected_total{{reason=\"{r}\"}} {n}");
             }
@@ -2268,9 +3079,16 @@ mod demo {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
-            let Ok(msg) = serde_json::from_str::<Value>(&line) else { continue };
+            let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
             let Some(reply) = answer(&msg) else { continue };
-            if out.write_all(reply.to_string().as_bytes()).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush()).is_err() {
+            if out
+                .write_all(reply.to_string().as_bytes())
+                .and_then(|_| out.write_all(b"\n"))
+                .and_then(|_| out.flush())
+                .is_err()
+            {
                 return;
             }
         }
@@ -2282,8 +3100,15 @@ mod demo {
         let params = msg.get("params").cloned().unwrap_or(json!({}));
         let result = match method {
             "initialize" => {
-                let asked = params.get("protocolVersion").and_then(Value::as_str).unwrap_or("");
-                let version = if crate::config::SUPPORTED_VERSIONS.contains(&asked) { asked } else { "2025-11-25" };
+                let asked = params
+                    .get("protocolVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let version = if crate::config::SUPPORTED_VERSIONS.contains(&asked) {
+                    asked
+                } else {
+                    "2025-11-25"
+                };
                 Ok(json!({
                     "protocolVersion": version,
                     "capabilities": {"tools": {}},
@@ -2301,14 +3126,21 @@ mod demo {
                 let args = params.get("arguments").cloned().unwrap_or(json!({}));
                 match params.get("name").and_then(Value::as_str) {
                     Some("echo") => {
-                        let text = args.get("message").and_then(Value::as_str).unwrap_or("").to_string();
+                        let text = args
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string();
                         Ok(json!({"content": [{"type": "text", "text": text}]}))
                     }
                     Some("add") => {
-                        let sum = args.get("a").and_then(Value::as_f64).unwrap_or(0.0) + args.get("b").and_then(Value::as_f64).unwrap_or(0.0);
+                        let sum = args.get("a").and_then(Value::as_f64).unwrap_or(0.0)
+                            + args.get("b").and_then(Value::as_f64).unwrap_or(0.0);
                         Ok(json!({"content": [{"type": "text", "text": sum.to_string()}]}))
                     }
-                    other => Ok(json!({"isError": true, "content": [{"type": "text", "text": format!("Unknown tool: {}", other.unwrap_or(""))}]})),
+                    other => Ok(
+                        json!({"isError": true, "content": [{"type": "text", "text": format!("Unknown tool: {}", other.unwrap_or(""))}]}),
+                    ),
                 }
             }
             _ => Err(json!({"code": -32601, "message": format!("Method not found: {method}")})),
@@ -2350,8 +3182,16 @@ pub fn next_id() -> u64 {
 /// Idle SSE streams are threads; a small stack keeps thousands of them cheap.
 pub fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
     const THREAD_STACK: usize = 256 * 1024;
-    if let Err(e) = std::thread::Builder::new().name(name.to_string()).stack_size(THREAD_STACK).spawn(f) {
-        log!(Error, "thread_spawn_failed", "cannot start a {name} thread: {e}");
+    if let Err(e) = std::thread::Builder::new()
+        .name(name.to_string())
+        .stack_size(THREAD_STACK)
+        .spawn(f)
+    {
+        log!(
+            Error,
+            "thread_spawn_failed",
+            "cannot start a {name} thread: {e}"
+        );
     }
 }
 
@@ -2366,7 +3206,14 @@ pub fn random_uuid() -> std::io::Result<String> {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in every thread (threads inherit the mask; std
@@ -2403,7 +3250,12 @@ fn handle_signals(set: libc::sigset_t) {
             }
             std::process::exit(0);
         }
-        log!(Info, "shutdown", "signal {sig} received: ending {} sessions and their children", app.sessions.len());
+        log!(
+            Info,
+            "shutdown",
+            "signal {sig} received: ending {} sessions and their children",
+            app.sessions.len()
+        );
         spawn_thread("shutdown", shutdown);
     }
 }
@@ -2412,7 +3264,9 @@ fn shutdown() {
     let app = app();
     let mut joins = Vec::new();
     for s in app.sessions.all() {
-        joins.push(std::thread::spawn(move || sessions::end(&s, sessions::EndReason::Shutdown)));
+        joins.push(std::thread::spawn(move || {
+            sessions::end(&s, sessions::EndReason::Shutdown)
+        }));
     }
     let others: Vec<_> = app.children.lock().unwrap().values().cloned().collect();
     for c in others {
@@ -2461,7 +3315,9 @@ fn main() {
     observe::LEVEL.store(cfg.log_level as u8, Ordering::Relaxed);
     if cfg.demo {
         let Some(exe) = self_exe(&args[0]) else {
-            eprintln!("stdio-sse: cannot find our own executable to run the demo server; give a COMMAND");
+            eprintln!(
+                "stdio-sse: cannot find our own executable to run the demo server; give a COMMAND"
+            );
             std::process::exit(2);
         };
         cfg.command = vec![exe, config::DEMO_ARG.to_string()];
@@ -2480,7 +3336,13 @@ fn main() {
     unsafe {
         use std::os::fd::AsRawFd;
         let one: libc::c_int = 1;
-        libc::setsockopt(listener.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, (&one as *const libc::c_int).cast(), 4);
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            4,
+        );
     }
     let addr = listener.local_addr().expect("bound socket has an address");
     let server = match tiny_http::Server::from_listener(listener, None) {
@@ -2509,11 +3371,19 @@ fn main() {
     child::start_spawner();
     let url = format!("http://{addr}");
     match mode {
-        config::Mode::Session => log!(Info, "listening", "listening on {url} (mcp: {mcp}, sse: {sse})"),
+        config::Mode::Session => log!(
+            Info,
+            "listening",
+            "listening on {url} (mcp: {mcp}, sse: {sse})"
+        ),
         config::Mode::Oneshot => log!(Info, "listening", "listening on {url} (oneshot: {mcp})"),
     }
     if demo {
-        log!(Info, "demo", "no COMMAND given: serving the built-in demo server (tools: echo, add)");
+        log!(
+            Info,
+            "demo",
+            "no COMMAND given: serving the built-in demo server (tools: echo, add)"
+        );
         eprintln!(
             "try:\n  curl -N -H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream' \\\n    -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{{}},\"clientInfo\":{{\"name\":\"curl\",\"version\":\"1\"}}}}}}' \\\n    {url}{mcp}"
         );

@@ -19,16 +19,31 @@ fn malformed_and_invalid_bodies() {
     let mut c = Conn::open(&s);
     let r = c.request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], b"{not json");
     assert_rpc_error(&r, 400, -32700, "Parse error");
-    let r = c.request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], br#"{"hello":"world"}"#);
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ACCEPT_BOTH],
+        br#"{"hello":"world"}"#,
+    );
     assert_rpc_error(&r, 400, -32600, "not a JSON-RPC 2.0 message");
     let r = c.request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], b"[]");
     assert_rpc_error(&r, 400, -32600, "empty batch");
     let big = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"pad": "x".repeat(2000)}}).to_string();
     let r = c.request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], big.as_bytes());
     assert_rpc_error(&r, 413, -32600, "1024 bytes");
-    let r = c.request("POST", "/mcp", &[("Content-Type", "text/plain"), ACCEPT_BOTH], init_body("2025-11-25").as_bytes());
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[("Content-Type", "text/plain"), ACCEPT_BOTH],
+        init_body("2025-11-25").as_bytes(),
+    );
     assert_rpc_error(&r, 415, -32000, "application/json");
-    let r = c.request("POST", "/mcp", &[JSON_CT, ("Accept", "text/html")], init_body("2025-11-25").as_bytes());
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ("Accept", "text/html")],
+        init_body("2025-11-25").as_bytes(),
+    );
     assert_rpc_error(&r, 406, -32000, "Not Acceptable");
     let r = c.request("GET", "/nowhere", &[], b"");
     assert_rpc_error(&r, 404, -32601, "/nowhere");
@@ -39,7 +54,12 @@ fn malformed_and_invalid_bodies() {
     s.wait_log("-> 413 Request body too large");
     s.wait_log("-> 405");
     // After all that, a normal session works on the same connection.
-    let r = c.request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], init_body("2025-11-25").as_bytes());
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ACCEPT_BOTH],
+        init_body("2025-11-25").as_bytes(),
+    );
     assert_eq!(r.status, 200);
 }
 
@@ -47,7 +67,12 @@ fn malformed_and_invalid_bodies() {
 fn too_many_sessions_gets_503_with_retry_after() {
     let s = Server::start(&["--max-sessions", "1"], &everything());
     let first = Session::open(&s);
-    let r = Conn::open(&s).request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], init_body("2025-11-25").as_bytes());
+    let r = Conn::open(&s).request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ACCEPT_BOTH],
+        init_body("2025-11-25").as_bytes(),
+    );
     assert_rpc_error(&r, 503, -32000, "max-sessions");
     assert!(r.header("Retry-After").is_some());
     let legacy = Conn::open(&s).request("GET", "/sse", &[("Accept", "text/event-stream")], b"");
@@ -60,26 +85,46 @@ fn too_many_sessions_gets_503_with_retry_after() {
 fn missing_command_fails_initialize_and_keeps_serving() {
     let s = Server::start(&[], &["/nonexistent/mcp-server".to_string()]);
     let mut c = Conn::open(&s);
-    let r = c.request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], init_body("2025-11-25").as_bytes());
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ACCEPT_BOTH],
+        init_body("2025-11-25").as_bytes(),
+    );
     assert_eq!(r.status, 502);
     let body = r.json();
     assert_eq!(body["id"], 0, "the error answers the initialize request");
-    assert!(body["error"]["message"].as_str().unwrap().contains("/nonexistent/mcp-server"));
-    assert!(body["error"]["message"].as_str().unwrap().contains("not found"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/mcp-server"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not found"));
     assert_eq!(c.request("GET", "/healthz", &[], b"").status, 200);
     let ready = c.request("GET", "/readyz", &[], b"");
     assert_eq!(ready.status, 503);
-    assert!(ready.json()["reason"].as_str().unwrap().contains("/nonexistent/mcp-server"));
+    assert!(ready.json()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/mcp-server"));
 }
 
 #[test]
 fn health_and_readiness() {
     let s = Server::start(&[], &everything());
     let mut c = Conn::open(&s);
-    assert_eq!(c.request("GET", "/healthz", &[], b"").json()["status"], "ok");
+    assert_eq!(
+        c.request("GET", "/healthz", &[], b"").json()["status"],
+        "ok"
+    );
     let ready = c.request("GET", "/readyz", &[], b"");
     assert_eq!(ready.status, 200);
-    assert!(ready.json()["command"].as_str().unwrap().ends_with("python3"));
+    assert!(ready.json()["command"]
+        .as_str()
+        .unwrap()
+        .ends_with("python3"));
     let m = c.request("GET", "/metrics", &[], b"").text();
     assert!(m.contains("stdio_sse_build_info{"), "{m}");
 }

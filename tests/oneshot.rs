@@ -11,12 +11,23 @@ fn oneshot(args: &[&str]) -> Server {
 /// The exchange from the issue, byte for byte, as `curl -N` sends it (Accept: */*).
 #[test]
 fn issue_exchange_byte_for_byte() {
-    let s = Server::start(&["--mode", "oneshot"], &["python3".to_string(), fixture("stdio_mcp_server.py")]);
+    let s = Server::start(
+        &["--mode", "oneshot"],
+        &["python3".to_string(), fixture("stdio_mcp_server.py")],
+    );
     let body = r#"{"jsonrpc":"2.0","id":"abc","params":{"message":"你好，世界"}}"#;
-    let r = Conn::open(&s).request("POST", "/mcp", &[("Content-Type", "application/json"), ("Accept", "*/*")], body.as_bytes());
+    let r = Conn::open(&s).request(
+        "POST",
+        "/mcp",
+        &[("Content-Type", "application/json"), ("Accept", "*/*")],
+        body.as_bytes(),
+    );
     assert_eq!(r.status, 200);
     assert_eq!(r.header("Content-Type"), Some("text/event-stream"));
-    assert_eq!(r.text(), "data: {\"jsonrpc\":\"2.0\",\"id\":\"abc\",\"result\":{\"echo\":\"你好，世界\"}}\n\n");
+    assert_eq!(
+        r.text(),
+        "data: {\"jsonrpc\":\"2.0\",\"id\":\"abc\",\"result\":{\"echo\":\"你好，世界\"}}\n\n"
+    );
 }
 
 /// Every stdout line is an event, in order; GET ?request= does the same for EventSource.
@@ -31,7 +42,12 @@ fn every_line_streams_and_get_works_too() {
         assert_eq!(v["n"], i);
         assert_eq!(v["request"]["q"], 1, "the body arrived as one compact line");
     }
-    let r = Conn::open(&s).request("GET", "/mcp?request=%7B%22q%22%3A%202%7D", &[("Accept", "text/event-stream")], b"");
+    let r = Conn::open(&s).request(
+        "GET",
+        "/mcp?request=%7B%22q%22%3A%202%7D",
+        &[("Accept", "text/event-stream")],
+        b"",
+    );
     assert_eq!(r.events().len(), 5);
     assert!(r.events()[0].data.contains(r#""q": 2"#));
     let r = Conn::open(&s).request("GET", "/mcp", &[], b"");
@@ -53,7 +69,10 @@ fn failure_ends_with_an_error_event() {
     assert_eq!(events[1].event.as_deref(), Some("error"));
     let err: serde_json::Value = serde_json::from_str(&events[1].data).unwrap();
     assert_eq!(err["exit_code"], 4);
-    assert_eq!(err["stderr"], serde_json::json!(["something went wrong", "fatal: giving up"]));
+    assert_eq!(
+        err["stderr"],
+        serde_json::json!(["something went wrong", "fatal: giving up"])
+    );
 }
 
 /// A client disconnect kills the child's whole process group.
@@ -63,8 +82,12 @@ fn client_disconnect_kills_the_process_group() {
     let mut c = Conn::open(&s);
     c.send("POST", "/mcp", &[JSON_CT], b"{}");
     let mut stream = SseReader::new(c);
-    let first: serde_json::Value = serde_json::from_str(&stream.next_event().unwrap().data).unwrap();
-    let (pid, grandchild) = (first["pid"].as_i64().unwrap() as i32, first["grandchild"].as_i64().unwrap() as i32);
+    let first: serde_json::Value =
+        serde_json::from_str(&stream.next_event().unwrap().data).unwrap();
+    let (pid, grandchild) = (
+        first["pid"].as_i64().unwrap() as i32,
+        first["grandchild"].as_i64().unwrap() as i32,
+    );
     assert!(alive(pid) && alive(grandchild));
     drop(stream);
     assert_gone(pid, "one-shot child");

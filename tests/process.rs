@@ -5,8 +5,12 @@ use common::*;
 use serde_json::json;
 
 fn pids(sess: &Session) -> (i32, i32) {
-    let child = result_text(&sess.call(100, "pid", json!({})).messages()[0]).parse().unwrap();
-    let grandchild = result_text(&sess.call(101, "spawn_grandchild", json!({})).messages()[0]).parse().unwrap();
+    let child = result_text(&sess.call(100, "pid", json!({})).messages()[0])
+        .parse()
+        .unwrap();
+    let grandchild = result_text(&sess.call(101, "spawn_grandchild", json!({})).messages()[0])
+        .parse()
+        .unwrap();
     (child, grandchild)
 }
 
@@ -19,12 +23,19 @@ fn delete_leaves_no_process_behind() {
     assert_eq!(sess.delete().status, 200);
     assert!(!alive(child), "child reaped before DELETE answered");
     assert_gone(grandchild, "grandchild");
-    assert!(children_of(s.pid()).is_empty(), "stdio-sse has no children left: {:?}", children_of(s.pid()));
+    assert!(
+        children_of(s.pid()).is_empty(),
+        "stdio-sse has no children left: {:?}",
+        children_of(s.pid())
+    );
 }
 
 #[test]
 fn idle_sessions_expire_with_their_children() {
-    let s = Server::start(&["--session-idle-timeout", "500ms", "--keepalive", "0"], &everything());
+    let s = Server::start(
+        &["--session-idle-timeout", "500ms", "--keepalive", "0"],
+        &everything(),
+    );
     let sess = Session::open(&s);
     let (child, grandchild) = pids(&sess);
     s.wait_log("session ended (idle)");
@@ -42,7 +53,12 @@ fn sigterm_ends_every_child_and_exits_zero() {
     let (cb, gb) = pids(&b);
     let status = s.stop_with(libc::SIGTERM);
     assert_eq!(status.code(), Some(0));
-    for (pid, what) in [(ca, "child a"), (ga, "grandchild a"), (cb, "child b"), (gb, "grandchild b")] {
+    for (pid, what) in [
+        (ca, "child a"),
+        (ga, "grandchild a"),
+        (cb, "child b"),
+        (gb, "grandchild b"),
+    ] {
         assert_gone(pid, what);
     }
 }
@@ -51,10 +67,20 @@ fn sigterm_ends_every_child_and_exits_zero() {
 /// the request it was working on gets an error.
 #[test]
 fn stubborn_child_is_killed_after_grace() {
-    let stubborn = vec!["sh".into(), "-c".into(), format!("trap '' TERM; exec python3 {}", fixture("everything.py"))];
-    let s = Server::start_env(&["--shutdown-grace", "200ms"], &stubborn, &[("EVERYTHING_IGNORE_EOF", "1")]);
+    let stubborn = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("trap '' TERM; exec python3 {}", fixture("everything.py")),
+    ];
+    let s = Server::start_env(
+        &["--shutdown-grace", "200ms"],
+        &stubborn,
+        &[("EVERYTHING_IGNORE_EOF", "1")],
+    );
     let sess = Session::open(&s);
-    let child: i32 = result_text(&sess.call(1, "pid", json!({})).messages()[0]).parse().unwrap();
+    let child: i32 = result_text(&sess.call(1, "pid", json!({})).messages()[0])
+        .parse()
+        .unwrap();
     let mut busy = sess.post_stream(&tool_call(2, "sleep", json!({"seconds": 60})));
     assert_eq!(busy.status, 200);
     assert_eq!(sess.delete().status, 200);

@@ -49,7 +49,9 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start stdio-sse");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new((Mutex::new(LogState::default()), Condvar::new()));
@@ -60,15 +62,26 @@ impl Server {
                 if std::env::var_os("STDIO_SSE_TEST_LOG").is_some() {
                     eprintln!("{line}");
                 }
-                sink.0.lock().unwrap_or_else(|e| e.into_inner()).lines.push(line);
+                sink.0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .lines
+                    .push(line);
                 sink.1.notify_all();
             }
             sink.0.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
             sink.1.notify_all();
         });
-        let mut server = Server { child, port: 0, log };
+        let mut server = Server {
+            child,
+            port: 0,
+            log,
+        };
         let line = server.wait_log("listening on http://");
-        let port = line.rsplit_once("127.0.0.1:").and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next()).and_then(|p| p.parse().ok());
+        let port = line
+            .rsplit_once("127.0.0.1:")
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok());
         server.port = port.unwrap_or_else(|| panic!("no port in {line:?}"));
         server
     }
@@ -84,7 +97,13 @@ impl Server {
         let end = Instant::now() + DEADLINE;
         let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some((i, l)) = st.lines.iter().enumerate().skip(from).find(|(_, l)| l.contains(needle)) {
+            if let Some((i, l)) = st
+                .lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| l.contains(needle))
+            {
                 return (i, l.clone());
             }
             let now = Instant::now();
@@ -93,16 +112,29 @@ impl Server {
                 drop(st);
                 panic!("log line containing {needle:?} never came; log:\n{log}");
             }
-            st = cv.wait_timeout(st, end - now).unwrap_or_else(|e| e.into_inner()).0;
+            st = cv
+                .wait_timeout(st, end - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
     pub fn log_len(&self) -> usize {
-        self.log.0.lock().unwrap_or_else(|e| e.into_inner()).lines.len()
+        self.log
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lines
+            .len()
     }
 
     pub fn log_text(&self) -> String {
-        self.log.0.lock().unwrap_or_else(|e| e.into_inner()).lines.join("\n")
+        self.log
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lines
+            .join("\n")
     }
 
     pub fn addr(&self) -> String {
@@ -121,7 +153,10 @@ impl Server {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < end, "stdio-sse did not exit after signal {sig}");
+            assert!(
+                Instant::now() < end,
+                "stdio-sse did not exit after signal {sig}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -151,10 +186,18 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -164,7 +207,11 @@ impl Response {
     }
     /// The JSON of each `message` event.
     pub fn messages(&self) -> Vec<Value> {
-        self.events().iter().filter(|e| e.event.as_deref().unwrap_or("message") == "message" && !e.data.is_empty()).map(|e| serde_json::from_str(&e.data).unwrap()).collect()
+        self.events()
+            .iter()
+            .filter(|e| e.event.as_deref().unwrap_or("message") == "message" && !e.data.is_empty())
+            .map(|e| serde_json::from_str(&e.data).unwrap())
+            .collect()
     }
 }
 
@@ -178,14 +225,21 @@ pub struct Event {
 pub fn parse_events(text: &str) -> Vec<Event> {
     let mut out = Vec::new();
     for block in text.split("\n\n") {
-        let mut ev = Event { event: None, id: None, data: String::new() };
+        let mut ev = Event {
+            event: None,
+            id: None,
+            data: String::new(),
+        };
         let mut any = false;
         let mut has_data = false;
         for line in block.lines() {
             if line.starts_with(':') {
                 continue;
             }
-            let (field, value) = line.split_once(':').map(|(f, v)| (f, v.strip_prefix(' ').unwrap_or(v))).unwrap_or((line, ""));
+            let (field, value) = line
+                .split_once(':')
+                .map(|(f, v)| (f, v.strip_prefix(' ').unwrap_or(v)))
+                .unwrap_or((line, ""));
             match field {
                 "event" => ev.event = Some(value.to_string()),
                 "id" => ev.id = Some(value.to_string()),
@@ -220,7 +274,10 @@ impl Conn {
     pub fn open_addr(addr: &str) -> Conn {
         let s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(DEADLINE)).unwrap();
-        Conn { reader: BufReader::new(s), host: addr.to_string() }
+        Conn {
+            reader: BufReader::new(s),
+            host: addr.to_string(),
+        }
     }
 
     /// Sends a request; `headers` may override Host.
@@ -245,7 +302,12 @@ impl Conn {
     pub fn head(&mut self) -> (u16, Vec<(String, String)>) {
         let mut line = String::new();
         self.reader.read_line(&mut line).expect("status line");
-        let status: u16 = line.split_whitespace().nth(1).unwrap_or_else(|| panic!("bad status line {line:?}")).parse().unwrap();
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("bad status line {line:?}"))
+            .parse()
+            .unwrap();
         let mut headers = Vec::new();
         loop {
             let mut h = String::new();
@@ -264,7 +326,8 @@ impl Conn {
     pub fn chunk(&mut self) -> Option<Vec<u8>> {
         let mut size = String::new();
         self.reader.read_line(&mut size).expect("chunk size");
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
+        let n = usize::from_str_radix(size.trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
         let mut data = vec![0; n + 2];
         self.reader.read_exact(&mut data).unwrap();
         data.truncate(n);
@@ -273,7 +336,12 @@ impl Conn {
 
     pub fn response(&mut self) -> Response {
         let (status, headers) = self.head();
-        let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+        let get = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
+        };
         let mut body = Vec::new();
         if get("Transfer-Encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
             while let Some(c) = self.chunk() {
@@ -285,10 +353,20 @@ impl Conn {
         } else {
             self.reader.read_to_end(&mut body).unwrap();
         }
-        Response { status, headers, body }
+        Response {
+            status,
+            headers,
+            body,
+        }
     }
 
-    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
         self.send(method, path, headers, body);
         self.response()
     }
@@ -314,10 +392,19 @@ pub struct SseReader {
 impl SseReader {
     pub fn new(mut conn: Conn) -> SseReader {
         let (status, headers) = conn.head();
-        SseReader { conn, status, headers, pending: String::new(), ended: false }
+        SseReader {
+            conn,
+            status,
+            headers,
+            pending: String::new(),
+            ended: false,
+        }
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     /// The next event (comments skipped); None when the stream ends.
     pub fn next_event(&mut self) -> Option<Event> {
@@ -375,20 +462,39 @@ impl Session {
     }
     pub fn open_version(server: &Server, version: &str) -> Session {
         let mut c = Conn::open(server);
-        let r = c.request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], init_body(version).as_bytes());
+        let r = c.request(
+            "POST",
+            "/mcp",
+            &[JSON_CT, ACCEPT_BOTH],
+            init_body(version).as_bytes(),
+        );
         assert_eq!(r.status, 200, "initialize failed: {}", r.text());
         let id = r.header("Mcp-Session-Id").expect("session id").to_string();
         let init = r.messages().into_iter().last().expect("initialize result");
-        let s = Session { id, addr: server.addr(), init };
+        let s = Session {
+            id,
+            addr: server.addr(),
+            init,
+        };
         let n = s.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
         assert_eq!(n.status, 202);
         s
     }
     pub fn headers(&self) -> Vec<(&str, &str)> {
-        vec![JSON_CT, ACCEPT_BOTH, ("Mcp-Session-Id", self.id.as_str()), ("MCP-Protocol-Version", "2025-11-25")]
+        vec![
+            JSON_CT,
+            ACCEPT_BOTH,
+            ("Mcp-Session-Id", self.id.as_str()),
+            ("MCP-Protocol-Version", "2025-11-25"),
+        ]
     }
     pub fn post(&self, body: &Value) -> Response {
-        Conn::open_addr(&self.addr).request("POST", "/mcp", &self.headers(), body.to_string().as_bytes())
+        Conn::open_addr(&self.addr).request(
+            "POST",
+            "/mcp",
+            &self.headers(),
+            body.to_string().as_bytes(),
+        )
     }
     /// POSTs and returns the open stream for incremental reading.
     pub fn post_stream(&self, body: &Value) -> SseReader {
@@ -401,11 +507,24 @@ impl Session {
     }
     pub fn get_stream(&self) -> SseReader {
         let mut c = Conn::open_addr(&self.addr);
-        c.send("GET", "/mcp", &[("Accept", "text/event-stream"), ("Mcp-Session-Id", self.id.as_str())], b"");
+        c.send(
+            "GET",
+            "/mcp",
+            &[
+                ("Accept", "text/event-stream"),
+                ("Mcp-Session-Id", self.id.as_str()),
+            ],
+            b"",
+        );
         SseReader::new(c)
     }
     pub fn delete(&self) -> Response {
-        Conn::open_addr(&self.addr).request("DELETE", "/mcp", &[("Mcp-Session-Id", self.id.as_str())], b"")
+        Conn::open_addr(&self.addr).request(
+            "DELETE",
+            "/mcp",
+            &[("Mcp-Session-Id", self.id.as_str())],
+            b"",
+        )
     }
 }
 
@@ -415,13 +534,18 @@ pub fn tool_call(id: i64, tool: &str, args: Value) -> Value {
 
 /// The text of a tools/call result.
 pub fn result_text(msg: &Value) -> String {
-    msg.pointer("/result/content/0/text").and_then(Value::as_str).unwrap_or_else(|| panic!("no text in {msg}")).to_string()
+    msg.pointer("/result/content/0/text")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no text in {msg}"))
+        .to_string()
 }
 
 /// True while the process exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
         Err(_) => false,
     }
 }
@@ -439,11 +563,15 @@ pub fn assert_gone(pid: i32, what: &str) {
 pub fn children_of(ppid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             if let Some((_, rest)) = stat.rsplit_once(") ") {
                 let fields: Vec<&str> = rest.split_whitespace().collect();
-                if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(ppid) && !fields[0].starts_with('Z') {
+                if fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(ppid)
+                    && !fields[0].starts_with('Z')
+                {
                     out.push(pid);
                 }
             }
@@ -454,5 +582,10 @@ pub fn children_of(ppid: i32) -> Vec<i32> {
 
 pub fn vm_rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap()
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
 }
