@@ -2850,6 +2850,9 @@ mod observe {
         }
     }
 
+    /// A metric family: name, help, type, and its (labels, value) samples.
+    type Family<'a> = (&'a str, &'a str, &'a str, Vec<(String, u64)>);
+
     fn transport_label(t: crate::sessions::Transport) -> &'static str {
         match t {
             crate::sessions::Transport::Streamable => "streamable_http",
@@ -2903,148 +2906,119 @@ mod observe {
 
         pub fn render(&self) -> String {
             let app = crate::app();
+            let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            let label = |key: &str, value: &str| format!("{{{key}=\"{value}\"}}");
+            let by = |key: &str, list: &Mutex<Vec<(&'static str, u64)>>| -> Vec<(String, u64)> {
+                list.lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(v, n)| (label(key, v), *n))
+                    .collect()
+            };
+            let mode = format!("{:?}", app.cfg.mode).to_lowercase();
+            let version = env!("CARGO_PKG_VERSION");
+            let families: Vec<Family> = vec![
+                (
+                    "build_info",
+                    "Version and mode of this stdio-sse.",
+                    "gauge",
+                    vec![(format!("{{version=\"{version}\",mode=\"{mode}\"}}"), 1)],
+                ),
+                (
+                    "http_responses_total",
+                    "HTTP responses by status class.",
+                    "counter",
+                    self.http
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (label("class", &format!("{}xx", i + 1)), load(c)))
+                        .collect(),
+                ),
+                (
+                    "sessions_opened_total",
+                    "Sessions opened, by transport.",
+                    "counter",
+                    ["streamable_http", "sse"]
+                        .iter()
+                        .zip(&self.sessions_opened)
+                        .map(|(t, c)| (label("transport", t), load(c)))
+                        .collect(),
+                ),
+                (
+                    "sessions_closed_total",
+                    "Sessions closed, by transport and reason.",
+                    "counter",
+                    self.sessions_closed
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(t, r, n)| (format!("{{transport=\"{t}\",reason=\"{r}\"}}"), *n))
+                        .collect(),
+                ),
+                (
+                    "sessions_active",
+                    "Sessions open now.",
+                    "gauge",
+                    vec![(String::new(), app.sessions.len() as u64)],
+                ),
+                (
+                    "children_spawned_total",
+                    "Child processes started.",
+                    "counter",
+                    vec![(String::new(), load(&self.children_spawned))],
+                ),
+                (
+                    "child_spawn_failures_total",
+                    "Child processes that could not be started.",
+                    "counter",
+                    vec![(String::new(), load(&self.spawn_failures))],
+                ),
+                (
+                    "children_exited_total",
+                    "Child processes reaped, by outcome.",
+                    "counter",
+                    vec![
+                        (label("status", "success"), load(&self.children_exited_ok)),
+                        (label("status", "failure"), load(&self.children_exited_err)),
+                    ],
+                ),
+                (
+                    "children_active",
+                    "Child processes running now.",
+                    "gauge",
+                    vec![(String::new(), app.children.lock().unwrap().len() as u64)],
+                ),
+                (
+                    "messages_total",
+                    "JSON-RPC messages relayed, by direction.",
+                    "counter",
+                    vec![
+                        (label("direction", "to_child"), load(&self.messages_in)),
+                        (label("direction", "from_child"), load(&self.messages_out)),
+                    ],
+                ),
+                (
+                    "messages_dropped_total",
+                    "Messages that could not be delivered, by reason.",
+                    "counter",
+                    by("reason", &self.dropped),
+                ),
+                (
+                    "requests_rejected_total",
+                    "Requests refused for capacity, by reason.",
+                    "counter",
+                    by("reason", &self.rejected),
+                ),
+            ];
             let mut o = String::new();
-            let g = |o: &mut String, name: &str, help: &str, kind: &str| {
+            for (name, help, kind, samples) in families {
                 let _ = writeln!(
                     o,
                     "# HELP stdio_sse_{name} {help}\n# TYPE stdio_sse_{name} {kind}"
                 );
-            };
-            g(
-                &mut o,
-                "build_info",
-                "Version and mode of this stdio-sse.",
-                "gauge",
-            );
-            let mode = format!("{:?}", app.cfg.mode).to_lowercase();
-            let _ = writeln!(
-                o,
-                "stdio_sse_build_info{{version=\"{}\",mode=\"{mode}\"}} 1",
-                env!("CARGO_PKG_VERSION")
-            );
-            g(
-                &mut o,
-                "http_responses_total",
-                "HTTP responses by status class.",
-                "counter",
-            );
-            for (i, c) in self.http.iter().enumerate() {
-                let _ = writeln!(
-                    o,
-                    "stdio_sse_http_responses_total{{class=\"{}xx\"}} {}",
-                    i + 1,
-                    c.load(Ordering::Relaxed)
-                );
-            }
-            g(
-                &mut o,
-                "sessions_opened_total",
-                "Sessions opened, by transport.",
-                "counter",
-            );
-            for (i, t) in ["streamable_http", "sse"].iter().enumerate() {
-                let _ = writeln!(
-                    o,
-                    "stdio_sse_sessions_opened_total{{transport=\"{t}\"}} {}",
-                    self.sessions_opened[i].load(Ordering::Relaxed)
-                );
-            }
-            g(
-                &mut o,
-                "sessions_closed_total",
-                "Sessions closed, by transport and reason.",
-                "counter",
-            );
-            for (t, r, n) in self.sessions_closed.lock().unwrap().iter() {
-                let _ = writeln!(
-                    o,
-                    "stdio_sse_sessions_closed_total{{transport=\"{t}\",reason=\"{r}\"}} {n}"
-                );
-            }
-            g(&mut o, "sessions_active", "Sessions open now.", "gauge");
-            let _ = writeln!(o, "stdio_sse_sessions_active {}", app.sessions.len());
-            g(
-                &mut o,
-                "children_spawned_total",
-                "Child processes started.",
-                "counter",
-            );
-            let _ = writeln!(
-                o,
-                "stdio_sse_children_spawned_total {}",
-                self.children_spawned.load(Ordering::Relaxed)
-            );
-            g(
-                &mut o,
-                "child_spawn_failures_total",
-                "Child processes that could not be started.",
-                "counter",
-            );
-            let _ = writeln!(
-                o,
-                "stdio_sse_child_spawn_failures_total {}",
-                self.spawn_failures.load(Ordering::Relaxed)
-            );
-            g(
-                &mut o,
-                "children_exited_total",
-                "Child processes reaped, by outcome.",
-                "counter",
-            );
-            let _ = writeln!(
-                o,
-                "stdio_sse_children_exited_total{{status=\"success\"}} {}",
-                self.children_exited_ok.load(Ordering::Relaxed)
-            );
-            let _ = writeln!(
-                o,
-                "stdio_sse_children_exited_total{{status=\"failure\"}} {}",
-                self.children_exited_err.load(Ordering::Relaxed)
-            );
-            g(
-                &mut o,
-                "children_active",
-                "Child processes running now.",
-                "gauge",
-            );
-            let _ = writeln!(
-                o,
-                "stdio_sse_children_active {}",
-                app.children.lock().unwrap().len()
-            );
-            g(
-                &mut o,
-                "messages_total",
-                "JSON-RPC messages relayed, by direction.",
-                "counter",
-            );
-            let _ = writeln!(
-                o,
-                "stdio_sse_messages_total{{direction=\"to_child\"}} {}",
-                self.messages_in.load(Ordering::Relaxed)
-            );
-            let _ = writeln!(
-                o,
-                "stdio_sse_messages_total{{direction=\"from_child\"}} {}",
-                self.messages_out.load(Ordering::Relaxed)
-            );
-            g(
-                &mut o,
-                "messages_dropped_total",
-                "Messages that could not be delivered, by reason.",
-                "counter",
-            );
-            for (r, n) in self.dropped.lock().unwrap().iter() {
-                let _ = writeln!(o, "stdio_sse_messages_dropped_total{{reason=\"{r}\"}} {n}");
-            }
-            g(
-                &mut o,
-                "requests_rejected_total",
-                "Requests refused for capacity, by reason.",
-                "counter",
-            );
-            for (r, n) in self.rejected.lock().unwrap().iter() {
-                let _ = writeln!(o, "stdio_sse_requests_rejected_total{{reason=\"{r}\"}} {n}");
+                for (labels, value) in samples {
+                    let _ = writeln!(o, "stdio_sse_{name}{labels} {value}");
+                }
             }
             o
         }
