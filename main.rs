@@ -483,6 +483,7 @@ mod config {
 /// reading and routing to a transport. Writes simple (non-streaming) responses itself.
 mod http {
     use super::*;
+    use crate::app;
     use crate::config::Mode;
     use std::io::{Read, Write};
     use tiny_http::Method;
@@ -905,10 +906,6 @@ mod http {
         }
         Ok((messages, batch))
     }
-
-    pub fn app() -> &'static crate::App {
-        crate::app()
-    }
 }
 
 // ======================================================================================
@@ -917,6 +914,7 @@ mod http {
 /// to `sessions` and streams what `sessions` routes back.
 mod streamable {
     use super::*;
+    use crate::app;
     use crate::http::{accepts, respond, Incoming, Reply};
     use crate::message::{classify, Kind};
     use crate::sessions::{self, Session, Transport};
@@ -1152,10 +1150,6 @@ mod streamable {
         sessions::end(&session, sessions::EndReason::Deleted);
         respond(inc, Reply::text(200, "", Vec::new()));
     }
-
-    fn app() -> &'static crate::App {
-        crate::app()
-    }
 }
 
 // ======================================================================================
@@ -1256,6 +1250,7 @@ mod legacy {
 /// leaves takes the child's whole process group with it.
 mod oneshot {
     use super::*;
+    use crate::app;
     use crate::child::ChildProc;
     use crate::http::{accepts, respond, Incoming, Reply};
     use crossbeam_channel::RecvTimeoutError;
@@ -1372,8 +1367,15 @@ mod oneshot {
                 return respond(inc, Reply::rpc_error(502, &id, -32603, msg));
             }
         };
-        let line = value.to_string();
-        let _ = child.send_line(line.as_bytes());
+        if let Err(e) = child.send_message(&value) {
+            // The program exited before reading; its exit status and stderr follow on
+            // the stream.
+            crate::log!(
+                Info,
+                "oneshot_input_lost",
+                "[{tag}] could not write the request to the program: {e}"
+            );
+        }
         child.close_stdin();
         app.metrics.http_response(200);
         crate::log!(Debug, "http", "{} -> 200 oneshot [{tag}]", inc.summary());
@@ -1419,10 +1421,6 @@ mod oneshot {
             stream.event(Some("error"), &detail.to_string())?;
         }
         stream.finish()
-    }
-
-    fn app() -> &'static crate::App {
-        crate::app()
     }
 }
 
@@ -1501,13 +1499,12 @@ mod sessions {
         Legacy,
     }
 
-    /// What a stream's writer receives.
+    /// What a stream's writer receives. When the session ends, the routing table drops
+    /// the sending side and the stream sees its channel close.
     pub enum Frame {
         /// A message for the client; `completes` is true for a response to a request that
         /// stream is waiting for.
         Message { json: String, completes: bool },
-        /// The session ended; the stream closes.
-        End,
     }
 
     /// The sending half of one stream's queue.
@@ -1743,8 +1740,8 @@ mod sessions {
         /// unrolled, since stdio servers answer messages, not arrays.
         pub fn send_to_child(&self, messages: &[Value]) -> std::io::Result<()> {
             for m in messages {
-                self.child.send_line(m.to_string().as_bytes())?;
-                crate::app().metrics.message_in(m);
+                self.child.send_message(m)?;
+                crate::app().metrics.message_in();
             }
             Ok(())
         }
@@ -1829,7 +1826,7 @@ mod sessions {
 
     fn route_value(session: &Arc<Session>, json: String, value: &Value) {
         let app = crate::app();
-        app.metrics.message_out(value);
+        app.metrics.message_out();
         match classify(value) {
             Kind::Response { id } => {
                 let key = id_key(id);
@@ -1898,9 +1895,8 @@ mod sessions {
                         Err(f) => frame = f,
                     }
                 }
-                if let Frame::Message { json, .. } = frame {
-                    session.hold(json);
-                }
+                let Frame::Message { json, .. } = frame;
+                session.hold(json);
             }
             Kind::Invalid(why) => {
                 app.metrics.dropped("invalid");
@@ -2038,9 +2034,7 @@ mod sessions {
                 app.metrics.dropped("client_gone");
             }
         }
-        if let Some(l) = listener {
-            let _ = l.tx.try_send(Frame::End);
-        }
+        drop(listener);
         app.metrics
             .session_closed(session.transport, reason.label());
         crate::log!(
@@ -2394,15 +2388,15 @@ mod child {
     }
 
     impl ChildProc {
-        /// One write per message: the line and its newline together.
-        pub fn send_line(&self, line: &[u8]) -> std::io::Result<()> {
+        /// Writes one message as one compact JSON line (ST-1, ST-6): serialized straight
+        /// into the buffer that also takes the newline, so it leaves in one write.
+        pub fn send_message(&self, message: &serde_json::Value) -> std::io::Result<()> {
+            let mut framed = serde_json::to_vec(message)?;
+            framed.push(b'\n');
             let mut guard = self.stdin.lock().unwrap();
             let stdin = guard.as_mut().ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin closed")
             })?;
-            let mut framed = Vec::with_capacity(line.len() + 1);
-            framed.extend_from_slice(line);
-            framed.push(b'\n');
             stdin.write_all(&framed)
         }
 
@@ -2707,26 +2701,20 @@ mod sse {
                 Err(RecvTimeoutError::Disconnected) => break true,
             };
             let mut finished = false;
-            let mut ended = false;
             let mut frame = Some(first);
             let mut batched = 0;
-            while let Some(f) = frame.take() {
-                match f {
-                    Frame::Message { json, completes } => {
-                        stream.push_message(&json);
-                        if completes && kind == StreamKind::Post {
-                            expected = expected.saturating_sub(1);
-                            finished = expected == 0;
-                        }
-                    }
-                    Frame::End => ended = true,
+            while let Some(Frame::Message { json, completes }) = frame.take() {
+                stream.push_message(&json);
+                if completes && kind == StreamKind::Post {
+                    expected = expected.saturating_sub(1);
+                    finished = expected == 0;
                 }
                 batched += 1;
-                if !finished && !ended && batched < MAX_BATCH {
+                if !finished && batched < MAX_BATCH {
                     frame = rx.try_recv().ok();
                 }
             }
-            if finished || ended {
+            if finished {
                 break true;
             }
             if stream.flush().is_err() {
@@ -2890,10 +2878,10 @@ mod observe {
             };
             c.fetch_add(1, Ordering::Relaxed);
         }
-        pub fn message_in(&self, _m: &serde_json::Value) {
+        pub fn message_in(&self) {
             self.messages_in.fetch_add(1, Ordering::Relaxed);
         }
-        pub fn message_out(&self, _m: &serde_json::Value) {
+        pub fn message_out(&self) {
             self.messages_out.fetch_add(1, Ordering::Relaxed);
         }
         /// A message we could not deliver: logged by the caller, counted here.
