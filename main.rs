@@ -41,12 +41,29 @@ mod config {
     /// Time a child gets after stdin EOF, and again after SIGTERM, before the next step.
     pub const DEFAULT_SHUTDOWN_GRACE: &str = "5s";
     pub const DEFAULT_LOG_LEVEL: &str = "info";
-    /// Child messages with no open stream wait for the session's next GET, up to this many.
-    pub const DEFAULT_MAX_HELD: &str = "1000";
-    /// Events queued per stream before the child is slowed down (back-pressure).
+    /// Events kept per session for clients that resume a stream (and for messages that
+    /// wait for a GET stream): whichever bound is reached first evicts the oldest.
+    pub const DEFAULT_REPLAY_BUFFER: &str = "1000,8MiB";
+    /// Events queued for one connection; a client this far behind is not reading, and
+    /// its connection is closed rather than allowed to slow the child (events stay in
+    /// the replay buffer).
     pub const DEFAULT_STREAM_QUEUE: &str = "256";
-    /// How long a stream may refuse events (client not reading) before we give up on it.
+    /// A write that the client does not drain for this long fails (SO_SNDTIMEO), so a
+    /// stuck client never holds a thread for ever.
     pub const DEFAULT_STALL_TIMEOUT: &str = "30s";
+    /// The `retry:` sent to clients at 2025-11-25 or later: how soon they reconnect.
+    pub const DEFAULT_SSE_RETRY: &str = "1s";
+    /// Shared mode: children serving all sessions. One is the point of sharing.
+    pub const DEFAULT_CHILDREN: &str = "1";
+    /// Session mode: children started ahead of sessions. Off: each costs a process.
+    pub const DEFAULT_WARM: &str = "0";
+    /// Shared mode: first restart delay, doubled after each fast failure, up to the max.
+    pub const DEFAULT_RESTART_DELAY: &str = "100ms";
+    pub const DEFAULT_RESTART_DELAY_MAX: &str = "30s";
+    /// This many failures in a row, none staying up for the window, is a crash loop:
+    /// /readyz turns 503 until a child stays up.
+    pub const DEFAULT_CRASH_LOOP_LIMIT: &str = "5";
+    pub const DEFAULT_CRASH_LOOP_WINDOW: &str = "10s";
     /// Child stderr lines kept to explain a crash in the error the client receives.
     pub const DEFAULT_STDERR_TAIL: &str = "20";
 
@@ -56,6 +73,8 @@ mod config {
         &["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"];
     /// Rule V-2: a request without MCP-Protocol-Version is taken to be this version.
     pub const ASSUMED_VERSION: &str = "2025-03-26";
+    /// The first version whose clients expect priming events and `retry:` (R-5).
+    pub const PRIMING_VERSION: &str = "2025-11-25";
     /// The only version that allows JSON-RPC batches (rules B-1, B-2).
     pub const BATCH_VERSION: &str = "2025-03-26";
     /// Hidden first argument: run the built-in demo server on stdio.
@@ -106,7 +125,7 @@ mod config {
             "mode",
             "MODE",
             DEFAULT_MODE,
-            "session: one child per client session; oneshot: one child per request",
+            "session: a child per client session; shared: --children for all sessions; oneshot: a child per request",
         ),
         flag(
             "mcp-path",
@@ -179,22 +198,64 @@ mod config {
             "wait after stdin EOF, then after SIGTERM, before SIGKILL",
         ),
         flag(
-            "max-held",
-            "N",
-            DEFAULT_MAX_HELD,
-            "child messages held for a session with no open stream",
+            "replay-buffer",
+            "EVENTS,SIZE",
+            DEFAULT_REPLAY_BUFFER,
+            "events kept per session for resuming streams",
         ),
         flag(
             "stream-queue",
             "N",
             DEFAULT_STREAM_QUEUE,
-            "events queued per stream before the child is slowed",
+            "events queued per connection before it is closed as not reading",
         ),
         flag(
             "stall-timeout",
             "DURATION",
             DEFAULT_STALL_TIMEOUT,
-            "give up on a stream that accepts no event this long",
+            "fail a write the client does not drain this long",
+        ),
+        flag(
+            "sse-retry",
+            "DURATION",
+            DEFAULT_SSE_RETRY,
+            "SSE retry: sent to clients at 2025-11-25 or later",
+        ),
+        flag(
+            "children",
+            "N",
+            DEFAULT_CHILDREN,
+            "shared mode: children serving all sessions",
+        ),
+        flag(
+            "warm",
+            "N",
+            DEFAULT_WARM,
+            "session mode: children kept started ahead of sessions",
+        ),
+        flag(
+            "restart-delay",
+            "DURATION",
+            DEFAULT_RESTART_DELAY,
+            "shared mode: first restart delay, doubled per fast failure",
+        ),
+        flag(
+            "restart-delay-max",
+            "DURATION",
+            DEFAULT_RESTART_DELAY_MAX,
+            "shared mode: longest restart delay",
+        ),
+        flag(
+            "crash-loop-limit",
+            "N",
+            DEFAULT_CRASH_LOOP_LIMIT,
+            "shared mode: failures in a row that make /readyz 503",
+        ),
+        flag(
+            "crash-loop-window",
+            "DURATION",
+            DEFAULT_CRASH_LOOP_WINDOW,
+            "shared mode: a child up this long resets the count",
         ),
         flag(
             "stderr-tail",
@@ -213,6 +274,7 @@ mod config {
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     pub enum Mode {
         Session,
+        Shared,
         Oneshot,
     }
 
@@ -234,9 +296,17 @@ mod config {
         pub session_idle_timeout: Option<Duration>,
         pub keepalive: Option<Duration>,
         pub shutdown_grace: Duration,
-        pub max_held: usize,
+        /// (events, bytes)
+        pub replay_buffer: (usize, usize),
         pub stream_queue: usize,
         pub stall_timeout: Duration,
+        pub sse_retry: Duration,
+        pub children: usize,
+        pub warm: usize,
+        pub restart_delay: Duration,
+        pub restart_delay_max: Duration,
+        pub crash_loop_limit: u32,
+        pub crash_loop_window: Duration,
         pub stderr_tail: usize,
         pub log_level: crate::observe::Level,
         /// Program and arguments of the child; for the demo server, ourselves.
@@ -334,8 +404,34 @@ mod config {
 
         let mode = match get("mode").as_str() {
             "session" => Mode::Session,
+            "shared" => Mode::Shared,
             "oneshot" | "one-shot" => Mode::Oneshot,
-            other => return Err(format!("--mode must be session or oneshot, not {other:?}")),
+            other => {
+                return Err(format!(
+                    "--mode must be session, shared or oneshot, not {other:?}"
+                ))
+            }
+        };
+        let children = parse_count("children", &get("children"))?;
+        let warm = parse_count("warm", &get("warm"))?;
+        if children == 0 {
+            return Err("--children must be at least 1".into());
+        }
+        if children != 1 && mode != Mode::Shared {
+            return Err("--children applies to --mode shared only".into());
+        }
+        if warm != 0 && mode != Mode::Session {
+            return Err(
+                "--warm applies to --mode session only (a shared child is always running)".into(),
+            );
+        }
+        let replay_buffer = {
+            let v = get("replay-buffer");
+            let (events, size) = v.split_once(',').unwrap_or((v.as_str(), "8MiB"));
+            (
+                parse_count("replay-buffer", events)?,
+                parse_size("replay-buffer", size)?,
+            )
         };
         let mut env_pairs = Vec::new();
         for kv in list("env") {
@@ -380,9 +476,17 @@ mod config {
             )?),
             keepalive: nonzero(parse_duration("keepalive", &get("keepalive"))?),
             shutdown_grace: parse_duration("shutdown-grace", &get("shutdown-grace"))?,
-            max_held: parse_count("max-held", &get("max-held"))?,
+            replay_buffer,
             stream_queue: parse_count("stream-queue", &get("stream-queue"))?.max(1),
             stall_timeout: parse_duration("stall-timeout", &get("stall-timeout"))?,
+            sse_retry: parse_duration("sse-retry", &get("sse-retry"))?,
+            children,
+            warm,
+            restart_delay: parse_duration("restart-delay", &get("restart-delay"))?,
+            restart_delay_max: parse_duration("restart-delay-max", &get("restart-delay-max"))?,
+            crash_loop_limit: parse_count("crash-loop-limit", &get("crash-loop-limit"))?.max(1)
+                as u32,
+            crash_loop_window: parse_duration("crash-loop-window", &get("crash-loop-window"))?,
             stderr_tail: parse_count("stderr-tail", &get("stderr-tail"))?,
             log_level: crate::observe::Level::parse(&get("log-level")).ok_or_else(|| {
                 format!(
@@ -726,7 +830,7 @@ mod http {
                 ),
                 _ => respond(inc, allow("GET")),
             },
-            (p, Mode::Session) if p == cfg.mcp_path => match method {
+            (p, Mode::Session | Mode::Shared) if p == cfg.mcp_path => match method {
                 Method::Post => crate::streamable::post(inc),
                 Method::Get => crate::streamable::get(inc),
                 Method::Delete => crate::streamable::delete(inc),
@@ -737,11 +841,11 @@ mod http {
                 Method::Get => crate::oneshot::get(inc),
                 _ => respond(inc, allow("GET, POST")),
             },
-            (p, Mode::Session) if p == cfg.sse_path => match method {
+            (p, Mode::Session | Mode::Shared) if p == cfg.sse_path => match method {
                 Method::Get => crate::legacy::open(inc),
                 _ => respond(inc, allow("GET")),
             },
-            (p, Mode::Session) if p == cfg.message_path => match method {
+            (p, Mode::Session | Mode::Shared) if p == cfg.message_path => match method {
                 Method::Post => crate::legacy::post(inc),
                 _ => respond(inc, allow("POST")),
             },
@@ -982,7 +1086,7 @@ mod streamable {
         {
             return respond(inc, Reply::error(400, -32600, "Invalid Request: JSON-RPC batches are only allowed with protocol version 2025-03-26"));
         }
-        session.touch();
+        session.mark_request();
         forward_and_stream(inc, &session, messages, None);
     }
 
@@ -1011,7 +1115,7 @@ mod streamable {
                 session.set_initialize(&init_id);
                 forward_and_stream(inc, &session, vec![init], Some(session.id.clone()));
             }
-            Err(sessions::CreateError::Full(reply)) => respond(inc, reply),
+            Err(sessions::CreateError::Refused(reply)) => respond(inc, reply),
             Err(sessions::CreateError::Spawn(msg)) => {
                 respond(inc, Reply::rpc_error(502, &init_id, -32603, msg))
             }
@@ -1030,15 +1134,22 @@ mod streamable {
         let has_requests = messages
             .iter()
             .any(|m| matches!(classify(m), Kind::Request { .. }));
-        let (sink, rx) = match has_requests.then(|| session.new_sink()) {
-            Some((s, r)) => (Some(s), Some(r)),
-            None => (None, None),
+        let attached = if has_requests {
+            match session.open_post_stream() {
+                Ok(a) => Some(a),
+                Err(reply) => return respond(inc, reply),
+            }
+        } else {
+            None
         };
-        let requests = match session.register_requests(&messages, sink.as_ref()) {
-            Ok(n) => n,
-            Err(reply) => return respond(inc, reply),
-        };
-        if let Err(e) = session.send_to_child(&messages) {
+        let stream_no = attached.as_ref().map(|a| a.stream);
+        if let Err(reply) = session.register_requests(&messages, stream_no) {
+            if let Some(no) = stream_no {
+                session.drop_stream(no);
+            }
+            return respond(inc, reply);
+        }
+        if let Err(e) = session.upstream.send(session, &messages) {
             session.forget_requests(&messages);
             let reply = Reply::error(
                 502,
@@ -1048,10 +1159,7 @@ mod streamable {
             sessions::end_in_background(session.clone(), sessions::EndReason::ChildGone);
             return respond(inc, reply);
         }
-        // Only the routing table may hold the sending side, so the stream sees the
-        // channel close if the session ends.
-        drop(sink);
-        let Some(rx) = rx else {
+        let Some(attached) = attached else {
             return respond(inc, Reply::accepted());
         };
         let mut headers = vec![];
@@ -1062,18 +1170,20 @@ mod streamable {
         crate::log!(
             Debug,
             "http",
-            "{} -> 200 stream [{}]",
+            "{} -> 200 stream {} [{}]",
             inc.summary(),
+            attached.stream,
             session.tag
         );
         let chunked = inc.chunked();
-        let Ok(stream) = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &headers)
-        else {
-            return;
-        };
-        crate::sse::pump(stream, rx, requests, session, crate::sse::StreamKind::Post);
+        match crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &headers) {
+            Ok(stream) => crate::sse::pump(stream, attached, session),
+            Err(_) => session.detach(attached.stream, attached.conn_id),
+        }
     }
 
+    /// GET opens the session's listening stream (G-1..G-6), or with `Last-Event-ID`
+    /// resumes any stream of the session where the client lost it (R-4).
     pub fn get(inc: Incoming) {
         if !accepts(inc.header("Accept"), "text/event-stream") {
             return respond(
@@ -1101,35 +1211,26 @@ mod streamable {
         if let Err(reply) = check_version(&inc) {
             return respond(inc, reply);
         }
-        let Some((rx, held)) = session.attach_listener() else {
-            return respond(
-                inc,
-                Reply::error(
-                    409,
-                    -32000,
-                    "Conflict: only one GET stream is allowed per session",
-                ),
-            );
-        };
         session.touch();
+        let attached = match session.attach_get(inc.header("Last-Event-ID")) {
+            Ok(a) => a,
+            Err(reply) => return respond(inc, reply),
+        };
         app().metrics.http_response(200);
         crate::log!(
             Debug,
             "http",
-            "{} -> 200 listen [{}]",
+            "{} -> 200 stream {} (replaying {}) [{}]",
             inc.summary(),
+            attached.stream,
+            attached.replay.len(),
             session.tag
         );
         let chunked = inc.chunked();
-        let Ok(mut stream) = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &[]) else {
-            session.detach_listener();
-            return;
-        };
-        if stream.flush().is_err() || held.iter().any(|m| stream.message(m).is_err()) {
-            session.detach_listener();
-            return;
+        match crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &[]) {
+            Ok(stream) => crate::sse::pump(stream, attached, &session),
+            Err(_) => session.detach(attached.stream, attached.conn_id),
         }
-        crate::sse::pump(stream, rx, 0, &session, crate::sse::StreamKind::Listener);
     }
 
     /// DELETE ends the session and its child (S-7); it answers once the child is gone.
@@ -1172,12 +1273,12 @@ mod legacy {
         }
         let session = match sessions::create(Transport::Legacy) {
             Ok(s) => s,
-            Err(sessions::CreateError::Full(reply)) => return respond(inc, reply),
+            Err(sessions::CreateError::Refused(reply)) => return respond(inc, reply),
             Err(sessions::CreateError::Spawn(msg)) => {
                 return respond(inc, Reply::error(502, -32603, msg))
             }
         };
-        let Some((rx, _held)) = session.attach_listener() else {
+        let Ok(attached) = session.attach_get(None) else {
             return;
         };
         crate::app().metrics.http_response(200);
@@ -1193,7 +1294,7 @@ mod legacy {
         let endpoint = format!("{}?sessionId={}", crate::app().cfg.message_path, session.id);
         if let Ok(mut stream) = opened {
             if stream.event(Some("endpoint"), &endpoint).is_ok() {
-                crate::sse::pump(stream, rx, 0, &session, crate::sse::StreamKind::Legacy);
+                crate::sse::pump(stream, attached, &session);
             }
         }
         // The stream is the session: when it ends, so does the child.
@@ -1221,12 +1322,12 @@ mod legacy {
             Ok((m, _)) => m,
             Err(reply) => return respond(inc, reply),
         };
-        session.touch();
-        let listener = session.listener_sink();
-        if let Err(reply) = session.register_requests(&messages, listener.as_ref()) {
+        session.mark_request();
+        let listener = session.listener_stream();
+        if let Err(reply) = session.register_requests(&messages, Some(listener)) {
             return respond(inc, reply);
         }
-        if let Err(e) = session.send_to_child(&messages) {
+        if let Err(e) = session.upstream.send(&session, &messages) {
             session.forget_requests(&messages);
             sessions::end_in_background(session.clone(), sessions::EndReason::ChildGone);
             return respond(
@@ -1479,18 +1580,19 @@ mod message {
 }
 
 // ======================================================================================
-/// Sessions and message routing: the registry of live sessions, each with its child and
-/// its routing table (which stream is waiting for which request id), the router that
-/// sends each child message to exactly one stream (R-2), the held queue, idle expiry and
-/// session ending. Touches `child` for processes and `sse` sinks for delivery.
+/// Sessions and message routing: the registry of live sessions; each session's streams
+/// (a POST's stream, the GET stream) as logical streams that outlive their connections;
+/// the replay buffer that lets a client resume a stream (R-3, R-4); the router that puts
+/// each child message on exactly one stream (R-2); idle expiry and session ending.
+/// Touches `upstream` to reach the child and hands frames to `sse` writers.
 mod sessions {
     use super::*;
-    use crate::child::ChildProc;
     use crate::http::Reply;
     use crate::message::{classify, id_key, Kind};
-    use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
+    use crate::upstream::Upstream;
+    use crossbeam_channel::{Receiver, Sender};
     use serde_json::Value;
-    use std::collections::{HashMap, VecDeque};
+    use std::collections::{HashMap, HashSet, VecDeque};
     use std::sync::Mutex;
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -1499,36 +1601,119 @@ mod sessions {
         Legacy,
     }
 
-    /// What a stream's writer receives. When the session ends, the routing table drops
-    /// the sending side and the stream sees its channel close.
-    pub enum Frame {
-        /// A message for the client; `completes` is true for a response to a request that
-        /// stream is waiting for.
-        Message { json: String, completes: bool },
+    /// One event on its way to a connection. Its SSE id is `{stream}-{n}`: `n` counts
+    /// events across the session, so ids are unique in the session and name their stream.
+    pub struct Frame {
+        pub stream: u64,
+        pub n: u64,
+        pub json: Arc<str>,
+        /// The response that completes a POST stream; the writer ends the stream after it.
+        pub last: bool,
     }
 
-    /// The sending half of one stream's queue.
-    #[derive(Clone)]
-    pub struct Sink {
-        pub id: u64,
+    impl Frame {
+        pub fn event_id(&self) -> String {
+            event_id(self.stream, self.n)
+        }
+    }
+
+    pub fn event_id(stream: u64, n: u64) -> String {
+        format!("{stream}-{n}")
+    }
+
+    fn parse_event_id(s: &str) -> Option<(u64, u64)> {
+        let (stream, n) = s.trim().split_once('-')?;
+        Some((stream.parse().ok()?, n.parse().ok()?))
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum StreamKind {
+        /// A POST's stream: ends after the responses to its requests.
+        Post,
+        /// The GET stream (or the legacy stream): lives as long as the session.
+        Listener,
+    }
+
+    /// Shared by a connection's queue and its writer.
+    #[derive(Default)]
+    pub struct Link {
+        /// Frames sent and not yet taken by the writer (the bound is --stream-queue).
+        pub queued: AtomicUsize,
+        /// Set when the connection is detached from its stream (its queue overflowed, or
+        /// the client resumed the stream on a new connection): the writer ends the HTTP
+        /// response and leaves the stream to the replay buffer.
+        pub cut: AtomicBool,
+    }
+
+    /// A connection attached to a logical stream.
+    struct Conn {
+        id: u64,
         tx: Sender<Frame>,
+        link: Arc<Link>,
+    }
+
+    /// What a stream writer needs to start.
+    pub struct Attached {
+        pub stream: u64,
+        pub conn_id: u64,
+        pub kind: StreamKind,
+        pub rx: Receiver<Frame>,
+        pub link: Arc<Link>,
+        /// Events to write before anything from the queue (a resume, or messages that
+        /// waited for a GET stream).
+        pub replay: Vec<Frame>,
+        /// The priming event's id (R-5): sessions at 2025-11-25 or later.
+        pub priming: Option<String>,
+        /// The `retry:` value to send with the first event (R-5, G-5).
+        pub retry_ms: Option<u128>,
+        /// A POST stream that already ended and has nothing left to replay.
+        pub finished: bool,
+    }
+
+    struct Stream {
+        kind: StreamKind,
+        conn: Option<Conn>,
+        /// Requests on this POST stream not yet answered.
+        open: usize,
+        /// Its last response has been emitted.
+        done: bool,
+        last_event: u64,
+        /// Highest event number of this stream evicted from the replay buffer.
+        evicted: u64,
+    }
+
+    struct Event {
+        stream: u64,
+        n: u64,
+        json: Arc<str>,
+        last: bool,
+        /// Handed to a connection at least once.
+        queued: bool,
     }
 
     struct InFlight {
-        sink: Sink,
+        stream: u64,
         seq: u64,
     }
 
     #[derive(Default)]
     struct Routing {
+        /// Client request id key -> the stream waiting for its answer.
         in_flight: HashMap<String, InFlight>,
         next_seq: u64,
         /// progressToken key -> request id key (progress reaches its request's stream).
         progress: HashMap<String, String>,
-        listener: Option<Sink>,
-        held: VecDeque<String>,
+        streams: HashMap<u64, Stream>,
+        listener: Option<u64>,
+        next_stream: u64,
+        next_event: u64,
+        replay: VecDeque<Event>,
+        replay_bytes: usize,
+        /// Ids of the server's requests sent to this client and not yet answered.
+        awaiting_answer: HashSet<String>,
         version: Option<String>,
         initialize_id: Option<String>,
+        lost_logged: bool,
         closed: bool,
     }
 
@@ -1537,9 +1722,13 @@ mod sessions {
         /// Short id for logs: full ids are bearer-like and never logged (S-10).
         pub tag: String,
         pub transport: Transport,
-        pub child: Arc<ChildProc>,
+        pub upstream: Arc<Upstream>,
         routing: Mutex<Routing>,
         last_active_ms: AtomicU64,
+        /// Orders sessions by their latest request (a sequence, not a clock, so two
+        /// requests in one millisecond still have an order): who a shared child's own
+        /// request goes to.
+        last_request: AtomicU64,
     }
 
     pub enum EndReason {
@@ -1586,11 +1775,13 @@ mod sessions {
     }
 
     pub enum CreateError {
-        Full(Reply),
+        /// Capacity, or no shared child to join: the reply says which.
+        Refused(Reply),
         Spawn(String),
     }
 
-    /// Starts a child and registers a session for it. The capacity check and the insert
+    /// Registers a session on a child: its own (session mode, from the warm pool when
+    /// there is one) or the least loaded shared child. The capacity check and the insert
     /// happen under one lock so concurrent initializes cannot overshoot --max-sessions.
     pub fn create(transport: Transport) -> Result<Arc<Session>, CreateError> {
         let app = crate::app();
@@ -1600,7 +1791,7 @@ mod sessions {
                 "Too many sessions (--max-sessions {}); retry later or end a session",
                 app.cfg.max_sessions
             );
-            CreateError::Full(Reply::error(503, -32000, msg).with_header("Retry-After", "5"))
+            CreateError::Refused(Reply::error(503, -32000, msg).with_header("Retry-After", "5"))
         };
         if app.sessions.len() >= app.cfg.max_sessions {
             return Err(full());
@@ -1608,37 +1799,42 @@ mod sessions {
         let id = crate::random_uuid()
             .map_err(|e| CreateError::Spawn(format!("cannot make a session id: {e}")))?;
         let tag = id[..8].to_string();
-        let (child, stdout) = crate::child::spawn(&tag).map_err(CreateError::Spawn)?;
+        let (upstream, stdout) = if app.cfg.mode == config::Mode::Shared {
+            (crate::upstream::pick().map_err(CreateError::Refused)?, None)
+        } else {
+            let (u, out) = crate::upstream::dedicated(&tag).map_err(CreateError::Spawn)?;
+            (u, Some(out))
+        };
         let session = Arc::new(Session {
             id: id.clone(),
             tag: tag.clone(),
             transport,
-            child: child.clone(),
+            upstream: upstream.clone(),
             routing: Mutex::new(Routing::default()),
             last_active_ms: AtomicU64::new(crate::now_ms()),
+            last_request: AtomicU64::new(crate::next_id()),
         });
         {
             let mut map = app.sessions.map.lock().unwrap();
             if map.len() >= app.cfg.max_sessions {
                 drop(map);
-                child.terminate(Duration::ZERO);
+                if stdout.is_some() {
+                    upstream.child.terminate(Duration::ZERO);
+                }
                 return Err(full());
             }
             map.insert(id, session.clone());
         }
-        let (for_lines, for_eof) = (session.clone(), session.clone());
-        crate::child::start_reader(
-            &child,
-            stdout,
-            Box::new(move |line| route_from_child(&for_lines, line)),
-            Box::new(move || child_stdout_closed(&for_eof)),
-        );
+        upstream.join(&session);
+        if let Some(stdout) = stdout {
+            crate::upstream::start_router(&upstream, stdout);
+        }
         app.metrics.session_opened(transport);
         crate::log!(
             Info,
             "session_open",
-            "[{tag}] {transport:?} session opened, child pid {}",
-            child.pid
+            "[{tag}] {transport:?} session opened on child pid {}",
+            upstream.child.pid
         );
         Ok(session)
     }
@@ -1649,10 +1845,23 @@ mod sessions {
                 .store(crate::now_ms(), Ordering::Relaxed);
         }
 
+        /// A request from the client: activity, and what makes it the most recent.
+        pub fn mark_request(&self) {
+            self.last_active_ms
+                .store(crate::now_ms(), Ordering::Relaxed);
+            self.last_request.store(crate::next_id(), Ordering::Relaxed);
+        }
+
+        pub fn last_request(&self) -> u64 {
+            self.last_request.load(Ordering::Relaxed)
+        }
+
+        fn last_active_ms(&self) -> u64 {
+            self.last_active_ms.load(Ordering::Relaxed)
+        }
+
         pub fn idle_for(&self) -> Duration {
-            Duration::from_millis(
-                crate::now_ms().saturating_sub(self.last_active_ms.load(Ordering::Relaxed)),
-            )
+            Duration::from_millis(crate::now_ms().saturating_sub(self.last_active_ms()))
         }
 
         pub fn version(&self) -> Option<String> {
@@ -1663,47 +1872,79 @@ mod sessions {
             self.routing.lock().unwrap().initialize_id = Some(id_key(id));
         }
 
-        /// A bounded queue for a new stream.
-        pub fn new_sink(&self) -> (Sink, Receiver<Frame>) {
-            let (tx, rx) = crossbeam_channel::bounded(crate::app().cfg.stream_queue);
-            (
-                Sink {
-                    id: crate::next_id(),
-                    tx,
-                },
-                rx,
-            )
+        pub fn awaits_answer(&self, key: &str) -> bool {
+            self.routing.lock().unwrap().awaiting_answer.contains(key)
         }
 
-        /// Records which stream waits for each request before the child can answer.
-        /// Returns how many responses the stream should expect.
+        /// A new POST stream with a connection attached, primed for clients at
+        /// 2025-11-25 or later (R-5).
+        pub fn open_post_stream(&self) -> Result<Attached, Reply> {
+            let mut r = self.routing.lock().unwrap();
+            if r.closed {
+                return Err(Reply::error(404, -32001, "Session not found"));
+            }
+            let no = r.new_stream(StreamKind::Post);
+            let primed = r.primed();
+            let priming = primed.then(|| {
+                r.next_event += 1;
+                event_id(no, r.next_event)
+            });
+            let mut a = r.attach(no);
+            a.retry_ms = primed.then(|| crate::app().cfg.sse_retry.as_millis());
+            a.priming = priming;
+            Ok(a)
+        }
+
+        /// Forgets a stream whose POST failed before anything was sent to the child.
+        pub fn drop_stream(&self, stream: u64) {
+            self.routing.lock().unwrap().streams.remove(&stream);
+        }
+
+        /// The listening stream of a legacy session (created on first use).
+        pub fn listener_stream(&self) -> u64 {
+            self.routing.lock().unwrap().listener_stream()
+        }
+
+        /// Records which stream waits for each request before the child can answer, and
+        /// checks that each response answers a request this client was sent. Returns how
+        /// many requests the stream carries.
         pub fn register_requests(
             &self,
             messages: &[Value],
-            sink: Option<&Sink>,
+            stream: Option<u64>,
         ) -> Result<usize, Reply> {
             let mut r = self.routing.lock().unwrap();
             if r.closed {
                 return Err(Reply::error(404, -32001, "Session not found"));
             }
-            let keys: Vec<(String, Option<String>)> = messages
-                .iter()
-                .filter_map(|m| match classify(m) {
+            let mut keys: Vec<(String, Option<String>)> = Vec::new();
+            let mut answers: Vec<String> = Vec::new();
+            for m in messages {
+                match classify(m) {
                     Kind::Request { id, .. } => {
-                        Some((id_key(id), crate::message::progress_token(m).map(id_key)))
+                        let key = id_key(id);
+                        if r.in_flight.contains_key(&key) || keys.iter().any(|(k, _)| *k == key) {
+                            return Err(Reply::error(400, -32600, format!("Invalid Request: request id {key} is already in flight in this session")));
+                        }
+                        keys.push((key, crate::message::progress_token(m).map(id_key)));
                     }
-                    _ => None,
-                })
-                .collect();
-            for (i, (key, _)) in keys.iter().enumerate() {
-                if r.in_flight.contains_key(key) || keys[..i].iter().any(|(k, _)| k == key) {
-                    return Err(Reply::error(400, -32600, format!("Invalid Request: request id {key} is already in flight in this session")));
+                    Kind::Response { id } => {
+                        let key = id_key(id);
+                        if !r.awaiting_answer.contains(&key) || answers.contains(&key) {
+                            return Err(Reply::error(400, -32600, format!("Invalid Request: response to id {key}, but the server sent this session no request with that id (or it was already answered)")));
+                        }
+                        answers.push(key);
+                    }
+                    _ => {}
                 }
             }
-            let Some(sink) = sink else {
-                if keys.is_empty() {
-                    return Ok(0);
-                }
+            for key in &answers {
+                r.awaiting_answer.remove(key);
+            }
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            let Some(stream) = stream else {
                 return Err(Reply::error(
                     409,
                     -32000,
@@ -1713,16 +1954,13 @@ mod sessions {
             for (key, token) in &keys {
                 let seq = r.next_seq;
                 r.next_seq += 1;
-                r.in_flight.insert(
-                    key.clone(),
-                    InFlight {
-                        sink: sink.clone(),
-                        seq,
-                    },
-                );
+                r.in_flight.insert(key.clone(), InFlight { stream, seq });
                 if let Some(t) = token {
                     r.progress.insert(t.clone(), key.clone());
                 }
+            }
+            if let Some(s) = r.streams.get_mut(&stream) {
+                s.open += keys.len();
             }
             Ok(keys.len())
         }
@@ -1736,261 +1974,399 @@ mod sessions {
             }
         }
 
-        /// Writes each message to the child as one compact line (ST-1, ST-6); a batch is
-        /// unrolled, since stdio servers answer messages, not arrays.
-        pub fn send_to_child(&self, messages: &[Value]) -> std::io::Result<()> {
-            for m in messages {
-                self.child.send_message(m)?;
-                crate::app().metrics.message_in();
-            }
-            Ok(())
-        }
-
-        /// Opens the session's listening stream (GET, or the legacy stream). Returns the
-        /// held messages to write first, or None when one is already open (409).
-        pub fn attach_listener(&self) -> Option<(Receiver<Frame>, Vec<String>)> {
+        /// Attaches a connection to the GET stream. Without `Last-Event-ID` it is the
+        /// session's listening stream (409 if a connection is already on it, G-6) and it
+        /// first receives what waited for it. With one, it resumes the stream the id
+        /// names, wherever it began (R-4): what followed that event on that stream and
+        /// nothing from any other, then live events; a connection still on that stream
+        /// is ended, since the client has evidently lost it.
+        pub fn attach_get(&self, last_event_id: Option<&str>) -> Result<Attached, Reply> {
             let mut r = self.routing.lock().unwrap();
-            if r.listener.is_some() || r.closed {
-                return None;
+            if r.closed {
+                return Err(Reply::error(404, -32001, "Session not found"));
             }
-            let (sink, rx) = self.new_sink();
-            r.listener = Some(sink);
-            Some((rx, r.held.drain(..).collect()))
-        }
-
-        pub fn detach_listener(&self) {
-            self.routing.lock().unwrap().listener = None;
-        }
-
-        pub fn listener_sink(&self) -> Option<Sink> {
-            self.routing.lock().unwrap().listener.clone()
-        }
-
-        fn hold(&self, json: String) {
-            let app = crate::app();
-            let overflow = {
-                let mut r = self.routing.lock().unwrap();
-                r.held.push_back(json);
-                r.held.len() > app.cfg.max_held && r.held.pop_front().is_some()
+            let retry = r.primed().then(|| crate::app().cfg.sse_retry.as_millis());
+            let Some(given) = last_event_id else {
+                let no = r.listener_stream();
+                if r.streams[&no].conn.is_some() {
+                    return Err(Reply::error(
+                        409,
+                        -32000,
+                        "Conflict: only one GET stream is allowed per session (send Last-Event-ID to resume it)",
+                    ));
+                }
+                let replay = r.take_replay(no, |e| !e.queued);
+                let priming = (retry.is_some() && replay.is_empty()).then(|| {
+                    r.next_event += 1;
+                    event_id(no, r.next_event)
+                });
+                let mut a = r.attach(no);
+                a.replay = replay;
+                a.priming = priming;
+                a.retry_ms = retry;
+                return Ok(a);
             };
-            if overflow {
-                app.metrics.dropped("held_overflow");
-                crate::log!(Warn, "message_dropped", "[{}] no open stream and the held queue is full (--max-held {}); oldest message dropped", self.tag, app.cfg.max_held);
+            let Some((no, n)) = parse_event_id(given) else {
+                return Err(Reply::error(
+                    400,
+                    -32000,
+                    format!("Bad Request: invalid Last-Event-ID {given:?} (expected STREAM-EVENT as sent by this server)"),
+                ));
+            };
+            let Some(stream) = r.streams.get_mut(&no) else {
+                return Err(Reply::error(
+                    400,
+                    -32000,
+                    format!("Bad Request: Last-Event-ID {given:?} names no stream of this session; it ended and left the replay buffer"),
+                ));
+            };
+            if stream.evicted > n {
+                return Err(Reply::error(
+                    400,
+                    -32000,
+                    format!("Bad Request: events after Last-Event-ID {given:?} are no longer in the replay buffer (--replay-buffer); they cannot be replayed"),
+                ));
             }
-        }
-    }
-
-    /// Sends a frame, waiting up to --stall-timeout for a slow reader (back-pressure on
-    /// the child). Gives the frame back when the stream is gone or stalled.
-    fn deliver(sink: &Sink, frame: Frame) -> Result<(), Frame> {
-        match sink.tx.send_timeout(frame, crate::app().cfg.stall_timeout) {
-            Ok(()) => Ok(()),
-            Err(SendTimeoutError::Timeout(f)) | Err(SendTimeoutError::Disconnected(f)) => Err(f),
-        }
-    }
-
-    /// The router: runs on the child's stdout reader thread, one line at a time, so the
-    /// order the child wrote is the order each stream sees (P-7).
-    fn route_from_child(session: &Arc<Session>, line: String) {
-        let app = crate::app();
-        let value: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(e) => {
-                // ST-5: the child's bug, not the session's end.
-                app.metrics.dropped("non_json");
-                let shown: String = line.chars().take(200).collect();
+            if let Some(old) = stream.conn.take() {
+                old.link.cut.store(true, Ordering::Release);
+                crate::app().metrics.stream_cut("resumed");
                 crate::log!(
-                    Warn,
-                    "child_non_json",
-                    "[{}] skipped a stdout line that is not JSON ({e}): {shown}",
-                    session.tag
+                    Info,
+                    "stream_resumed",
+                    "[{}] stream {no} resumed on a new connection; ending the old one",
+                    self.tag
                 );
+            }
+            let replay = r.take_replay(no, |e| e.n > n);
+            let stream = &r.streams[&no];
+            if stream.done && !replay.iter().any(|f| f.last) {
+                // Everything this POST stream carried was already delivered.
+                return Ok(Attached {
+                    finished: true,
+                    ..r.attach_detached(no)
+                });
+            }
+            let mut a = r.attach(no);
+            a.replay = replay;
+            a.retry_ms = retry;
+            Ok(a)
+        }
+
+        /// The writer of a connection is done with it.
+        pub fn detach(&self, stream: u64, conn_id: u64) {
+            let mut r = self.routing.lock().unwrap();
+            let Some(s) = r.streams.get_mut(&stream) else {
                 return;
+            };
+            if s.conn.as_ref().is_some_and(|c| c.id == conn_id) {
+                s.conn = None;
             }
-        };
-        // SSE splits on CR too; JSON text may hold a raw CR only as whitespace, so
-        // re-serialize in that rare case.
-        let json = if line.contains('\r') {
-            value.to_string()
-        } else {
-            line
-        };
-        if let Value::Array(items) = value {
-            for item in items {
-                route_value(session, item.to_string(), &item);
+            if s.done && s.conn.is_none() && s.evicted >= s.last_event {
+                r.streams.remove(&stream);
             }
-        } else {
-            route_value(session, json, &value);
         }
     }
 
-    fn route_value(session: &Arc<Session>, json: String, value: &Value) {
+    impl Routing {
+        fn new_stream(&mut self, kind: StreamKind) -> u64 {
+            self.next_stream += 1;
+            let no = self.next_stream;
+            self.streams.insert(
+                no,
+                Stream {
+                    kind,
+                    conn: None,
+                    open: 0,
+                    done: false,
+                    last_event: 0,
+                    evicted: 0,
+                },
+            );
+            no
+        }
+
+        fn listener_stream(&mut self) -> u64 {
+            if let Some(l) = self.listener {
+                return l;
+            }
+            let no = self.new_stream(StreamKind::Listener);
+            self.listener = Some(no);
+            no
+        }
+
+        /// Priming and `retry:` are for clients at 2025-11-25 or later (R-5): older
+        /// clients may choke on an event with empty data.
+        fn primed(&self) -> bool {
+            self.version
+                .as_deref()
+                .is_some_and(|v| v >= config::PRIMING_VERSION)
+        }
+
+        fn attach_detached(&mut self, no: u64) -> Attached {
+            let (_, rx) = crossbeam_channel::bounded(0);
+            Attached {
+                stream: no,
+                conn_id: 0,
+                kind: self.streams[&no].kind,
+                rx,
+                link: Arc::default(),
+                replay: Vec::new(),
+                priming: None,
+                retry_ms: None,
+                finished: false,
+            }
+        }
+
+        /// A connection for stream `no`. The queue is unbounded in memory and bounded by
+        /// the `queued` count, so an idle stream costs no preallocated slots.
+        fn attach(&mut self, no: u64) -> Attached {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let link = Arc::new(Link::default());
+            let id = crate::next_id();
+            let stream = self.streams.get_mut(&no).expect("stream exists");
+            stream.conn = Some(Conn {
+                id,
+                tx,
+                link: link.clone(),
+            });
+            Attached {
+                stream: no,
+                conn_id: id,
+                kind: stream.kind,
+                rx,
+                link,
+                replay: Vec::new(),
+                priming: None,
+                retry_ms: None,
+                finished: false,
+            }
+        }
+
+        fn take_replay(&mut self, no: u64, wanted: impl Fn(&Event) -> bool) -> Vec<Frame> {
+            self.replay
+                .iter_mut()
+                .filter(|e| e.stream == no && wanted(e))
+                .map(|e| {
+                    e.queued = true;
+                    Frame {
+                        stream: e.stream,
+                        n: e.n,
+                        json: e.json.clone(),
+                        last: e.last,
+                    }
+                })
+                .collect()
+        }
+
+        /// Where a child request or notification goes: progress to the stream of the
+        /// request that carried the token; list-changed and resource updates to the GET
+        /// stream (G-3); anything else to the newest in-flight request's stream (P-7,
+        /// S-9), else the GET stream, where it waits for a connection if there is none.
+        fn target_stream(&mut self, method: &str, value: &Value) -> u64 {
+            if method == "notifications/progress" {
+                let owner = value
+                    .pointer("/params/progressToken")
+                    .and_then(|t| self.progress.get(&id_key(t)))
+                    .and_then(|k| self.in_flight.get(k));
+                if let Some(f) = owner {
+                    return f.stream;
+                }
+            }
+            let session_wide =
+                method.ends_with("/list_changed") || method == "notifications/resources/updated";
+            if !session_wide {
+                if let Some(f) = self.in_flight.values().max_by_key(|f| f.seq) {
+                    return f.stream;
+                }
+            }
+            self.listener_stream()
+        }
+
+        /// Numbers an event, keeps it for replay and hands it to the stream's connection
+        /// if one is attached. A connection whose queue is full is cut rather than
+        /// waited for: one client that stops reading must not slow the child or anyone
+        /// else; its events stay here for a resume.
+        fn emit(&mut self, tag: &str, no: u64, json: Arc<str>, completes: bool) {
+            let app = crate::app();
+            self.next_event += 1;
+            let n = self.next_event;
+            let Some(stream) = self.streams.get_mut(&no) else {
+                return;
+            };
+            let mut last = false;
+            if completes && stream.kind == StreamKind::Post {
+                stream.open = stream.open.saturating_sub(1);
+                if stream.open == 0 {
+                    stream.done = true;
+                    last = true;
+                }
+            }
+            stream.last_event = n;
+            let mut queued = false;
+            if let Some(conn) = &stream.conn {
+                if conn.link.queued.load(Ordering::Acquire) >= app.cfg.stream_queue {
+                    conn.link.cut.store(true, Ordering::Release);
+                    stream.conn = None;
+                    app.metrics.stream_cut("overflow");
+                    crate::log!(Warn, "stream_overflow", "[{tag}] stream {no}: the client is not reading ({} events queued, --stream-queue); closing the connection, events stay in the replay buffer", app.cfg.stream_queue);
+                } else {
+                    conn.link.queued.fetch_add(1, Ordering::AcqRel);
+                    queued = conn
+                        .tx
+                        .send(Frame {
+                            stream: no,
+                            n,
+                            json: json.clone(),
+                            last,
+                        })
+                        .is_ok();
+                }
+            }
+            self.replay_bytes += json.len();
+            self.replay.push_back(Event {
+                stream: no,
+                n,
+                json,
+                last,
+                queued,
+            });
+            self.evict(tag);
+        }
+
+        fn evict(&mut self, tag: &str) {
+            let app = crate::app();
+            let (max_events, max_bytes) = app.cfg.replay_buffer;
+            while self.replay.len() > max_events
+                || (self.replay_bytes > max_bytes && self.replay.len() > 1)
+            {
+                let Some(e) = self.replay.pop_front() else {
+                    break;
+                };
+                self.replay_bytes -= e.json.len();
+                if let Some(s) = self.streams.get_mut(&e.stream) {
+                    s.evicted = e.n;
+                    if s.done && s.conn.is_none() && s.last_event == e.n {
+                        self.streams.remove(&e.stream);
+                    }
+                }
+                if !e.queued {
+                    app.metrics.dropped("replay_overflow");
+                    if !self.lost_logged {
+                        self.lost_logged = true;
+                        crate::log!(Warn, "message_dropped", "[{tag}] a message that waited for a GET stream left the replay buffer undelivered (--replay-buffer); further losses in this session are only counted");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers one child message (ids already in the client's terms) to this session:
+    /// a response to the stream waiting for it, anything else to its target stream, or
+    /// to the GET stream when `aside` (a shared child's notification about other work).
+    pub fn route_value(session: &Arc<Session>, json: String, value: &Value, aside: bool) {
         let app = crate::app();
         app.metrics.message_out();
+        let tag = session.tag.as_str();
         match classify(value) {
             Kind::Response { id } => {
                 let key = id_key(id);
-                let (target, init_failed) = {
-                    let mut r = session.routing.lock().unwrap();
-                    let target = r.in_flight.remove(&key);
-                    r.progress.retain(|_, req| *req != key);
-                    let mut init_failed = false;
-                    if r.initialize_id.as_deref() == Some(key.as_str()) {
-                        r.initialize_id = None;
-                        match value
-                            .pointer("/result/protocolVersion")
-                            .and_then(Value::as_str)
-                        {
-                            Some(v) => r.version = Some(v.to_string()),
-                            None => init_failed = true,
-                        }
-                    }
-                    (target, init_failed)
+                let mut r = session.routing.lock().unwrap();
+                let Some(f) = r.in_flight.remove(&key) else {
+                    drop(r);
+                    app.metrics.dropped("unknown_id");
+                    crate::log!(
+                        Warn,
+                        "message_dropped",
+                        "[{tag}] child answered id {key}, which no request is waiting for"
+                    );
+                    return;
                 };
-                match target {
-                    Some(t) => {
-                        if deliver(
-                            &t.sink,
-                            Frame::Message {
-                                json,
-                                completes: true,
-                            },
-                        )
-                        .is_err()
-                        {
-                            // P-9: the client left; its answer has nowhere to go.
-                            app.metrics.dropped("client_gone");
-                            crate::log!(Info, "message_dropped", "[{}] response to {key} dropped: its stream was closed by the client", session.tag);
-                        }
-                    }
-                    None => {
-                        app.metrics.dropped("unknown_id");
-                        crate::log!(
-                            Warn,
-                            "message_dropped",
-                            "[{}] child answered id {key}, which no request is waiting for",
-                            session.tag
-                        );
+                r.progress.retain(|_, req| *req != key);
+                let mut init_failed = false;
+                if r.initialize_id.as_deref() == Some(key.as_str()) {
+                    r.initialize_id = None;
+                    match value
+                        .pointer("/result/protocolVersion")
+                        .and_then(Value::as_str)
+                    {
+                        Some(v) => r.version = Some(v.to_string()),
+                        None => init_failed = true,
                     }
                 }
+                r.emit(tag, f.stream, json.into(), true);
+                drop(r);
                 if init_failed {
                     crate::log!(
                         Warn,
                         "initialize_failed",
-                        "[{}] the server refused initialize; ending the session",
-                        session.tag
+                        "[{tag}] the server refused initialize; ending the session"
                     );
                     end_in_background(session.clone(), EndReason::InitializeFailed);
                 }
             }
             Kind::Request { method, .. } | Kind::Notification { method } => {
-                let candidates = targets(session, method, value);
-                let mut frame = Frame::Message {
-                    json,
-                    completes: false,
-                };
-                for sink in candidates {
-                    match deliver(&sink, frame) {
-                        Ok(()) => return,
-                        Err(f) => frame = f,
-                    }
+                let mut r = session.routing.lock().unwrap();
+                if r.closed {
+                    drop(r);
+                    app.metrics.dropped("session_ended");
+                    crate::log!(
+                        Info,
+                        "message_dropped",
+                        "[{tag}] {method} arrived after the session ended"
+                    );
+                    return;
                 }
-                let Frame::Message { json, .. } = frame;
-                session.hold(json);
+                if let Kind::Request { id, .. } = classify(value) {
+                    r.awaiting_answer.insert(id_key(id));
+                }
+                let stream = if aside {
+                    r.listener_stream()
+                } else {
+                    r.target_stream(method, value)
+                };
+                r.emit(tag, stream, json.into(), false);
             }
             Kind::Invalid(why) => {
                 app.metrics.dropped("invalid");
                 crate::log!(
                     Warn,
                     "child_invalid",
-                    "[{}] skipped a child message that is not JSON-RPC ({why})",
-                    session.tag
+                    "[{tag}] skipped a child message that is not JSON-RPC ({why})"
                 );
             }
         }
-    }
-
-    /// Where a child request or notification goes, best first: progress to the stream of
-    /// the request that carried the token; list-changed and resource updates to the GET
-    /// stream (G-3); anything else to the newest in-flight request's stream (P-7, S-9),
-    /// else the GET stream. With nowhere to go it is held for the next GET.
-    fn targets(session: &Session, method: &str, value: &Value) -> Vec<Sink> {
-        let r = session.routing.lock().unwrap();
-        let mut out = Vec::with_capacity(2);
-        let session_wide =
-            method.ends_with("/list_changed") || method == "notifications/resources/updated";
-        if method == "notifications/progress" {
-            let owner = value
-                .pointer("/params/progressToken")
-                .and_then(|t| r.progress.get(&id_key(t)))
-                .and_then(|k| r.in_flight.get(k));
-            if let Some(f) = owner {
-                out.push(f.sink.clone());
-            }
-        }
-        if !session_wide && out.is_empty() {
-            if let Some(f) = r.in_flight.values().max_by_key(|f| f.seq) {
-                out.push(f.sink.clone());
-            }
-        }
-        if let Some(l) = &r.listener {
-            if !out.iter().any(|s| s.id == l.id) {
-                out.push(l.clone());
-            }
-        }
-        out
-    }
-
-    /// The child closed stdout: it has exited or is about to. Every request still waiting
-    /// gets an error naming the exit status and stderr, and the session ends (ST-7).
-    fn child_stdout_closed(session: &Arc<Session>) {
-        if session.routing.lock().unwrap().closed {
-            return;
-        }
-        let grace = crate::app().cfg.shutdown_grace;
-        let status = session
-            .child
-            .wait_exit(grace)
-            .unwrap_or_else(|| session.child.terminate(grace));
-        crate::log!(
-            Warn,
-            "child_exit",
-            "[{}] server process {} while the session was open",
-            session.tag,
-            crate::child::describe(&status)
-        );
-        end(session, EndReason::ChildGone);
     }
 
     pub fn end_in_background(session: Arc<Session>, reason: EndReason) {
         crate::spawn_thread("end-session", move || end(&session, reason));
     }
 
-    /// Ends a session once: fails what is in flight, closes its streams, removes it (so
-    /// its id answers 404, S-5) and ends its child. Returns after the child is reaped.
+    /// Ends a session once: fails what is in flight, ends its streams, removes it (so its
+    /// id answers 404, S-5) and lets go of its child: its own child is ended and reaped
+    /// before this returns; a shared child is told to drop the session's work.
     pub fn end(session: &Arc<Session>, reason: EndReason) {
         let app = crate::app();
-        let (in_flight, listener) = {
-            let mut r = session.routing.lock().unwrap();
-            if r.closed {
-                drop(r);
-                session.child.terminate(app.cfg.shutdown_grace);
-                return;
-            }
-            r.closed = true;
-            r.progress.clear();
-            r.held.clear();
-            (std::mem::take(&mut r.in_flight), r.listener.take())
-        };
+        let mut r = session.routing.lock().unwrap();
+        if r.closed {
+            drop(r);
+            session.upstream.release(session, Vec::new());
+            return;
+        }
+        r.closed = true;
+        r.progress.clear();
+        let in_flight = std::mem::take(&mut r.in_flight);
+        let awaiting: Vec<String> = r.awaiting_answer.drain().collect();
+        drop(r);
         app.sessions.remove(&session.id);
         let (code, message, data) = match reason {
             EndReason::ChildGone | EndReason::InitializeFailed => {
-                let status = session.child.wait_exit(Duration::ZERO);
+                let child = &session.upstream.child;
+                let status = child.wait_exit(Duration::ZERO);
                 let what = status
                     .as_ref()
                     .map(crate::child::describe)
                     .unwrap_or_else(|| "stopped answering".into());
-                let tail = session.child.stderr_tail();
+                let tail = child.stderr_tail();
                 let last = tail
                     .iter()
                     .rev()
@@ -2019,22 +2395,18 @@ mod sessions {
             ),
             EndReason::Shutdown => (-32000, "Server is shutting down".to_string(), None),
         };
-        for (key, f) in in_flight {
-            let id: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
-            let json = crate::message::error_response(&id, code, &message, data.clone());
-            if deliver(
-                &f.sink,
-                Frame::Message {
-                    json,
-                    completes: true,
-                },
-            )
-            .is_err()
-            {
-                app.metrics.dropped("client_gone");
+        {
+            let mut r = session.routing.lock().unwrap();
+            for (key, f) in in_flight {
+                let id: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
+                let json = crate::message::error_response(&id, code, &message, data.clone());
+                r.emit(&session.tag, f.stream, json.into(), true);
+            }
+            // Dropping every connection's sender lets its writer end the stream.
+            for s in r.streams.values_mut() {
+                s.conn = None;
             }
         }
-        drop(listener);
         app.metrics
             .session_closed(session.transport, reason.label());
         crate::log!(
@@ -2044,12 +2416,12 @@ mod sessions {
             session.tag,
             reason.label()
         );
-        session.child.terminate(app.cfg.shutdown_grace);
+        session.upstream.release(session, awaiting);
     }
 
-    /// Ends sessions idle longer than --session-idle-timeout. A stream that is open and
-    /// writable keeps its session active (each keepalive counts), so only clients that
-    /// vanished are reaped.
+    /// Ends sessions idle longer than --session-idle-timeout. Activity is a request from
+    /// the client or an event or keepalive written to one of its streams; a stream that
+    /// closes does not count, so a client that vanished is reaped on time.
     pub fn run_idle_reaper() {
         let app = crate::app();
         let Some(timeout) = app.cfg.session_idle_timeout else {
@@ -2075,6 +2447,858 @@ mod sessions {
 }
 
 // ======================================================================================
+/// The child side of routing. An `Upstream` is one running child and the sessions on it:
+/// in session mode exactly one, whose messages pass through untouched; in shared mode
+/// many, so request ids and progress tokens are rewritten to values unique on the child
+/// and mapped back, `initialize` runs once and is answered from a cache, subscriptions
+/// are reference-counted, and server-wide notifications reach every session. Also the
+/// supervisors that restart shared children and the warm pool of session mode. Touches
+/// `child` for processes and `sessions` for delivery.
+mod upstream {
+    use super::*;
+    use crate::child::ChildProc;
+    use crate::http::Reply;
+    use crate::message::{classify, id_key, Kind};
+    use crate::sessions::{self, EndReason, Session};
+    use serde_json::{json, Value};
+    use std::collections::{HashMap, VecDeque};
+    use std::process::ChildStdout;
+    use std::sync::{Condvar, Mutex, OnceLock};
+
+    pub struct Upstream {
+        pub child: Arc<ChildProc>,
+        shared: bool,
+        state: Mutex<State>,
+    }
+
+    #[derive(Default)]
+    struct State {
+        members: Vec<Arc<Session>>,
+        /// Child-side request id -> whose request it is.
+        pending: HashMap<u64, Pending>,
+        /// Child-side progress token -> its session and the client's own token.
+        tokens: HashMap<u64, (Arc<Session>, Value)>,
+        next: u64,
+        /// Resource URI -> the sessions subscribed to it; the child sees one subscription.
+        subscriptions: HashMap<String, Vec<Arc<Session>>>,
+        init: Init,
+        initialized_sent: bool,
+    }
+
+    enum Pending {
+        Client {
+            session: Arc<Session>,
+            id: Value,
+            token: Option<u64>,
+            subscribed: Option<String>,
+        },
+        /// The child's one `initialize`; its session may have left, the cache still fills.
+        Initialize {
+            session: Option<Arc<Session>>,
+            id: Value,
+        },
+        /// Ours (an unsubscribe after the last subscriber left), or orphaned by a session
+        /// that ended: the answer has nowhere to go.
+        Discard,
+    }
+
+    #[derive(Default)]
+    enum Init {
+        #[default]
+        Fresh,
+        /// Sessions whose initialize waits for the one in flight.
+        Running(Vec<(Arc<Session>, Value)>),
+        Ready(Value),
+    }
+
+    impl Upstream {
+        fn new(child: Arc<ChildProc>, shared: bool) -> Upstream {
+            Upstream {
+                child,
+                shared,
+                state: Mutex::new(State::default()),
+            }
+        }
+
+        pub fn join(&self, session: &Arc<Session>) {
+            self.state.lock().unwrap().members.push(session.clone());
+        }
+
+        fn load(&self) -> usize {
+            self.state.lock().unwrap().members.len()
+        }
+
+        /// Writes a client's messages to the child, each as one line. In shared mode ids
+        /// and tokens are rewritten first, and what the bridge answers itself (a cached
+        /// initialize, a subscription the child already has) is answered here.
+        pub fn send(&self, session: &Arc<Session>, messages: &[Value]) -> std::io::Result<()> {
+            let app = crate::app();
+            if !self.shared {
+                for m in messages {
+                    self.child.send_message(m)?;
+                    app.metrics.message_in();
+                }
+                return Ok(());
+            }
+            let mut to_child = Vec::with_capacity(messages.len());
+            let mut answers = Vec::new();
+            {
+                let mut st = self.state.lock().unwrap();
+                for m in messages {
+                    st.rewrite(session, m, &mut to_child, &mut answers);
+                }
+            }
+            for a in answers {
+                sessions::route_value(session, a.to_string(), &a, false);
+            }
+            for m in &to_child {
+                self.child.send_message(m)?;
+                app.metrics.message_in();
+            }
+            Ok(())
+        }
+
+        /// A session is done with this child. Its own child is ended (and reaped before
+        /// this returns); on a shared child its requests are cancelled, its subscriptions
+        /// released, and requests waiting for its answer get an error, so the child is
+        /// not left waiting.
+        pub fn release(&self, session: &Arc<Session>, awaiting: Vec<String>) {
+            let grace = crate::app().cfg.shutdown_grace;
+            let mut to_child = Vec::new();
+            {
+                let mut st = self.state.lock().unwrap();
+                st.members.retain(|m| !Arc::ptr_eq(m, session));
+                if !self.shared {
+                    drop(st);
+                    self.child.terminate(grace);
+                    return;
+                }
+                for (cid, p) in st.pending.iter_mut() {
+                    match p {
+                        Pending::Client { session: s, .. } if Arc::ptr_eq(s, session) => {
+                            to_child.push(json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                "params": {"requestId": cid, "reason": "the client's session ended"}}));
+                            *p = Pending::Discard;
+                        }
+                        Pending::Initialize { session: s, .. }
+                            if s.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) =>
+                        {
+                            *s = None;
+                        }
+                        _ => {}
+                    }
+                }
+                st.tokens.retain(|_, (s, _)| !Arc::ptr_eq(s, session));
+                if let Init::Running(waiters) = &mut st.init {
+                    waiters.retain(|(s, _)| !Arc::ptr_eq(s, session));
+                }
+                let mut released = Vec::new();
+                for (uri, subs) in st.subscriptions.iter_mut() {
+                    let before = subs.len();
+                    subs.retain(|s| !Arc::ptr_eq(s, session));
+                    if before > 0 && subs.is_empty() {
+                        released.push(uri.clone());
+                    }
+                }
+                for uri in released {
+                    st.subscriptions.remove(&uri);
+                    let cid = st.next_id();
+                    st.pending.insert(cid, Pending::Discard);
+                    to_child.push(json!({"jsonrpc": "2.0", "id": cid, "method": "resources/unsubscribe", "params": {"uri": uri}}));
+                }
+                for key in awaiting {
+                    let id: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
+                    to_child.push(json!({"jsonrpc": "2.0", "id": id,
+                        "error": {"code": -32000, "message": "The client's session ended before it answered"}}));
+                }
+            }
+            for m in to_child {
+                let _ = self.child.send_message(&m);
+            }
+        }
+
+        /// The session a shared child's own request goes to: the one session with work
+        /// in flight on the child, when there is exactly one; otherwise the most
+        /// recently active session.
+        fn server_request_target(&self) -> Option<Arc<Session>> {
+            let st = self.state.lock().unwrap();
+            st.sole_busy()
+                .or_else(|| st.members.iter().max_by_key(|s| s.last_request()).cloned())
+        }
+    }
+
+    impl State {
+        /// The one session with requests in flight on the child, if exactly one has.
+        fn sole_busy(&self) -> Option<Arc<Session>> {
+            let mut busy: Option<&Arc<Session>> = None;
+            for p in self.pending.values() {
+                let s = match p {
+                    Pending::Client { session, .. } => Some(session),
+                    Pending::Initialize { session, .. } => session.as_ref(),
+                    Pending::Discard => None,
+                };
+                match (s, busy) {
+                    (Some(s), None) => busy = Some(s),
+                    (Some(s), Some(b)) if !Arc::ptr_eq(s, b) => return None,
+                    _ => {}
+                }
+            }
+            busy.cloned()
+        }
+
+        fn next_id(&mut self) -> u64 {
+            self.next += 1;
+            self.next
+        }
+
+        fn rewrite(
+            &mut self,
+            session: &Arc<Session>,
+            m: &Value,
+            to_child: &mut Vec<Value>,
+            answers: &mut Vec<Value>,
+        ) {
+            let ok =
+                |id: &Value, result: Value| json!({"jsonrpc": "2.0", "id": id, "result": result});
+            match classify(m) {
+                Kind::Request {
+                    id,
+                    method: "initialize",
+                } => match &mut self.init {
+                    Init::Ready(result) => answers.push(ok(id, result.clone())),
+                    Init::Running(waiters) => waiters.push((session.clone(), id.clone())),
+                    Init::Fresh => {
+                        self.init = Init::Running(Vec::new());
+                        let cid = self.next_id();
+                        self.pending.insert(
+                            cid,
+                            Pending::Initialize {
+                                session: Some(session.clone()),
+                                id: id.clone(),
+                            },
+                        );
+                        let mut out = m.clone();
+                        out["id"] = cid.into();
+                        to_child.push(out);
+                    }
+                },
+                Kind::Request { id, method } => {
+                    let uri = m
+                        .pointer("/params/uri")
+                        .and_then(Value::as_str)
+                        .map(String::from);
+                    let mut subscribed = None;
+                    if let (Some(uri), "resources/subscribe" | "resources/unsubscribe") =
+                        (uri, method)
+                    {
+                        let subs = self.subscriptions.entry(uri.clone()).or_default();
+                        let had = subs.iter().any(|s| Arc::ptr_eq(s, session));
+                        if method == "resources/subscribe" {
+                            if !had {
+                                subs.push(session.clone());
+                            }
+                            if had || subs.len() > 1 {
+                                return answers.push(ok(id, json!({})));
+                            }
+                            subscribed = Some(uri);
+                        } else {
+                            subs.retain(|s| !Arc::ptr_eq(s, session));
+                            let still = !subs.is_empty();
+                            if !still {
+                                self.subscriptions.remove(&uri);
+                            }
+                            if !had || still {
+                                return answers.push(ok(id, json!({})));
+                            }
+                        }
+                    }
+                    let cid = self.next_id();
+                    let mut out = m.clone();
+                    out["id"] = cid.into();
+                    let token = crate::message::progress_token(m).cloned().map(|t| {
+                        let ct = self.next_id();
+                        self.tokens.insert(ct, (session.clone(), t));
+                        out["params"]["_meta"]["progressToken"] = ct.into();
+                        ct
+                    });
+                    self.pending.insert(
+                        cid,
+                        Pending::Client {
+                            session: session.clone(),
+                            id: id.clone(),
+                            token,
+                            subscribed,
+                        },
+                    );
+                    to_child.push(out);
+                }
+                Kind::Notification {
+                    method: "notifications/initialized",
+                } => {
+                    // The child was initialized once, by the first client.
+                    if !std::mem::replace(&mut self.initialized_sent, true) {
+                        to_child.push(m.clone());
+                    }
+                }
+                Kind::Notification {
+                    method: "notifications/cancelled",
+                } => {
+                    let wanted = m.pointer("/params/requestId").map(id_key);
+                    let cid = self.pending.iter().find_map(|(cid, p)| match p {
+                        Pending::Client { session: s, id, .. }
+                            if Arc::ptr_eq(s, session) && Some(id_key(id)) == wanted =>
+                        {
+                            Some(*cid)
+                        }
+                        _ => None,
+                    });
+                    if let Some(cid) = cid {
+                        let mut out = m.clone();
+                        out["params"]["requestId"] = cid.into();
+                        to_child.push(out);
+                    }
+                }
+                // Other notifications, and answers to the child's own requests (whose ids
+                // are the child's already).
+                _ => to_child.push(m.clone()),
+            }
+        }
+    }
+
+    /// A child for a new session-mode session: a warm one if the pool has it.
+    pub fn dedicated(tag: &str) -> Result<(Arc<Upstream>, ChildStdout), String> {
+        let (child, stdout) = match warm_take() {
+            Some((c, out)) => {
+                crate::log!(
+                    Info,
+                    "warm_take",
+                    "[{tag}] took warm child {} (pid {})",
+                    c.tag,
+                    c.pid
+                );
+                (c, out)
+            }
+            None => crate::child::spawn(tag)?,
+        };
+        Ok((Arc::new(Upstream::new(child, false)), stdout))
+    }
+
+    /// Starts the thread that reads the child's stdout and routes each message.
+    pub fn start_router(up: &Arc<Upstream>, stdout: ChildStdout) {
+        let (lines, eof) = (up.clone(), up.clone());
+        crate::child::start_reader(
+            &up.child,
+            stdout,
+            Box::new(move |line| route_line(&lines, line)),
+            Box::new(move || child_gone(&eof)),
+        );
+    }
+
+    /// The router: runs on the child's stdout reader thread, one line at a time, so the
+    /// order the child wrote is the order each stream sees (P-7).
+    fn route_line(up: &Arc<Upstream>, line: String) {
+        let app = crate::app();
+        let value: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                // ST-5: the child's bug, not the session's end.
+                app.metrics.dropped("non_json");
+                let shown: String = line.chars().take(200).collect();
+                crate::log!(
+                    Warn,
+                    "child_non_json",
+                    "[{}] skipped a stdout line that is not JSON ({e}): {shown}",
+                    up.child.tag
+                );
+                return;
+            }
+        };
+        if let Value::Array(items) = value {
+            for item in items {
+                route_one(up, item.to_string(), item);
+            }
+        } else {
+            // SSE splits on CR too; JSON text may hold a raw CR only as whitespace, so
+            // re-serialize in that rare case.
+            let json = if line.contains('\r') {
+                value.to_string()
+            } else {
+                line
+            };
+            route_one(up, json, value);
+        }
+    }
+
+    fn route_one(up: &Arc<Upstream>, json: String, value: Value) {
+        let app = crate::app();
+        let tag = up.child.tag.as_str();
+        if !up.shared {
+            let session = up.state.lock().unwrap().members.first().cloned();
+            match session {
+                Some(s) => sessions::route_value(&s, json, &value, false),
+                None => {
+                    app.metrics.dropped("session_ended");
+                    crate::log!(
+                        Info,
+                        "message_dropped",
+                        "[{tag}] child message after its session ended"
+                    );
+                }
+            }
+            return;
+        }
+        match classify(&value) {
+            Kind::Response { id } => route_response(up, id.as_u64(), value),
+            Kind::Request { id, method } => match up.server_request_target() {
+                Some(s) => sessions::route_value(&s, json, &value, false),
+                None => {
+                    app.metrics.dropped("no_session");
+                    crate::log!(
+                        Warn,
+                        "message_dropped",
+                        "[{tag}] child sent {method} but no session is open; answering it with an error"
+                    );
+                    let answer = json!({"jsonrpc": "2.0", "id": id,
+                        "error": {"code": -32000, "message": "No client is connected to answer this request"}});
+                    let _ = up.child.send_message(&answer);
+                }
+            },
+            Kind::Notification { method } => {
+                let st = up.state.lock().unwrap();
+                // A server-wide notification (a log line, list_changed) reaches every
+                // session once: on its GET stream, except for the one session whose
+                // work is in flight, which gets it beside that work as in session mode.
+                let owner = st.sole_busy();
+                let targets: Vec<(Arc<Session>, Option<Value>)> = match method {
+                    "notifications/progress" => {
+                        let owner = value
+                            .pointer("/params/progressToken")
+                            .and_then(Value::as_u64)
+                            .and_then(|t| st.tokens.get(&t));
+                        owner
+                            .map(|(s, t)| (s.clone(), Some(t.clone())))
+                            .into_iter()
+                            .collect()
+                    }
+                    "notifications/resources/updated" => {
+                        let uri = value.pointer("/params/uri").and_then(Value::as_str);
+                        uri.and_then(|u| st.subscriptions.get(u))
+                            .map(|subs| subs.iter().map(|s| (s.clone(), None)).collect())
+                            .unwrap_or_default()
+                    }
+                    "notifications/cancelled" => {
+                        let key = value.pointer("/params/requestId").map(id_key);
+                        st.members
+                            .iter()
+                            .filter(|s| key.as_deref().is_some_and(|k| s.awaits_answer(k)))
+                            .map(|s| (s.clone(), None))
+                            .collect()
+                    }
+                    _ => st.members.iter().map(|s| (s.clone(), None)).collect(),
+                };
+                drop(st);
+                let aside = |s: &Arc<Session>| {
+                    method != "notifications/progress"
+                        && !owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, s))
+                };
+                if targets.is_empty() {
+                    app.metrics.dropped("no_session");
+                    crate::log!(
+                        Debug,
+                        "message_dropped",
+                        "[{tag}] {method} concerns no open session"
+                    );
+                }
+                for (s, token) in targets {
+                    match token {
+                        Some(t) => {
+                            let mut v = value.clone();
+                            v["params"]["progressToken"] = t;
+                            sessions::route_value(&s, v.to_string(), &v, false);
+                        }
+                        None => sessions::route_value(&s, json.clone(), &value, aside(&s)),
+                    }
+                }
+            }
+            Kind::Invalid(why) => {
+                app.metrics.dropped("invalid");
+                crate::log!(
+                    Warn,
+                    "child_invalid",
+                    "[{tag}] skipped a child message that is not JSON-RPC ({why})"
+                );
+            }
+        }
+    }
+
+    /// A shared child's response: back to the client's own id, to the client that asked.
+    fn route_response(up: &Arc<Upstream>, cid: Option<u64>, mut value: Value) {
+        let app = crate::app();
+        let tag = up.child.tag.as_str();
+        let failed = value.get("error").is_some();
+        let mut st = up.state.lock().unwrap();
+        match cid.and_then(|c| st.pending.remove(&c)) {
+            Some(Pending::Client {
+                session,
+                id,
+                token,
+                subscribed,
+            }) => {
+                if let Some(t) = token {
+                    st.tokens.remove(&t);
+                }
+                if let (true, Some(uri)) = (failed, subscribed) {
+                    if let Some(subs) = st.subscriptions.get_mut(&uri) {
+                        subs.retain(|s| !Arc::ptr_eq(s, &session));
+                    }
+                }
+                drop(st);
+                value["id"] = id;
+                sessions::route_value(&session, value.to_string(), &value, false);
+            }
+            Some(Pending::Initialize { session, id }) => {
+                let result = value
+                    .get("result")
+                    .filter(|r| r.get("protocolVersion").is_some())
+                    .cloned();
+                let waiters = match std::mem::take(&mut st.init) {
+                    Init::Running(w) => w,
+                    _ => Vec::new(),
+                };
+                match &result {
+                    Some(r) => {
+                        st.init = Init::Ready(r.clone());
+                        crate::log!(
+                            Info,
+                            "shared_initialized",
+                            "[{tag}] shared child initialized (protocol {}); later sessions are answered from the cache",
+                            r["protocolVersion"].as_str().unwrap_or("?")
+                        );
+                    }
+                    None => st.init = Init::Fresh,
+                }
+                drop(st);
+                let recipients = session.map(|s| (s, id)).into_iter().chain(waiters);
+                for (s, client_id) in recipients {
+                    let mut v = value.clone();
+                    v["id"] = client_id;
+                    sessions::route_value(&s, v.to_string(), &v, false);
+                }
+            }
+            Some(Pending::Discard) => {
+                drop(st);
+                app.metrics.dropped("client_gone");
+                crate::log!(
+                    Debug,
+                    "message_dropped",
+                    "[{tag}] answer to a request whose session has ended"
+                );
+            }
+            None => {
+                drop(st);
+                app.metrics.dropped("unknown_id");
+                crate::log!(
+                    Warn,
+                    "message_dropped",
+                    "[{tag}] child answered id {:?}, which the bridge never sent",
+                    value.get("id")
+                );
+            }
+        }
+    }
+
+    /// The child closed stdout: it has exited or is about to. Its sessions end; each
+    /// request still waiting gets an error naming the exit status and stderr (ST-7).
+    fn child_gone(up: &Arc<Upstream>) {
+        let grace = crate::app().cfg.shutdown_grace;
+        let members = std::mem::take(&mut up.state.lock().unwrap().members);
+        if members.is_empty() && !up.shared {
+            return;
+        }
+        let status = up
+            .child
+            .wait_exit(grace)
+            .unwrap_or_else(|| up.child.terminate(grace));
+        crate::log!(
+            Warn,
+            "child_exit",
+            "[{}] server process {} with {} session(s) open",
+            up.child.tag,
+            crate::child::describe(&status),
+            members.len()
+        );
+        for s in members {
+            sessions::end(&s, EndReason::ChildGone);
+        }
+        // Answers that can no longer come.
+        let mut st = up.state.lock().unwrap();
+        st.pending.clear();
+        st.tokens.clear();
+        st.subscriptions.clear();
+    }
+
+    // ---- shared mode: one supervisor per child slot -----------------------------------
+
+    #[derive(Default)]
+    struct Slot {
+        up: Option<Arc<Upstream>>,
+        /// Set after --crash-loop-limit fast failures in a row; /readyz reports it.
+        crash_loop: Option<String>,
+    }
+
+    struct Slots {
+        slots: Mutex<Vec<Slot>>,
+        changed: Condvar,
+    }
+
+    static SLOTS: OnceLock<Slots> = OnceLock::new();
+
+    /// Delay before the next start after `failures` fast failures in a row.
+    fn backoff(failures: u32) -> Duration {
+        let cfg = &crate::app().cfg;
+        let factor = 1u32 << failures.min(16);
+        (cfg.restart_delay * factor).min(cfg.restart_delay_max)
+    }
+
+    pub fn start_shared() {
+        let n = crate::app().cfg.children;
+        let _ = SLOTS.set(Slots {
+            slots: Mutex::new((0..n).map(|_| Slot::default()).collect()),
+            changed: Condvar::new(),
+        });
+        for i in 0..n {
+            crate::spawn_thread("supervisor", move || supervise(i));
+        }
+    }
+
+    /// Keeps slot `i` running: starts the child, waits for it to exit, restarts it after
+    /// an exponential backoff. A child that lives past --crash-loop-window resets the
+    /// count; --crash-loop-limit fast failures in a row mark the slot as crash-looping
+    /// (it keeps retrying at the capped delay, and recovers by itself).
+    fn supervise(i: usize) {
+        let app = crate::app();
+        let slots = SLOTS.get().expect("slots");
+        let (window, limit) = (app.cfg.crash_loop_window, app.cfg.crash_loop_limit);
+        let mut failures: u32 = 0;
+        let mut generation: u64 = 0;
+        loop {
+            if app.shutting_down.load(Ordering::Acquire) {
+                return;
+            }
+            generation += 1;
+            let tag = format!("shared-{i}.{generation}");
+            let why = match crate::child::spawn(&tag) {
+                Ok((child, stdout)) => {
+                    let up = Arc::new(Upstream::new(child.clone(), true));
+                    start_router(&up, stdout);
+                    slots.slots.lock().unwrap()[i].up = Some(up);
+                    slots.changed.notify_all();
+                    if generation > 1 {
+                        app.metrics.child_restarted();
+                    }
+                    crate::log!(
+                        Info,
+                        "shared_child",
+                        "[{tag}] shared child {i} started, pid {}",
+                        child.pid
+                    );
+                    let status = match child.wait_exit(window) {
+                        Some(s) => s,
+                        None => {
+                            failures = 0;
+                            if slots.slots.lock().unwrap()[i].crash_loop.take().is_some() {
+                                crate::log!(
+                                    Info,
+                                    "crash_loop_over",
+                                    "[{tag}] child has stayed up for {window:?}; ready again"
+                                );
+                            }
+                            loop {
+                                if let Some(s) = child.wait_exit(Duration::from_secs(3600)) {
+                                    break s;
+                                }
+                            }
+                        }
+                    };
+                    slots.slots.lock().unwrap()[i].up = None;
+                    let tail = child.stderr_tail();
+                    let last = tail.last().map(|l| format!("; last stderr: {l}"));
+                    format!(
+                        "{}{}",
+                        crate::child::describe(&status),
+                        last.unwrap_or_default()
+                    )
+                }
+                Err(msg) => msg,
+            };
+            if app.shutting_down.load(Ordering::Acquire) {
+                return;
+            }
+            // A child that stayed up past the window reset the count while it ran.
+            failures += 1;
+            let delay = backoff(failures - 1);
+            if failures >= limit {
+                let reason = format!("crash loop: the server process failed {failures} times in a row without staying up for {window:?}; last: {why}");
+                let mut g = slots.slots.lock().unwrap();
+                if g[i].crash_loop.is_none() {
+                    crate::log!(Error, "crash_loop", "[{tag}] {reason}");
+                }
+                g[i].crash_loop = Some(reason);
+                drop(g);
+                slots.changed.notify_all();
+            }
+            crate::log!(
+                Warn,
+                "child_restart",
+                "[{tag}] shared child {i} {why}; restarting in {delay:?}"
+            );
+            std::thread::sleep(delay);
+        }
+    }
+
+    /// The least loaded running shared child. While none is running (between a crash and
+    /// its restart) this waits for one, for at most the longest restart delay; a slot
+    /// that is crash-looping answers 503 at once.
+    pub fn pick() -> Result<Arc<Upstream>, Reply> {
+        let app = crate::app();
+        let slots = SLOTS.get().expect("shared mode starts its slots");
+        let deadline = Instant::now() + app.cfg.restart_delay_max + Duration::from_secs(1);
+        let mut g = slots.slots.lock().unwrap();
+        loop {
+            let best = g
+                .iter()
+                .filter_map(|s| s.up.clone())
+                .min_by_key(|u| u.load());
+            if let Some(up) = best {
+                return Ok(up);
+            }
+            if let Some(reason) = g.iter().find_map(|s| s.crash_loop.clone()) {
+                return Err(
+                    Reply::error(503, -32000, format!("Service Unavailable: {reason}"))
+                        .with_header("Retry-After", "5"),
+                );
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Reply::error(
+                    503,
+                    -32000,
+                    "Service Unavailable: the server process is restarting",
+                )
+                .with_header("Retry-After", "1"));
+            }
+            g = slots.changed.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Why /readyz should say no, in shared mode.
+    pub fn crash_loop() -> Option<String> {
+        let slots = SLOTS.get()?;
+        let g = slots.slots.lock().unwrap();
+        g.iter().find_map(|s| s.crash_loop.clone())
+    }
+
+    // ---- session mode: the warm pool -------------------------------------------------
+
+    struct Warm {
+        ready: Mutex<VecDeque<(Arc<ChildProc>, ChildStdout)>>,
+        wake: crossbeam_channel::Sender<()>,
+    }
+
+    static WARM: OnceLock<Warm> = OnceLock::new();
+
+    fn warm_take() -> Option<(Arc<ChildProc>, ChildStdout)> {
+        let warm = WARM.get()?;
+        let taken = {
+            let mut ready = warm.ready.lock().unwrap();
+            loop {
+                match ready.pop_front() {
+                    Some((c, _)) if c.has_exited() => continue,
+                    other => break other,
+                }
+            }
+        };
+        let _ = warm.wake.send(());
+        taken
+    }
+
+    /// Keeps --warm children started (not initialized) so a new session skips the cold
+    /// start. A pooled child that dies is replaced; one that keeps dying fast is
+    /// replaced with the supervisor's backoff.
+    pub fn start_warm_pool() {
+        let app = crate::app();
+        let want = app.cfg.warm;
+        if want == 0 {
+            return;
+        }
+        let (wake, rx) = crossbeam_channel::unbounded::<()>();
+        let _ = WARM.set(Warm {
+            ready: Mutex::new(VecDeque::new()),
+            wake: wake.clone(),
+        });
+        let _ = wake.send(());
+        crate::spawn_thread("warm-pool", move || {
+            let warm = WARM.get().expect("warm pool");
+            let window = app.cfg.crash_loop_window;
+            let mut failures = 0u32;
+            let mut generation = 0u64;
+            while rx.recv().is_ok() {
+                while rx.try_recv().is_ok() {}
+                loop {
+                    if app.shutting_down.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let mut died_fast = false;
+                    let have = {
+                        let mut ready = warm.ready.lock().unwrap();
+                        ready.retain(|(c, _)| {
+                            if !c.has_exited() {
+                                return true;
+                            }
+                            let lived = c.started.elapsed();
+                            died_fast |= lived < window;
+                            crate::log!(Warn, "warm_exit", "[{}] warm child pid {} exited while waiting for a session (after {lived:?}); replacing it", c.tag, c.pid);
+                            false
+                        });
+                        ready.len()
+                    };
+                    if died_fast {
+                        failures += 1;
+                        std::thread::sleep(backoff(failures - 1));
+                    } else if have > 0 {
+                        failures = 0;
+                    }
+                    if have >= want {
+                        break;
+                    }
+                    generation += 1;
+                    let tag = format!("warm-{generation}");
+                    match crate::child::spawn(&tag) {
+                        Ok((c, out)) => {
+                            let wake = wake.clone();
+                            c.on_exit(Box::new(move || {
+                                let _ = wake.send(());
+                            }));
+                            crate::log!(
+                                Info,
+                                "warm_ready",
+                                "[{tag}] warm child started, pid {}",
+                                c.pid
+                            );
+                            warm.ready.lock().unwrap().push_back((c, out));
+                        }
+                        Err(_) => {
+                            failures += 1;
+                            std::thread::sleep(backoff(failures - 1));
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+// ======================================================================================
 /// The child process: one long-lived spawner thread (so PR_SET_PDEATHSIG, which fires
 /// when the spawning *thread* exits, means "when stdio-sse dies"), its own process group,
 /// stdout split on `\n` only, stderr to our log, and the stdin-EOF / SIGTERM / SIGKILL
@@ -2094,10 +3318,12 @@ mod child {
     pub struct ChildProc {
         pub pid: i32,
         pub tag: String,
+        pub started: Instant,
         stdin: Mutex<Option<ChildStdin>>,
         life: Mutex<Life>,
         exited: Condvar,
         stderr_tail: Mutex<VecDeque<String>>,
+        on_exit: Mutex<Option<OnEof>>,
     }
 
     #[derive(Default)]
@@ -2182,10 +3408,12 @@ mod child {
         let proc_ = Arc::new(ChildProc {
             pid: child.id() as i32,
             tag: tag.to_string(),
+            started: Instant::now(),
             stdin: Mutex::new(None),
             life: Mutex::new(Life::default()),
             exited: Condvar::new(),
             stderr_tail: Mutex::new(VecDeque::new()),
+            on_exit: Mutex::new(None),
         });
         Ok((child, proc_))
     }
@@ -2270,6 +3498,9 @@ mod child {
         );
         p.life.lock().unwrap().status = Some(status);
         p.exited.notify_all();
+        if let Some(hook) = p.on_exit.lock().unwrap().take() {
+            hook();
+        }
     }
 
     /// Splits stdout on `\n` only (ST-1: U+2028 inside a string is not a line break).
@@ -2407,6 +3638,21 @@ mod child {
             }
         }
 
+        pub fn has_exited(&self) -> bool {
+            self.life.lock().unwrap().status.is_some()
+        }
+
+        /// Runs `hook` once the child has been reaped (at once if it already has).
+        pub fn on_exit(&self, hook: OnEof) {
+            let mut slot = self.on_exit.lock().unwrap();
+            if self.has_exited() {
+                drop(slot);
+                hook();
+            } else {
+                *slot = Some(hook);
+            }
+        }
+
         pub fn stderr_tail(&self) -> Vec<String> {
             self.stderr_tail.lock().unwrap().iter().cloned().collect()
         }
@@ -2492,6 +3738,12 @@ mod child {
             .find(|(k, _)| k == "PATH")
             .map(|(_, v)| v.clone())
             .or_else(|| std::env::var("PATH").ok());
+        if let Some(reason) = crate::upstream::crash_loop() {
+            return Reply::json(
+                503,
+                serde_json::json!({"status": "not ready", "reason": reason}),
+            );
+        }
         let found = resolve(program, cfg.cwd.as_deref(), path_var.as_deref());
         match found {
             Some(path) => Reply::json(
@@ -2536,8 +3788,8 @@ mod child {
 /// stream pump that turns a session queue into events. Touches only the writer it owns.
 mod sse {
     use super::*;
-    use crate::sessions::{Frame, Session};
-    use crossbeam_channel::{Receiver, RecvTimeoutError};
+    use crate::sessions::{Attached, Frame, Session, StreamKind};
+    use crossbeam_channel::RecvTimeoutError;
     use std::io::Write;
 
     pub fn status_line(status: u16) -> String {
@@ -2609,19 +3861,34 @@ mod sse {
             }
         }
 
-        pub fn push_message(&mut self, json: &str) {
-            self.push(&[b"event: message\ndata: ", json.as_bytes(), b"\n\n"]);
+        /// `id:` names the event for resumption (R-3); `retry:` rides on the first event
+        /// of a stream for clients that poll (R-5).
+        pub fn push_frame(&mut self, f: &Frame, retry_ms: Option<u128>) {
+            let mut head = format!("id: {}\n", f.event_id());
+            if let Some(ms) = retry_ms {
+                head.push_str(&format!("retry: {ms}\n"));
+            }
+            head.push_str("event: message\ndata: ");
+            self.push(&[head.as_bytes(), f.json.as_bytes(), b"\n\n"]);
+        }
+
+        /// An event with an id and empty data: the client can resume from here even
+        /// before the first message (R-5).
+        pub fn push_priming(&mut self, id: &str, retry_ms: Option<u128>) {
+            let retry = retry_ms
+                .map(|ms| format!("retry: {ms}\n"))
+                .unwrap_or_default();
+            self.push(&[format!("id: {id}\n{retry}data: \n\n").as_bytes()]);
+        }
+
+        pub fn push_comment(&mut self, text: &str) {
+            self.push(&[b": ", text.as_bytes(), b"\n\n"]);
         }
 
         pub fn flush(&mut self) -> std::io::Result<()> {
             let r = self.out.write_all(&self.buf).and_then(|_| self.out.flush());
             self.buf.clear();
             r
-        }
-
-        pub fn message(&mut self, json: &str) -> std::io::Result<()> {
-            self.push_message(json);
-            self.flush()
         }
 
         pub fn event(&mut self, event: Option<&str>, data: &str) -> std::io::Result<()> {
@@ -2650,7 +3917,7 @@ mod sse {
         }
 
         pub fn comment(&mut self, text: &str) -> std::io::Result<()> {
-            self.push(&[b": ", text.as_bytes(), b"\n\n"]);
+            self.push_comment(text);
             self.flush()
         }
 
@@ -2663,64 +3930,58 @@ mod sse {
         }
     }
 
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    pub enum StreamKind {
-        /// A POST's stream: ends after `expected` responses.
-        Post,
-        /// The GET stream: lives until the session ends or the client leaves.
-        Listener,
-        /// The legacy stream: like a listener; its end ends the session.
-        Legacy,
-    }
-
-    /// Writes queued frames as events until the stream is done. Frames already waiting
-    /// are written together in one flush. Each successful write counts as session
-    /// activity; a failed write means the client left.
-    pub fn pump(
-        mut stream: SseStream,
-        rx: Receiver<Frame>,
-        mut expected: usize,
-        session: &Session,
-        kind: StreamKind,
-    ) {
+    /// Writes a stream's events until it is done: the priming event and what is to be
+    /// replayed first, then frames from its queue, those already waiting together in one
+    /// flush. A POST stream ends after its last response; any stream ends when the
+    /// session ends or the connection is cut from it (the end tells the client to
+    /// resume with Last-Event-ID). Each successful write counts as session activity; a
+    /// failed write means the client left.
+    pub fn pump(mut stream: SseStream, a: Attached, session: &Session) {
         const MAX_BATCH: usize = 64;
         let keepalive = crate::app()
             .cfg
             .keepalive
             .unwrap_or(Duration::from_secs(3600));
-        let done = loop {
-            let first = match rx.recv_timeout(keepalive) {
-                Ok(f) => f,
-                Err(RecvTimeoutError::Timeout) => {
-                    if stream.comment("keepalive").is_err() {
-                        break false;
-                    }
-                    session.touch();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break true,
-            };
-            let mut finished = false;
-            let mut frame = Some(first);
-            let mut batched = 0;
-            while let Some(Frame::Message { json, completes }) = frame.take() {
-                stream.push_message(&json);
-                if completes && kind == StreamKind::Post {
-                    expected = expected.saturating_sub(1);
-                    finished = expected == 0;
-                }
-                batched += 1;
-                if !finished && batched < MAX_BATCH {
-                    frame = rx.try_recv().ok();
-                }
+        let post = a.kind == StreamKind::Post;
+        let mut retry = a.retry_ms;
+        if let Some(id) = &a.priming {
+            stream.push_priming(id, retry.take());
+        }
+        let mut finished = a.finished;
+        for f in &a.replay {
+            stream.push_frame(f, retry.take());
+            if f.last && post {
+                finished = true;
+                break;
             }
-            if finished {
+        }
+        let done = loop {
+            if finished || a.link.cut.load(Ordering::Acquire) {
                 break true;
             }
             if stream.flush().is_err() {
                 break false;
             }
             session.touch();
+            let first = match a.rx.recv_timeout(keepalive) {
+                Ok(f) => f,
+                Err(RecvTimeoutError::Timeout) => {
+                    stream.push_comment("keepalive");
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break true,
+            };
+            let mut frame = Some(first);
+            let mut batched = 0;
+            while let Some(f) = frame.take() {
+                a.link.queued.fetch_sub(1, Ordering::AcqRel);
+                stream.push_frame(&f, retry.take());
+                finished = f.last && post;
+                batched += 1;
+                if !finished && batched < MAX_BATCH {
+                    frame = a.rx.try_recv().ok();
+                }
+            }
         };
         if done {
             if stream.finish().is_ok() {
@@ -2730,13 +3991,12 @@ mod sse {
             crate::log!(
                 Debug,
                 "stream_closed",
-                "[{}] client closed a stream",
-                session.tag
+                "[{}] client closed stream {}",
+                session.tag,
+                a.stream
             );
         }
-        if kind == StreamKind::Listener {
-            session.detach_listener();
-        }
+        session.detach(a.stream, a.conn_id);
     }
 }
 
@@ -2828,6 +4088,8 @@ mod observe {
         messages_out: AtomicU64,
         dropped: Mutex<Vec<(&'static str, u64)>>,
         rejected: Mutex<Vec<(&'static str, u64)>>,
+        stream_cuts: Mutex<Vec<(&'static str, u64)>>,
+        children_restarted: AtomicU64,
     }
 
     fn bump(list: &Mutex<Vec<(&'static str, u64)>>, label: &'static str) {
@@ -2890,6 +4152,13 @@ mod observe {
         }
         pub fn rejected(&self, reason: &'static str) {
             bump(&self.rejected, reason);
+        }
+        /// A connection detached from its stream (overflow, or resumed elsewhere).
+        pub fn stream_cut(&self, reason: &'static str) {
+            bump(&self.stream_cuts, reason);
+        }
+        pub fn child_restarted(&self) {
+            self.children_restarted.fetch_add(1, Ordering::Relaxed);
         }
 
         pub fn render(&self) -> String {
@@ -2990,6 +4259,18 @@ mod observe {
                     "Messages that could not be delivered, by reason.",
                     "counter",
                     by("reason", &self.dropped),
+                ),
+                (
+                    "children_restarted_total",
+                    "Shared children restarted after exiting.",
+                    "counter",
+                    vec![(String::new(), load(&self.children_restarted))],
+                ),
+                (
+                    "stream_connections_cut_total",
+                    "Connections closed by the bridge with their stream left to the replay buffer, by reason.",
+                    "counter",
+                    by("reason", &self.stream_cuts),
                 ),
                 (
                     "requests_rejected_total",
@@ -3294,7 +4575,9 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // Accepted sockets inherit TCP_NODELAY: each SSE event leaves when it is flushed.
+    // Accepted sockets inherit these: TCP_NODELAY, so each SSE event leaves when it is
+    // flushed; SO_SNDTIMEO, so a write to a client that stopped reading fails after
+    // --stall-timeout instead of holding its thread for ever.
     unsafe {
         use std::os::fd::AsRawFd;
         let one: libc::c_int = 1;
@@ -3303,8 +4586,21 @@ fn main() {
             libc::IPPROTO_TCP,
             libc::TCP_NODELAY,
             (&one as *const libc::c_int).cast(),
-            4,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
+        if !cfg.stall_timeout.is_zero() {
+            let tv = libc::timeval {
+                tv_sec: cfg.stall_timeout.as_secs() as libc::time_t,
+                tv_usec: cfg.stall_timeout.subsec_micros() as libc::suseconds_t,
+            };
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
     }
     let addr = listener.local_addr().expect("bound socket has an address");
     let server = match tiny_http::Server::from_listener(listener, None) {
@@ -3333,7 +4629,7 @@ fn main() {
     child::start_spawner();
     let url = format!("http://{addr}");
     match mode {
-        config::Mode::Session => log!(
+        config::Mode::Session | config::Mode::Shared => log!(
             Info,
             "listening",
             "listening on {url} (mcp: {mcp}, sse: {sse})"
@@ -3351,6 +4647,11 @@ fn main() {
         );
     } else {
         log!(Info, "command", "child command: {command}");
+    }
+    match mode {
+        config::Mode::Shared => upstream::start_shared(),
+        config::Mode::Session => upstream::start_warm_pool(),
+        config::Mode::Oneshot => {}
     }
     spawn_thread("idle-reaper", sessions::run_idle_reaper);
     http::serve(server);

@@ -219,6 +219,7 @@ impl Response {
 pub struct Event {
     pub event: Option<String>,
     pub id: Option<String>,
+    pub retry: Option<String>,
     pub data: String,
 }
 
@@ -228,6 +229,7 @@ pub fn parse_events(text: &str) -> Vec<Event> {
         let mut ev = Event {
             event: None,
             id: None,
+            retry: None,
             data: String::new(),
         };
         let mut any = false;
@@ -243,6 +245,7 @@ pub fn parse_events(text: &str) -> Vec<Event> {
             match field {
                 "event" => ev.event = Some(value.to_string()),
                 "id" => ev.id = Some(value.to_string()),
+                "retry" => ev.retry = Some(value.to_string()),
                 "data" => {
                     if has_data {
                         ev.data.push('\n');
@@ -274,6 +277,7 @@ impl Conn {
     pub fn open_addr(addr: &str) -> Conn {
         let s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.set_nodelay(true).unwrap();
         Conn {
             reader: BufReader::new(s),
             host: addr.to_string(),
@@ -294,8 +298,9 @@ impl Conn {
         }
         req.push_str("\r\n");
         let s = self.reader.get_mut();
-        s.write_all(req.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        s.write_all(&bytes).unwrap();
     }
 
     /// Reads a status line and headers.
@@ -506,16 +511,19 @@ impl Session {
         self.post(&tool_call(id, tool, args))
     }
     pub fn get_stream(&self) -> SseReader {
+        self.resume(None)
+    }
+    /// GET, resuming from `last_event_id` when given.
+    pub fn resume(&self, last_event_id: Option<&str>) -> SseReader {
         let mut c = Conn::open_addr(&self.addr);
-        c.send(
-            "GET",
-            "/mcp",
-            &[
-                ("Accept", "text/event-stream"),
-                ("Mcp-Session-Id", self.id.as_str()),
-            ],
-            b"",
-        );
+        let mut headers = vec![
+            ("Accept", "text/event-stream"),
+            ("Mcp-Session-Id", self.id.as_str()),
+        ];
+        if let Some(id) = last_event_id {
+            headers.push(("Last-Event-ID", id));
+        }
+        c.send("GET", "/mcp", &headers, b"");
         SseReader::new(c)
     }
     pub fn delete(&self) -> Response {
@@ -588,4 +596,21 @@ pub fn vm_rss_kib(pid: i32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
+}
+
+/// One sample of /metrics, by its name with labels as printed (0 when absent).
+pub fn metric(server: &Server, sample: &str) -> f64 {
+    let text = Conn::open(server)
+        .request("GET", "/metrics", &[], b"")
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// The number a `pid` tool call returns: which child served the session.
+pub fn child_pid(sess: &Session) -> i32 {
+    let r = sess.call(900_001, "pid", json!({}));
+    result_text(&r.messages()[0]).parse().unwrap()
 }
