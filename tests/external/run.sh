@@ -66,7 +66,9 @@ start_server() {
 check() {
     local name=$1 secs=$2; shift 2
     local out=$ROOT/.cache/logs/check-${name//[^a-zA-Z0-9_-]/_}.log
-    if timeout "$secs" "$@" >"$out" 2>&1; then pass "$name ($(tail -1 "$out"))"; else fail "$name" "$out"; fi
+    local run=(timeout "$secs")
+    [ "$(type -t "$1")" = function ] && run=()  # a shell function bounds its own commands
+    if "${run[@]}" "$@" >"$out" 2>&1; then pass "$name ($(tail -1 "$out"))"; else fail "$name" "$out"; fi
 }
 
 if ! install_tools; then
@@ -75,19 +77,23 @@ if ! install_tools; then
     exit 1
 fi
 
-# 1. Conformance: every server scenario against the project's everything fixture.
-start_server conformance -- python3 "$ROOT/tests/fixtures/everything.py" || exit 1
+# 1. Conformance: every server scenario against the project's everything fixture, with
+#    a child per session and with one shared child. A WARNING counts as a failure.
 CONF="$NODE22 $NM/@modelcontextprotocol/conformance/dist/index.js"
 mapfile -t SCENARIOS < <($CONF list --server | sed -n 's/^  - \([a-z0-9-]*\).*/\1/p')
 [ "${#SCENARIOS[@]}" -eq 32 ] && pass "conformance lists 32 server scenarios" || fail "conformance lists ${#SCENARIOS[@]} server scenarios, expected 32"
-for sc in "${SCENARIOS[@]}"; do
-    out=$ROOT/.cache/logs/conformance-$sc.log
-    if timeout 120 $CONF server --url "http://localhost:$PORT/mcp" --scenario "$sc" >"$out" 2>&1 \
-        && grep -Eq '(Passed|passed).*[1-9]|0 failed' "$out" && ! grep -Eq '[1-9][0-9]* failed' "$out"; then
-        pass "conformance $sc"
-    else
-        fail "conformance $sc" "$out"
-    fi
+for mode in session shared; do
+    start_server "conformance-$mode" --mode "$mode" -- python3 "$ROOT/tests/fixtures/everything.py" || exit 1
+    for sc in "${SCENARIOS[@]}"; do
+        out=$ROOT/.cache/logs/conformance-$mode-$sc.log
+        if timeout 120 $CONF server --url "http://localhost:$PORT/mcp" --scenario "$sc" >"$out" 2>&1 \
+            && grep -Eq '(Passed|passed).*[1-9]|0 failed' "$out" && ! grep -Eq '[1-9][0-9]* failed' "$out" \
+            && ! grep -q 'WARNING' "$out"; then
+            pass "conformance ($mode) $sc"
+        else
+            fail "conformance ($mode) $sc" "$out"
+        fi
+    done
 done
 
 # 2. SDK clients against real stdio servers.
@@ -104,6 +110,23 @@ check "python-sdk legacy sse: server-everything" 90 "$PY" tests/external/py_clie
 check "python-sdk legacy sse: mcp-server-time" 90 "$PY" tests/external/py_client.py sse "http://127.0.0.1:$TM/sse" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
 check "typescript-sdk: server-everything" 90 "$NODE22" "$TOOLS/node/ts_client.mjs" "http://127.0.0.1:$EV/mcp" echo '{"message":"hi from ts"}' "hi from ts"
 check "typescript-sdk: mcp-server-time" 90 "$NODE22" "$TOOLS/node/ts_client.mjs" "http://127.0.0.1:$TM/mcp" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
+
+# The same clients, several at once, on one shared child of each server.
+start_server everything-shared --mode shared -- "$NODE22" "$NM/@modelcontextprotocol/server-everything/dist/index.js" stdio || exit 1
+EVS=$PORT
+start_server time-shared --mode shared -- "$TOOLS/venv/bin/mcp-server-time" || exit 1
+TMS=$PORT
+shared_clients() {
+    local url=$1 tool=$2 args=$3 want=$4 pids=() rc=0
+    timeout 90 "$PY" tests/external/py_client.py streamable "http://127.0.0.1:$url/mcp" "$tool" "$args" "$want" & pids+=($!)
+    timeout 90 "$PY" tests/external/py_client.py sse "http://127.0.0.1:$url/sse" "$tool" "$args" "$want" & pids+=($!)
+    timeout 90 "$NODE22" "$TOOLS/node/ts_client.mjs" "http://127.0.0.1:$url/mcp" "$tool" "$args" "$want" & pids+=($!)
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    [ $rc -eq 0 ] && echo "3 clients (python streamable, python sse, typescript) at once"
+    return $rc
+}
+check "shared mode: server-everything" 120 shared_clients "$EVS" echo '{"message":"hi shared"}' "hi shared"
+check "shared mode: mcp-server-time" 120 shared_clients "$TMS" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
 
 # 3. The one-shot exchange from the issue, byte for byte, with curl as the user runs it.
 start_server oneshot --mode oneshot -- python3 "$ROOT/tests/fixtures/stdio_mcp_server.py" || exit 1
