@@ -1517,7 +1517,7 @@ mod oneshot {
                 "error": format!("the program {}", crate::child::describe(&status)),
                 "exit_code": status.code(),
                 "signal": std::os::unix::process::ExitStatusExt::signal(&status),
-                "stderr": child.stderr_tail(),
+                "stderr": child.final_stderr_tail(),
             });
             stream.event(Some("error"), &detail.to_string())?;
         }
@@ -2366,7 +2366,11 @@ mod sessions {
                     .as_ref()
                     .map(crate::child::describe)
                     .unwrap_or_else(|| "stopped answering".into());
-                let tail = child.stderr_tail();
+                let tail = if status.is_some() {
+                    child.final_stderr_tail()
+                } else {
+                    child.stderr_tail()
+                };
                 let last = tail
                     .iter()
                     .rev()
@@ -3121,7 +3125,7 @@ mod upstream {
                         }
                     };
                     slots.slots.lock().unwrap()[i].up = None;
-                    let tail = child.stderr_tail();
+                    let tail = child.final_stderr_tail();
                     let last = tail.last().map(|l| format!("; last stderr: {l}"));
                     format!(
                         "{}{}",
@@ -3332,6 +3336,8 @@ mod child {
         /// be reused, so no signal may be sent to the group.
         reaping: bool,
         status: Option<ExitStatus>,
+        /// stderr reached EOF: the tail holds everything the child wrote.
+        stderr_eof: bool,
     }
 
     struct SpawnJob {
@@ -3616,6 +3622,8 @@ mod child {
                 tail.push_back(line);
             }
         }
+        p.life.lock().unwrap().stderr_eof = true;
+        p.exited.notify_all();
     }
 
     impl ChildProc {
@@ -3655,6 +3663,19 @@ mod child {
 
         pub fn stderr_tail(&self) -> Vec<String> {
             self.stderr_tail.lock().unwrap().iter().cloned().collect()
+        }
+
+        /// The stderr tail once the reader has seen EOF, so the last words of a child
+        /// that just died are in it; bounded, as a grandchild may hold stderr open.
+        pub fn final_stderr_tail(&self) -> Vec<String> {
+            const STDERR_SETTLE: Duration = Duration::from_millis(500);
+            let life = self.life.lock().unwrap();
+            drop(
+                self.exited
+                    .wait_timeout_while(life, STDERR_SETTLE, |l| !l.stderr_eof)
+                    .unwrap(),
+            );
+            self.stderr_tail()
         }
 
         pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {

@@ -50,6 +50,13 @@ fn mistakes_exit_2_with_a_reason() {
         (&["--keepalive", "soon"], "--keepalive"),
         (&["--max-body", "4 parsecs"], "--max-body"),
         (&["--env", "NOEQUALS"], "KEY=VALUE"),
+        (&["--children", "2"], "--children applies to --mode shared"),
+        (
+            &["--mode", "shared", "--warm", "2"],
+            "--warm applies to --mode session",
+        ),
+        (&["--mode", "shared", "--children", "0"], "at least 1"),
+        (&["--replay-buffer", "10,lots"], "--replay-buffer"),
     ] {
         let out = Command::new(BIN).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
