@@ -1278,8 +1278,13 @@ mod legacy {
                 return respond(inc, Reply::error(502, -32603, msg))
             }
         };
-        let Ok(attached) = session.attach_get(None) else {
-            return;
+        let attached = match session.attach_get(None) {
+            Ok(a) => a,
+            Err(reply) => {
+                // The session ended as it opened (its child died at once).
+                sessions::end(&session, sessions::EndReason::ChildGone);
+                return respond(inc, reply);
+            }
         };
         crate::app().metrics.http_response(200);
         crate::log!(
@@ -1609,12 +1614,6 @@ mod sessions {
         pub json: Arc<str>,
         /// The response that completes a POST stream; the writer ends the stream after it.
         pub last: bool,
-    }
-
-    impl Frame {
-        pub fn event_id(&self) -> String {
-            event_id(self.stream, self.n)
-        }
     }
 
     pub fn event_id(stream: u64, n: u64) -> String {
@@ -2191,6 +2190,12 @@ mod sessions {
             self.next_event += 1;
             let n = self.next_event;
             let Some(stream) = self.streams.get_mut(&no) else {
+                app.metrics.dropped("no_stream");
+                crate::log!(
+                    Error,
+                    "message_dropped",
+                    "[{tag}] event for stream {no}, which this session no longer has"
+                );
                 return;
             };
             let mut last = false;
@@ -3871,8 +3876,8 @@ mod sse {
         fn push(&mut self, parts: &[&[u8]]) {
             let len: usize = parts.iter().map(|p| p.len()).sum();
             if self.chunked {
-                self.buf
-                    .extend_from_slice(format!("{len:x}\r\n").as_bytes());
+                use std::io::Write as _;
+                let _ = write!(self.buf, "{len:x}\r\n");
             }
             for p in parts {
                 self.buf.extend_from_slice(p);
@@ -3885,9 +3890,13 @@ mod sse {
         /// `id:` names the event for resumption; `retry:` rides on the first event
         /// of a stream for clients that poll.
         pub fn push_frame(&mut self, f: &Frame, retry_ms: Option<u128>) {
-            let mut head = format!("id: {}\n", f.event_id());
+            use std::fmt::Write as _;
+            // One small stack-sized head per frame; the JSON is copied once, into the
+            // pending buffer.
+            let mut head = String::with_capacity(64);
+            let _ = writeln!(head, "id: {}-{}", f.stream, f.n);
             if let Some(ms) = retry_ms {
-                head.push_str(&format!("retry: {ms}\n"));
+                let _ = writeln!(head, "retry: {ms}");
             }
             head.push_str("event: message\ndata: ");
             self.push(&[head.as_bytes(), f.json.as_bytes(), b"\n\n"]);
