@@ -66,6 +66,18 @@ mod config {
     pub const DEFAULT_CRASH_LOOP_WINDOW: &str = "10s";
     /// Child stderr lines kept to explain a crash in the error the client receives.
     pub const DEFAULT_STDERR_TAIL: &str = "20";
+    /// Each connection costs a thread; beyond this, new ones get 503 and are closed, so
+    /// a flood cannot exhaust threads, memory or file descriptors.
+    pub const DEFAULT_MAX_CONNECTIONS: &str = "1024";
+    /// A request head must arrive within this of the connection opening (or of the
+    /// previous response ending), and its body within this of the head: slowloris
+    /// clients are dropped, and an idle keep-alive connection is closed.
+    pub const DEFAULT_READ_TIMEOUT: &str = "10s";
+    /// Largest request head (request line and headers). Browsers with cookies stay well
+    /// under 16 KiB; nginx allows 4 x 8 KiB.
+    pub const DEFAULT_MAX_HEADER_SIZE: &str = "32KiB";
+    /// Most header lines in one request; browsers send about 20.
+    pub const DEFAULT_MAX_HEADERS: &str = "100";
 
     /// Protocol versions whose HTTP framing we relay (rule V-3: validate against what
     /// the bridge can carry, not what the child negotiated).
@@ -85,6 +97,8 @@ mod config {
         pub value: &'static str,
         pub default: &'static str,
         pub repeatable: bool,
+        /// On or off: `--name` alone turns it on; a value may say `true` or `false`.
+        pub switch: bool,
         pub help: &'static str,
     }
 
@@ -99,6 +113,7 @@ mod config {
             value,
             default,
             repeatable: false,
+            switch: false,
             help,
         }
     }
@@ -108,6 +123,17 @@ mod config {
             value,
             default: "",
             repeatable: true,
+            switch: false,
+            help,
+        }
+    }
+    const fn switch(name: &'static str, help: &'static str) -> Flag {
+        Flag {
+            name,
+            value: "",
+            default: "",
+            repeatable: false,
+            switch: true,
             help,
         }
     }
@@ -269,6 +295,58 @@ mod config {
             DEFAULT_LOG_LEVEL,
             "error, warn, info or debug",
         ),
+        many(
+            "auth-token",
+            "TOKEN",
+            "require Authorization: Bearer TOKEN (repeatable)",
+        ),
+        flag(
+            "auth-token-file",
+            "PATH",
+            "",
+            "tokens, one per line (# comments); re-read on SIGHUP",
+        ),
+        switch("auth-health", "require a token on /healthz and /readyz too"),
+        switch(
+            "allow-unauthenticated",
+            "serve a non-loopback address without a token, without the warning",
+        ),
+        many(
+            "cors-origin",
+            "ORIGIN",
+            "browser origin allowed by CORS (repeatable; * = any)",
+        ),
+        flag("tls-cert", "PATH", "", "PEM certificate chain (TLS build)"),
+        flag("tls-key", "PATH", "", "PEM private key (TLS build)"),
+        many(
+            "pass-header",
+            "NAME[=ENVVAR]",
+            "session mode: this header of the first request becomes the child's ENVVAR (default HTTP_NAME)",
+        ),
+        flag(
+            "max-connections",
+            "N",
+            DEFAULT_MAX_CONNECTIONS,
+            "open connections; beyond it new ones get 503",
+        ),
+        flag(
+            "read-timeout",
+            "DURATION",
+            DEFAULT_READ_TIMEOUT,
+            "deadline for a request head, and then for its body",
+        ),
+        flag(
+            "max-header-size",
+            "SIZE",
+            DEFAULT_MAX_HEADER_SIZE,
+            "largest request head (431 beyond it)",
+        ),
+        flag(
+            "max-headers",
+            "N",
+            DEFAULT_MAX_HEADERS,
+            "most request header lines (431 beyond it)",
+        ),
     ];
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -309,9 +387,64 @@ mod config {
         pub crash_loop_window: Duration,
         pub stderr_tail: usize,
         pub log_level: crate::observe::Level,
+        pub auth: Auth,
+        pub cors_origins: Vec<String>,
+        /// (certificate chain, private key), PEM, already read.
+        pub tls: Option<(Vec<u8>, Vec<u8>)>,
+        /// (lowercase header name, environment variable)
+        pub pass_headers: Vec<(String, String)>,
+        pub max_connections: usize,
+        pub read_timeout: Duration,
+        pub max_header_size: usize,
+        pub max_headers: usize,
         /// Program and arguments of the child; for the demo server, ourselves.
         pub command: Vec<String>,
         pub demo: bool,
+    }
+
+    #[derive(Debug, Default)]
+    pub struct Auth {
+        /// From --auth-token / STDIO_SSE_AUTH_TOKEN: fixed for the process's life.
+        pub tokens: Vec<String>,
+        /// Re-read on SIGHUP; its tokens are added to the fixed ones.
+        pub token_file: Option<PathBuf>,
+        pub health: bool,
+        pub allow_unauthenticated: bool,
+    }
+
+    impl Auth {
+        pub fn enabled(&self) -> bool {
+            !self.tokens.is_empty() || self.token_file.is_some()
+        }
+    }
+
+    /// Reads a token file: one token per line, blank lines and `#` comments skipped.
+    /// Errors name the file and the line, never a token.
+    pub fn read_token_file(path: &std::path::Path) -> Result<Vec<String>, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --auth-token-file {}: {e}", path.display()))?;
+        let mut tokens = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!(
+                    "--auth-token-file {} line {}: a token may not contain spaces",
+                    path.display(),
+                    n + 1
+                ));
+            }
+            tokens.push(t.to_string());
+        }
+        if tokens.is_empty() {
+            return Err(format!(
+                "--auth-token-file {} holds no token (an empty file would lock everyone out)",
+                path.display()
+            ));
+        }
+        Ok(tokens)
     }
 
     pub enum Parsed {
@@ -373,6 +506,7 @@ mod config {
             };
             let value = match inline {
                 Some(v) => v,
+                None if f.switch => "true".to_string(),
                 None => {
                     i += 1;
                     args.get(i)
@@ -446,6 +580,80 @@ mod config {
                 return Err(format!("--{flag} must start with '/', got {path:?}"));
             }
         }
+        let switch_on = |name: &str| -> Result<bool, String> {
+            match get(name).to_ascii_lowercase().as_str() {
+                "" | "0" | "false" | "no" | "off" => Ok(false),
+                "1" | "true" | "yes" | "on" => Ok(true),
+                other => Err(format!("--{name} is on or off, not {other:?}")),
+            }
+        };
+        let auth = Auth {
+            tokens: list("auth-token"),
+            token_file: Some(get("auth-token-file"))
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
+            health: switch_on("auth-health")?,
+            allow_unauthenticated: switch_on("allow-unauthenticated")?,
+        };
+        if auth
+            .tokens
+            .iter()
+            .any(|t| t.is_empty() || t.contains(char::is_whitespace))
+        {
+            return Err("--auth-token may not be empty or contain spaces".into());
+        }
+        if let Some(path) = &auth.token_file {
+            read_token_file(path)?;
+        }
+        let tls = match (get("tls-cert"), get("tls-key")) {
+            (c, k) if c.is_empty() && k.is_empty() => None,
+            (c, k) if c.is_empty() || k.is_empty() => {
+                return Err("--tls-cert and --tls-key go together".into())
+            }
+            (c, k) => {
+                if !cfg!(feature = "tls") {
+                    return Err("this build has no TLS: use stdio-sse-tls (cargo feature tls), or a reverse proxy".into());
+                }
+                let read = |flag: &str, p: &str| {
+                    std::fs::read(p).map_err(|e| format!("cannot read --{flag} {p}: {e}"))
+                };
+                let (cert, key) = (read("tls-cert", &c)?, read("tls-key", &k)?);
+                check_pem("tls-cert", &cert, &["CERTIFICATE"])?;
+                check_pem("tls-key", &key, &["PRIVATE KEY", "RSA PRIVATE KEY"])?;
+                Some((cert, key))
+            }
+        };
+        let mut pass_headers = Vec::new();
+        for spec in list("pass-header") {
+            let (name, var) = match spec.split_once('=') {
+                Some((n, v)) => (n.trim().to_string(), v.trim().to_string()),
+                None => {
+                    let n = spec.trim().to_string();
+                    let v = format!("HTTP_{}", n.to_ascii_uppercase().replace('-', "_"));
+                    (n, v)
+                }
+            };
+            let token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+            if name.is_empty() || !name.chars().all(token_char) {
+                return Err(format!("--pass-header: {name:?} is not a header name"));
+            }
+            if var.is_empty()
+                || var.starts_with(|c: char| c.is_ascii_digit())
+                || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(format!(
+                    "--pass-header: {var:?} is not an environment variable name"
+                ));
+            }
+            pass_headers.push((name.to_ascii_lowercase(), var));
+        }
+        if !pass_headers.is_empty() && mode == Mode::Shared {
+            return Err("--pass-header cannot work in --mode shared: one child serves every client, so no one client's header can become its environment".into());
+        }
+        let cors_origins = list("cors-origin")
+            .iter()
+            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+            .collect();
         let demo = command.is_empty();
         let cwd = get("cwd");
         let cfg = Config {
@@ -494,10 +702,58 @@ mod config {
                     get("log-level")
                 )
             })?,
+            auth,
+            cors_origins,
+            tls,
+            pass_headers,
+            max_connections: parse_count("max-connections", &get("max-connections"))?.max(1),
+            read_timeout: parse_duration("read-timeout", &get("read-timeout"))?,
+            max_header_size: parse_size("max-header-size", &get("max-header-size"))?.max(256),
+            max_headers: parse_count("max-headers", &get("max-headers"))?.max(1),
             command,
             demo,
         };
         Ok(Parsed::Run(Box::new(cfg)))
+    }
+
+    /// tiny_http panics on a key it cannot parse, and our panics abort: check the PEM
+    /// framing and its base64 here, so a bad file is an error message instead.
+    fn check_pem(flag: &str, pem: &[u8], labels: &[&str]) -> Result<(), String> {
+        let text = std::str::from_utf8(pem).map_err(|_| format!("--{flag}: not a PEM file"))?;
+        let mut found = false;
+        let mut rest = text;
+        while let Some(start) = rest.find("-----BEGIN ") {
+            let after = &rest[start + 11..];
+            let Some((label, body)) = after.split_once("-----") else {
+                break;
+            };
+            let end = format!("-----END {label}-----");
+            let Some(stop) = body.find(&end) else {
+                return Err(format!("--{flag}: {label} block has no END line"));
+            };
+            let b64: String = body[..stop]
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect();
+            let valid = b64.len() % 4 == 0
+                && !b64.is_empty()
+                && b64
+                    .trim_end_matches('=')
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
+            if !valid {
+                return Err(format!("--{flag}: {label} block is not valid base64"));
+            }
+            found |= labels.contains(&label);
+            rest = &body[stop + end.len()..];
+        }
+        if !found {
+            return Err(format!(
+                "--{flag}: no {} block found (EC keys: convert with `openssl pkcs8 -topk8 -nocrypt`)",
+                labels.join(" or ")
+            ));
+        }
+        Ok(())
     }
 
     fn nonzero(d: Duration) -> Option<Duration> {
@@ -583,6 +839,769 @@ mod config {
 }
 
 // ======================================================================================
+/// The connection layer, below HTTP: every connection from accept until its requests are
+/// in. tiny_http has no accept hook and reads request heads with no bound of size, count
+/// or time; it also drains a declared body on drop into a buffer of the declared size.
+/// So we interpose the two libc calls it makes on our sockets: `accept4` on the listening
+/// socket (its accept thread) and `recv` on each connection (its connection threads and
+/// our handlers reading bodies). Both are plain symbol definitions the linker prefers to
+/// libc's; every other caller passes straight through. Here we see every byte a client
+/// sends, in order, and follow HTTP/1.1 framing (heads, Content-Length and chunked
+/// bodies), so each head is checked whole before tiny_http acts on it.
+/// Owns: the connection table, --max-connections, --read-timeout, --max-header-size,
+/// --max-headers, and the early refusals (503, 408, 413, 431) written on the raw socket.
+/// Touches: raw sockets, the config limits it is given, metrics and the log.
+mod door {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    use std::sync::{Condvar, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    /// A TLS byte stream cannot be framed: its head phase may use this much beyond
+    /// --max-header-size (handshake, record overhead, one read-ahead record).
+    const TLS_HEAD_SLACK: usize = 64 * 1024;
+    /// A refused connection is closed this long after its answer, so the answer is read
+    /// before the close (a close with unread input sends RST, which can discard it).
+    const LINGER: Duration = Duration::from_millis(500);
+    /// At most this many refused connections linger; beyond it they close at once.
+    const MAX_LINGERING: usize = 256;
+    /// Liveness of tracked connections is re-checked this often (a closed fd is noticed
+    /// by its inode no longer matching).
+    const SWEEP_EVERY: Duration = Duration::from_secs(5);
+    /// A chunk-size line longer than this is not HTTP.
+    const MAX_CHUNK_LINE: usize = 1024;
+
+    pub struct Limits {
+        pub max_connections: usize,
+        pub read_timeout: Duration,
+        pub max_head: usize,
+        pub max_headers: usize,
+        pub max_body: usize,
+        pub tls: bool,
+    }
+
+    static LIMITS: OnceLock<Limits> = OnceLock::new();
+    static LISTENER: AtomicI32 = AtomicI32::new(-1);
+    static KEEPER_WAKE: Condvar = Condvar::new();
+    static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+    static LOG_FLOOD: AtomicBool = AtomicBool::new(false);
+
+    #[derive(Default)]
+    struct Table {
+        /// Keyed by socket inode: tiny_http reads through a dup of the accepted fd.
+        conns: HashMap<u64, Conn>,
+        by_peer: HashMap<SocketAddr, u64>,
+        lingering: Vec<(i32, Instant)>,
+        /// When the keeper will next look; a deadline earlier than this wakes it.
+        keeper_at: Option<Instant>,
+        refused_unlogged: u64,
+        last_refusal_log: Option<Instant>,
+    }
+
+    struct Conn {
+        fd: i32,
+        peer: SocketAddr,
+        /// Requests of this connection being handled now.
+        active: u32,
+        /// The next head must be in by then (set while no request is being handled).
+        head_deadline: Option<Instant>,
+        /// The body now arriving must be in by then.
+        body_deadline: Option<Instant>,
+        body_timed_out: bool,
+        frame: Frame,
+        /// Bytes of the head now arriving (TLS: of the whole head phase).
+        head_bytes: usize,
+    }
+
+    /// Where a connection's byte stream is.
+    enum Frame {
+        Head(Vec<u8>),
+        Body(u64),
+        ChunkSize(Vec<u8>),
+        ChunkData(u64),
+        ChunkEnd(u8),
+        Trailer(Vec<u8>),
+        /// TLS, or an upgraded connection: only the head-phase byte budget applies.
+        Opaque,
+    }
+
+    /// Why a connection was cut: the answer it gets (when no response is under way).
+    #[derive(Clone, Copy)]
+    enum Cut {
+        HeadTooLarge,
+        TooManyHeaders,
+        BodyTooLarge(u64),
+        BadChunk,
+    }
+
+    impl Cut {
+        fn reason(self) -> &'static str {
+            match self {
+                Cut::HeadTooLarge => "header_too_large",
+                Cut::TooManyHeaders => "too_many_headers",
+                Cut::BodyTooLarge(_) => "body_too_large",
+                Cut::BadChunk => "bad_chunked_body",
+            }
+        }
+        fn answer(self, l: &Limits) -> (u16, String) {
+            match self {
+                Cut::HeadTooLarge => (
+                    431,
+                    format!("Request header fields too large: the limit is {} bytes (--max-header-size)", l.max_head),
+                ),
+                Cut::TooManyHeaders => (
+                    431,
+                    format!("Request header fields too large: more than {} header lines (--max-headers)", l.max_headers),
+                ),
+                Cut::BodyTooLarge(n) => (
+                    413,
+                    format!("Request body too large: {n} bytes declared, the limit is {} bytes (--max-body)", l.max_body),
+                ),
+                Cut::BadChunk => (400, "Bad Request: malformed chunked body".into()),
+            }
+        }
+    }
+
+    fn limits() -> &'static Limits {
+        LIMITS
+            .get()
+            .expect("door installed before the server starts")
+    }
+
+    /// Arms the door for this listening socket and starts the keeper thread.
+    pub fn install(listener: i32, l: Limits) {
+        let _ = LIMITS.set(l);
+        *TABLE.lock().unwrap() = Some(Table::default());
+        LISTENER.store(listener, Ordering::Release);
+        crate::spawn_thread("door-keeper", keeper);
+    }
+
+    fn with_table<R>(f: impl FnOnce(&mut Table) -> R) -> Option<R> {
+        TABLE.lock().unwrap().as_mut().map(f)
+    }
+
+    fn inode(fd: i32) -> Option<u64> {
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+    }
+
+    fn peer_of(fd: i32) -> Option<SocketAddr> {
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if unsafe {
+            libc::getpeername(
+                fd,
+                (&mut ss as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        } != 0
+        {
+            return None;
+        }
+        match ss.ss_family as i32 {
+            libc::AF_INET => {
+                let a: libc::sockaddr_in =
+                    unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
+            }
+            libc::AF_INET6 => {
+                let a: libc::sockaddr_in6 =
+                    unsafe { std::ptr::read((&ss as *const libc::sockaddr_storage).cast()) };
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                    ip,
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    fn raw_recv(fd: i32, buf: &mut [u8], flags: i32) -> isize {
+        unsafe {
+            libc::syscall(
+                libc::SYS_recvfrom,
+                fd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                flags,
+                0usize,
+                0usize,
+            ) as isize
+        }
+    }
+
+    /// A complete HTTP response with a JSON-RPC error body, on the raw socket, then our
+    /// side shut for writing. Never blocks: a client that cannot take ~300 bytes at once
+    /// gets a plain close.
+    fn answer(fd: i32, status: u16, message: &str) {
+        // As the HTTP layer answers the same faults (P-11): malformed or oversized
+        // input is an invalid request, the rest a server-side refusal.
+        let code = if matches!(status, 400 | 413 | 431) {
+            -32600
+        } else {
+            -32000
+        };
+        let body = crate::message::error_response(&serde_json::Value::Null, code, message, None);
+        let head = crate::sse::status_line(status);
+        let text = format!(
+            "{head}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        unsafe {
+            libc::send(
+                fd,
+                text.as_ptr().cast(),
+                text.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            );
+            libc::shutdown(fd, libc::SHUT_WR);
+        }
+    }
+
+    /// Reads and discards what the client still sends, for up to LINGER, so that our
+    /// answer is not lost to a reset.
+    fn drain_briefly(fd: i32) {
+        let until = Instant::now() + LINGER;
+        let mut scratch = [0u8; 16 * 1024];
+        let mut total = 0usize;
+        while total < 4 << 20 {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as i32) } <= 0 {
+                break;
+            }
+            let n = raw_recv(fd, &mut scratch, libc::MSG_DONTWAIT);
+            if n <= 0 {
+                break;
+            }
+            total += n as usize;
+        }
+    }
+
+    fn count(reason: &'static str) {
+        if let Some(app) = crate::APP.get() {
+            app.metrics.rejected(reason);
+        }
+    }
+
+    // ---- accept ----------------------------------------------------------------------
+
+    /// tiny_http's accept thread calls this for our listening socket. Transient errors
+    /// (a connection reset before accept, out of descriptors) are retried here: tiny_http
+    /// would end its accept loop for good on any error.
+    ///
+    /// # Safety
+    /// Called by libc users with accept4's contract.
+    #[no_mangle]
+    pub unsafe extern "C" fn accept4(
+        fd: libc::c_int,
+        addr: *mut libc::sockaddr,
+        len: *mut libc::socklen_t,
+        flags: libc::c_int,
+    ) -> libc::c_int {
+        loop {
+            let c = libc::syscall(libc::SYS_accept4, fd, addr, len, flags) as libc::c_int;
+            if fd != LISTENER.load(Ordering::Acquire) {
+                return c;
+            }
+            if c < 0 {
+                let err = *libc::__errno_location();
+                match err {
+                    libc::EINTR | libc::ECONNABORTED | libc::EPROTO | libc::EPERM => continue,
+                    libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM => {
+                        if !LOG_FLOOD.swap(true, Ordering::Relaxed) {
+                            crate::log!(Error, "accept_failed", "cannot accept connections: {} (lower --max-connections or raise the open-files limit); retrying", std::io::Error::from_raw_os_error(err));
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                    _ => return c,
+                }
+            }
+            LOG_FLOOD.store(false, Ordering::Relaxed);
+            if admit(c) {
+                return c;
+            }
+        }
+    }
+
+    /// Registers a new connection, or answers 503 and lets it linger before closing.
+    fn admit(fd: i32) -> bool {
+        let l = limits();
+        let (Some(ino), Some(peer)) = (inode(fd), peer_of(fd)) else {
+            unsafe { libc::close(fd) };
+            return false;
+        };
+        let admitted = with_table(|t| {
+            if t.conns.len() >= l.max_connections {
+                sweep(t);
+            }
+            if t.conns.len() >= l.max_connections {
+                return false;
+            }
+            if let Some(old) = t.conns.remove(&ino) {
+                t.by_peer.remove(&old.peer);
+            }
+            let deadline = (!l.read_timeout.is_zero()).then(|| Instant::now() + l.read_timeout);
+            t.by_peer.insert(peer, ino);
+            t.conns.insert(
+                ino,
+                Conn {
+                    fd,
+                    peer,
+                    active: 0,
+                    head_deadline: deadline,
+                    body_deadline: None,
+                    body_timed_out: false,
+                    frame: if l.tls {
+                        Frame::Opaque
+                    } else {
+                        Frame::Head(Vec::new())
+                    },
+                    head_bytes: 0,
+                },
+            );
+            if let Some(d) = deadline {
+                wake_keeper_by(t, d);
+            }
+            true
+        })
+        .unwrap_or(true);
+        if admitted {
+            return true;
+        }
+        count("max_connections");
+        if !l.tls {
+            let msg = format!(
+                "Service unavailable: too many connections (--max-connections {})",
+                l.max_connections
+            );
+            answer(fd, 503, &msg);
+        }
+        with_table(|t| {
+            t.refused_unlogged += 1;
+            let quiet = t
+                .last_refusal_log
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+            if !quiet {
+                crate::log!(
+                    Warn,
+                    "connection_refused",
+                    "{} connection(s) refused: --max-connections {} reached (latest from {peer})",
+                    t.refused_unlogged,
+                    l.max_connections
+                );
+                t.refused_unlogged = 0;
+                t.last_refusal_log = Some(Instant::now());
+            }
+            if t.lingering.len() < MAX_LINGERING {
+                t.lingering.push((fd, Instant::now() + LINGER));
+                wake_keeper_by(t, Instant::now() + LINGER);
+            } else {
+                unsafe { libc::close(fd) };
+            }
+        });
+        false
+    }
+
+    /// Forgets connections whose fd is closed (or now names another socket).
+    fn sweep(t: &mut Table) {
+        let gone: Vec<u64> = t
+            .conns
+            .iter()
+            .filter(|(ino, c)| inode(c.fd) != Some(**ino))
+            .map(|(ino, _)| *ino)
+            .collect();
+        for ino in gone {
+            if let Some(c) = t.conns.remove(&ino) {
+                if t.by_peer.get(&c.peer) == Some(&ino) {
+                    t.by_peer.remove(&c.peer);
+                }
+            }
+        }
+    }
+
+    pub fn open_connections() -> usize {
+        with_table(|t| {
+            sweep(t);
+            t.conns.len()
+        })
+        .unwrap_or(0)
+    }
+
+    // ---- recv: follow the framing ------------------------------------------------------
+
+    /// Every read of a client socket, by tiny_http or by a handler reading a body.
+    ///
+    /// # Safety
+    /// Called by libc users with recv's contract.
+    #[no_mangle]
+    pub unsafe extern "C" fn recv(
+        fd: libc::c_int,
+        buf: *mut libc::c_void,
+        len: libc::size_t,
+        flags: libc::c_int,
+    ) -> libc::ssize_t {
+        let n =
+            libc::syscall(libc::SYS_recvfrom, fd, buf, len, flags, 0usize, 0usize) as libc::ssize_t;
+        if n <= 0 || flags & libc::MSG_PEEK != 0 || LISTENER.load(Ordering::Acquire) < 0 {
+            return n;
+        }
+        let data = std::slice::from_raw_parts(buf as *const u8, n as usize);
+        match observe(fd, data) {
+            Ok(()) => n,
+            Err(()) => {
+                *libc::__errno_location() = libc::ECONNRESET;
+                -1
+            }
+        }
+    }
+
+    fn observe(fd: i32, data: &[u8]) -> Result<(), ()> {
+        let Some(ino) = inode(fd) else { return Ok(()) };
+        let l = limits();
+        let verdict = with_table(|t| {
+            let c = t.conns.get_mut(&ino)?;
+            let before = c.head_deadline.or(c.body_deadline);
+            let r = feed(c, data, l);
+            let after = c.head_deadline.or(c.body_deadline);
+            let (peer, active) = (c.peer, c.active);
+            if let Some(d) = after.filter(|d| Some(*d) != before) {
+                wake_keeper_by(t, d);
+            }
+            Some(r.err().map(|cut| (cut, peer, active)))
+        })
+        .flatten()
+        .flatten();
+        let Some((cut, peer, active)) = verdict else {
+            return Ok(());
+        };
+        count(cut.reason());
+        let (status, msg) = cut.answer(l);
+        crate::log!(Info, "connection_cut", "{peer}: {status} {msg}");
+        if active == 0 && !l.tls {
+            answer(fd, status, &msg);
+            drain_briefly(fd);
+        }
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        Err(())
+    }
+
+    /// Advances a connection's framing over bytes it sent; Err when it broke a limit.
+    fn feed(c: &mut Conn, data: &[u8], l: &Limits) -> Result<(), Cut> {
+        let mut i = 0;
+        while i < data.len() {
+            let rest = &data[i..];
+            match &mut c.frame {
+                Frame::Opaque => {
+                    if c.active == 0 {
+                        c.head_bytes += rest.len();
+                        if c.head_bytes > l.max_head + TLS_HEAD_SLACK {
+                            return Err(Cut::HeadTooLarge);
+                        }
+                    }
+                    return Ok(());
+                }
+                Frame::Head(buf) => {
+                    let room = (l.max_head + 1).saturating_sub(buf.len());
+                    let piece = &rest[..rest.len().min(room)];
+                    let from = buf.len().saturating_sub(3);
+                    let old = buf.len();
+                    buf.extend_from_slice(piece);
+                    match find(&buf[from..], b"\r\n\r\n") {
+                        None if buf.len() > l.max_head => return Err(Cut::HeadTooLarge),
+                        None => i += piece.len(),
+                        Some(p) => {
+                            let end = from + p + 4;
+                            i += end - old;
+                            let head = std::mem::take(buf);
+                            c.frame = after_head(&head[..end], l)?;
+                            c.head_deadline = None;
+                            c.head_bytes = 0;
+                            if !matches!(c.frame, Frame::Head(_)) && !l.read_timeout.is_zero() {
+                                c.body_deadline = Some(Instant::now() + l.read_timeout);
+                            }
+                        }
+                    }
+                }
+                Frame::Body(left) => {
+                    let n = (*left).min(rest.len() as u64);
+                    *left -= n;
+                    i += n as usize;
+                    if *left == 0 {
+                        body_done(c);
+                    }
+                }
+                Frame::ChunkSize(line) => {
+                    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+                        line.extend_from_slice(rest);
+                        if line.len() > MAX_CHUNK_LINE {
+                            return Err(Cut::BadChunk);
+                        }
+                        return Ok(());
+                    };
+                    line.extend_from_slice(&rest[..nl]);
+                    i += nl + 1;
+                    let text = String::from_utf8_lossy(line);
+                    let hex = text.split(';').next().unwrap_or("").trim();
+                    let size = u64::from_str_radix(hex, 16).map_err(|_| Cut::BadChunk)?;
+                    c.frame = if size == 0 {
+                        Frame::Trailer(Vec::new())
+                    } else {
+                        Frame::ChunkData(size)
+                    };
+                }
+                Frame::ChunkData(left) => {
+                    let n = (*left).min(rest.len() as u64);
+                    *left -= n;
+                    i += n as usize;
+                    if *left == 0 {
+                        c.frame = Frame::ChunkEnd(0);
+                    }
+                }
+                Frame::ChunkEnd(seen) => {
+                    // The CRLF after a chunk's data.
+                    if rest[0] == b'\n' {
+                        c.frame = Frame::ChunkSize(Vec::new());
+                    } else if rest[0] != b'\r' || *seen > 0 {
+                        return Err(Cut::BadChunk);
+                    } else {
+                        *seen = 1;
+                    }
+                    i += 1;
+                }
+                Frame::Trailer(buf) => {
+                    // Trailer lines end with an empty line; with none, just CRLF.
+                    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
+                        buf.extend_from_slice(rest);
+                        if buf.len() > l.max_head {
+                            return Err(Cut::HeadTooLarge);
+                        }
+                        return Ok(());
+                    };
+                    let line_empty =
+                        buf.iter().all(|&b| b == b'\r') && rest[..nl].iter().all(|&b| b == b'\r');
+                    buf.clear();
+                    i += nl + 1;
+                    if line_empty {
+                        body_done(c);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn body_done(c: &mut Conn) {
+        c.frame = Frame::Head(Vec::new());
+        c.body_deadline = None;
+    }
+
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+
+    /// Checks a whole request head and says what follows it, as tiny_http will read it:
+    /// any Transfer-Encoding means chunked, else Content-Length (the first one), else
+    /// nothing; `Connection: upgrade` hands over the raw stream.
+    fn after_head(head: &[u8], l: &Limits) -> Result<Frame, Cut> {
+        let text = String::from_utf8_lossy(head);
+        let mut lines = text.split("\r\n").skip(1).filter(|s| !s.is_empty());
+        let mut n = 0;
+        let (mut length, mut chunked, mut upgrade) = (None, false, false);
+        for line in lines.by_ref() {
+            n += 1;
+            if n > l.max_headers {
+                return Err(Cut::TooManyHeaders);
+            }
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let (name, value) = (name.trim(), value.trim());
+            if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = true;
+            } else if name.eq_ignore_ascii_case("content-length") && length.is_none() {
+                length = Some(value.parse::<u64>().ok());
+            } else if name.eq_ignore_ascii_case("connection")
+                && value.to_ascii_lowercase().contains("upgrade")
+            {
+                upgrade = true;
+            }
+        }
+        if upgrade {
+            return Ok(Frame::Opaque);
+        }
+        if chunked {
+            return Ok(Frame::ChunkSize(Vec::new()));
+        }
+        match length.flatten() {
+            Some(n) if n > l.max_body as u64 => Err(Cut::BodyTooLarge(n)),
+            Some(n) if n > 0 => Ok(Frame::Body(n)),
+            _ => Ok(Frame::Head(Vec::new())),
+        }
+    }
+
+    // ---- requests being handled ------------------------------------------------------
+
+    /// Held by the HTTP handler for as long as a request is being answered: no read
+    /// deadline applies to a connection meanwhile (an SSE stream may last hours).
+    pub struct Visit(Option<SocketAddr>);
+
+    impl Visit {
+        pub fn begin(peer: Option<&SocketAddr>) -> Visit {
+            let peer = peer.copied();
+            if let Some(p) = peer {
+                with_table(|t| {
+                    if let Some(c) = t.by_peer.get(&p).and_then(|ino| t.conns.get_mut(ino)) {
+                        c.active += 1;
+                        c.head_deadline = None;
+                        if matches!(c.frame, Frame::Opaque) {
+                            c.head_bytes = 0;
+                        }
+                    }
+                });
+            }
+            Visit(peer)
+        }
+    }
+
+    /// The body of this peer's request did not arrive within --read-timeout.
+    pub fn body_timed_out(peer: Option<&SocketAddr>) -> bool {
+        let Some(p) = peer else { return false };
+        with_table(|t| {
+            t.by_peer
+                .get(p)
+                .and_then(|ino| t.conns.get(ino))
+                .is_some_and(|c| c.body_timed_out)
+        })
+        .unwrap_or(false)
+    }
+
+    impl Drop for Visit {
+        fn drop(&mut self) {
+            let Some(p) = self.0 else { return };
+            let timeout = limits().read_timeout;
+            with_table(|t| {
+                let Some(c) = t.by_peer.get(&p).and_then(|ino| t.conns.get_mut(ino)) else {
+                    return;
+                };
+                c.active = c.active.saturating_sub(1);
+                if c.active == 0 && !timeout.is_zero() {
+                    let d = Instant::now() + timeout;
+                    c.head_deadline = Some(d);
+                    wake_keeper_by(t, d);
+                }
+            });
+        }
+    }
+
+    // ---- the keeper: deadlines and lingering closes ------------------------------------
+
+    fn wake_keeper_by(t: &mut Table, at: Instant) {
+        if t.keeper_at.map_or(true, |k| at < k) {
+            t.keeper_at = Some(at);
+            KEEPER_WAKE.notify_one();
+        }
+    }
+
+    fn keeper() {
+        let mut last_sweep = Instant::now();
+        let mut guard = TABLE.lock().unwrap();
+        loop {
+            let now = Instant::now();
+            let Some(t) = guard.as_mut() else { return };
+            if now.duration_since(last_sweep) >= SWEEP_EVERY {
+                sweep(t);
+                last_sweep = now;
+            }
+            let mut next = now + SWEEP_EVERY;
+            let mut expired = Vec::new();
+            for (ino, c) in t.conns.iter_mut() {
+                if c.head_deadline.is_some_and(|d| d <= now) {
+                    c.head_deadline = None;
+                    let partial = matches!(&c.frame, Frame::Head(b) if !b.is_empty());
+                    expired.push((*ino, c.fd, c.peer, false, partial));
+                } else if c.body_deadline.is_some_and(|d| d <= now) {
+                    c.body_deadline = None;
+                    c.body_timed_out = true;
+                    expired.push((*ino, c.fd, c.peer, true, false));
+                }
+                for d in [c.head_deadline, c.body_deadline].into_iter().flatten() {
+                    next = next.min(d);
+                }
+            }
+            t.lingering.retain(|&(fd, at)| {
+                if at <= now {
+                    let mut scratch = [0u8; 4096];
+                    for _ in 0..64 {
+                        if raw_recv(fd, &mut scratch, libc::MSG_DONTWAIT) <= 0 {
+                            break;
+                        }
+                    }
+                    unsafe { libc::close(fd) };
+                    false
+                } else {
+                    next = next.min(at);
+                    true
+                }
+            });
+            t.keeper_at = Some(next);
+            let tls = limits().tls;
+            for (ino, fd, peer, body, partial) in expired {
+                if inode(fd) != Some(ino) {
+                    continue;
+                }
+                if body || partial {
+                    count("read_timeout");
+                }
+                if body {
+                    // The handler is reading it: end only the reading side, so it can
+                    // still answer 408.
+                    crate::log!(
+                        Info,
+                        "read_timeout",
+                        "{peer}: request body not received within --read-timeout; closing"
+                    );
+                    unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+                } else {
+                    if partial {
+                        crate::log!(
+                            Info,
+                            "read_timeout",
+                            "{peer}: request head not received within --read-timeout; closing"
+                        );
+                        if !tls {
+                            answer(fd, 408, "Request timeout: the request head did not arrive within --read-timeout");
+                        }
+                    } else {
+                        crate::log!(
+                            Debug,
+                            "idle_close",
+                            "{peer}: idle connection closed after --read-timeout"
+                        );
+                    }
+                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                }
+            }
+            let wait = next.saturating_duration_since(Instant::now());
+            guard = KEEPER_WAKE.wait_timeout(guard, wait).unwrap().0;
+        }
+    }
+}
+
+// ======================================================================================
 /// HTTP front door: owns the listener, the worker threads, Host/Origin checks, body
 /// reading and routing to a transport. Writes simple (non-streaming) responses itself.
 mod http {
@@ -598,6 +1617,11 @@ mod http {
         pub path: String,
         pub query: String,
         pub started: Instant,
+        /// The valid bearer token it carried (None when auth is off): sessions are bound
+        /// to it.
+        pub token: Option<Arc<str>>,
+        /// Its Origin, when CORS allows it: echoed on every response.
+        pub cors: Option<String>,
     }
 
     impl Incoming {
@@ -644,6 +1668,13 @@ mod http {
                 .as_reader()
                 .take(limit as u64 + 1)
                 .read_to_end(&mut body);
+            if crate::door::body_timed_out(self.rq.remote_addr()) {
+                return Err(Reply::error(
+                    408,
+                    -32000,
+                    "Request timeout: the body did not arrive within --read-timeout",
+                ));
+            }
             match read {
                 Err(e) => Err(Reply::error(
                     400,
@@ -742,7 +1773,7 @@ mod http {
         if !reply.content_type.is_empty() {
             head.push_str(&format!("Content-Type: {}\r\n", reply.content_type));
         }
-        for (k, v) in &reply.headers {
+        for (k, v) in reply.headers.iter().chain(&cors_headers(&inc)) {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str(&format!("Content-Length: {}\r\n\r\n", reply.body.len()));
@@ -750,6 +1781,68 @@ mod http {
         let mut bytes = head.into_bytes();
         bytes.extend_from_slice(&reply.body);
         let _ = out.write_all(&bytes).and_then(|_| out.flush());
+    }
+
+    /// Opens an SSE response with our headers and the CORS ones.
+    pub fn open_sse(
+        inc: Incoming,
+        mut extra: Vec<(&'static str, String)>,
+    ) -> std::io::Result<crate::sse::SseStream> {
+        extra.extend(cors_headers(&inc));
+        let chunked = inc.chunked();
+        crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &extra)
+    }
+
+    /// CORS on an actual (not preflight) response: who may read it and which of our
+    /// headers a page may see.
+    fn cors_headers(inc: &Incoming) -> Vec<(&'static str, String)> {
+        match &inc.cors {
+            None => Vec::new(),
+            Some(origin) => vec![
+                ("Access-Control-Allow-Origin", origin.clone()),
+                (
+                    "Access-Control-Expose-Headers",
+                    "Mcp-Session-Id, MCP-Protocol-Version, WWW-Authenticate".into(),
+                ),
+                ("Vary", "Origin".into()),
+            ],
+        }
+    }
+
+    /// The origin to echo, when --cors-origin lists it (or is `*`).
+    fn cors_origin(inc: &Incoming) -> Option<String> {
+        let listed = &app().cfg.cors_origins;
+        let origin = inc.header("Origin")?;
+        let o = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+        listed
+            .iter()
+            .any(|a| a == "*" || *a == o)
+            .then(|| origin.trim().to_string())
+    }
+
+    /// A CORS preflight: 204 with what a page may send, or 403 for an origin not listed.
+    fn preflight(inc: Incoming) {
+        if inc.cors.is_none() {
+            let origin = inc.header("Origin").unwrap_or("none").to_string();
+            return respond(
+                inc,
+                Reply::error(
+                    403,
+                    -32000,
+                    format!(
+                        "Forbidden: Origin {origin:?} is not allowed by CORS (see --cors-origin)"
+                    ),
+                ),
+            );
+        }
+        let reply = Reply::text(204, "", Vec::new())
+            .with_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
+            .with_header(
+                "Access-Control-Allow-Headers",
+                "Content-Type, Authorization, Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID",
+            )
+            .with_header("Access-Control-Max-Age", "600");
+        respond(inc, reply)
     }
 
     /// The accept loop: an elastic pool of workers all blocking on the server's queue; a
@@ -781,20 +1874,28 @@ mod http {
     }
 
     fn handle(rq: tiny_http::Request) {
+        let _visit = crate::door::Visit::begin(rq.remote_addr());
         let app = app();
         let url = rq.url().to_string();
         let (path, query) = match url.split_once('?') {
             Some((p, q)) => (p.to_string(), q.to_string()),
             None => (url, String::new()),
         };
-        let inc = Incoming {
+        let mut inc = Incoming {
             rq,
             path,
             query,
             started: Instant::now(),
+            token: None,
+            cors: None,
         };
         if let Err(reply) = check_host_and_origin(&inc) {
             return respond(inc, reply);
+        }
+        inc.cors = cors_origin(&inc);
+        let cfg = &app.cfg;
+        if *inc.method() == Method::Options && !cfg.cors_origins.is_empty() {
+            return preflight(inc);
         }
         if app.shutting_down.load(Ordering::Acquire) {
             return respond(
@@ -803,7 +1904,13 @@ mod http {
                     .with_header("Retry-After", "1"),
             );
         }
-        let cfg = &app.cfg;
+        let open_route = matches!(inc.path.as_str(), "/healthz" | "/readyz") && !cfg.auth.health;
+        if !open_route {
+            match crate::auth::check(inc.header("Authorization")) {
+                Ok(token) => inc.token = token,
+                Err(reply) => return respond(inc, reply),
+            }
+        }
         let path = inc.path.as_str();
         let method = inc.method().clone();
         let allow = |allowed: &'static str| {
@@ -918,7 +2025,8 @@ mod http {
     /// already-validated Host header (a same-origin page of an allowed name).
     pub fn origin_allowed(origin: &str, host: Option<&str>, cfg: &config::Config) -> bool {
         let o = origin.trim().trim_end_matches('/').to_ascii_lowercase();
-        if cfg.allowed_origins.iter().any(|a| a == "*" || *a == o) {
+        let mut listed = cfg.allowed_origins.iter().chain(&cfg.cors_origins);
+        if listed.any(|a| a == "*" || *a == o) {
             return true;
         }
         let Some((_, authority)) = o.split_once("://") else {
@@ -1013,6 +2121,144 @@ mod http {
 }
 
 // ======================================================================================
+/// Who may call: bearer tokens (--auth-token, --auth-token-file re-read on SIGHUP), the
+/// constant-time check, and what a session inherits from the request that created it
+/// (its owner token, --pass-header values). Tokens never reach a log, a metric or an
+/// error message: callers learn only "valid" and which token, to bind sessions to it.
+mod auth {
+    use crate::http::{Incoming, Reply};
+    use std::sync::{Arc, RwLock};
+
+    static TOKENS: RwLock<Vec<Arc<str>>> = RwLock::new(Vec::new());
+
+    /// Loads the fixed tokens and the token file; on SIGHUP, again. A file that cannot
+    /// be read keeps the tokens we have, so a bad edit never locks everyone out.
+    pub fn load() -> Result<usize, String> {
+        let auth = &crate::app().cfg.auth;
+        let mut tokens: Vec<Arc<str>> = auth.tokens.iter().map(|t| Arc::from(t.as_str())).collect();
+        if let Some(path) = &auth.token_file {
+            tokens.extend(
+                crate::config::read_token_file(path)?
+                    .iter()
+                    .map(|t| Arc::from(t.as_str())),
+            );
+        }
+        let n = tokens.len();
+        *TOKENS.write().unwrap() = tokens;
+        Ok(n)
+    }
+
+    pub fn reload() {
+        if crate::app().cfg.auth.token_file.is_none() {
+            crate::log!(
+                Info,
+                "signal",
+                "SIGHUP received; no --auth-token-file to re-read"
+            );
+            return;
+        }
+        match load() {
+            Ok(n) => crate::log!(
+                Info,
+                "auth_reload",
+                "token file re-read: {n} tokens in force"
+            ),
+            Err(e) => crate::log!(Error, "auth_reload", "{e}; keeping the tokens in force"),
+        }
+    }
+
+    /// Compares every byte of the longer input whatever differs first, so the time taken
+    /// says nothing about how much of a guess was right.
+    pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+        let mut diff = a.len() ^ b.len();
+        for i in 0..a.len().max(b.len()) {
+            let x = a.get(i).copied().unwrap_or(0);
+            let y = b.get(i).copied().unwrap_or(0);
+            diff |= usize::from(x ^ y);
+        }
+        diff == 0
+    }
+
+    /// Ok(None) when auth is off; Ok(token) for a valid bearer; else a 401 to send.
+    pub fn check(header: Option<&str>) -> Result<Option<Arc<str>>, Reply> {
+        if !crate::app().cfg.auth.enabled() {
+            return Ok(None);
+        }
+        let presented = header.and_then(|h| {
+            let (scheme, rest) = h.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+        let Some(presented) = presented else {
+            return Err(unauthorized(
+                "Unauthorized: send Authorization: Bearer <token>",
+                None,
+            ));
+        };
+        let mut found = None;
+        for t in TOKENS.read().unwrap().iter() {
+            if ct_eq(t.as_bytes(), presented.as_bytes()) {
+                found = Some(t.clone());
+            }
+        }
+        match found {
+            Some(t) => Ok(Some(t)),
+            None => Err(unauthorized(
+                "Unauthorized: the bearer token is not valid",
+                Some("invalid_token"),
+            )),
+        }
+    }
+
+    fn unauthorized(msg: &str, error: Option<&str>) -> Reply {
+        crate::app().metrics.rejected("unauthorized");
+        let challenge = match error {
+            Some(e) => format!("Bearer realm=\"stdio-sse\", error=\"{e}\""),
+            None => "Bearer realm=\"stdio-sse\"".to_string(),
+        };
+        Reply::error(401, -32001, msg).with_header("WWW-Authenticate", challenge)
+    }
+
+    /// What a new session takes from the request that creates it.
+    #[derive(Default)]
+    pub struct Context {
+        pub owner: Option<Arc<str>>,
+        /// --pass-header values present on the request, as (variable, value).
+        pub env: Vec<(String, String)>,
+    }
+
+    pub fn context(inc: &Incoming) -> Result<Context, Reply> {
+        let mut env = Vec::new();
+        for (name, var) in &crate::app().cfg.pass_headers {
+            let Some(value) = inc.header(name) else {
+                continue;
+            };
+            if value.chars().any(|c| c.is_control() && c != '\t') {
+                return Err(Reply::error(
+                    400,
+                    -32600,
+                    format!("Bad Request: header {name} holds a control character"),
+                ));
+            }
+            env.push((var.clone(), value.to_string()));
+        }
+        Ok(Context {
+            owner: inc.token.clone(),
+            env,
+        })
+    }
+
+    /// A session answers only to the token that created it (S-2: a session id is not
+    /// a credential); to any other it does not exist.
+    pub fn owns(owner: &Option<Arc<str>>, token: &Option<Arc<str>>) -> bool {
+        match (owner, token) {
+            (None, _) => true,
+            (Some(o), Some(t)) => ct_eq(o.as_bytes(), t.as_bytes()),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+// ======================================================================================
 /// Streamable HTTP on the MCP endpoint (2025-03-26 .. 2025-11-25): POST, GET and DELETE
 /// for session mode. Owns the HTTP-level rules (P-*, G-*, S-*, V-*, B-*); hands messages
 /// to `sessions` and streams what `sessions` routes back.
@@ -1058,7 +2304,7 @@ mod streamable {
                 );
             }
             if let Some(id) = session_id {
-                return match app.sessions.get(&id, Transport::Streamable) {
+                return match app.sessions.get(&id, Transport::Streamable, &inc.token) {
                     Some(_) => respond(inc, Reply::error(400, -32600, "Invalid Request: Server already initialized (this session has sent initialize)")),
                     None => respond(inc, Reply::error(404, -32001, "Session not found")),
                 };
@@ -1071,7 +2317,7 @@ mod streamable {
             // modern error code, so dual-era clients fall back to initialize (N-11).
             return respond(inc, Reply::error(400, -32000, "Bad Request: Mcp-Session-Id header is required (Server not initialized: send initialize first; this server speaks MCP 2024-11-05 to 2025-11-25)"));
         };
-        let Some(session) = app.sessions.get(&id, Transport::Streamable) else {
+        let Some(session) = app.sessions.get(&id, Transport::Streamable, &inc.token) else {
             return respond(inc, Reply::error(404, -32001, "Session not found"));
         };
         if let Err(reply) = check_version(&inc) {
@@ -1110,7 +2356,11 @@ mod streamable {
             Kind::Request { id, .. } => id.clone(),
             _ => serde_json::Value::Null,
         };
-        match sessions::create(Transport::Streamable) {
+        let ctx = match crate::auth::context(&inc) {
+            Ok(ctx) => ctx,
+            Err(reply) => return respond(inc, reply),
+        };
+        match sessions::create(Transport::Streamable, ctx) {
             Ok(session) => {
                 session.set_initialize(&init_id);
                 forward_and_stream(inc, &session, vec![init], Some(session.id.clone()));
@@ -1175,8 +2425,7 @@ mod streamable {
             attached.stream,
             session.tag
         );
-        let chunked = inc.chunked();
-        match crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &headers) {
+        match crate::http::open_sse(inc, headers) {
             Ok(stream) => crate::sse::pump(stream, attached, session),
             Err(_) => session.detach(attached.stream, attached.conn_id),
         }
@@ -1205,7 +2454,7 @@ mod streamable {
                 ),
             );
         };
-        let Some(session) = app().sessions.get(id, Transport::Streamable) else {
+        let Some(session) = app().sessions.get(id, Transport::Streamable, &inc.token) else {
             return respond(inc, Reply::error(404, -32001, "Session not found"));
         };
         if let Err(reply) = check_version(&inc) {
@@ -1226,8 +2475,7 @@ mod streamable {
             attached.replay.len(),
             session.tag
         );
-        let chunked = inc.chunked();
-        match crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &[]) {
+        match crate::http::open_sse(inc, Vec::new()) {
             Ok(stream) => crate::sse::pump(stream, attached, &session),
             Err(_) => session.detach(attached.stream, attached.conn_id),
         }
@@ -1245,7 +2493,7 @@ mod streamable {
                 ),
             );
         };
-        let Some(session) = app().sessions.get(id, Transport::Streamable) else {
+        let Some(session) = app().sessions.get(id, Transport::Streamable, &inc.token) else {
             return respond(inc, Reply::error(404, -32001, "Session not found"));
         };
         sessions::end(&session, sessions::EndReason::Deleted);
@@ -1271,7 +2519,11 @@ mod legacy {
                 ),
             );
         }
-        let session = match sessions::create(Transport::Legacy) {
+        let ctx = match crate::auth::context(&inc) {
+            Ok(ctx) => ctx,
+            Err(reply) => return respond(inc, reply),
+        };
+        let session = match sessions::create(Transport::Legacy, ctx) {
             Ok(s) => s,
             Err(sessions::CreateError::Refused(reply)) => return respond(inc, reply),
             Err(sessions::CreateError::Spawn(msg)) => {
@@ -1294,8 +2546,7 @@ mod legacy {
             inc.summary(),
             session.tag
         );
-        let chunked = inc.chunked();
-        let opened = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &[]);
+        let opened = crate::http::open_sse(inc, Vec::new());
         let endpoint = format!("{}?sessionId={}", crate::app().cfg.message_path, session.id);
         if let Ok(mut stream) = opened {
             if stream.event(Some("endpoint"), &endpoint).is_ok() {
@@ -1320,7 +2571,10 @@ mod legacy {
                 ),
             );
         };
-        let Some(session) = crate::app().sessions.get(&id, Transport::Legacy) else {
+        let Some(session) = crate::app()
+            .sessions
+            .get(&id, Transport::Legacy, &inc.token)
+        else {
             return respond(inc, Reply::error(404, -32001, "Session not found"));
         };
         let messages = match crate::http::read_jsonrpc_body(&mut inc) {
@@ -1462,7 +2716,11 @@ mod oneshot {
                 app.metrics.dropped("client_gone");
             }
         };
-        let child = match crate::child::spawn(&tag) {
+        let env = match crate::auth::context(&inc) {
+            Ok(ctx) => ctx.env,
+            Err(reply) => return respond(inc, reply),
+        };
+        let child = match crate::child::spawn(&tag, env) {
             Ok((c, stdout)) => {
                 // The reader's end drops the sender: the stream sees the channel close.
                 crate::child::start_reader(&c, stdout, Box::new(on_line), Box::new(|| {}));
@@ -1485,8 +2743,7 @@ mod oneshot {
         child.close_stdin();
         app.metrics.http_response(200);
         crate::log!(Debug, "http", "{} -> 200 oneshot [{tag}]", inc.summary());
-        let chunked = inc.chunked();
-        let stream = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &[]);
+        let stream = crate::http::open_sse(inc, Vec::new());
         let delivered = stream.and_then(|s| stream_output(s, &rx, &child));
         if delivered.is_err() {
             crate::log!(
@@ -1722,6 +2979,8 @@ mod sessions {
         pub tag: String,
         pub transport: Transport,
         pub upstream: Arc<Upstream>,
+        /// The token that created it; no other may use it.
+        owner: Option<Arc<str>>,
         routing: Mutex<Routing>,
         last_active_ms: AtomicU64,
         /// Orders sessions by their latest request (a sequence, not a clock, so two
@@ -1758,9 +3017,17 @@ mod sessions {
     }
 
     impl Registry {
-        pub fn get(&self, id: &str, transport: Transport) -> Option<Arc<Session>> {
+        /// The session, if it exists on this transport and answers to this token.
+        pub fn get(
+            &self,
+            id: &str,
+            transport: Transport,
+            token: &Option<Arc<str>>,
+        ) -> Option<Arc<Session>> {
             let map = self.map.lock().unwrap();
-            map.get(id).filter(|s| s.transport == transport).cloned()
+            map.get(id)
+                .filter(|s| s.transport == transport && crate::auth::owns(&s.owner, token))
+                .cloned()
         }
         pub fn all(&self) -> Vec<Arc<Session>> {
             self.map.lock().unwrap().values().cloned().collect()
@@ -1782,7 +3049,10 @@ mod sessions {
     /// Registers a session on a child: its own (session mode, from the warm pool when
     /// there is one) or the least loaded shared child. The capacity check and the insert
     /// happen under one lock so concurrent initializes cannot overshoot --max-sessions.
-    pub fn create(transport: Transport) -> Result<Arc<Session>, CreateError> {
+    pub fn create(
+        transport: Transport,
+        ctx: crate::auth::Context,
+    ) -> Result<Arc<Session>, CreateError> {
         let app = crate::app();
         let full = || {
             app.metrics.rejected("capacity");
@@ -1801,7 +3071,7 @@ mod sessions {
         let (upstream, stdout) = if app.cfg.mode == config::Mode::Shared {
             (crate::upstream::pick().map_err(CreateError::Refused)?, None)
         } else {
-            let (u, out) = crate::upstream::dedicated(&tag).map_err(CreateError::Spawn)?;
+            let (u, out) = crate::upstream::dedicated(&tag, ctx.env).map_err(CreateError::Spawn)?;
             (u, Some(out))
         };
         let session = Arc::new(Session {
@@ -1809,6 +3079,7 @@ mod sessions {
             tag: tag.clone(),
             transport,
             upstream: upstream.clone(),
+            owner: ctx.owner,
             routing: Mutex::new(Routing::default()),
             last_active_ms: AtomicU64::new(crate::now_ms()),
             last_request: AtomicU64::new(crate::next_id()),
@@ -2775,8 +4046,14 @@ mod upstream {
     }
 
     /// A child for a new session-mode session: a warm one if the pool has it.
-    pub fn dedicated(tag: &str) -> Result<(Arc<Upstream>, ChildStdout), String> {
-        let (child, stdout) = match warm_take() {
+    /// A child for one session. A warm child was started before any request, so it can
+    /// serve only a session with no --pass-header value to give it.
+    pub fn dedicated(
+        tag: &str,
+        env: Vec<(String, String)>,
+    ) -> Result<(Arc<Upstream>, ChildStdout), String> {
+        let warm = if env.is_empty() { warm_take() } else { None };
+        let (child, stdout) = match warm {
             Some((c, out)) => {
                 crate::log!(
                     Info,
@@ -2787,7 +4064,7 @@ mod upstream {
                 );
                 (c, out)
             }
-            None => crate::child::spawn(tag)?,
+            None => crate::child::spawn(tag, env)?,
         };
         Ok((Arc::new(Upstream::new(child, false)), stdout))
     }
@@ -3096,7 +4373,7 @@ mod upstream {
             }
             generation += 1;
             let tag = format!("shared-{i}.{generation}");
-            let why = match crate::child::spawn(&tag) {
+            let why = match crate::child::spawn(&tag, Vec::new()) {
                 Ok((child, stdout)) => {
                     let up = Arc::new(Upstream::new(child.clone(), true));
                     start_router(&up, stdout);
@@ -3282,7 +4559,7 @@ mod upstream {
                     }
                     generation += 1;
                     let tag = format!("warm-{generation}");
-                    match crate::child::spawn(&tag) {
+                    match crate::child::spawn(&tag, Vec::new()) {
                         Ok((c, out)) => {
                             let wake = wake.clone();
                             c.on_exit(Box::new(move || {
@@ -3347,6 +4624,7 @@ mod child {
 
     struct SpawnJob {
         tag: String,
+        env: Vec<(String, String)>,
         reply: crossbeam_channel::Sender<Result<(std::process::Child, Arc<ChildProc>), String>>,
     }
 
@@ -3359,7 +4637,7 @@ mod child {
         let _ = SPAWNER.set(tx);
         crate::spawn_thread("spawner", move || {
             for job in rx {
-                let _ = job.reply.send(spawn_here(&job.tag));
+                let _ = job.reply.send(spawn_here(&job.tag, &job.env));
             }
         });
     }
@@ -3368,6 +4646,11 @@ mod child {
         let cfg = &crate::app().cfg;
         let mut cmd = Command::new(&cfg.command[0]);
         cmd.args(&cfg.command[1..]);
+        // A --pass-header variable is the client's to give: never inherited from us, and
+        // absent unless its header is present (or --env gives a fallback).
+        for (_, var) in &cfg.pass_headers {
+            cmd.env_remove(var);
+        }
         cmd.envs(cfg.env.iter().map(|(k, v)| (k, v)));
         if let Some(dir) = &cfg.cwd {
             cmd.current_dir(dir);
@@ -3375,9 +4658,13 @@ mod child {
         cmd
     }
 
-    fn spawn_here(tag: &str) -> Result<(std::process::Child, Arc<ChildProc>), String> {
+    fn spawn_here(
+        tag: &str,
+        env: &[(String, String)],
+    ) -> Result<(std::process::Child, Arc<ChildProc>), String> {
         let cfg = &crate::app().cfg;
         let mut cmd = command();
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -3431,13 +4718,17 @@ mod child {
 
     /// Spawns the configured command and starts its stderr and waiter threads; the
     /// caller starts the stdout reader once it is ready to route what the child says.
-    pub fn spawn(tag: &str) -> Result<(Arc<ChildProc>, ChildStdout), String> {
+    pub fn spawn(
+        tag: &str,
+        env: Vec<(String, String)>,
+    ) -> Result<(Arc<ChildProc>, ChildStdout), String> {
         let app = crate::app();
         let (reply, rx) = crossbeam_channel::bounded(1);
         let spawner = SPAWNER.get().ok_or("spawner not started")?;
         spawner
             .send(SpawnJob {
                 tag: tag.to_string(),
+                env,
                 reply,
             })
             .map_err(|_| "spawner gone".to_string())?;
@@ -3822,14 +5113,18 @@ mod sse {
         let reason = match status {
             200 => "OK",
             202 => "Accepted",
+            204 => "No Content",
             400 => "Bad Request",
             403 => "Forbidden",
             404 => "Not Found",
             405 => "Method Not Allowed",
             406 => "Not Acceptable",
+            401 => "Unauthorized",
+            408 => "Request Timeout",
             409 => "Conflict",
             413 => "Content Too Large",
             415 => "Unsupported Media Type",
+            431 => "Request Header Fields Too Large",
             500 => "Internal Server Error",
             502 => "Bad Gateway",
             503 => "Service Unavailable",
@@ -4276,6 +5571,12 @@ mod observe {
                     vec![(String::new(), app.children.lock().unwrap().len() as u64)],
                 ),
                 (
+                    "connections_open",
+                    "Client connections open now (bounded by --max-connections).",
+                    "gauge",
+                    vec![(String::new(), crate::door::open_connections() as u64)],
+                ),
+                (
                     "messages_total",
                     "JSON-RPC messages relayed, by direction.",
                     "counter",
@@ -4304,7 +5605,7 @@ mod observe {
                 ),
                 (
                     "requests_rejected_total",
-                    "Requests refused for capacity, by reason.",
+                    "Requests and connections refused, by reason.",
                     "counter",
                     by("reason", &self.rejected),
                 ),
@@ -4513,7 +5814,7 @@ fn handle_signals(set: libc::sigset_t) {
         }
         let app = app();
         if sig == libc::SIGHUP {
-            log!(Info, "signal", "SIGHUP received; nothing to reload");
+            auth::reload();
             continue;
         }
         if app.shutting_down.swap(true, Ordering::AcqRel) {
@@ -4553,6 +5854,30 @@ fn shutdown() {
     }
     log!(Info, "shutdown", "all children ended; exiting");
     std::process::exit(0);
+}
+
+/// A connection costs a descriptor (two while tiny_http reads it) and each child three:
+/// take the hard limit, so --max-connections, not the soft default of 1024, is the bound.
+fn raise_open_files_limit() {
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Anyone who can reach a non-loopback port without a token can run the child's tools.
+fn warn_if_exposed(cfg: &config::Config, addr: &std::net::SocketAddr) {
+    if cfg.auth.enabled() || cfg.auth.allow_unauthenticated || addr.ip().is_loopback() {
+        return;
+    }
+    log!(
+        Warn,
+        "unauthenticated",
+        "listening on {addr} with no --auth-token: anyone who can reach this port can call the server's tools. Set --auth-token or --auth-token-file, or --allow-unauthenticated to accept the risk and silence this warning"
+    );
 }
 
 /// Our own executable, for the demo child. /proc may be missing (scratch containers,
@@ -4633,17 +5958,12 @@ fn main() {
         }
     }
     let addr = listener.local_addr().expect("bound socket has an address");
-    let server = match tiny_http::Server::from_listener(listener, None) {
-        Ok(s) => Arc::new(s),
-        Err(e) => {
-            eprintln!("stdio-sse: cannot start the HTTP server: {e}");
-            std::process::exit(1);
-        }
-    };
+    raise_open_files_limit();
     let demo = cfg.demo;
     let mode = cfg.mode;
     let (mcp, sse) = (cfg.mcp_path.clone(), cfg.sse_path.clone());
     let command = cfg.command.join(" ");
+    let tls = cfg.tls.take();
     if APP
         .set(App {
             cfg: *cfg,
@@ -4656,8 +5976,40 @@ fn main() {
     {
         unreachable!("main runs once");
     }
+    let cfg = &app().cfg;
+    if let Err(e) = auth::load() {
+        eprintln!("stdio-sse: {e}");
+        std::process::exit(2);
+    }
+    warn_if_exposed(cfg, &addr);
+    {
+        use std::os::fd::AsRawFd;
+        door::install(
+            listener.as_raw_fd(),
+            door::Limits {
+                max_connections: cfg.max_connections,
+                read_timeout: cfg.read_timeout,
+                max_head: cfg.max_header_size,
+                max_headers: cfg.max_headers,
+                max_body: cfg.max_body,
+                tls: tls.is_some(),
+            },
+        );
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let ssl = tls.map(|(certificate, private_key)| tiny_http::SslConfig {
+        certificate,
+        private_key,
+    });
+    let server = match tiny_http::Server::from_listener(listener, ssl) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("stdio-sse: cannot start the HTTP server: {e}");
+            std::process::exit(1);
+        }
+    };
     child::start_spawner();
-    let url = format!("http://{addr}");
+    let url = format!("{scheme}://{addr}");
     match mode {
         config::Mode::Session | config::Mode::Shared => log!(
             Info,

@@ -31,6 +31,10 @@ fn malformed_and_invalid_bodies() {
     let big = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"pad": "x".repeat(2000)}}).to_string();
     let r = c.request("POST", "/mcp", &[JSON_CT, ACCEPT_BOTH], big.as_bytes());
     assert_rpc_error(&r, 413, -32600, "1024 bytes");
+    // A declared body over the limit is refused before it is read, and the connection
+    // closed rather than read through: the rest goes on a new one.
+    assert_eq!(r.header("Connection"), Some("close"));
+    let mut c = Conn::open(&s);
     let r = c.request(
         "POST",
         "/mcp",
@@ -51,7 +55,7 @@ fn malformed_and_invalid_bodies() {
     assert_rpc_error(&r, 405, -32000, "GET, POST, DELETE");
     assert_eq!(r.header("Allow"), Some("GET, POST, DELETE"));
     // Each refusal was logged with its reason.
-    s.wait_log("-> 413 Request body too large");
+    s.wait_log("413 Request body too large");
     s.wait_log("-> 405");
     // After all that, a normal session works on the same connection.
     let r = c.request(
