@@ -78,6 +78,9 @@ mod config {
     pub const DEFAULT_MAX_HEADER_SIZE: &str = "32KiB";
     /// Most header lines in one request; browsers send about 20.
     pub const DEFAULT_MAX_HEADERS: &str = "100";
+    /// Deepest JSON nesting accepted from a client or the child. MCP messages nest a
+    /// dozen levels; deeper input is refused before parsing, which recurses per level.
+    pub const DEFAULT_MAX_JSON_DEPTH: &str = "64";
 
     /// Protocol versions whose HTTP framing we relay (rule V-3: validate against what
     /// the bridge can carry, not what the child negotiated).
@@ -347,6 +350,12 @@ mod config {
             DEFAULT_MAX_HEADERS,
             "most request header lines (431 beyond it)",
         ),
+        flag(
+            "max-json-depth",
+            "N",
+            DEFAULT_MAX_JSON_DEPTH,
+            "deepest JSON nesting accepted from clients and the child",
+        ),
     ];
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -397,6 +406,7 @@ mod config {
         pub read_timeout: Duration,
         pub max_header_size: usize,
         pub max_headers: usize,
+        pub max_json_depth: usize,
         /// Program and arguments of the child; for the demo server, ourselves.
         pub command: Vec<String>,
         pub demo: bool,
@@ -710,6 +720,7 @@ mod config {
             read_timeout: parse_duration("read-timeout", &get("read-timeout"))?,
             max_header_size: parse_size("max-header-size", &get("max-header-size"))?.max(256),
             max_headers: parse_count("max-headers", &get("max-headers"))?.max(1),
+            max_json_depth: parse_count("max-json-depth", &get("max-json-depth"))?.clamp(1, 100),
             command,
             demo,
         };
@@ -933,6 +944,8 @@ mod door {
         TooManyHeaders,
         BodyTooLarge(u64),
         BadChunk,
+        /// Bytes a request head may not hold: non-ASCII, NUL or other controls.
+        BadHead,
     }
 
     impl Cut {
@@ -942,6 +955,7 @@ mod door {
                 Cut::TooManyHeaders => "too_many_headers",
                 Cut::BodyTooLarge(_) => "body_too_large",
                 Cut::BadChunk => "bad_chunked_body",
+                Cut::BadHead => "bad_header_bytes",
             }
         }
         fn answer(self, l: &Limits) -> (u16, String) {
@@ -959,6 +973,10 @@ mod door {
                     format!("Request body too large: {n} bytes declared, the limit is {} bytes (--max-body)", l.max_body),
                 ),
                 Cut::BadChunk => (400, "Bad Request: malformed chunked body".into()),
+                Cut::BadHead => (
+                    400,
+                    "Bad Request: the request head holds bytes that are not printable ASCII".into(),
+                ),
             }
         }
     }
@@ -1417,6 +1435,19 @@ mod door {
     /// any Transfer-Encoding means chunked, else Content-Length (the first one), else
     /// nothing; `Connection: upgrade` hands over the raw stream.
     fn after_head(head: &[u8], l: &Limits) -> Result<Frame, Cut> {
+        // tiny_http would drop a non-ASCII head without a word, and a control byte in a
+        // value could reach a child's environment (--pass-header).
+        let bare_cr_or_lf = head.iter().enumerate().any(|(i, &b)| {
+            (b == b'\r' && head.get(i + 1) != Some(&b'\n'))
+                || (b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+        });
+        if bare_cr_or_lf
+            || head.iter().any(|&b| {
+                b >= 0x80 || (b < 0x20 && !matches!(b, b'\r' | b'\n' | b'\t')) || b == 0x7f
+            })
+        {
+            return Err(Cut::BadHead);
+        }
         let text = String::from_utf8_lossy(head);
         let mut lines = text.split("\r\n").skip(1).filter(|s| !s.is_empty());
         let mut n = 0;
@@ -1498,6 +1529,16 @@ mod door {
                     return;
                 };
                 c.active = c.active.saturating_sub(1);
+                if c.active == 0 && !matches!(c.frame, Frame::Head(_) | Frame::Opaque) {
+                    // Answered without reading its whole (chunked) body: tiny_http would
+                    // take the rest for the next request head. End the reading side.
+                    crate::log!(
+                        Debug,
+                        "unread_body",
+                        "{p}: body left unread; closing after the response"
+                    );
+                    unsafe { libc::shutdown(c.fd, libc::SHUT_RD) };
+                }
                 if c.active == 0 && !timeout.is_zero() {
                     let d = Instant::now() + timeout;
                     c.head_deadline = Some(d);
@@ -1536,7 +1577,9 @@ mod door {
                 } else if c.body_deadline.is_some_and(|d| d <= now) {
                     c.body_deadline = None;
                     c.body_timed_out = true;
-                    expired.push((*ino, c.fd, c.peer, true, false));
+                    // tiny_http reads bodies up to 1 KiB itself, before any handler:
+                    // with none running, we answer.
+                    expired.push((*ino, c.fd, c.peer, c.active > 0, c.active == 0));
                 }
                 for d in [c.head_deadline, c.body_deadline].into_iter().flatten() {
                     next = next.min(d);
@@ -1580,10 +1623,14 @@ mod door {
                         crate::log!(
                             Info,
                             "read_timeout",
-                            "{peer}: request head not received within --read-timeout; closing"
+                            "{peer}: request not received within --read-timeout; closing"
                         );
                         if !tls {
-                            answer(fd, 408, "Request timeout: the request head did not arrive within --read-timeout");
+                            answer(
+                                fd,
+                                408,
+                                "Request timeout: the request did not arrive within --read-timeout",
+                            );
                         }
                     } else {
                         crate::log!(
@@ -2098,7 +2145,7 @@ mod http {
             ));
         }
         let body = inc.read_body(app().cfg.max_body)?;
-        let value: serde_json::Value = serde_json::from_slice(&body)
+        let value: serde_json::Value = crate::message::parse(&body)
             .map_err(|e| Reply::error(400, -32700, format!("Parse error: invalid JSON: {e}")))?;
         let (messages, batch) = match value {
             serde_json::Value::Array(items) => (items, true),
@@ -2679,7 +2726,7 @@ mod oneshot {
             );
         }
         // Any JSON, compacted to one line (ST-1, ST-6): the program reads lines.
-        let value: serde_json::Value = match serde_json::from_slice(body) {
+        let value: serde_json::Value = match crate::message::parse(body) {
             Ok(v) => v,
             Err(e) => {
                 return respond(
@@ -2830,6 +2877,38 @@ mod message {
 
     pub fn progress_token(v: &Value) -> Option<&Value> {
         v.pointer("/params/_meta/progressToken")
+    }
+
+    /// Parses JSON from a client or the child. Nesting is checked first, without
+    /// recursion: serde_json recurses per level, and our threads have small stacks.
+    pub fn parse(bytes: &[u8]) -> Result<Value, String> {
+        let limit = crate::app().cfg.max_json_depth;
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for &b in bytes {
+            if in_string {
+                match b {
+                    _ if escaped => escaped = false,
+                    b'\\' => escaped = true,
+                    b'"' => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > limit {
+                        return Err(format!(
+                            "nested deeper than {limit} levels (--max-json-depth)"
+                        ));
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
     }
 
     pub fn error_response(id: &Value, code: i64, message: &str, data: Option<Value>) -> String {
@@ -4084,7 +4163,7 @@ mod upstream {
     /// order the child wrote is the order each stream sees (P-7).
     fn route_line(up: &Arc<Upstream>, line: String) {
         let app = crate::app();
-        let value: Value = match serde_json::from_str(&line) {
+        let value: Value = match crate::message::parse(line.as_bytes()) {
             Ok(v) => v,
             Err(e) => {
                 // ST-5: the child's bug, not the session's end.

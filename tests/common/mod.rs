@@ -284,6 +284,11 @@ impl Conn {
         }
     }
 
+    /// Writes bytes as they are: hand-made or malformed requests.
+    pub fn write_raw(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).unwrap();
+    }
+
     /// Sends a request; `headers` may override Host.
     pub fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
         let mut req = format!("{method} {path} HTTP/1.1\r\n");
