@@ -1,26 +1,44 @@
 #!/usr/bin/env bash
 # stdio-sse build and test entry point.
-#   ./build.sh        static release binary in dist/stdio-sse (musl; glibc crt-static fallback)
+#   ./build.sh        static release binaries (musl; glibc crt-static fallback):
+#                     dist/stdio-sse, and dist/stdio-sse-tls with in-process TLS
 #   ./build.sh test   every test: cargo integration tests, then the external judges
 set -euo pipefail
 cd "$(dirname "$0")"
 
 MUSL=x86_64-unknown-linux-musl
 
-build() {
-    mkdir -p dist
+# build_one OUT [CARGO ARGS...]: one static release binary into dist/OUT.
+build_one() {
+    local out=$1; shift
     if rustup target list --installed 2>/dev/null | grep -qx "$MUSL" || rustup target add "$MUSL" >/dev/null 2>&1; then
         # Non-PIE: a plain static executable ("statically linked"), a little smaller too.
+        # ring (TLS build) compiles C and assembly: the host gcc does for musl objects.
+        CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-gcc} \
         RUSTFLAGS="-C relocation-model=static -C target-feature=+crt-static" \
-            cargo build --release --locked --target "$MUSL"
-        cp "target/$MUSL/release/stdio-sse" dist/stdio-sse
+            cargo build --release --locked --target "$MUSL" "$@"
+        cp "$(target_dir "$@")/$MUSL/release/stdio-sse" "dist/$out"
     else
         echo "build: the musl target cannot be installed here; building a static glibc binary (crt-static) instead"
-        RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu
-        cp target/x86_64-unknown-linux-gnu/release/stdio-sse dist/stdio-sse
+        RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu "$@"
+        cp "$(target_dir "$@")/x86_64-unknown-linux-gnu/release/stdio-sse" "dist/$out"
     fi
+}
+
+target_dir() {
+    local prev=""
+    for a in "$@"; do [ "$prev" = --target-dir ] && { echo "$a"; return; }; prev=$a; done
+    echo target
+}
+
+build() {
+    mkdir -p dist
+    build_one stdio-sse
+    # TLS in-process is a separate binary: rustls costs ~280 KB the default one need not carry.
+    build_one stdio-sse-tls --features tls --target-dir target/tls
     echo "build: dist/stdio-sse is $(stat -c %s dist/stdio-sse) bytes"
-    command -v file >/dev/null && file dist/stdio-sse || true
+    echo "build: dist/stdio-sse-tls is $(stat -c %s dist/stdio-sse-tls) bytes"
+    command -v file >/dev/null && file dist/stdio-sse dist/stdio-sse-tls || true
 }
 
 run_tests() {

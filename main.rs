@@ -1508,6 +1508,16 @@ mod door {
         }
     }
 
+    /// Shuts this peer's connection for reading (`libc::SHUT_RD`) or both ways.
+    pub fn shut(peer: Option<&SocketAddr>, how: i32) {
+        let Some(p) = peer else { return };
+        with_table(|t| {
+            if let Some(c) = t.by_peer.get(p).and_then(|ino| t.conns.get(ino)) {
+                unsafe { libc::shutdown(c.fd, how) };
+            }
+        });
+    }
+
     /// The body of this peer's request did not arrive within --read-timeout.
     pub fn body_timed_out(peer: Option<&SocketAddr>) -> bool {
         let Some(p) = peer else { return false };
@@ -1920,8 +1930,35 @@ mod http {
         }
     }
 
+    /// Over TLS the door sees only ciphertext, so a declared body over --max-body is
+    /// refused here. tiny_http drains a declared body on drop into a buffer of the
+    /// declared size: with reading shut first that buffer stays untouched virtual memory,
+    /// but one larger than this could fail to allocate, which aborts.
+    const TLS_DRAIN_ALLOC_MAX: usize = 1 << 30;
+
+    fn refuse_tls_oversized(rq: tiny_http::Request) -> Option<tiny_http::Request> {
+        let max = app().cfg.max_body;
+        let Some(declared) = rq.body_length().filter(|n| *n > max && rq.secure()) else {
+            return Some(rq);
+        };
+        let peer = rq.remote_addr().copied();
+        app().metrics.rejected("body_too_large");
+        if declared > TLS_DRAIN_ALLOC_MAX {
+            let who = peer.map(|p| p.to_string()).unwrap_or_default();
+            crate::log!(Warn, "connection_cut", "{who}: {declared}-byte body declared over TLS; connection closed (a few KB of tiny_http's request state are not freed)");
+            crate::door::shut(peer.as_ref(), libc::SHUT_RDWR);
+            std::mem::forget(rq);
+            return None;
+        }
+        crate::door::shut(peer.as_ref(), libc::SHUT_RD);
+        Some(rq)
+    }
+
     fn handle(rq: tiny_http::Request) {
         let _visit = crate::door::Visit::begin(rq.remote_addr());
+        let Some(rq) = refuse_tls_oversized(rq) else {
+            return;
+        };
         let app = app();
         let url = rq.url().to_string();
         let (path, query) = match url.split_once('?') {

