@@ -57,6 +57,32 @@ fn mistakes_exit_2_with_a_reason() {
         ),
         (&["--mode", "shared", "--children", "0"], "at least 1"),
         (&["--replay-buffer", "10,lots"], "--replay-buffer"),
+        (
+            &["--mode", "shared", "--pass-header", "X-Api-Key"],
+            "--pass-header cannot work in --mode shared",
+        ),
+        (&["--pass-header", "X Bad"], "not a header name"),
+        (
+            &["--pass-header", "X-Key=1BAD"],
+            "not an environment variable name",
+        ),
+        (
+            &["--tls-cert", "/nonexistent.pem"],
+            "--tls-cert and --tls-key go together",
+        ),
+        (
+            &["--tls-cert", "/a.pem", "--tls-key", "/b.pem"],
+            "this build has no TLS: use stdio-sse-tls",
+        ),
+        (
+            &["--auth-token-file", "/nonexistent/tokens"],
+            "cannot read --auth-token-file",
+        ),
+        (
+            &["--auth-token", "has space"],
+            "--auth-token may not be empty",
+        ),
+        (&["--auth-health=maybe"], "--auth-health is on or off"),
     ] {
         let out = Command::new(BIN).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
