@@ -7,7 +7,7 @@
 //! and message routing, the child process, SSE framing, observability, and last the
 //! built-in demo server that runs when no COMMAND is given.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,14 @@ mod config {
     /// Time a child gets after stdin EOF, and again after SIGTERM, before the next step.
     pub const DEFAULT_SHUTDOWN_GRACE: &str = "5s";
     pub const DEFAULT_LOG_LEVEL: &str = "info";
+    /// Text for people at a terminal; json for log shippers (one object per line).
+    pub const DEFAULT_LOG_FORMAT: &str = "text";
+    /// One line per HTTP request: what an operator reads first when a client complains.
+    pub const DEFAULT_ACCESS_LOG: &str = "true";
+    /// --probe without a URL: the readiness endpoint of an instance on the default port.
+    pub const DEFAULT_PROBE_PATH: &str = "/readyz";
+    /// --probe gives up on a server that does not answer within this.
+    pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
     /// Events kept per session for clients that resume a stream (and for messages that
     /// wait for a GET stream): whichever bound is reached first evicts the oldest.
     pub const DEFAULT_REPLAY_BUFFER: &str = "1000,8MiB";
@@ -131,10 +139,13 @@ mod config {
         }
     }
     const fn switch(name: &'static str, help: &'static str) -> Flag {
+        switch_default(name, "", help)
+    }
+    const fn switch_default(name: &'static str, default: &'static str, help: &'static str) -> Flag {
         Flag {
             name,
             value: "",
-            default: "",
+            default,
             repeatable: false,
             switch: true,
             help,
@@ -298,6 +309,21 @@ mod config {
             DEFAULT_LOG_LEVEL,
             "error, warn, info or debug",
         ),
+        flag(
+            "log-format",
+            "FORMAT",
+            DEFAULT_LOG_FORMAT,
+            "text, or json (one object per line)",
+        ),
+        switch_default(
+            "access-log",
+            DEFAULT_ACCESS_LOG,
+            "a log line per HTTP request (--access-log=false: off)",
+        ),
+        switch(
+            "exit-with-parent",
+            "exit (ending the children) when the process that started us exits",
+        ),
         many(
             "auth-token",
             "TOKEN",
@@ -396,6 +422,9 @@ mod config {
         pub crash_loop_window: Duration,
         pub stderr_tail: usize,
         pub log_level: crate::observe::Level,
+        pub log_json: bool,
+        pub access_log: bool,
+        pub exit_with_parent: bool,
         pub auth: Auth,
         pub cors_origins: Vec<String>,
         /// (certificate chain, private key), PEM, already read.
@@ -461,6 +490,9 @@ mod config {
         Run(Box<Config>),
         Help,
         Version,
+        /// --probe [URL]: ask a running instance whether it is ready (for health checks
+        /// in images that hold nothing but this binary).
+        Probe(String),
     }
 
     pub fn env_name(flag: &str) -> String {
@@ -502,6 +534,22 @@ mod config {
             }
             if arg == "-V" || arg == "--version" {
                 return Ok(Parsed::Version);
+            }
+            if arg == "--probe" || arg.starts_with("--probe=") {
+                let url = match arg.strip_prefix("--probe=") {
+                    Some(u) => u.to_string(),
+                    None => match args.get(i + 1).filter(|a| !a.starts_with('-')) {
+                        Some(u) => u.clone(),
+                        None => {
+                            let port = values
+                                .get("port")
+                                .and_then(|v| v.last().cloned())
+                                .unwrap_or_else(|| DEFAULT_PORT.to_string());
+                            format!("http://127.0.0.1:{port}{DEFAULT_PROBE_PATH}")
+                        }
+                    },
+                };
+                return Ok(Parsed::Probe(url));
             }
             let Some(body) = arg.strip_prefix("--") else {
                 command.extend(args[i..].iter().cloned());
@@ -712,6 +760,13 @@ mod config {
                     get("log-level")
                 )
             })?,
+            log_json: match get("log-format").as_str() {
+                "text" => false,
+                "json" => true,
+                other => return Err(format!("--log-format must be text or json, got {other:?}")),
+            },
+            access_log: switch_on("access-log")?,
+            exit_with_parent: switch_on("exit-with-parent")?,
             auth,
             cors_origins,
             tls,
@@ -882,6 +937,9 @@ mod door {
     const SWEEP_EVERY: Duration = Duration::from_secs(5);
     /// A chunk-size line longer than this is not HTTP.
     const MAX_CHUNK_LINE: usize = 1024;
+    /// A refusal of the next request on a connection whose previous response is still
+    /// being written waits this long for it, so the two answers never interleave.
+    const HANDLER_WAIT: Duration = Duration::from_secs(1);
 
     pub struct Limits {
         pub max_connections: usize,
@@ -895,6 +953,8 @@ mod door {
     static LIMITS: OnceLock<Limits> = OnceLock::new();
     static LISTENER: AtomicI32 = AtomicI32::new(-1);
     static KEEPER_WAKE: Condvar = Condvar::new();
+    /// Signalled when a handler leaves a connection (see `wait_for_handler`).
+    static VISIT_DONE: Condvar = Condvar::new();
     static TABLE: Mutex<Option<Table>> = Mutex::new(None);
     static LOG_FLOOD: AtomicBool = AtomicBool::new(false);
 
@@ -1309,12 +1369,31 @@ mod door {
         count(cut.reason());
         let (status, msg) = cut.answer(l);
         crate::log!(Info, "connection_cut", "{peer}: {status} {msg}");
-        if active == 0 && !l.tls {
+        if !l.tls && (active == 0 || wait_for_handler(ino)) {
             answer(fd, status, &msg);
             drain_briefly(fd);
         }
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         Err(())
+    }
+
+    /// A keep-alive client may send its next request while the previous response is
+    /// being written; the answer to a refusal waits for that response to end (bounded:
+    /// a long stream gets a plain close instead).
+    fn wait_for_handler(ino: u64) -> bool {
+        let until = Instant::now() + HANDLER_WAIT;
+        let mut guard = TABLE.lock().unwrap();
+        loop {
+            let active = guard
+                .as_ref()
+                .and_then(|t| t.conns.get(&ino))
+                .map_or(0, |c| c.active);
+            let left = until.saturating_duration_since(Instant::now());
+            if active == 0 || left.is_zero() {
+                return active == 0;
+            }
+            guard = VISIT_DONE.wait_timeout(guard, left).unwrap().0;
+        }
     }
 
     /// Advances a connection's framing over bytes it sent; Err when it broke a limit.
@@ -1555,6 +1634,7 @@ mod door {
                     wake_keeper_by(t, d);
                 }
             });
+            VISIT_DONE.notify_all();
         }
     }
 
@@ -1673,7 +1753,6 @@ mod http {
         pub rq: tiny_http::Request,
         pub path: String,
         pub query: String,
-        pub started: Instant,
         /// The valid bearer token it carried (None when auth is off): sessions are bound
         /// to it.
         pub token: Option<Arc<str>>,
@@ -1739,7 +1818,10 @@ mod http {
                     format!("Could not read request body: {e}"),
                 )),
                 Ok(_) if body.len() > limit => Err(too_large()),
-                Ok(_) => Ok(body),
+                Ok(_) => {
+                    crate::observe::bytes_in(body.len());
+                    Ok(body)
+                }
             }
         }
     }
@@ -1804,27 +1886,19 @@ mod http {
 
     /// Sends a complete response, logging every error status with its reason.
     pub fn respond(inc: Incoming, reply: Reply) {
-        let app = app();
-        app.metrics.http_response(reply.status);
+        crate::observe::response_status(reply.status);
         if reply.status >= 400 {
             let why = reply.message().unwrap_or_default();
-            crate::log!(
-                Info,
-                "http_error",
-                "{} -> {} {}",
-                inc.summary(),
-                reply.status,
-                why
-            );
-        } else {
-            crate::log!(
-                Debug,
-                "http",
-                "{} -> {} in {:?}",
-                inc.summary(),
-                reply.status,
-                inc.started.elapsed()
-            );
+            if !crate::observe::response_error(&why) {
+                crate::log!(
+                    Info,
+                    "http_error",
+                    "{} -> {} {}",
+                    inc.summary(),
+                    reply.status,
+                    why
+                );
+            }
         }
         let mut head = crate::sse::status_line(reply.status);
         if !reply.content_type.is_empty() {
@@ -1837,6 +1911,7 @@ mod http {
         let mut out = inc.rq.into_writer();
         let mut bytes = head.into_bytes();
         bytes.extend_from_slice(&reply.body);
+        crate::observe::bytes_out(bytes.len());
         let _ = out.write_all(&bytes).and_then(|_| out.flush());
     }
 
@@ -1965,11 +2040,16 @@ mod http {
             Some((p, q)) => (p.to_string(), q.to_string()),
             None => (url, String::new()),
         };
+        let _access = crate::observe::request_begins(
+            rq.method().as_str(),
+            &path,
+            route_of(&path, &app.cfg),
+            rq.remote_addr().copied(),
+        );
         let mut inc = Incoming {
             rq,
             path,
             query,
-            started: Instant::now(),
             token: None,
             cors: None,
         };
@@ -2044,6 +2124,20 @@ mod http {
                 let msg = format!("Not found: {path}");
                 respond(inc, Reply::error(404, -32601, msg))
             }
+        }
+    }
+
+    /// The route label for /metrics: the configured paths by name, anything else `other`.
+    fn route_of(path: &str, cfg: &config::Config) -> crate::observe::Route {
+        use crate::observe::Route;
+        match path {
+            "/healthz" => Route::Healthz,
+            "/readyz" => Route::Readyz,
+            "/metrics" => Route::Metrics,
+            p if p == cfg.mcp_path => Route::Mcp,
+            p if p == cfg.sse_path && cfg.mode != Mode::Oneshot => Route::Sse,
+            p if p == cfg.message_path && cfg.mode != Mode::Oneshot => Route::Message,
+            _ => Route::Other,
         }
     }
 
@@ -2200,6 +2294,7 @@ mod http {
                 ));
             }
         }
+        crate::observe::request_messages(&messages);
         Ok((messages, batch))
     }
 }
@@ -2500,15 +2595,7 @@ mod streamable {
         if let Some(id) = &new_session {
             headers.push((SESSION_HEADER, id.clone()));
         }
-        app().metrics.http_response(200);
-        crate::log!(
-            Debug,
-            "http",
-            "{} -> 200 stream {} [{}]",
-            inc.summary(),
-            attached.stream,
-            session.tag
-        );
+        crate::observe::response_status(200);
         match crate::http::open_sse(inc, headers) {
             Ok(stream) => crate::sse::pump(stream, attached, session),
             Err(_) => session.detach(attached.stream, attached.conn_id),
@@ -2549,16 +2636,7 @@ mod streamable {
             Ok(a) => a,
             Err(reply) => return respond(inc, reply),
         };
-        app().metrics.http_response(200);
-        crate::log!(
-            Debug,
-            "http",
-            "{} -> 200 stream {} (replaying {}) [{}]",
-            inc.summary(),
-            attached.stream,
-            attached.replay.len(),
-            session.tag
-        );
+        crate::observe::response_status(200);
         match crate::http::open_sse(inc, Vec::new()) {
             Ok(stream) => crate::sse::pump(stream, attached, &session),
             Err(_) => session.detach(attached.stream, attached.conn_id),
@@ -2622,14 +2700,7 @@ mod legacy {
                 return respond(inc, reply);
             }
         };
-        crate::app().metrics.http_response(200);
-        crate::log!(
-            Debug,
-            "http",
-            "{} -> 200 legacy stream [{}]",
-            inc.summary(),
-            session.tag
-        );
+        crate::observe::response_status(200);
         let opened = crate::http::open_sse(inc, Vec::new());
         let endpoint = format!("{}?sessionId={}", crate::app().cfg.message_path, session.id);
         if let Ok(mut stream) = opened {
@@ -2772,6 +2843,7 @@ mod oneshot {
                 )
             }
         };
+        crate::observe::request_messages(std::slice::from_ref(&value));
         let app = app();
         if ACTIVE.fetch_add(1, Ordering::AcqRel) >= app.cfg.max_sessions {
             ACTIVE.fetch_sub(1, Ordering::AcqRel);
@@ -2793,6 +2865,7 @@ mod oneshot {
         }
         let _slot = Slot;
         let tag = format!("os-{}", NEXT_TAG.fetch_add(1, Ordering::Relaxed));
+        crate::observe::request_session(&tag);
         let (tx, rx) = crossbeam_channel::bounded::<Option<String>>(app.cfg.stream_queue);
         let stall = app.cfg.stall_timeout;
         let on_line = move |line: String| {
@@ -2821,19 +2894,18 @@ mod oneshot {
             crate::log!(
                 Info,
                 "oneshot_input_lost",
-                "[{tag}] could not write the request to the program: {e}"
+                session = tag; "could not write the request to the program: {e}"
             );
         }
         child.close_stdin();
-        app.metrics.http_response(200);
-        crate::log!(Debug, "http", "{} -> 200 oneshot [{tag}]", inc.summary());
+        crate::observe::response_status(200);
         let stream = crate::http::open_sse(inc, Vec::new());
         let delivered = stream.and_then(|s| stream_output(s, &rx, &child));
         if delivered.is_err() {
             crate::log!(
                 Info,
                 "oneshot_client_gone",
-                "[{tag}] client disconnected; ending the child's process group"
+                session = tag; "client disconnected; ending the child's process group"
             );
             child.kill_now(app.cfg.shutdown_grace);
         }
@@ -3066,6 +3138,8 @@ mod sessions {
     struct InFlight {
         stream: u64,
         seq: u64,
+        /// When the client's request reached us: the latency histogram's start.
+        since: Instant,
     }
 
     #[derive(Default)]
@@ -3141,9 +3215,14 @@ mod sessions {
             token: &Option<Arc<str>>,
         ) -> Option<Arc<Session>> {
             let map = self.map.lock().unwrap();
-            map.get(id)
+            let found = map
+                .get(id)
                 .filter(|s| s.transport == transport && crate::auth::owns(&s.owner, token))
-                .cloned()
+                .cloned();
+            if let Some(s) = &found {
+                crate::observe::request_session(&s.tag);
+            }
+            found
         }
         pub fn all(&self) -> Vec<Arc<Session>> {
             self.map.lock().unwrap().values().cloned().collect()
@@ -3216,10 +3295,11 @@ mod sessions {
             crate::upstream::start_router(&upstream, stdout);
         }
         app.metrics.session_opened(transport);
+        crate::observe::request_session(&tag);
         crate::log!(
             Info,
             "session_open",
-            "[{tag}] {transport:?} session opened on child pid {}",
+            session = tag; "{transport:?} session opened on child pid {}",
             upstream.child.pid
         );
         Ok(session)
@@ -3340,7 +3420,14 @@ mod sessions {
             for (key, token) in &keys {
                 let seq = r.next_seq;
                 r.next_seq += 1;
-                r.in_flight.insert(key.clone(), InFlight { stream, seq });
+                r.in_flight.insert(
+                    key.clone(),
+                    InFlight {
+                        stream,
+                        seq,
+                        since: Instant::now(),
+                    },
+                );
                 if let Some(t) = token {
                     r.progress.insert(t.clone(), key.clone());
                 }
@@ -3419,9 +3506,7 @@ mod sessions {
                 crate::log!(
                     Info,
                     "stream_resumed",
-                    "[{}] stream {no} resumed on a new connection; ending the old one",
-                    self.tag
-                );
+                    session = self.tag; "stream {no} resumed on a new connection; ending the old one");
             }
             let replay = r.take_replay(no, |e| e.n > n);
             let stream = &r.streams[&no];
@@ -3581,7 +3666,7 @@ mod sessions {
                 crate::log!(
                     Error,
                     "message_dropped",
-                    "[{tag}] event for stream {no}, which this session no longer has"
+                    session = tag; "event for stream {no}, which this session no longer has"
                 );
                 return;
             };
@@ -3600,7 +3685,7 @@ mod sessions {
                     conn.link.cut.store(true, Ordering::Release);
                     stream.conn = None;
                     app.metrics.stream_cut("overflow");
-                    crate::log!(Warn, "stream_overflow", "[{tag}] stream {no}: the client is not reading ({} events queued, --stream-queue); closing the connection, events stay in the replay buffer", app.cfg.stream_queue);
+                    crate::log!(Warn, "stream_overflow", session = tag; "stream {no}: the client is not reading ({} events queued, --stream-queue); closing the connection, events stay in the replay buffer", app.cfg.stream_queue);
                 } else {
                     conn.link.queued.fetch_add(1, Ordering::AcqRel);
                     queued = conn
@@ -3645,7 +3730,7 @@ mod sessions {
                     app.metrics.dropped("replay_overflow");
                     if !self.lost_logged {
                         self.lost_logged = true;
-                        crate::log!(Warn, "message_dropped", "[{tag}] a message that waited for a GET stream left the replay buffer undelivered (--replay-buffer); further losses in this session are only counted");
+                        crate::log!(Warn, "message_dropped", session = tag; "a message that waited for a GET stream left the replay buffer undelivered (--replay-buffer); further losses in this session are only counted");
                     }
                 }
             }
@@ -3657,7 +3742,7 @@ mod sessions {
     /// to the GET stream when `aside` (a shared child's notification about other work).
     pub fn route_value(session: &Arc<Session>, json: String, value: &Value, aside: bool) {
         let app = crate::app();
-        app.metrics.message_out();
+        app.metrics.message(false, value);
         let tag = session.tag.as_str();
         match classify(value) {
             Kind::Response { id } => {
@@ -3669,10 +3754,11 @@ mod sessions {
                     crate::log!(
                         Warn,
                         "message_dropped",
-                        "[{tag}] child answered id {key}, which no request is waiting for"
+                        session = tag; "child answered id {key}, which no request is waiting for"
                     );
                     return;
                 };
+                app.metrics.request_latency(f.since.elapsed());
                 r.progress.retain(|_, req| *req != key);
                 let mut init_failed = false;
                 if r.initialize_id.as_deref() == Some(key.as_str()) {
@@ -3691,7 +3777,7 @@ mod sessions {
                     crate::log!(
                         Warn,
                         "initialize_failed",
-                        "[{tag}] the server refused initialize; ending the session"
+                        session = tag; "the server refused initialize; ending the session"
                     );
                     end_in_background(session.clone(), EndReason::InitializeFailed);
                 }
@@ -3704,7 +3790,7 @@ mod sessions {
                     crate::log!(
                         Info,
                         "message_dropped",
-                        "[{tag}] {method} arrived after the session ended"
+                        session = tag; "{method} arrived after the session ended"
                     );
                     return;
                 }
@@ -3723,7 +3809,7 @@ mod sessions {
                 crate::log!(
                     Warn,
                     "child_invalid",
-                    "[{tag}] skipped a child message that is not JSON-RPC ({why})"
+                    session = tag; "skipped a child message that is not JSON-RPC ({why})"
                 );
             }
         }
@@ -3808,10 +3894,8 @@ mod sessions {
         crate::log!(
             Info,
             "session_close",
-            "[{}] session ended ({})",
-            session.tag,
-            reason.label()
-        );
+            session = session.tag; "session ended ({})",
+            reason.label());
         session.upstream.release(session, awaiting);
     }
 
@@ -3831,10 +3915,8 @@ mod sessions {
                     crate::log!(
                         Info,
                         "session_idle",
-                        "[{}] idle for {:?}; ending it",
-                        s.tag,
-                        s.idle_for()
-                    );
+                        session = s.tag; "idle for {:?}; ending it",
+                        s.idle_for());
                     end_in_background(s, EndReason::Idle);
                 }
             }
@@ -3932,7 +4014,7 @@ mod upstream {
             if !self.shared {
                 for m in messages {
                     self.child.send_message(m)?;
-                    app.metrics.message_in();
+                    app.metrics.message(true, m);
                 }
                 return Ok(());
             }
@@ -3949,7 +4031,7 @@ mod upstream {
             }
             for m in &to_child {
                 self.child.send_message(m)?;
-                app.metrics.message_in();
+                app.metrics.message(true, m);
             }
             Ok(())
         }
@@ -4174,7 +4256,7 @@ mod upstream {
                 crate::log!(
                     Info,
                     "warm_take",
-                    "[{tag}] took warm child {} (pid {})",
+                    session = tag; "took warm child {} (pid {})",
                     c.tag,
                     c.pid
                 );
@@ -4209,9 +4291,7 @@ mod upstream {
                 crate::log!(
                     Warn,
                     "child_non_json",
-                    "[{}] skipped a stdout line that is not JSON ({e}): {shown}",
-                    up.child.tag
-                );
+                    session = up.child.tag; "skipped a stdout line that is not JSON ({e}): {shown}");
                 return;
             }
         };
@@ -4243,7 +4323,7 @@ mod upstream {
                     crate::log!(
                         Info,
                         "message_dropped",
-                        "[{tag}] child message after its session ended"
+                        session = tag; "child message after its session ended"
                     );
                 }
             }
@@ -4258,7 +4338,7 @@ mod upstream {
                     crate::log!(
                         Warn,
                         "message_dropped",
-                        "[{tag}] child sent {method} but no session is open; answering it with an error"
+                        session = tag; "child sent {method} but no session is open; answering it with an error"
                     );
                     let answer = json!({"jsonrpc": "2.0", "id": id,
                         "error": {"code": -32000, "message": "No client is connected to answer this request"}});
@@ -4308,7 +4388,7 @@ mod upstream {
                     crate::log!(
                         Debug,
                         "message_dropped",
-                        "[{tag}] {method} concerns no open session"
+                        session = tag; "{method} concerns no open session"
                     );
                 }
                 for (s, token) in targets {
@@ -4327,7 +4407,7 @@ mod upstream {
                 crate::log!(
                     Warn,
                     "child_invalid",
-                    "[{tag}] skipped a child message that is not JSON-RPC ({why})"
+                    session = tag; "skipped a child message that is not JSON-RPC ({why})"
                 );
             }
         }
@@ -4373,7 +4453,7 @@ mod upstream {
                         crate::log!(
                             Info,
                             "shared_initialized",
-                            "[{tag}] shared child initialized (protocol {}); later sessions are answered from the cache",
+                            session = tag; "shared child initialized (protocol {}); later sessions are answered from the cache",
                             r["protocolVersion"].as_str().unwrap_or("?")
                         );
                     }
@@ -4393,7 +4473,7 @@ mod upstream {
                 crate::log!(
                     Debug,
                     "message_dropped",
-                    "[{tag}] answer to a request whose session has ended"
+                    session = tag; "answer to a request whose session has ended"
                 );
             }
             None => {
@@ -4402,7 +4482,7 @@ mod upstream {
                 crate::log!(
                     Warn,
                     "message_dropped",
-                    "[{tag}] child answered id {:?}, which the bridge never sent",
+                    session = tag; "child answered id {:?}, which the bridge never sent",
                     value.get("id")
                 );
             }
@@ -4424,11 +4504,9 @@ mod upstream {
         crate::log!(
             Warn,
             "child_exit",
-            "[{}] server process {} with {} session(s) open",
-            up.child.tag,
+            session = up.child.tag; "server process {} with {} session(s) open",
             crate::child::describe(&status),
-            members.len()
-        );
+            members.len());
         for s in members {
             sessions::end(&s, EndReason::ChildGone);
         }
@@ -4501,7 +4579,7 @@ mod upstream {
                     crate::log!(
                         Info,
                         "shared_child",
-                        "[{tag}] shared child {i} started, pid {}",
+                        session = tag; "shared child {i} started, pid {}",
                         child.pid
                     );
                     let status = match child.wait_exit(window) {
@@ -4512,7 +4590,7 @@ mod upstream {
                                 crate::log!(
                                     Info,
                                     "crash_loop_over",
-                                    "[{tag}] child has stayed up for {window:?}; ready again"
+                                    session = tag; "child has stayed up for {window:?}; ready again"
                                 );
                             }
                             loop {
@@ -4543,7 +4621,7 @@ mod upstream {
                 let reason = format!("crash loop: the server process failed {failures} times in a row without staying up for {window:?}; last: {why}");
                 let mut g = slots.slots.lock().unwrap();
                 if g[i].crash_loop.is_none() {
-                    crate::log!(Error, "crash_loop", "[{tag}] {reason}");
+                    crate::log!(Error, "crash_loop", session = tag; "{reason}");
                 }
                 g[i].crash_loop = Some(reason);
                 drop(g);
@@ -4552,7 +4630,7 @@ mod upstream {
             crate::log!(
                 Warn,
                 "child_restart",
-                "[{tag}] shared child {i} {why}; restarting in {delay:?}"
+                session = tag; "shared child {i} {why}; restarting in {delay:?}"
             );
             std::thread::sleep(delay);
         }
@@ -4659,7 +4737,7 @@ mod upstream {
                             }
                             let lived = c.started.elapsed();
                             died_fast |= lived < window;
-                            crate::log!(Warn, "warm_exit", "[{}] warm child pid {} exited while waiting for a session (after {lived:?}); replacing it", c.tag, c.pid);
+                            crate::log!(Warn, "warm_exit", session = c.tag; "warm child pid {} exited while waiting for a session (after {lived:?}); replacing it", c.pid);
                             false
                         });
                         ready.len()
@@ -4684,7 +4762,7 @@ mod upstream {
                             crate::log!(
                                 Info,
                                 "warm_ready",
-                                "[{tag}] warm child started, pid {}",
+                                session = tag; "warm child started, pid {}",
                                 c.pid
                             );
                             warm.ready.lock().unwrap().push_back((c, out));
@@ -4807,7 +4885,11 @@ mod child {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| {
+        let spawned = cmd.spawn();
+        if let Ok(c) = &spawned {
+            crate::ownership::watch(c.id() as i32);
+        }
+        let child = spawned.map_err(|e| {
             let shown = cfg.command.join(" ");
             match e.kind() {
                 std::io::ErrorKind::NotFound => {
@@ -4852,7 +4934,7 @@ mod child {
             .recv()
             .map_err(|_| "spawner gone".to_string())?
             .inspect_err(|e| {
-                crate::log!(Error, "spawn_failed", "[{tag}] {e}");
+                crate::log!(Error, "spawn_failed", session = tag; "{e}");
                 app.metrics.spawn_failed();
             })?;
         *proc_.stdin.lock().unwrap() = child.stdin.take();
@@ -4863,7 +4945,7 @@ mod child {
             .lock()
             .unwrap()
             .insert(proc_.pid, proc_.clone());
-        crate::log!(Debug, "child_spawn", "[{tag}] started pid {}", proc_.pid);
+        crate::log!(Debug, "child_spawn", session = tag; "started pid {}", proc_.pid);
         let p = proc_.clone();
         crate::spawn_thread("child-stderr", move || read_stderr(stderr, &p));
         let p = proc_.clone();
@@ -4901,6 +4983,7 @@ mod child {
         {
             let mut life = p.life.lock().unwrap();
             unsafe { libc::kill(-p.pid, libc::SIGKILL) };
+            crate::ownership::forget(p.pid);
             life.reaping = true;
         }
         let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(0));
@@ -4909,11 +4992,9 @@ mod child {
         crate::log!(
             Debug,
             "child_exit",
-            "[{}] pid {} {}",
-            p.tag,
+            session = p.tag; "pid {} {}",
             p.pid,
-            describe(&status)
-        );
+            describe(&status));
         p.life.lock().unwrap().status = Some(status);
         p.exited.notify_all();
         if let Some(hook) = p.on_exit.lock().unwrap().take() {
@@ -4929,6 +5010,7 @@ mod child {
             buf.clear();
             match read_line_limited(&mut reader, &mut buf, max) {
                 Ok(LineRead::Line) => {
+                    crate::app().metrics.child_bytes(false, buf.len() + 1);
                     if buf.ends_with(b"\r") {
                         buf.pop();
                     }
@@ -4936,7 +5018,13 @@ mod child {
                         continue;
                     }
                     match String::from_utf8(std::mem::take(&mut buf)) {
-                        Ok(line) => on_line(line),
+                        Ok(line) => {
+                            if crate::observe::enabled(crate::observe::Level::Debug) {
+                                let body = crate::observe::body_excerpt(&line);
+                                crate::log!(Debug, "message", session = tag, direction = "from_child"; "{body}");
+                            }
+                            on_line(line)
+                        }
                         Err(_) => {
                             crate::app().metrics.dropped("non_utf8");
                             crate::log!(
@@ -4949,7 +5037,7 @@ mod child {
                 }
                 Ok(LineRead::TooLong(n)) => {
                     crate::app().metrics.dropped("too_large");
-                    crate::log!(Error, "message_dropped", "[{tag}] skipped a stdout line of {n}+ bytes: larger than --max-message {max}");
+                    crate::log!(Error, "message_dropped", session = tag; "skipped a stdout line of {n}+ bytes: larger than --max-message {max}");
                 }
                 Ok(LineRead::Eof) | Err(_) => break,
             }
@@ -5025,7 +5113,7 @@ mod child {
                 .chars()
                 .take(MAX_LINE)
                 .collect();
-            crate::log!(Info, "child_stderr", "[{}] child: {line}", p.tag);
+            crate::log!(Info, "child_stderr", session = p.tag, source = "child"; "child: {line}");
             let mut tail = p.stderr_tail.lock().unwrap();
             if keep > 0 {
                 if tail.len() >= keep {
@@ -5043,7 +5131,12 @@ mod child {
         /// into the buffer that also takes the newline, so it leaves in one write.
         pub fn send_message(&self, message: &serde_json::Value) -> std::io::Result<()> {
             let mut framed = serde_json::to_vec(message)?;
+            if crate::observe::enabled(crate::observe::Level::Debug) {
+                let body = crate::observe::body_excerpt(&String::from_utf8_lossy(&framed));
+                crate::log!(Debug, "message", session = self.tag.as_str(), direction = "to_child"; "{body}");
+            }
             framed.push(b'\n');
+            crate::app().metrics.child_bytes(true, framed.len());
             let mut guard = self.stdin.lock().unwrap();
             let stdin = guard.as_mut().ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin closed")
@@ -5116,10 +5209,8 @@ mod child {
             crate::log!(
                 Info,
                 "child_term",
-                "[{}] pid {} ignored stdin EOF for {grace:?}; sending SIGTERM",
-                self.tag,
-                self.pid
-            );
+                session = self.tag; "pid {} ignored stdin EOF for {grace:?}; sending SIGTERM",
+                self.pid);
             self.signal_group(libc::SIGTERM);
             self.kill_after(grace)
         }
@@ -5139,10 +5230,8 @@ mod child {
             crate::log!(
                 Warn,
                 "child_kill",
-                "[{}] pid {} still running {grace:?} after SIGTERM; sending SIGKILL",
-                self.tag,
-                self.pid
-            );
+                session = self.tag; "pid {} still running {grace:?} after SIGTERM; sending SIGKILL",
+                self.pid);
             self.signal_group(libc::SIGKILL);
             loop {
                 if let Some(s) = self.wait_exit(Duration::from_secs(60)) {
@@ -5212,6 +5301,253 @@ mod child {
             .filter(|d| !d.is_empty())
             .map(|d| std::path::Path::new(d).join(program))
             .find(|p| executable(p))
+    }
+}
+
+// ======================================================================================
+/// Process ownership past our own end: the guardian, a forked process that ends every
+/// child's process group if we die without doing it ourselves (SIGKILL, the OOM killer);
+/// the init duties when we are PID 1 (reap orphans, forward signals); and
+/// --exit-with-parent. The forks happen in main before any thread exists. Touches only
+/// process groups it was told about, and its own pipe.
+mod ownership {
+    use super::*;
+
+    /// Write end of the guardian's pipe (-1: no guardian).
+    static GUARDIAN_PIPE: AtomicI32 = AtomicI32::new(-1);
+    static GUARDIAN_PID: AtomicI32 = AtomicI32::new(0);
+    /// Signals PID 1 passes on to stdio-sse; any other is of no use to it.
+    const FORWARDED: [libc::c_int; 6] = [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ];
+    /// Without pidfd_open (Linux before 5.3), how often --exit-with-parent looks.
+    const PARENT_POLL: Duration = Duration::from_millis(500);
+
+    fn set_name(name: &str) {
+        let mut buf = [0u8; 16];
+        let n = name.len().min(15);
+        buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+        unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+    }
+
+    /// As PID 1 (a container with no init) every orphan in the namespace becomes ours to
+    /// reap, and signals with no handler are ignored. We fork: PID 1 stays a tiny init
+    /// that reaps everything and forwards signals, and the child goes on as stdio-sse.
+    /// Returns true in that child, false when we are not PID 1; never returns in PID 1.
+    pub fn init_if_pid1() -> bool {
+        if unsafe { libc::getpid() } != 1 {
+            return false;
+        }
+        let worker = unsafe { libc::fork() };
+        if worker < 0 {
+            let e = std::io::Error::last_os_error();
+            crate::log!(Warn, "init", "running as PID 1 but cannot fork a worker ({e}); orphans of the children will not be reaped");
+            return false;
+        }
+        if worker == 0 {
+            // If PID 1 goes, the namespace goes; this just makes it immediate.
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            };
+            return true;
+        }
+        run_init(worker)
+    }
+
+    fn run_init(worker: libc::pid_t) -> ! {
+        set_name("stdio-sse-init");
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+            for s in FORWARDED {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        };
+        crate::log!(
+            Debug,
+            "init",
+            "PID 1: reaping orphans; stdio-sse runs as pid {worker}"
+        );
+        loop {
+            let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+            if sig != libc::SIGCHLD {
+                if sig > 0 {
+                    unsafe { libc::kill(worker, sig) };
+                }
+                continue;
+            }
+            loop {
+                let mut status = 0;
+                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    break;
+                }
+                if pid == worker {
+                    let code = if libc::WIFEXITED(status) {
+                        libc::WEXITSTATUS(status)
+                    } else {
+                        128 + libc::WTERMSIG(status)
+                    };
+                    std::process::exit(code);
+                }
+            }
+        }
+    }
+
+    /// Forks the guardian. It holds the read end of a pipe whose write end only we hold
+    /// (close-on-exec, so no child inherits it): when we die, however we die, it reads
+    /// EOF and kills every process group still on its list.
+    pub fn start_guardian() {
+        let mut fds = [0; 2];
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            let e = std::io::Error::last_os_error();
+            crate::log!(Warn, "guardian", "cannot make the guardian's pipe ({e}); children's children may outlive a SIGKILL of stdio-sse");
+            return;
+        }
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe { libc::close(fds[1]) };
+            guard(fds[0]);
+        }
+        unsafe { libc::close(fds[0]) };
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            crate::log!(Warn, "guardian", "cannot fork the guardian ({e}); children's children may outlive a SIGKILL of stdio-sse");
+            unsafe { libc::close(fds[1]) };
+            return;
+        }
+        // A stopped guardian must never block a spawn: a full pipe is reported instead.
+        unsafe {
+            let flags = libc::fcntl(fds[1], libc::F_GETFL);
+            libc::fcntl(fds[1], libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+        GUARDIAN_PID.store(pid, Ordering::Relaxed);
+        GUARDIAN_PIPE.store(fds[1], Ordering::Release);
+    }
+
+    /// The guardian's whole life: a list of process groups, kept from the pipe.
+    fn guard(fd: libc::c_int) -> ! {
+        set_name("stdio-sse-guard");
+        // Nothing to read or print here; the terminal and pipes of our parent's are not
+        // held open by this process.
+        unsafe {
+            libc::close(0);
+            libc::close(1);
+        }
+        let mut groups: Vec<i32> = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n <= 0 {
+                break;
+            }
+            pending.extend_from_slice(&buf[..n as usize]);
+            let whole = pending.len() / 4 * 4;
+            for rec in pending[..whole].chunks_exact(4) {
+                let v = i32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
+                if v > 0 {
+                    groups.push(v);
+                } else {
+                    groups.retain(|g| *g != -v);
+                }
+            }
+            pending.drain(..whole);
+        }
+        if !groups.is_empty() {
+            crate::log!(
+                Warn,
+                "guardian",
+                "stdio-sse ended with {} child process group(s) still running; killing them",
+                groups.len()
+            );
+            for g in &groups {
+                unsafe { libc::kill(-g, libc::SIGKILL) };
+            }
+        }
+        unsafe { libc::_exit(0) }
+    }
+
+    /// A child's process group to end if we die: called once it is spawned.
+    pub fn watch(pgid: i32) {
+        tell(pgid);
+    }
+
+    /// The group has been killed and is about to be reaped: its id may be reused after.
+    pub fn forget(pgid: i32) {
+        tell(-pgid);
+    }
+
+    fn tell(v: i32) {
+        let fd = GUARDIAN_PIPE.load(Ordering::Acquire);
+        if fd < 0 {
+            return;
+        }
+        let rec = v.to_ne_bytes();
+        let n = unsafe { libc::write(fd, rec.as_ptr().cast(), rec.len()) };
+        if n == rec.len() as isize {
+            return;
+        }
+        let e = std::io::Error::last_os_error();
+        if GUARDIAN_PIPE.swap(-1, Ordering::AcqRel) == fd {
+            unsafe {
+                libc::close(fd);
+                let mut status = 0;
+                libc::waitpid(
+                    GUARDIAN_PID.load(Ordering::Relaxed),
+                    &mut status,
+                    libc::WNOHANG,
+                );
+            }
+            crate::log!(Warn, "guardian", "the guardian process is gone ({e}); children's children may now outlive a SIGKILL of stdio-sse");
+        }
+    }
+
+    /// --exit-with-parent: waits for the process that started us to exit (a pidfd, so no
+    /// polling), then asks for the usual graceful shutdown.
+    pub fn exit_with_parent(parent: libc::pid_t) {
+        crate::spawn_thread("parent-watch", move || {
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, parent, 0) } as libc::c_int;
+            if fd >= 0 {
+                // The parent may have gone before the pidfd was made.
+                if unsafe { libc::getppid() } == parent {
+                    let mut p = libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+                }
+                unsafe { libc::close(fd) };
+            } else {
+                while unsafe { libc::getppid() } == parent {
+                    std::thread::sleep(PARENT_POLL);
+                }
+            }
+            crate::log!(
+                Info,
+                "parent_exit",
+                "the parent process (pid {parent}) exited; shutting down (--exit-with-parent)"
+            );
+            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        });
     }
 }
 
@@ -5327,6 +5663,7 @@ mod sse {
         }
 
         pub fn flush(&mut self) -> std::io::Result<()> {
+            crate::observe::bytes_out(self.buf.len());
             let r = self.out.write_all(&self.buf).and_then(|_| self.out.flush());
             self.buf.clear();
             r
@@ -5432,20 +5769,20 @@ mod sse {
             crate::log!(
                 Debug,
                 "stream_closed",
-                "[{}] client closed stream {}",
-                session.tag,
-                a.stream
-            );
+                session = session.tag; "client closed stream {}",
+                a.stream);
         }
         session.detach(a.stream, a.conn_id);
     }
 }
 
 // ======================================================================================
-/// Observability: the log (one line per event to stderr) and the counters behind
-/// /metrics. Everything else calls in; this calls nothing.
+/// Observability: the log (one line per event to stderr, text or JSON), the access log
+/// (one line per HTTP request, gathered per handler thread), and the counters behind
+/// /metrics. Everything else calls in; this calls nothing but /proc for process figures.
 mod observe {
     use super::*;
+    use std::cell::RefCell;
     use std::fmt::Write as _;
     use std::sync::Mutex;
 
@@ -5475,19 +5812,178 @@ mod observe {
                 Level::Debug => "DEBUG",
             }
         }
+        fn lower(self) -> &'static str {
+            match self {
+                Level::Error => "error",
+                Level::Warn => "warn",
+                Level::Info => "info",
+                Level::Debug => "debug",
+            }
+        }
     }
 
-    pub static LEVEL: std::sync::atomic::AtomicU8 =
-        std::sync::atomic::AtomicU8::new(Level::Info as u8);
+    pub static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+    /// --log-format json: one JSON object per line instead of text.
+    pub static JSON: AtomicBool = AtomicBool::new(false);
+    /// --access-log: a line per HTTP request.
+    pub static ACCESS_LOG: AtomicBool = AtomicBool::new(true);
+    /// Longest message body printed at debug; the rest is summarised by its size.
+    pub const BODY_LOG_LIMIT: usize = 1024;
+    /// Longest request path in the access log (the path is the client's to choose).
+    const PATH_LOG_LIMIT: usize = 256;
 
     pub fn enabled(level: Level) -> bool {
         level as u8 <= LEVEL.load(Ordering::Relaxed)
     }
 
-    pub fn emit(level: Level, event: &str, msg: std::fmt::Arguments) {
+    /// A structured field: text in text lines, and in JSON a string or, for numbers, a
+    /// bare number. `None` leaves the field out.
+    pub trait Field {
+        fn text(&self, out: &mut String);
+        fn json(&self, out: &mut String);
+        fn present(&self) -> bool {
+            true
+        }
+    }
+
+    fn json_string(out: &mut String, s: &str) {
+        out.push_str(&serde_json::Value::from(s).to_string());
+    }
+
+    /// A text value as is when it is one word, else quoted, so `k=v` pairs stay
+    /// splittable (logfmt).
+    fn text_value(out: &mut String, s: &str) {
+        if !s.is_empty()
+            && !s.contains(|c: char| c == ' ' || c == '"' || c == '=' || c.is_control())
+        {
+            out.push_str(s);
+        } else {
+            let _ = write!(out, "{s:?}");
+        }
+    }
+
+    impl Field for &str {
+        fn text(&self, out: &mut String) {
+            text_value(out, self);
+        }
+        fn json(&self, out: &mut String) {
+            json_string(out, self);
+        }
+    }
+    impl Field for String {
+        fn text(&self, out: &mut String) {
+            text_value(out, self);
+        }
+        fn json(&self, out: &mut String) {
+            json_string(out, self);
+        }
+    }
+    macro_rules! number_field {
+        ($($t:ty),*) => {$(
+            impl Field for $t {
+                fn text(&self, out: &mut String) {
+                    let _ = write!(out, "{self}");
+                }
+                fn json(&self, out: &mut String) {
+                    let _ = write!(out, "{self}");
+                }
+            }
+        )*};
+    }
+    number_field!(u16, u32, u64, usize, i32, i64);
+    /// Milliseconds with microsecond precision.
+    impl Field for Duration {
+        fn text(&self, out: &mut String) {
+            let _ = write!(out, "{:.3}", self.as_secs_f64() * 1e3);
+        }
+        fn json(&self, out: &mut String) {
+            self.text(out);
+        }
+    }
+    /// A JSON-RPC id as the client sent it: `7` and `"7"` stay distinct.
+    impl Field for serde_json::Value {
+        fn text(&self, out: &mut String) {
+            out.push_str(&self.to_string());
+        }
+        fn json(&self, out: &mut String) {
+            out.push_str(&self.to_string());
+        }
+    }
+    impl<T: Field> Field for Option<T> {
+        fn text(&self, out: &mut String) {
+            if let Some(v) = self {
+                v.text(out);
+            }
+        }
+        fn json(&self, out: &mut String) {
+            if let Some(v) = self {
+                v.json(out);
+            }
+        }
+        fn present(&self) -> bool {
+            self.is_some()
+        }
+    }
+
+    /// One event, one line, one write. Text: `TIME LEVEL event: [session] message k=v`.
+    /// JSON: `{"time","level","event","session",...fields,"msg"}`.
+    pub fn emit(
+        level: Level,
+        event: &str,
+        fields: &[(&str, &dyn Field)],
+        msg: std::fmt::Arguments,
+    ) {
         use std::io::Write;
-        let line = format!("{} {:5} {event}: {msg}\n", timestamp(), level.name());
+        let mut line = String::with_capacity(128);
+        let session = fields.iter().find(|(k, v)| *k == "session" && v.present());
+        let rest = fields
+            .iter()
+            .filter(|(k, v)| *k != "session" && v.present());
+        if JSON.load(Ordering::Relaxed) {
+            line.push_str("{\"time\":\"");
+            line.push_str(&timestamp());
+            let _ = write!(line, "\",\"level\":\"{}\",\"event\":", level.lower());
+            json_string(&mut line, event);
+            for (k, v) in session.into_iter().chain(rest) {
+                let _ = write!(line, ",\"{k}\":");
+                v.json(&mut line);
+            }
+            let text = msg.to_string();
+            if !text.is_empty() {
+                line.push_str(",\"msg\":");
+                json_string(&mut line, &text);
+            }
+            line.push_str("}\n");
+        } else {
+            let _ = write!(line, "{} {:5} {event}: ", timestamp(), level.name());
+            if let Some((_, tag)) = session {
+                line.push('[');
+                tag.text(&mut line);
+                line.push_str("] ");
+            }
+            let _ = write!(line, "{msg}");
+            for (k, v) in rest {
+                if !line.ends_with(' ') {
+                    line.push(' ');
+                }
+                let _ = write!(line, "{k}=");
+                v.text(&mut line);
+            }
+            line.push('\n');
+        }
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    /// A message body for a debug line: at most BODY_LOG_LIMIT bytes of it.
+    pub fn body_excerpt(body: &str) -> String {
+        if body.len() <= BODY_LOG_LIMIT {
+            return body.to_string();
+        }
+        let mut end = BODY_LOG_LIMIT;
+        while !body.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}... ({} bytes in all)", &body[..end], body.len())
     }
 
     /// RFC 3339 UTC with milliseconds, from the civil-from-days algorithm (no tz data).
@@ -5515,22 +6011,232 @@ mod observe {
         )
     }
 
+    // ---- the access log ---------------------------------------------------------------
+
+    /// The routes /metrics names: the configured ones, and `other` for any other path,
+    /// so a scanner cannot grow the label set.
+    #[derive(Clone, Copy)]
+    pub enum Route {
+        Mcp,
+        Sse,
+        Message,
+        Healthz,
+        Readyz,
+        Metrics,
+        Other,
+    }
+    const ROUTES: [&str; 7] = [
+        "mcp", "sse", "message", "healthz", "readyz", "metrics", "other",
+    ];
+    const METHODS: [&str; 5] = ["GET", "POST", "DELETE", "OPTIONS", "other"];
+
+    fn method_index(m: &str) -> usize {
+        METHODS[..4].iter().position(|x| *x == m).unwrap_or(4)
+    }
+
+    /// What the access line of the request this thread is handling will say.
+    struct Access {
+        method: String,
+        path: String,
+        peer: Option<std::net::SocketAddr>,
+        route: Route,
+        started: Instant,
+        status: Option<u16>,
+        session: Option<String>,
+        rpc_method: Option<String>,
+        rpc_id: Option<serde_json::Value>,
+        messages: usize,
+        /// Why an error status was given (the JSON-RPC error message we sent).
+        error: Option<String>,
+        bytes_in: u64,
+        bytes_out: u64,
+    }
+
+    thread_local! {
+        static CURRENT: RefCell<Option<Access>> = const { RefCell::new(None) };
+    }
+
+    fn with_current(f: impl FnOnce(&mut Access)) {
+        CURRENT.with(|c| {
+            if let Some(a) = c.borrow_mut().as_mut() {
+                f(a)
+            }
+        });
+    }
+
+    /// Held by the handler for the whole request (streams included); its drop writes the
+    /// access line.
+    pub struct AccessGuard(());
+
+    pub fn request_begins(
+        method: &str,
+        path: &str,
+        route: Route,
+        peer: Option<std::net::SocketAddr>,
+    ) -> AccessGuard {
+        let mut shown: String = path.chars().take(PATH_LOG_LIMIT).collect();
+        if shown.len() < path.len() {
+            shown.push_str("...");
+        }
+        CURRENT.with(|c| {
+            *c.borrow_mut() = Some(Access {
+                method: method.to_string(),
+                path: shown,
+                peer,
+                route,
+                started: Instant::now(),
+                status: None,
+                session: None,
+                rpc_method: None,
+                rpc_id: None,
+                messages: 0,
+                error: None,
+                bytes_in: 0,
+                bytes_out: 0,
+            })
+        });
+        AccessGuard(())
+    }
+
+    impl Drop for AccessGuard {
+        fn drop(&mut self) {
+            let Some(a) = CURRENT.with(|c| c.borrow_mut().take()) else {
+                return;
+            };
+            if !ACCESS_LOG.load(Ordering::Relaxed) || !enabled(Level::Info) {
+                return;
+            }
+            let peer = a.peer.map(|p| p.to_string());
+            let messages = (a.messages > 1).then_some(a.messages);
+            crate::log!(Info, "access",
+                session = a.session, method = a.method.as_str(), path = a.path.as_str(),
+                status = a.status, duration_ms = a.started.elapsed(),
+                rpc_method = a.rpc_method, rpc_id = a.rpc_id, messages = messages,
+                bytes_in = a.bytes_in, bytes_out = a.bytes_out, peer = peer,
+                error = a.error; "");
+        }
+    }
+
+    /// The response status, once: counted by route, method and class, and remembered
+    /// for the access line.
+    pub fn response_status(status: u16) {
+        let mut counted = false;
+        with_current(|a| {
+            if a.status.is_none() {
+                a.status = Some(status);
+                crate::app()
+                    .metrics
+                    .http_response(a.route, &a.method, status);
+            }
+            counted = true;
+        });
+        if !counted {
+            crate::app()
+                .metrics
+                .http_response(Route::Other, "other", status);
+        }
+    }
+
+    /// The reason for an error status, for the access line. False when there will be no
+    /// access line to carry it (the caller logs it instead).
+    pub fn response_error(why: &str) -> bool {
+        let mut recorded = false;
+        if ACCESS_LOG.load(Ordering::Relaxed) && enabled(Level::Info) {
+            with_current(|a| {
+                a.error = Some(why.to_string());
+                recorded = true;
+            });
+        }
+        recorded
+    }
+
+    pub fn request_session(tag: &str) {
+        with_current(|a| a.session = Some(tag.to_string()));
+    }
+
+    /// The JSON-RPC messages of a POST: the first one's method and id, and how many.
+    pub fn request_messages(messages: &[serde_json::Value]) {
+        with_current(|a| {
+            a.messages = messages.len();
+            if let Some(m) = messages.first() {
+                a.rpc_method = m.get("method").and_then(|v| v.as_str()).map(String::from);
+                a.rpc_id = m.get("id").cloned();
+            }
+        });
+    }
+
+    pub fn bytes_in(n: usize) {
+        crate::app().metrics.bytes(0, n);
+        with_current(|a| a.bytes_in += n as u64);
+    }
+
+    pub fn bytes_out(n: usize) {
+        crate::app().metrics.bytes(1, n);
+        with_current(|a| a.bytes_out += n as u64);
+    }
+
+    // ---- /metrics ---------------------------------------------------------------------
+
+    /// Upper bounds of the request latency buckets, in seconds: 100 µs (a fast child on
+    /// loopback) to a minute (a tool doing real work).
+    const LATENCY_BUCKETS: [f64; 17] = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        10.0, 30.0, 60.0,
+    ];
+    const HTTP_CELLS: usize = ROUTES.len() * METHODS.len() * 5;
+    const KINDS: [&str; 4] = ["request", "notification", "response", "error"];
+
     /// Counters with bounded label values (no session ids, no free-form paths).
-    #[derive(Default)]
     pub struct Metrics {
-        http: [AtomicU64; 5],
+        /// [route][method][status class]
+        http: [AtomicU64; HTTP_CELLS],
+        /// [direction][kind]: 0 = to the child, 1 = to the client.
+        messages: [[AtomicU64; 4]; 2],
+        /// [in, out] HTTP bytes; [to child, from child] pipe bytes.
+        http_bytes: [AtomicU64; 2],
+        child_bytes: [AtomicU64; 2],
         sessions_opened: [AtomicU64; 2],
         sessions_closed: Mutex<Vec<(&'static str, &'static str, u64)>>,
         children_spawned: AtomicU64,
         spawn_failures: AtomicU64,
-        children_exited_ok: AtomicU64,
-        children_exited_err: AtomicU64,
-        messages_in: AtomicU64,
-        messages_out: AtomicU64,
+        /// success, failure (non-zero status), signal
+        children_exited: [AtomicU64; 3],
+        children_restarted: AtomicU64,
         dropped: Mutex<Vec<(&'static str, u64)>>,
         rejected: Mutex<Vec<(&'static str, u64)>>,
         stream_cuts: Mutex<Vec<(&'static str, u64)>>,
-        children_restarted: AtomicU64,
+        latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+        latency_count: AtomicU64,
+        latency_sum_us: AtomicU64,
+        /// Unix time we started, for process_start_time_seconds.
+        started_unix: f64,
+    }
+
+    impl Default for Metrics {
+        fn default() -> Metrics {
+            Metrics {
+                http: std::array::from_fn(|_| AtomicU64::new(0)),
+                messages: Default::default(),
+                http_bytes: Default::default(),
+                child_bytes: Default::default(),
+                sessions_opened: Default::default(),
+                sessions_closed: Default::default(),
+                children_spawned: Default::default(),
+                spawn_failures: Default::default(),
+                children_exited: Default::default(),
+                children_restarted: Default::default(),
+                dropped: Default::default(),
+                rejected: Default::default(),
+                stream_cuts: Default::default(),
+                latency_buckets: Default::default(),
+                latency_count: Default::default(),
+                latency_sum_us: Default::default(),
+                started_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+            }
+        }
     }
 
     fn bump(list: &Mutex<Vec<(&'static str, u64)>>, label: &'static str) {
@@ -5542,7 +6248,7 @@ mod observe {
     }
 
     /// A metric family: name, help, type, and its (labels, value) samples.
-    type Family<'a> = (&'a str, &'a str, &'a str, Vec<(String, u64)>);
+    type Family<'a> = (&'a str, &'a str, &'a str, Vec<(String, f64)>);
 
     fn transport_label(t: crate::sessions::Transport) -> &'static str {
         match t {
@@ -5551,10 +6257,56 @@ mod observe {
         }
     }
 
+    /// Resident memory, open descriptors and threads, from /proc (absent without it,
+    /// as in a scratch container that mounts none).
+    fn process_figures() -> Option<(f64, f64, f64)> {
+        let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+        let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+        let fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let threads = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((pages * page, fds, threads))
+    }
+
     impl Metrics {
-        pub fn http_response(&self, status: u16) {
+        pub fn http_response(&self, route: Route, method: &str, status: u16) {
             let class = (status / 100).clamp(1, 5) as usize - 1;
-            self.http[class].fetch_add(1, Ordering::Relaxed);
+            let cell = (route as usize * METHODS.len() + method_index(method)) * 5 + class;
+            self.http[cell].fetch_add(1, Ordering::Relaxed);
+        }
+        /// A JSON-RPC message relayed: `to_child` false means to the client.
+        pub fn message(&self, to_child: bool, value: &serde_json::Value) {
+            let kind = match crate::message::classify(value) {
+                crate::message::Kind::Request { .. } => 0,
+                crate::message::Kind::Notification { .. } => 1,
+                crate::message::Kind::Response { .. } if value.get("error").is_some() => 3,
+                crate::message::Kind::Response { .. } => 2,
+                crate::message::Kind::Invalid(_) => return,
+            };
+            self.messages[usize::from(!to_child)][kind].fetch_add(1, Ordering::Relaxed);
+        }
+        fn bytes(&self, direction: usize, n: usize) {
+            self.http_bytes[direction].fetch_add(n as u64, Ordering::Relaxed);
+        }
+        /// Bytes on the child's pipes: `to_child` false means read from its stdout.
+        pub fn child_bytes(&self, to_child: bool, n: usize) {
+            self.child_bytes[usize::from(!to_child)].fetch_add(n as u64, Ordering::Relaxed);
+        }
+        /// From a client's request to the child's response.
+        pub fn request_latency(&self, d: Duration) {
+            let secs = d.as_secs_f64();
+            if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+            self.latency_count.fetch_add(1, Ordering::Relaxed);
+            self.latency_sum_us
+                .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
         }
         pub fn session_opened(&self, t: crate::sessions::Transport) {
             self.sessions_opened[t as usize].fetch_add(1, Ordering::Relaxed);
@@ -5574,18 +6326,12 @@ mod observe {
             self.spawn_failures.fetch_add(1, Ordering::Relaxed);
         }
         pub fn child_exited(&self, status: &std::process::ExitStatus) {
-            let c = if status.success() {
-                &self.children_exited_ok
-            } else {
-                &self.children_exited_err
+            let class = match status.code() {
+                Some(0) => 0,
+                Some(_) => 1,
+                None => 2,
             };
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-        pub fn message_in(&self) {
-            self.messages_in.fetch_add(1, Ordering::Relaxed);
-        }
-        pub fn message_out(&self) {
-            self.messages_out.fetch_add(1, Ordering::Relaxed);
+            self.children_exited[class].fetch_add(1, Ordering::Relaxed);
         }
         /// A message we could not deliver: logged by the caller, counted here.
         pub fn dropped(&self, reason: &'static str) {
@@ -5604,36 +6350,101 @@ mod observe {
 
         pub fn render(&self) -> String {
             let app = crate::app();
-            let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+            let load = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
             let label = |key: &str, value: &str| format!("{{{key}=\"{value}\"}}");
-            let by = |key: &str, list: &Mutex<Vec<(&'static str, u64)>>| -> Vec<(String, u64)> {
+            let by = |key: &str, list: &Mutex<Vec<(&'static str, u64)>>| -> Vec<(String, f64)> {
                 list.lock()
                     .unwrap()
                     .iter()
-                    .map(|(v, n)| (label(key, v), *n))
+                    .map(|(v, n)| (label(key, v), *n as f64))
                     .collect()
             };
+            let one = |v: f64| vec![(String::new(), v)];
             let mode = format!("{:?}", app.cfg.mode).to_lowercase();
             let version = env!("CARGO_PKG_VERSION");
-            let families: Vec<Family> = vec![
+            let mut http = Vec::new();
+            for (i, c) in self.http.iter().enumerate() {
+                let n = load(c);
+                if n > 0.0 {
+                    let (route, rest) = (i / (METHODS.len() * 5), i % (METHODS.len() * 5));
+                    let (method, class) = (rest / 5, rest % 5 + 1);
+                    http.push((
+                        format!(
+                            "{{route=\"{}\",method=\"{}\",code=\"{class}xx\"}}",
+                            ROUTES[route], METHODS[method]
+                        ),
+                        n,
+                    ));
+                }
+            }
+            let mut messages = Vec::new();
+            for (d, direction) in ["to_child", "to_client"].iter().enumerate() {
+                for (k, kind) in KINDS.iter().enumerate() {
+                    messages.push((
+                        format!("{{direction=\"{direction}\",kind=\"{kind}\"}}"),
+                        load(&self.messages[d][k]),
+                    ));
+                }
+            }
+            let mut active = [0.0; 2];
+            for s in app.sessions.all() {
+                active[s.transport as usize] += 1.0;
+            }
+            let mut latency = Vec::new();
+            let mut cumulative = 0.0;
+            for (b, c) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+                cumulative += load(c);
+                latency.push((format!("_bucket{{le=\"{b}\"}}"), cumulative));
+            }
+            let count = load(&self.latency_count);
+            latency.push(("_bucket{le=\"+Inf\"}".to_string(), count));
+            latency.push(("_sum".to_string(), load(&self.latency_sum_us) / 1e6));
+            latency.push(("_count".to_string(), count));
+            let mut families: Vec<Family> = vec![
                 (
-                    "build_info",
+                    "stdio_sse_build_info",
                     "Version and mode of this stdio-sse.",
                     "gauge",
-                    vec![(format!("{{version=\"{version}\",mode=\"{mode}\"}}"), 1)],
+                    vec![(format!("{{version=\"{version}\",mode=\"{mode}\"}}"), 1.0)],
                 ),
                 (
-                    "http_responses_total",
-                    "HTTP responses by status class.",
+                    "stdio_sse_http_requests_total",
+                    "HTTP requests answered, by route, method and status class (streams count when they open).",
                     "counter",
-                    self.http
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| (label("class", &format!("{}xx", i + 1)), load(c)))
-                        .collect(),
+                    http,
                 ),
                 (
-                    "sessions_opened_total",
+                    "stdio_sse_http_bytes_total",
+                    "HTTP bytes: request bodies read (in) and responses written, streams included (out).",
+                    "counter",
+                    vec![
+                        (label("direction", "in"), load(&self.http_bytes[0])),
+                        (label("direction", "out"), load(&self.http_bytes[1])),
+                    ],
+                ),
+                (
+                    "stdio_sse_messages_total",
+                    "JSON-RPC messages relayed, by direction and kind.",
+                    "counter",
+                    messages,
+                ),
+                (
+                    "stdio_sse_child_bytes_total",
+                    "Bytes written to children's stdin and read from their stdout.",
+                    "counter",
+                    vec![
+                        (label("direction", "to_child"), load(&self.child_bytes[0])),
+                        (label("direction", "from_child"), load(&self.child_bytes[1])),
+                    ],
+                ),
+                (
+                    "stdio_sse_request_duration_seconds",
+                    "From a client's request reaching us to the child's response leaving for the client (session and shared modes).",
+                    "histogram",
+                    latency,
+                ),
+                (
+                    "stdio_sse_sessions_opened_total",
                     "Sessions opened, by transport.",
                     "counter",
                     ["streamable_http", "sse"]
@@ -5643,108 +6454,142 @@ mod observe {
                         .collect(),
                 ),
                 (
-                    "sessions_closed_total",
-                    "Sessions closed, by transport and reason.",
+                    "stdio_sse_sessions_closed_total",
+                    "Sessions closed, by transport and reason (delete, idle, child_exit, client_gone, initialize_failed, shutdown).",
                     "counter",
                     self.sessions_closed
                         .lock()
                         .unwrap()
                         .iter()
-                        .map(|(t, r, n)| (format!("{{transport=\"{t}\",reason=\"{r}\"}}"), *n))
+                        .map(|(t, r, n)| {
+                            (format!("{{transport=\"{t}\",reason=\"{r}\"}}"), *n as f64)
+                        })
                         .collect(),
                 ),
                 (
-                    "sessions_active",
-                    "Sessions open now.",
+                    "stdio_sse_sessions_active",
+                    "Sessions open now, by transport.",
                     "gauge",
-                    vec![(String::new(), app.sessions.len() as u64)],
+                    vec![
+                        (label("transport", "streamable_http"), active[0]),
+                        (label("transport", "sse"), active[1]),
+                    ],
                 ),
                 (
-                    "children_spawned_total",
+                    "stdio_sse_children_spawned_total",
                     "Child processes started.",
                     "counter",
-                    vec![(String::new(), load(&self.children_spawned))],
+                    one(load(&self.children_spawned)),
                 ),
                 (
-                    "child_spawn_failures_total",
+                    "stdio_sse_child_spawn_failures_total",
                     "Child processes that could not be started.",
                     "counter",
-                    vec![(String::new(), load(&self.spawn_failures))],
+                    one(load(&self.spawn_failures)),
                 ),
                 (
-                    "children_exited_total",
-                    "Child processes reaped, by outcome.",
+                    "stdio_sse_children_exited_total",
+                    "Child processes reaped, by how they ended: status 0, another status, or a signal.",
                     "counter",
-                    vec![
-                        (label("status", "success"), load(&self.children_exited_ok)),
-                        (label("status", "failure"), load(&self.children_exited_err)),
-                    ],
+                    ["success", "failure", "signal"]
+                        .iter()
+                        .zip(&self.children_exited)
+                        .map(|(s, c)| (label("status", s), load(c)))
+                        .collect(),
                 ),
                 (
-                    "children_active",
+                    "stdio_sse_children_restarted_total",
+                    "Shared children restarted after exiting.",
+                    "counter",
+                    one(load(&self.children_restarted)),
+                ),
+                (
+                    "stdio_sse_children_active",
                     "Child processes running now.",
                     "gauge",
-                    vec![(String::new(), app.children.lock().unwrap().len() as u64)],
+                    one(app.children.lock().unwrap().len() as f64),
                 ),
                 (
-                    "connections_open",
+                    "stdio_sse_connections_open",
                     "Client connections open now (bounded by --max-connections).",
                     "gauge",
-                    vec![(String::new(), crate::door::open_connections() as u64)],
+                    one(crate::door::open_connections() as f64),
                 ),
                 (
-                    "messages_total",
-                    "JSON-RPC messages relayed, by direction.",
-                    "counter",
-                    vec![
-                        (label("direction", "to_child"), load(&self.messages_in)),
-                        (label("direction", "from_child"), load(&self.messages_out)),
-                    ],
-                ),
-                (
-                    "messages_dropped_total",
+                    "stdio_sse_messages_dropped_total",
                     "Messages that could not be delivered, by reason.",
                     "counter",
                     by("reason", &self.dropped),
                 ),
                 (
-                    "children_restarted_total",
-                    "Shared children restarted after exiting.",
-                    "counter",
-                    vec![(String::new(), load(&self.children_restarted))],
-                ),
-                (
-                    "stream_connections_cut_total",
+                    "stdio_sse_stream_connections_cut_total",
                     "Connections closed by the bridge with their stream left to the replay buffer, by reason.",
                     "counter",
                     by("reason", &self.stream_cuts),
                 ),
                 (
-                    "requests_rejected_total",
+                    "stdio_sse_requests_rejected_total",
                     "Requests and connections refused, by reason.",
                     "counter",
                     by("reason", &self.rejected),
                 ),
+                (
+                    "process_start_time_seconds",
+                    "Start time of the process since the Unix epoch, in seconds.",
+                    "gauge",
+                    one(self.started_unix),
+                ),
             ];
+            if let Some((rss, fds, threads)) = process_figures() {
+                families.extend([
+                    (
+                        "process_resident_memory_bytes",
+                        "Resident memory of stdio-sse itself (children not included), in bytes.",
+                        "gauge",
+                        one(rss),
+                    ),
+                    (
+                        "process_open_fds",
+                        "Open file descriptors.",
+                        "gauge",
+                        one(fds),
+                    ),
+                    (
+                        "stdio_sse_threads",
+                        "Threads of stdio-sse (one per open connection, plus a few per child).",
+                        "gauge",
+                        one(threads),
+                    ),
+                ]);
+            }
             let mut o = String::new();
             for (name, help, kind, samples) in families {
-                let _ = writeln!(
-                    o,
-                    "# HELP stdio_sse_{name} {help}\n# TYPE stdio_sse_{name} {kind}"
-                );
+                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
                 for (labels, value) in samples {
-                    let _ = writeln!(o, "stdio_sse_{name}{labels} {value}");
+                    let _ = writeln!(o, "{name}{labels} {value}");
                 }
             }
             o
         }
     }
 
+    /// `log!(Level, "event", key = value, ...; "format", args)`, or without fields
+    /// `log!(Level, "event", "format", args)`. A `session` field is the session tag.
     #[macro_export]
     macro_rules! log {
+        ($level:ident, $event:expr, $($key:ident = $val:expr),+ ; $($arg:tt)*) => {
+            if $crate::observe::enabled($crate::observe::Level::$level) {
+                $crate::observe::emit(
+                    $crate::observe::Level::$level,
+                    $event,
+                    &[$((stringify!($key), &$val as &dyn $crate::observe::Field)),+],
+                    format_args!($($arg)*),
+                )
+            }
+        };
         ($level:ident, $event:expr, $($arg:tt)*) => {
             if $crate::observe::enabled($crate::observe::Level::$level) {
-                $crate::observe::emit($crate::observe::Level::$level, $event, format_args!($($arg)*))
+                $crate::observe::emit($crate::observe::Level::$level, $event, &[], format_args!($($arg)*))
             }
         };
     }
@@ -6005,7 +6850,74 @@ fn self_exe(argv0: &str) -> Option<String> {
     argv0.contains('/').then(|| argv0.to_string())
 }
 
+/// --probe: GET the URL and exit 0 on a 2xx, 1 otherwise, so an image that holds only
+/// this binary can still have a health check. Plain http; the token, when the server
+/// wants one, comes from the same variables the server reads.
+fn probe(url: &str) -> i32 {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let Some(rest) = url.strip_prefix("http://") else {
+        eprintln!("stdio-sse: --probe takes an http:// URL, got {url:?}");
+        return 2;
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let Some(addr) = authority.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        eprintln!("stdio-sse: --probe: cannot resolve {authority:?}");
+        return 2;
+    };
+    let token = std::env::var("STDIO_SSE_AUTH_TOKEN")
+        .ok()
+        .and_then(|t| {
+            t.split(',')
+                .map(str::trim)
+                .find(|t| !t.is_empty())
+                .map(String::from)
+        })
+        .or_else(|| {
+            let file = std::env::var("STDIO_SSE_AUTH_TOKEN_FILE").ok()?;
+            config::read_token_file(std::path::Path::new(&file))
+                .ok()?
+                .into_iter()
+                .next()
+        });
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, config::PROBE_TIMEOUT)?;
+        s.set_read_timeout(Some(config::PROBE_TIMEOUT))?;
+        s.set_write_timeout(Some(config::PROBE_TIMEOUT))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}Connection: close\r\n\r\n"
+        )?;
+        let mut buf = Vec::new();
+        s.take(64 * 1024).read_to_end(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })();
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("stdio-sse: --probe {url}: {e}");
+            return 1;
+        }
+    };
+    let status: u16 = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    println!("{status} {}", body.trim());
+    i32::from(!(200..300).contains(&status))
+}
+
 fn main() {
+    // First, before anything can make us an orphan unnoticed (--exit-with-parent).
+    let parent = unsafe { libc::getppid() };
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(config::DEMO_ARG) {
         demo::run();
@@ -6021,12 +6933,15 @@ fn main() {
             println!("stdio-sse {}", env!("CARGO_PKG_VERSION"));
             return;
         }
+        Ok(config::Parsed::Probe(url)) => std::process::exit(probe(&url)),
         Err(e) => {
             eprintln!("stdio-sse: {e}");
             std::process::exit(2);
         }
     };
     observe::LEVEL.store(cfg.log_level as u8, Ordering::Relaxed);
+    observe::JSON.store(cfg.log_json, Ordering::Relaxed);
+    observe::ACCESS_LOG.store(cfg.access_log, Ordering::Relaxed);
     if cfg.demo {
         let Some(exe) = self_exe(&args[0]) else {
             eprintln!(
@@ -6038,6 +6953,11 @@ fn main() {
     }
     START.get_or_init(Instant::now);
     let sigset = block_signals();
+    // Both forks happen here, while we are one thread.
+    let pid1 = unsafe { libc::getpid() } == 1;
+    if !ownership::init_if_pid1() {
+        ownership::start_guardian();
+    }
 
     let listener = match std::net::TcpListener::bind((cfg.host.as_str(), cfg.port)) {
         Ok(l) => l,
@@ -6061,7 +6981,7 @@ fn main() {
         );
         if !cfg.stall_timeout.is_zero() {
             let tv = libc::timeval {
-                tv_sec: cfg.stall_timeout.as_secs() as libc::time_t,
+                tv_sec: cfg.stall_timeout.as_secs() as _,
                 tv_usec: cfg.stall_timeout.subsec_micros() as libc::suseconds_t,
             };
             libc::setsockopt(
@@ -6098,6 +7018,17 @@ fn main() {
         std::process::exit(2);
     }
     warn_if_exposed(cfg, &addr);
+    if cfg.exit_with_parent {
+        if pid1 {
+            log!(
+                Warn,
+                "parent_exit",
+                "--exit-with-parent has no effect as PID 1: there is no parent to follow"
+            );
+        } else {
+            ownership::exit_with_parent(parent);
+        }
+    }
     {
         use std::os::fd::AsRawFd;
         door::install(
@@ -6140,9 +7071,11 @@ fn main() {
             "demo",
             "no COMMAND given: serving the built-in demo server (tools: echo, add)"
         );
-        eprintln!(
+        if !cfg.log_json {
+            eprintln!(
             "try:\n  curl -N -H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream' \\\n    -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{{}},\"clientInfo\":{{\"name\":\"curl\",\"version\":\"1\"}}}}}}' \\\n    {url}{mcp}"
         );
+        }
     } else {
         log!(Info, "command", "child command: {command}");
     }

@@ -56,7 +56,7 @@ fn malformed_and_invalid_bodies() {
     assert_eq!(r.header("Allow"), Some("GET, POST, DELETE"));
     // Each refusal was logged with its reason.
     s.wait_log("413 Request body too large");
-    s.wait_log("-> 405");
+    s.wait_log("status=405");
     // After all that, a normal session works on the same connection.
     let r = c.request(
         "POST",

@@ -572,8 +572,26 @@ pub fn assert_gone(pid: i32, what: &str) {
     }
 }
 
-/// Pids whose parent is `ppid`.
+/// The name stdio-sse gives its guardian process (not a child of the command).
+pub const GUARDIAN_NAME: &str = "stdio-sse-guard";
+
+pub fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Pids whose parent is `ppid`, without stdio-sse's guardian.
 pub fn children_of(ppid: i32) -> Vec<i32> {
+    all_children_of(ppid)
+        .into_iter()
+        .filter(|p| comm(*p) != GUARDIAN_NAME)
+        .collect()
+}
+
+/// Live pids whose parent is `ppid`.
+pub fn all_children_of(ppid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
