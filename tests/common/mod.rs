@@ -41,7 +41,19 @@ impl Server {
     }
 
     pub fn start_env(flags: &[&str], command: &[String], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(BIN);
+        Self::launch(&[BIN], flags, command, env)
+    }
+
+    /// Runs `wrapper` (whose last word is the stdio-sse binary, e.g. under `unshare`)
+    /// with the usual loopback flags, then `flags` and COMMAND.
+    pub fn launch(
+        wrapper: &[&str],
+        flags: &[&str],
+        command: &[String],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..]);
         cmd.args(["--port", "0", "--host", "127.0.0.1"]).args(flags);
         if !command.is_empty() {
             cmd.arg("--").args(command);
