@@ -6982,7 +6982,7 @@ fn main() {
         if !cfg.stall_timeout.is_zero() {
             let tv = libc::timeval {
                 tv_sec: cfg.stall_timeout.as_secs() as _,
-                tv_usec: cfg.stall_timeout.subsec_micros() as libc::suseconds_t,
+                tv_usec: cfg.stall_timeout.subsec_micros() as _,
             };
             libc::setsockopt(
                 listener.as_raw_fd(),
