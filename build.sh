@@ -47,7 +47,7 @@ run_tests() {
     log=$(mktemp)
     # Integration tests: the real binary over real sockets with real child processes.
     set +e
-    cargo test --locked 2>&1 | tee "$log"
+    cargo test --locked --no-fail-fast 2>&1 | tee "$log"
     local cargo_rc=${PIPESTATUS[0]}
     set -e
     local cargo_passed cargo_failed

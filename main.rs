@@ -983,6 +983,9 @@ mod door {
         frame: Frame,
         /// Bytes of the head now arriving (TLS: of the whole head phase).
         head_bytes: usize,
+        /// Request heads read so far: tells a handler whether the body the stream is in
+        /// is its own or already the next request's.
+        heads: u64,
     }
 
     /// Where a connection's byte stream is.
@@ -1249,6 +1252,7 @@ mod door {
                         Frame::Head(Vec::new())
                     },
                     head_bytes: 0,
+                    heads: 0,
                 },
             );
             if let Some(d) = deadline {
@@ -1425,6 +1429,7 @@ mod door {
                             i += end - old;
                             let head = std::mem::take(buf);
                             c.frame = after_head(&head[..end], l)?;
+                            c.heads += 1;
                             c.head_deadline = None;
                             c.head_bytes = 0;
                             if !matches!(c.frame, Frame::Head(_)) && !l.read_timeout.is_zero() {
@@ -1567,23 +1572,27 @@ mod door {
 
     /// Held by the HTTP handler for as long as a request is being answered: no read
     /// deadline applies to a connection meanwhile (an SSE stream may last hours).
-    pub struct Visit(Option<SocketAddr>);
+    /// A request being handled: its peer, and the connection's head count when it
+    /// began (its own head is the last one read then).
+    pub struct Visit(Option<SocketAddr>, u64);
 
     impl Visit {
         pub fn begin(peer: Option<&SocketAddr>) -> Visit {
             let peer = peer.copied();
+            let mut heads = 0;
             if let Some(p) = peer {
                 with_table(|t| {
                     if let Some(c) = t.by_peer.get(&p).and_then(|ino| t.conns.get_mut(ino)) {
                         c.active += 1;
                         c.head_deadline = None;
+                        heads = c.heads;
                         if matches!(c.frame, Frame::Opaque) {
                             c.head_bytes = 0;
                         }
                     }
                 });
             }
-            Visit(peer)
+            Visit(peer, heads)
         }
     }
 
@@ -1612,13 +1621,19 @@ mod door {
     impl Drop for Visit {
         fn drop(&mut self) {
             let Some(p) = self.0 else { return };
+            let own_head = self.1;
             let timeout = limits().read_timeout;
             with_table(|t| {
                 let Some(c) = t.by_peer.get(&p).and_then(|ino| t.conns.get_mut(ino)) else {
                     return;
                 };
                 c.active = c.active.saturating_sub(1);
-                if c.active == 0 && !matches!(c.frame, Frame::Head(_) | Frame::Opaque) {
+                // A body under way belongs to this request only if no later head has been
+                // read: a keep-alive client may already be sending the next one.
+                if c.active == 0
+                    && c.heads == own_head
+                    && !matches!(c.frame, Frame::Head(_) | Frame::Opaque)
+                {
                     // Answered without reading its whole (chunked) body: tiny_http would
                     // take the rest for the next request head. End the reading side.
                     crate::log!(
@@ -5343,13 +5358,44 @@ mod ownership {
         if unsafe { libc::getpid() } != 1 {
             return false;
         }
+        // Named before the fork, so "stdio-sse-init" is in place by the time the worker
+        // says it is listening; the worker takes its own name back at once.
+        let mut own_name = [0u8; 16];
+        unsafe {
+            libc::prctl(
+                libc::PR_GET_NAME,
+                own_name.as_mut_ptr() as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        };
+        set_name("stdio-sse-init");
         let worker = unsafe { libc::fork() };
         if worker < 0 {
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_NAME,
+                    own_name.as_ptr() as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            };
             let e = std::io::Error::last_os_error();
             crate::log!(Warn, "init", "running as PID 1 but cannot fork a worker ({e}); orphans of the children will not be reaped");
             return false;
         }
         if worker == 0 {
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_NAME,
+                    own_name.as_ptr() as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            };
             // If PID 1 goes, the namespace goes; this just makes it immediate.
             unsafe {
                 libc::prctl(
@@ -5366,7 +5412,6 @@ mod ownership {
     }
 
     fn run_init(worker: libc::pid_t) -> ! {
-        set_name("stdio-sse-init");
         let set = unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
