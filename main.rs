@@ -4774,13 +4774,14 @@ mod upstream {
                             c.on_exit(Box::new(move || {
                                 let _ = wake.send(());
                             }));
+                            let pid = c.pid;
+                            // In the pool before the line that says it is there.
+                            warm.ready.lock().unwrap().push_back((c, out));
                             crate::log!(
                                 Info,
                                 "warm_ready",
-                                session = tag; "warm child started, pid {}",
-                                c.pid
+                                session = tag; "warm child started, pid {pid}"
                             );
-                            warm.ready.lock().unwrap().push_back((c, out));
                         }
                         Err(_) => {
                             failures += 1;
