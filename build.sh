@@ -3,6 +3,7 @@
 #   ./build.sh        static release binaries (musl; glibc crt-static fallback):
 #                     dist/stdio-sse, and dist/stdio-sse-tls with in-process TLS
 #   ./build.sh test   every test: cargo integration tests, then the external judges
+#   ./build.sh bench  the benchmark (BENCHMARKS.md says what it measures)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -72,7 +73,11 @@ case "${1:-build}" in
     build) build ;;
     test) run_tests ;;
     bench)
-        echo "bench: the benchmark is not built yet (issue: Performance)" >&2
-        exit 2 ;;
-    *) echo "usage: ./build.sh [build|test]" >&2; exit 2 ;;
+        # The load generator (tests/bench/bench.rs) against dist/stdio-sse; extra
+        # arguments go to it (--quick, --rounds N, --seconds S).
+        build
+        cargo build --release --locked --example bench
+        mkdir -p .cache
+        target/release/examples/bench --bin dist/stdio-sse "${@:2}" | tee .cache/bench-latest.md ;;
+    *) echo "usage: ./build.sh [build|test|bench [--quick]]" >&2; exit 2 ;;
 esac

@@ -1998,9 +1998,27 @@ mod http {
     pub fn serve(server: Arc<tiny_http::Server>) {
         static IDLE: AtomicUsize = AtomicUsize::new(0);
         const SPARE_WORKERS: usize = 4;
+        /// Idle workers kept for ever; more than this leave after IDLE_WORKER_LINGER.
+        const MIN_IDLE_WORKERS: usize = 2;
+        const IDLE_WORKER_LINGER: Duration = Duration::from_secs(3);
         fn worker(server: Arc<tiny_http::Server>) {
             loop {
-                let Ok(rq) = server.recv() else { return };
+                let rq = match server.recv_timeout(IDLE_WORKER_LINGER) {
+                    Ok(Some(rq)) => rq,
+                    Ok(None) => {
+                        // After a burst: give the extra threads (and their stacks) back.
+                        let shed = IDLE
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                                (n > MIN_IDLE_WORKERS).then(|| n - 1)
+                            })
+                            .is_ok();
+                        if shed {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(_) => return,
+                };
                 if IDLE.fetch_sub(1, Ordering::AcqRel) == 1 {
                     spawn_worker(server.clone());
                 }

@@ -313,7 +313,27 @@ fn hostile_inputs_leave_the_server_as_it_was() {
     eventually("children back to the baseline", || {
         children_of(pid).len() <= kids0
     });
-    eventually("threads back to the baseline", || threads(pid) <= threads0);
+    let names = |pid: i32| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .map(|t| comm(t.file_name().to_string_lossy().parse().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let before = names(pid);
+    let until = Instant::now() + Duration::from_secs(30);
+    while threads(pid) > threads0 {
+        assert!(
+            Instant::now() < until,
+            "threads back to the baseline {threads0}: {:?} (at the end of the storm: {before:?})",
+            names(pid)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(alive(pid));
     let log = s.log_text();
     assert!(!log.contains("panicked"), "{log}");

@@ -1,0 +1,850 @@
+//! The benchmark behind `./build.sh bench`: a load generator and the runs it makes.
+//!
+//!     bench --bin dist/stdio-sse [--rounds 5] [--seconds 2] [--quick]
+//!
+//! Every reply is checked: it must carry the caller's own id and its own echoed message,
+//! or the run fails. The child is the built-in demo server (`stdio-sse __demo-server`),
+//! the same process for the direct pipe (the limit: no HTTP at all) and for every mode.
+//! Scenarios run interleaved, round after round, so drift on a busy machine hits all of
+//! them alike; each figure is the median over the rounds. Prints one markdown table.
+//!
+//! Not product code: it lives beside the tests and is built as a cargo example.
+
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const ACCEPT_BOTH: &str = "application/json, text/event-stream";
+
+// ---- a small keep-alive HTTP/1.1 client ----------------------------------------------
+
+struct Conn {
+    r: BufReader<TcpStream>,
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// The JSON of every SSE `data:` line, or the body itself when it is JSON.
+    fn messages(&self) -> Vec<Value> {
+        let text = String::from_utf8_lossy(&self.body);
+        if self
+            .header("Content-Type")
+            .is_some_and(|c| c.starts_with("application/json"))
+        {
+            return serde_json::from_str(&text).into_iter().collect();
+        }
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| !d.is_empty())
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect()
+    }
+}
+
+impl Conn {
+    fn open(port: u16) -> Conn {
+        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_nodelay(true).unwrap();
+        Conn {
+            r: BufReader::with_capacity(64 * 1024, s),
+        }
+    }
+
+    fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if method == "POST" {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.r.get_mut().write_all(&bytes).expect("send");
+    }
+
+    fn head(&mut self) -> (u16, Vec<(String, String)>) {
+        let mut line = String::new();
+        self.r.read_line(&mut line).expect("status line");
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            self.r.read_line(&mut h).expect("header");
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+        (status, headers)
+    }
+
+    /// One chunk of a chunked body; None at the last one.
+    fn chunk(&mut self) -> Option<Vec<u8>> {
+        let mut size = String::new();
+        self.r.read_line(&mut size).ok()?;
+        let n = usize::from_str_radix(size.trim(), 16).ok()?;
+        let mut buf = vec![0; n + 2];
+        self.r.read_exact(&mut buf).ok()?;
+        buf.truncate(n);
+        (n > 0).then_some(buf)
+    }
+
+    fn reply(&mut self) -> Reply {
+        let (status, headers) = self.head();
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        let mut body = Vec::new();
+        if find("Transfer-Encoding").is_some_and(|v| v.contains("chunked")) {
+            while let Some(c) = self.chunk() {
+                body.extend_from_slice(&c);
+            }
+        } else if let Some(n) = find("Content-Length").and_then(|v| v.parse().ok()) {
+            body.resize(n, 0);
+            self.r.read_exact(&mut body).expect("body");
+        }
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Reply {
+        self.send(method, path, headers, body);
+        self.reply()
+    }
+}
+
+fn call(id: u64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+           "params": {"name": "echo", "arguments": {"message": message}}})
+}
+
+/// The check every reply gets: its own id, its own message.
+fn check_echo(reply: &Value, id: u64, message: &str) {
+    let text = reply
+        .pointer("/result/content/0/text")
+        .and_then(Value::as_str);
+    if reply["id"] != id || text != Some(message) {
+        panic!(
+            "reply for id {id} is not ours: {}",
+            truncate(&reply.to_string())
+        );
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+// ---- stdio-sse and the child -----------------------------------------------------------
+
+struct Bridge {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Starts stdio-sse on a free port with the demo child and waits until it answers.
+fn bridge(bin: &str, flags: &[&str]) -> Bridge {
+    let port = free_port();
+    let child = Command::new(bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--log-level",
+            "warn",
+            "--access-log=false",
+        ])
+        .args(flags)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start stdio-sse");
+    let b = Bridge { child, port };
+    let end = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < end, "stdio-sse did not start");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    b
+}
+
+fn init_body() -> Vec<u8> {
+    json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "bench", "version": "1"}}})
+    .to_string()
+    .into_bytes()
+}
+
+/// A Streamable HTTP session: initialize and initialized; returns its id.
+fn open_session(port: u16) -> String {
+    let mut c = Conn::open(port);
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", ACCEPT_BOTH),
+        ],
+        &init_body(),
+    );
+    assert_eq!(r.status, 200, "initialize");
+    let sid = r.header("Mcp-Session-Id").expect("session id").to_string();
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", ACCEPT_BOTH),
+            ("Mcp-Session-Id", &sid),
+        ],
+        note.as_bytes(),
+    );
+    assert_eq!(r.status, 202);
+    sid
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    field(&status, "VmRSS:")
+}
+
+fn threads(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    field(&status, "Threads:")
+}
+
+fn field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+// ---- load ------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Default)]
+struct Load {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Runs `workers` closed loops for `secs`; each iteration is one checked round trip.
+fn closed_loop<F>(workers: usize, secs: Duration, make: impl Fn(usize) -> F) -> Load
+where
+    F: FnMut(u64) + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    let ready = Arc::new(std::sync::Barrier::new(workers + 1));
+    for w in 0..workers {
+        let mut one = make(w);
+        let stop = stop.clone();
+        let ready = ready.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut lat = Vec::with_capacity(1 << 16);
+            ready.wait();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let t = Instant::now();
+                one(((w as u64) << 40) | n);
+                lat.push(t.elapsed().as_micros() as u32);
+            }
+            lat
+        }));
+    }
+    ready.wait();
+    let started = Instant::now();
+    std::thread::sleep(secs);
+    stop.store(true, Ordering::Relaxed);
+    let mut all: Vec<u32> = handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("worker"))
+        .collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64;
+    Load {
+        rps: all.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+/// Streamable HTTP: every worker on its own keep-alive connection, all on `sessions`.
+fn streamable_load(port: u16, sessions: &[String], workers: usize, secs: Duration) -> Load {
+    closed_loop(workers, secs, |w| {
+        let sid = sessions[w % sessions.len()].clone();
+        let mut c = Conn::open(port);
+        move |id| {
+            let msg = format!("m{id}");
+            let body = call(id, &msg).to_string();
+            let r = c.request(
+                "POST",
+                "/mcp",
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Accept", ACCEPT_BOTH),
+                    ("Mcp-Session-Id", &sid),
+                ],
+                body.as_bytes(),
+            );
+            assert_eq!(r.status, 200);
+            let m = r.messages();
+            check_echo(m.last().expect("a reply"), id, &msg);
+        }
+    })
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, crossbeam_channel::Sender<Value>>>>;
+
+/// Legacy SSE: one stream per session; POSTs on their own connections, answers routed
+/// back to each waiting worker by id.
+fn legacy_load(port: u16, workers: usize, secs: Duration) -> Load {
+    let mut stream = Conn::open(port);
+    stream.send("GET", "/sse", &[("Accept", "text/event-stream")], b"");
+    let (status, _) = stream.head();
+    assert_eq!(status, 200);
+    let waiters: Waiters = Arc::default();
+    let (endpoint_tx, endpoint_rx) = crossbeam_channel::bounded::<String>(1);
+    let routes = waiters.clone();
+    std::thread::spawn(move || {
+        let mut pending = String::new();
+        while let Some(chunk) = stream.chunk() {
+            pending.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(i) = pending.find("\n\n") {
+                let block: String = pending.drain(..i + 2).collect();
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+                if block.contains("event: endpoint") {
+                    let _ = endpoint_tx.send(data.unwrap_or("").to_string());
+                } else if let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) {
+                    if let Some(tx) = v["id"]
+                        .as_u64()
+                        .and_then(|id| routes.lock().unwrap().remove(&id))
+                    {
+                        let _ = tx.send(v);
+                    }
+                }
+            }
+        }
+    });
+    let endpoint = endpoint_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("endpoint");
+    let mut c = Conn::open(port);
+    let post = |c: &mut Conn, body: &Value| {
+        let r = c.request(
+            "POST",
+            &endpoint,
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 202);
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    waiters.lock().unwrap().insert(0, tx);
+    post(&mut c, &serde_json::from_slice(&init_body()).unwrap());
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("initialize answer");
+    post(
+        &mut c,
+        &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    );
+    closed_loop(workers, secs, |_| {
+        let mut c = Conn::open(port);
+        let endpoint = endpoint.clone();
+        let waiters = waiters.clone();
+        move |id| {
+            let msg = format!("m{id}");
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            waiters.lock().unwrap().insert(id, tx);
+            let r = c.request(
+                "POST",
+                &endpoint,
+                &[("Content-Type", "application/json")],
+                call(id, &msg).to_string().as_bytes(),
+            );
+            assert_eq!(r.status, 202);
+            let v = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("answer on the stream");
+            check_echo(&v, id, &msg);
+        }
+    })
+}
+
+/// The limit: the same child on a pipe, no HTTP. Writers share stdin; one reader routes
+/// answers by id.
+fn pipe_load(bin: &str, workers: usize, secs: Duration) -> Load {
+    let mut child = Command::new(bin)
+        .arg("__demo-server")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("demo child");
+    let stdin = Arc::new(Mutex::new(child.stdin.take().unwrap()));
+    let stdout = child.stdout.take().unwrap();
+    let waiters: Waiters = Arc::default();
+    let routes = waiters.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let v: Value = serde_json::from_str(&line).expect("child JSON");
+            if let Some(tx) = v["id"]
+                .as_u64()
+                .and_then(|id| routes.lock().unwrap().remove(&id))
+            {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    let load = closed_loop(workers, secs, |_| {
+        let stdin = stdin.clone();
+        let waiters = waiters.clone();
+        move |id| {
+            let msg = format!("m{id}");
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            waiters.lock().unwrap().insert(id, tx);
+            let mut line = call(id, &msg).to_string();
+            line.push('\n');
+            stdin.lock().unwrap().write_all(line.as_bytes()).unwrap();
+            check_echo(&rx.recv().expect("answer"), id, &msg);
+        }
+    });
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    load
+}
+
+/// One-shot: a child per request, its answer streamed back.
+fn oneshot_load(port: u16, workers: usize, secs: Duration) -> Load {
+    closed_loop(workers, secs, |_| {
+        let mut c = Conn::open(port);
+        move |id| {
+            let msg = format!("m{id}");
+            let r = c.request(
+                "POST",
+                "/mcp",
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Accept", "text/event-stream"),
+                ],
+                call(id, &msg).to_string().as_bytes(),
+            );
+            assert_eq!(r.status, 200);
+            check_echo(r.messages().last().expect("a reply"), id, &msg);
+        }
+    })
+}
+
+/// Exec until an initialize is answered.
+fn startup(bin: &str) -> Duration {
+    let port = free_port();
+    let t = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["--port", &port.to_string(), "--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start");
+    let took = loop {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_nodelay(true);
+            let mut c = Conn {
+                r: BufReader::new(s),
+            };
+            let r = c.request(
+                "POST",
+                "/mcp",
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Accept", ACCEPT_BOTH),
+                ],
+                &init_body(),
+            );
+            assert_eq!(r.status, 200);
+            break t.elapsed();
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    };
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    took
+}
+
+fn big_round_trip(port: u16) -> Duration {
+    let sid = open_session(port);
+    let msg = "x".repeat(5 << 20);
+    let mut c = Conn::open(port);
+    let t = Instant::now();
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", ACCEPT_BOTH),
+            ("Mcp-Session-Id", &sid),
+        ],
+        call(1, &msg).to_string().as_bytes(),
+    );
+    let took = t.elapsed();
+    check_echo(r.messages().last().expect("reply"), 1, &msg);
+    took
+}
+
+/// N legacy streams held open on one shared child: RSS and threads of stdio-sse, and how
+/// many streams it actually held (fewer when a limit of this machine stops it first).
+fn idle_streams(bin: &str, n: usize) -> (u64, u64, usize) {
+    let cap = (n + 64).to_string();
+    let b = bridge(
+        bin,
+        &[
+            "--mode",
+            "shared",
+            "--max-connections",
+            &cap,
+            "--max-sessions",
+            &cap,
+        ],
+    );
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        // Fallible all the way: the release profile aborts on panic.
+        let opened = (|| {
+            let sock = TcpStream::connect(("127.0.0.1", b.port)).ok()?;
+            let mut r = BufReader::new(sock);
+            r.get_mut()
+                .write_all(
+                    b"GET /sse HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
+                )
+                .ok()?;
+            let mut line = String::new();
+            r.read_line(&mut line).ok()?;
+            line.starts_with("HTTP/1.1 200").then_some(r)
+        })();
+        match opened {
+            Some(c) => held.push(c),
+            None => {
+                eprintln!(
+                    "bench: stream {} of {n} could not be opened; stopping there",
+                    i + 1
+                );
+                break;
+            }
+        }
+    }
+    let figures = (rss_kib(b.child.id()), threads(b.child.id()), held.len());
+    drop(held);
+    figures
+}
+
+/// Instructions stdio-sse executes per round trip (callgrind: the same count on a busy
+/// machine), from two runs that differ only in the number of round trips.
+fn instructions_per_round_trip(bin: &str) -> Option<f64> {
+    let total = |n: u64| -> Option<f64> {
+        let port = free_port();
+        let out = std::env::temp_dir().join(format!("bench-callgrind-{port}.out"));
+        let mut child = Command::new("valgrind")
+            .args([
+                "--tool=callgrind",
+                &format!("--callgrind-out-file={}", out.display()),
+            ])
+            .arg(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--log-level",
+                "warn",
+                "--access-log=false",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let end = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > end {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let sid = open_session(port);
+        let mut c = Conn::open(port);
+        for id in 1..=n {
+            let msg = format!("m{id}");
+            let r = c.request(
+                "POST",
+                "/mcp",
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Accept", ACCEPT_BOTH),
+                    ("Mcp-Session-Id", &sid),
+                ],
+                call(id, &msg).to_string().as_bytes(),
+            );
+            check_echo(r.messages().last()?, id, &msg);
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+        let text = std::fs::read_to_string(&out).ok()?;
+        let _ = std::fs::remove_file(&out);
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("summary: ")
+                    .or_else(|| l.strip_prefix("totals: "))
+            })
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let (small, large) = (100, 1100);
+    Some((total(large)? - total(small)?) / (large - small) as f64)
+}
+
+// ---- the run ---------------------------------------------------------------------------
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .map(|t| field(&t, "MemTotal:") / 1024 / 1024)
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, {mem} GiB, Linux {}", kernel.trim())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let bin = opt("--bin").unwrap_or_else(|| "dist/stdio-sse".into());
+    let quick = args.iter().any(|a| a == "--quick");
+    let rounds: usize = opt("--rounds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 1 } else { 5 });
+    let secs = Duration::from_secs_f64(
+        opt("--seconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 0.5 } else { 2.0 }),
+    );
+    let bin = std::fs::canonicalize(&bin)
+        .unwrap_or_else(|_| panic!("no binary at {bin} (./build.sh makes it)"))
+        .display()
+        .to_string();
+    // Many sockets for the idle-stream runs.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+
+    let mut rows: Vec<(String, &'static str, Vec<f64>)> = Vec::new();
+    let mut record = |name: String, unit: &'static str, v: f64| match rows
+        .iter_mut()
+        .find(|(n, _, _)| *n == name)
+    {
+        Some((_, _, vals)) => vals.push(v),
+        None => rows.push((name, unit, vec![v])),
+    };
+    for round in 0..rounds {
+        eprintln!("bench: round {} of {rounds}", round + 1);
+        record(
+            "startup (exec to initialize answered)".into(),
+            "ms",
+            startup(&bin).as_secs_f64() * 1e3,
+        );
+        for c in [1usize, 8, 64] {
+            let l = pipe_load(&bin, c, secs);
+            record(format!("direct pipe c={c} req/s"), "req/s", l.rps);
+            if c == 1 {
+                record("direct pipe c=1 p50".into(), "µs", l.p50_us);
+            }
+        }
+        {
+            let b = bridge(&bin, &[]);
+            std::thread::sleep(Duration::from_millis(200));
+            record("idle RSS".into(), "KiB", rss_kib(b.child.id()) as f64);
+            let sid = open_session(b.port);
+            for c in [1usize, 8, 64] {
+                let l = streamable_load(b.port, std::slice::from_ref(&sid), c, secs);
+                record(format!("streamable c={c} req/s"), "req/s", l.rps);
+                record(format!("streamable c={c} p50"), "µs", l.p50_us);
+                record(format!("streamable c={c} p99"), "µs", l.p99_us);
+            }
+        }
+        {
+            let b = bridge(&bin, &[]);
+            let sessions: Vec<String> = (0..32).map(|_| open_session(b.port)).collect();
+            let l = streamable_load(b.port, &sessions, 32, secs);
+            record("32 sessions (own child each) req/s".into(), "req/s", l.rps);
+            record(
+                "32 sessions RSS of stdio-sse".into(),
+                "KiB",
+                rss_kib(b.child.id()) as f64,
+            );
+        }
+        {
+            let b = bridge(&bin, &[]);
+            for c in [1usize, 64] {
+                let l = legacy_load(b.port, c, secs);
+                record(format!("legacy SSE c={c} req/s"), "req/s", l.rps);
+                record(format!("legacy SSE c={c} p50"), "µs", l.p50_us);
+            }
+        }
+        {
+            let b = bridge(&bin, &["--mode", "shared"]);
+            let sessions: Vec<String> = (0..8).map(|_| open_session(b.port)).collect();
+            let l = streamable_load(b.port, &sessions[..1], 1, secs);
+            record("shared c=1 p50".into(), "µs", l.p50_us);
+            let l = streamable_load(b.port, &sessions, 64, secs);
+            record("shared 8 sessions c=64 req/s".into(), "req/s", l.rps);
+        }
+        {
+            let b = bridge(&bin, &["--mode", "oneshot"]);
+            let l = oneshot_load(b.port, 8, secs);
+            record("one-shot c=8 req/s".into(), "req/s", l.rps);
+        }
+        {
+            let b = bridge(&bin, &["--max-body", "16MiB"]);
+            record(
+                "5 MiB tool result round trip".into(),
+                "ms",
+                big_round_trip(b.port).as_secs_f64() * 1e3,
+            );
+        }
+    }
+    let streams = if quick {
+        vec![1000]
+    } else {
+        vec![1000, 10_000]
+    };
+    for n in streams {
+        let (rss, thr, held) = idle_streams(&bin, n);
+        record(
+            format!("{n} idle SSE streams: streams held"),
+            "",
+            held as f64,
+        );
+        record(
+            format!("{n} idle SSE streams, shared child: RSS"),
+            "KiB",
+            rss as f64,
+        );
+        record(format!("{n} idle SSE streams: threads"), "", thr as f64);
+    }
+    if !quick {
+        match instructions_per_round_trip(&bin) {
+            Some(i) => record("instructions per round trip (callgrind)".into(), "", i),
+            None => eprintln!("bench: valgrind not available; no instruction count"),
+        }
+    }
+    let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
+
+    let value = |name: &str| {
+        rows.iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, _, v)| median(v.clone()))
+    };
+    println!("machine: {}", machine());
+    println!("binary: {bin}, {size} bytes; medians of {rounds} rounds of {secs:?} per load\n");
+    println!("| figure | stdio-sse | unit | vs direct pipe |");
+    println!("|---|---|---|---|");
+    for (name, unit, vals) in &rows {
+        let m = median(vals.clone());
+        let pipe_name = if name.ends_with("req/s") {
+            name.split(' ')
+                .find(|w| w.starts_with("c="))
+                .map(|c| format!("direct pipe {c} req/s"))
+        } else if name.ends_with("c=1 p50") {
+            Some("direct pipe c=1 p50".to_string())
+        } else {
+            None
+        };
+        let ratio = pipe_name
+            .filter(|p| p != name)
+            .and_then(|p| value(&p))
+            .map(|p| format!("{:.2}x", m / p))
+            .unwrap_or_default();
+        let shown = if m >= 100.0 {
+            format!("{m:.0}")
+        } else {
+            format!("{m:.2}")
+        };
+        println!("| {name} | {shown} | {unit} | {ratio} |");
+    }
+}
