@@ -6661,7 +6661,8 @@ mod observe {
 
 // ======================================================================================
 /// The built-in demo server, run as a real child (`stdio-sse __demo-server`) when no
-/// COMMAND is given: an MCP server on stdio with an `echo` and an `add` tool. Also the
+/// COMMAND is given: an MCP server on stdio with `echo`, `add` and `broadcast` (a
+/// list_changed notification for every client) tools. Also the
 /// benchmark's fast child. Shares nothing with the bridge but serde_json.
 mod demo {
     use serde_json::{json, Value};
@@ -6682,9 +6683,16 @@ mod demo {
                 continue;
             };
             let Some(reply) = answer(&msg) else { continue };
+            let mut lines = String::new();
+            if msg.pointer("/params/name").and_then(Value::as_str) == Some("broadcast") {
+                // A server-wide notification first: in shared mode every session gets it.
+                lines.push_str(r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#);
+                lines.push('\n');
+            }
+            lines.push_str(&reply.to_string());
+            lines.push('\n');
             if out
-                .write_all(reply.to_string().as_bytes())
-                .and_then(|_| out.write_all(b"\n"))
+                .write_all(lines.as_bytes())
                 .and_then(|_| out.flush())
                 .is_err()
             {
@@ -6719,7 +6727,9 @@ mod demo {
                 {"name": "echo", "description": "Returns its message",
                  "inputSchema": {"type": "object", "properties": {"message": {"type": "string"}}, "required": ["message"]}},
                 {"name": "add", "description": "Adds two numbers",
-                 "inputSchema": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}
+                 "inputSchema": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}},
+                {"name": "broadcast", "description": "Sends notifications/tools/list_changed to every client",
+                 "inputSchema": {"type": "object", "properties": {}}}
             ]})),
             "tools/call" => {
                 let args = params.get("arguments").cloned().unwrap_or(json!({}));
@@ -6731,6 +6741,9 @@ mod demo {
                             .unwrap_or("")
                             .to_string();
                         Ok(json!({"content": [{"type": "text", "text": text}]}))
+                    }
+                    Some("broadcast") => {
+                        Ok(json!({"content": [{"type": "text", "text": "broadcast sent"}]}))
                     }
                     Some("add") => {
                         let sum = args.get("a").and_then(Value::as_f64).unwrap_or(0.0)
@@ -7133,7 +7146,7 @@ fn main() {
         log!(
             Info,
             "demo",
-            "no COMMAND given: serving the built-in demo server (tools: echo, add)"
+            "no COMMAND given: serving the built-in demo server (tools: echo, add, broadcast)"
         );
         if !cfg.log_json {
             eprintln!(

@@ -548,9 +548,78 @@ fn big_round_trip(port: u16) -> Duration {
     took
 }
 
-/// N legacy streams held open on one shared child: RSS and threads of stdio-sse, and how
-/// many streams it actually held (fewer when a limit of this machine stops it first).
-fn idle_streams(bin: &str, n: usize) -> (u64, u64, usize) {
+/// What the idle-stream run found.
+struct Idle {
+    rss_kib: u64,
+    threads: u64,
+    held: usize,
+    /// From the `broadcast` call until the last held stream had its notification.
+    broadcast: Option<Duration>,
+}
+
+/// Waits (one thread, poll) until every stream has carried `needle`.
+fn all_receive(streams: &mut [BufReader<TcpStream>], needle: &[u8], within: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut done: Vec<bool> = streams
+        .iter()
+        .map(|r| r.buffer().windows(needle.len()).any(|w| w == needle))
+        .collect();
+    let mut tails: Vec<Vec<u8>> = vec![Vec::new(); streams.len()];
+    let end = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while done.iter().any(|d| !d) {
+        if Instant::now() > end {
+            return false;
+        }
+        let waiting: Vec<usize> = (0..streams.len()).filter(|i| !done[*i]).collect();
+        let mut fds: Vec<libc::pollfd> = waiting
+            .iter()
+            .map(|i| libc::pollfd {
+                fd: streams[*i].get_ref().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) } <= 0 {
+            continue;
+        }
+        for (k, p) in fds.iter().enumerate() {
+            if p.revents == 0 {
+                continue;
+            }
+            let i = waiting[k];
+            let n =
+                unsafe { libc::recv(p.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n <= 0 {
+                return false;
+            }
+            let t = &mut tails[i];
+            t.extend_from_slice(&buf[..n as usize]);
+            if t.windows(needle.len()).any(|w| w == needle) {
+                done[i] = true;
+            }
+            let keep = t.len().saturating_sub(needle.len());
+            t.drain(..keep);
+        }
+    }
+    true
+}
+
+/// N legacy streams held open on one shared child: RSS and threads of stdio-sse, how
+/// many streams it actually held (fewer when a limit of this machine stops it first),
+/// and how long a server-wide notification takes to reach every one of them.
+fn idle_streams(bin: &str, wanted: usize) -> Idle {
+    // stdio-sse holds two descriptors per stream (tiny_http reads through a dup): stay
+    // under its open-files limit so the broadcast's own session can still connect.
+    let hard = unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_max as usize
+    };
+    let n = wanted.min(hard.saturating_sub(256) / 2);
+    if n < wanted {
+        eprintln!("bench: {wanted} streams need more than the open-files limit ({hard}) allows; holding {n}");
+    }
     let cap = (n + 64).to_string();
     let b = bridge(
         bin,
@@ -589,9 +658,43 @@ fn idle_streams(bin: &str, n: usize) -> (u64, u64, usize) {
             }
         }
     }
-    let figures = (rss_kib(b.child.id()), threads(b.child.id()), held.len());
-    drop(held);
-    figures
+    let (rss, thr) = (rss_kib(b.child.id()), threads(b.child.id()));
+    if held.len() < n {
+        // stdio-sse ran into a limit of this machine (a thread's stack and guard are
+        // memory maps: vm.max_map_count); a new session could not connect either.
+        eprintln!("bench: no broadcast figure for {n} streams: stdio-sse is at a limit");
+        return Idle {
+            rss_kib: rss,
+            threads: thr,
+            held: held.len(),
+            broadcast: None,
+        };
+    }
+    let sid = open_session(b.port);
+    let mut c = Conn::open(b.port);
+    let t = Instant::now();
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", ACCEPT_BOTH),
+            ("Mcp-Session-Id", &sid),
+        ],
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+               "params": {"name": "broadcast", "arguments": {}}})
+        .to_string()
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    let broadcast =
+        all_receive(&mut held, b"tools/list_changed", Duration::from_secs(30)).then(|| t.elapsed());
+    Idle {
+        rss_kib: rss,
+        threads: thr,
+        held: held.len(),
+        broadcast,
+    }
 }
 
 /// Instructions stdio-sse executes per round trip (callgrind: the same count on a busy
@@ -794,7 +897,16 @@ fn main() {
         vec![1000, 10_000]
     };
     for n in streams {
-        let (rss, thr, held) = idle_streams(&bin, n);
+        let idle = idle_streams(&bin, n);
+        let (rss, thr, held) = (idle.rss_kib, idle.threads, idle.held);
+        match idle.broadcast {
+            Some(d) => record(
+                format!("{n} idle SSE streams: broadcast reached all"),
+                "ms",
+                d.as_secs_f64() * 1e3,
+            ),
+            None => eprintln!("bench: no broadcast figure for {held} streams"),
+        }
         record(
             format!("{n} idle SSE streams: streams held"),
             "",
