@@ -148,6 +148,20 @@ impl Conn {
         self.send(method, path, headers, body);
         self.reply()
     }
+
+    /// A POST to /mcp on a session, as a Streamable HTTP client sends it.
+    fn post_mcp(&mut self, sid: &str, body: &[u8]) -> Reply {
+        self.request(
+            "POST",
+            "/mcp",
+            &[
+                ("Content-Type", "application/json"),
+                ("Accept", ACCEPT_BOTH),
+                ("Mcp-Session-Id", sid),
+            ],
+            body,
+        )
+    }
 }
 
 fn call(id: u64, message: &str) -> Value {
@@ -240,16 +254,7 @@ fn open_session(port: u16) -> String {
     assert_eq!(r.status, 200, "initialize");
     let sid = r.header("Mcp-Session-Id").expect("session id").to_string();
     let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
-    let r = c.request(
-        "POST",
-        "/mcp",
-        &[
-            ("Content-Type", "application/json"),
-            ("Accept", ACCEPT_BOTH),
-            ("Mcp-Session-Id", &sid),
-        ],
-        note.as_bytes(),
-    );
+    let r = c.post_mcp(&sid, note.as_bytes());
     assert_eq!(r.status, 202);
     sid
 }
@@ -333,16 +338,7 @@ fn streamable_load(port: u16, sessions: &[String], workers: usize, secs: Duratio
         move |id| {
             let msg = format!("m{id}");
             let body = call(id, &msg).to_string();
-            let r = c.request(
-                "POST",
-                "/mcp",
-                &[
-                    ("Content-Type", "application/json"),
-                    ("Accept", ACCEPT_BOTH),
-                    ("Mcp-Session-Id", &sid),
-                ],
-                body.as_bytes(),
-            );
+            let r = c.post_mcp(&sid, body.as_bytes());
             assert_eq!(r.status, 200);
             let m = r.messages();
             check_echo(m.last().expect("a reply"), id, &msg);
@@ -533,16 +529,7 @@ fn big_round_trip(port: u16) -> Duration {
     let msg = "x".repeat(5 << 20);
     let mut c = Conn::open(port);
     let t = Instant::now();
-    let r = c.request(
-        "POST",
-        "/mcp",
-        &[
-            ("Content-Type", "application/json"),
-            ("Accept", ACCEPT_BOTH),
-            ("Mcp-Session-Id", &sid),
-        ],
-        call(1, &msg).to_string().as_bytes(),
-    );
+    let r = c.post_mcp(&sid, call(1, &msg).to_string().as_bytes());
     let took = t.elapsed();
     check_echo(r.messages().last().expect("reply"), 1, &msg);
     took
@@ -673,14 +660,8 @@ fn idle_streams(bin: &str, wanted: usize) -> Idle {
     let sid = open_session(b.port);
     let mut c = Conn::open(b.port);
     let t = Instant::now();
-    let r = c.request(
-        "POST",
-        "/mcp",
-        &[
-            ("Content-Type", "application/json"),
-            ("Accept", ACCEPT_BOTH),
-            ("Mcp-Session-Id", &sid),
-        ],
+    let r = c.post_mcp(
+        &sid,
         json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                "params": {"name": "broadcast", "arguments": {}}})
         .to_string()
@@ -733,16 +714,7 @@ fn instructions_per_round_trip(bin: &str) -> Option<f64> {
         let mut c = Conn::open(port);
         for id in 1..=n {
             let msg = format!("m{id}");
-            let r = c.request(
-                "POST",
-                "/mcp",
-                &[
-                    ("Content-Type", "application/json"),
-                    ("Accept", ACCEPT_BOTH),
-                    ("Mcp-Session-Id", &sid),
-                ],
-                call(id, &msg).to_string().as_bytes(),
-            );
+            let r = c.post_mcp(&sid, call(id, &msg).to_string().as_bytes());
             check_echo(r.messages().last()?, id, &msg);
         }
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
