@@ -149,6 +149,19 @@ impl Conn {
         self.reply()
     }
 
+    /// The initialize that opens a Streamable HTTP session.
+    fn initialize(&mut self) -> Reply {
+        self.request(
+            "POST",
+            "/mcp",
+            &[
+                ("Content-Type", "application/json"),
+                ("Accept", ACCEPT_BOTH),
+            ],
+            &init_body(),
+        )
+    }
+
     /// A POST to /mcp on a session, as a Streamable HTTP client sends it.
     fn post_mcp(&mut self, sid: &str, body: &[u8]) -> Reply {
         self.request(
@@ -242,15 +255,7 @@ fn init_body() -> Vec<u8> {
 /// A Streamable HTTP session: initialize and initialized; returns its id.
 fn open_session(port: u16) -> String {
     let mut c = Conn::open(port);
-    let r = c.request(
-        "POST",
-        "/mcp",
-        &[
-            ("Content-Type", "application/json"),
-            ("Accept", ACCEPT_BOTH),
-        ],
-        &init_body(),
-    );
+    let r = c.initialize();
     assert_eq!(r.status, 200, "initialize");
     let sid = r.header("Mcp-Session-Id").expect("session id").to_string();
     let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
@@ -505,15 +510,7 @@ fn startup(bin: &str) -> Duration {
             let mut c = Conn {
                 r: BufReader::new(s),
             };
-            let r = c.request(
-                "POST",
-                "/mcp",
-                &[
-                    ("Content-Type", "application/json"),
-                    ("Accept", ACCEPT_BOTH),
-                ],
-                &init_body(),
-            );
+            let r = c.initialize();
             assert_eq!(r.status, 200);
             break t.elapsed();
         }
