@@ -1930,14 +1930,40 @@ mod http {
         let _ = out.write_all(&bytes).and_then(|_| out.flush());
     }
 
+    /// How long an SSE response is expected to live.
+    #[derive(Clone, Copy, PartialEq)]
+    pub enum Lifetime {
+        /// Answers one POST: the connection serves the next request after it.
+        Request,
+        /// A GET stream that lasts as long as its session or client.
+        Standing,
+    }
+
     /// Opens an SSE response with our headers and the CORS ones.
+    ///
+    /// A standing stream gives its connection's reading thread back: tiny_http would
+    /// otherwise keep a thread (and a dup of the socket) blocked reading a next request
+    /// that never comes while the stream is open, two threads and two descriptors per
+    /// idle stream. Shutting the socket's reading side ends that thread at once; the
+    /// stream says `Connection: close`, so the client opens a new connection after it.
+    /// (Over TLS tiny_http's reader waits on a channel instead, so it stays.)
     pub fn open_sse(
         inc: Incoming,
         mut extra: Vec<(&'static str, String)>,
+        lifetime: Lifetime,
     ) -> std::io::Result<crate::sse::SseStream> {
         extra.extend(cors_headers(&inc));
         let chunked = inc.chunked();
-        crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &extra)
+        let release_reader = lifetime == Lifetime::Standing && chunked && !inc.rq.secure();
+        if release_reader {
+            extra.push(("Connection", "close".into()));
+        }
+        let peer = inc.rq.remote_addr().copied();
+        let stream = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &extra)?;
+        if release_reader {
+            crate::door::shut(peer.as_ref(), libc::SHUT_RD);
+        }
+        Ok(stream)
     }
 
     /// CORS on an actual (not preflight) response: who may read it and which of our
@@ -2629,7 +2655,7 @@ mod streamable {
             headers.push((SESSION_HEADER, id.clone()));
         }
         crate::observe::response_status(200);
-        match crate::http::open_sse(inc, headers) {
+        match crate::http::open_sse(inc, headers, crate::http::Lifetime::Request) {
             Ok(stream) => crate::sse::pump(stream, attached, session),
             Err(_) => session.detach(attached.stream, attached.conn_id),
         }
@@ -2670,7 +2696,7 @@ mod streamable {
             Err(reply) => return respond(inc, reply),
         };
         crate::observe::response_status(200);
-        match crate::http::open_sse(inc, Vec::new()) {
+        match crate::http::open_sse(inc, Vec::new(), crate::http::Lifetime::Standing) {
             Ok(stream) => crate::sse::pump(stream, attached, &session),
             Err(_) => session.detach(attached.stream, attached.conn_id),
         }
@@ -2734,7 +2760,7 @@ mod legacy {
             }
         };
         crate::observe::response_status(200);
-        let opened = crate::http::open_sse(inc, Vec::new());
+        let opened = crate::http::open_sse(inc, Vec::new(), crate::http::Lifetime::Standing);
         let endpoint = format!("{}?sessionId={}", crate::app().cfg.message_path, session.id);
         if let Ok(mut stream) = opened {
             if stream.event(Some("endpoint"), &endpoint).is_ok() {
@@ -2932,7 +2958,7 @@ mod oneshot {
         }
         child.close_stdin();
         crate::observe::response_status(200);
-        let stream = crate::http::open_sse(inc, Vec::new());
+        let stream = crate::http::open_sse(inc, Vec::new(), crate::http::Lifetime::Request);
         let delivered = stream.and_then(|s| stream_output(s, &rx, &child));
         if delivered.is_err() {
             crate::log!(
@@ -5649,6 +5675,9 @@ mod sse {
         format!("HTTP/1.1 {status} {reason}\r\n")
     }
 
+    /// A stream keeps at most this much pending-buffer capacity between flushes.
+    const IDLE_BUFFER_MAX: usize = 64 * 1024;
+
     pub struct SseStream {
         out: Box<dyn Write + Send>,
         chunked: bool,
@@ -5673,12 +5702,13 @@ mod sse {
             } else {
                 "Connection: close\r\n\r\n"
             });
+            // The pending buffer starts as the head and grows with the events: an idle
+            // stream holds no more than it ever needed at once.
             let mut s = SseStream {
                 out,
                 chunked,
-                buf: Vec::with_capacity(4096),
+                buf: head.into_bytes(),
             };
-            s.buf.extend_from_slice(head.as_bytes());
             s.flush()?;
             Ok(s)
         }
@@ -5730,6 +5760,10 @@ mod sse {
             crate::observe::bytes_out(self.buf.len());
             let r = self.out.write_all(&self.buf).and_then(|_| self.out.flush());
             self.buf.clear();
+            // After a large result, an idle stream gives the memory back.
+            if self.buf.capacity() > IDLE_BUFFER_MAX {
+                self.buf.shrink_to(IDLE_BUFFER_MAX);
+            }
             r
         }
 

@@ -35,26 +35,6 @@ fn status_of(text: &str) -> u16 {
         .unwrap_or(0)
 }
 
-fn threads(pid: i32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// Waits (bounded) until `f` holds; the pools shed idle threads after a few seconds.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < until, "{what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn connections_beyond_the_cap_get_503_and_slots_come_back() {
     let s = Server::start(&["--max-connections", "4"], &everything());

@@ -4,6 +4,7 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
+use std::time::Duration;
 
 fn shared(extra: &[&str]) -> Server {
     let mut flags = vec!["--mode", "shared"];
@@ -382,4 +383,55 @@ fn a_client_that_never_reads_does_not_slow_the_others() {
         ) >= 1.0
     );
     assert!(vm_rss_kib(s.pid()) < 64 * 1024);
+}
+
+/// Standing streams are cheap: each idle GET stream (legacy or Streamable HTTP) costs
+/// one thread and one descriptor, because its connection's reading thread is given back
+/// (the stream says `Connection: close`); and a broadcast from the shared child still
+/// reaches every one of them (S-9: list_changed goes to each session's GET stream).
+#[test]
+fn standing_streams_cost_one_thread_and_one_descriptor_each() {
+    const STREAMS: usize = 40;
+    let s = Server::start(&["--mode", "shared"], &[]); // the demo child has `broadcast`
+    s.wait_log("shared child 0 started");
+    let caller = Session::open(&s);
+    let pid = s.pid();
+    let (fds_before, threads_before) = (open_fds(pid), threads(pid));
+    let mut streams: Vec<SseReader> = (0..STREAMS)
+        .map(|i| {
+            if i % 2 == 0 {
+                let mut c = Conn::open(&s);
+                c.send("GET", "/sse", &[("Accept", "text/event-stream")], b"");
+                let mut r = SseReader::new(c);
+                assert_eq!(r.next_event().unwrap().event.as_deref(), Some("endpoint"));
+                r
+            } else {
+                Session::open(&s).get_stream()
+            }
+        })
+        .collect();
+    for r in &streams {
+        r.conn.set_timeout(Duration::from_secs(10));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("Connection"), Some("close"), "{:?}", r.headers);
+    }
+    // A few spare workers may come and go; two per stream would be far above this.
+    let slack = 12;
+    let fds = open_fds(pid);
+    assert!(
+        fds <= fds_before + STREAMS + slack,
+        "{fds} descriptors for {STREAMS} streams (from {fds_before})"
+    );
+    eventually("spare threads are shed, one per stream is left", || {
+        threads(pid) <= threads_before + STREAMS + slack
+    });
+    let r = caller.call(7, "broadcast", json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (i, st) in streams.iter_mut().enumerate() {
+        let m = st.next_message().unwrap();
+        assert_eq!(
+            m["method"], "notifications/tools/list_changed",
+            "stream {i}: {m}"
+        );
+    }
 }

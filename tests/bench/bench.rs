@@ -1,6 +1,6 @@
 //! The benchmark behind `./build.sh bench`: a load generator and the runs it makes.
 //!
-//!     bench --bin dist/stdio-sse [--rounds 5] [--seconds 2] [--quick]
+//!     bench --bin dist/stdio-sse [--rounds 5] [--seconds 2] [--quick] [--only GROUP,...]
 //!
 //! Every reply is checked: it must carry the caller's own id and its own echoed message,
 //! or the run fails. The child is the built-in demo server (`stdio-sse __demo-server`),
@@ -593,14 +593,14 @@ fn all_receive(streams: &mut [BufReader<TcpStream>], needle: &[u8], within: Dura
 /// many streams it actually held (fewer when a limit of this machine stops it first),
 /// and how long a server-wide notification takes to reach every one of them.
 fn idle_streams(bin: &str, wanted: usize) -> Idle {
-    // stdio-sse holds two descriptors per stream (tiny_http reads through a dup): stay
-    // under its open-files limit so the broadcast's own session can still connect.
+    // stdio-sse holds one descriptor per stream: stay under its open-files limit so the
+    // broadcast's own session can still connect.
     let hard = unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         lim.rlim_max as usize
     };
-    let n = wanted.min(hard.saturating_sub(256) / 2);
+    let n = wanted.min(hard.saturating_sub(256));
     if n < wanted {
         eprintln!("bench: {wanted} streams need more than the open-files limit ({hard}) allows; holding {n}");
     }
@@ -764,6 +764,13 @@ fn main() {
     };
     let bin = opt("--bin").unwrap_or_else(|| "dist/stdio-sse".into());
     let quick = args.iter().any(|a| a == "--quick");
+    // --only pipe,streamable,sessions,legacy,shared,oneshot,big,streams,callgrind: a
+    // subset of the scenarios (while working on one figure); all by default.
+    let only = opt("--only");
+    let want = |group: &str| {
+        only.as_deref()
+            .map_or(true, |o| o.split(',').any(|g| g == group))
+    };
     let rounds: usize = opt("--rounds")
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 1 } else { 5 });
@@ -795,19 +802,21 @@ fn main() {
     };
     for round in 0..rounds {
         eprintln!("bench: round {} of {rounds}", round + 1);
-        record(
-            "startup (exec to initialize answered)".into(),
-            "ms",
-            startup(&bin).as_secs_f64() * 1e3,
-        );
-        for c in [1usize, 8, 64] {
+        if want("startup") {
+            record(
+                "startup (exec to initialize answered)".into(),
+                "ms",
+                startup(&bin).as_secs_f64() * 1e3,
+            );
+        }
+        for c in [1usize, 8, 64].into_iter().filter(|_| want("pipe")) {
             let l = pipe_load(&bin, c, secs);
             record(format!("direct pipe c={c} req/s"), "req/s", l.rps);
             if c == 1 {
                 record("direct pipe c=1 p50".into(), "µs", l.p50_us);
             }
         }
-        {
+        if want("streamable") {
             let b = bridge(&bin, &[]);
             std::thread::sleep(Duration::from_millis(200));
             record("idle RSS".into(), "KiB", rss_kib(b.child.id()) as f64);
@@ -819,7 +828,7 @@ fn main() {
                 record(format!("streamable c={c} p99"), "µs", l.p99_us);
             }
         }
-        {
+        if want("sessions") {
             let b = bridge(&bin, &[]);
             let sessions: Vec<String> = (0..32).map(|_| open_session(b.port)).collect();
             let l = streamable_load(b.port, &sessions, 32, secs);
@@ -830,7 +839,7 @@ fn main() {
                 rss_kib(b.child.id()) as f64,
             );
         }
-        {
+        if want("legacy") {
             let b = bridge(&bin, &[]);
             for c in [1usize, 64] {
                 let l = legacy_load(b.port, c, secs);
@@ -838,7 +847,7 @@ fn main() {
                 record(format!("legacy SSE c={c} p50"), "µs", l.p50_us);
             }
         }
-        {
+        if want("shared") {
             let b = bridge(&bin, &["--mode", "shared"]);
             let sessions: Vec<String> = (0..8).map(|_| open_session(b.port)).collect();
             let l = streamable_load(b.port, &sessions[..1], 1, secs);
@@ -846,12 +855,12 @@ fn main() {
             let l = streamable_load(b.port, &sessions, 64, secs);
             record("shared 8 sessions c=64 req/s".into(), "req/s", l.rps);
         }
-        {
+        if want("oneshot") {
             let b = bridge(&bin, &["--mode", "oneshot"]);
             let l = oneshot_load(b.port, 8, secs);
             record("one-shot c=8 req/s".into(), "req/s", l.rps);
         }
-        {
+        if want("big") {
             let b = bridge(&bin, &["--max-body", "16MiB"]);
             record(
                 "5 MiB tool result round trip".into(),
@@ -860,10 +869,10 @@ fn main() {
             );
         }
     }
-    let streams = if quick {
-        vec![1000]
-    } else {
-        vec![1000, 10_000]
+    let streams = match (want("streams"), quick) {
+        (false, _) => vec![],
+        (true, true) => vec![1000],
+        (true, false) => vec![1000, 10_000],
     };
     for n in streams {
         let idle = idle_streams(&bin, n);
@@ -888,7 +897,7 @@ fn main() {
         );
         record(format!("{n} idle SSE streams: threads"), "", thr as f64);
     }
-    if !quick {
+    if !quick && want("callgrind") {
         match instructions_per_round_trip(&bin) {
             Some(i) => record("instructions per round trip (callgrind)".into(), "", i),
             None => eprintln!("bench: valgrind not available; no instruction count"),

@@ -649,3 +649,31 @@ pub fn child_pid(sess: &Session) -> i32 {
     let r = sess.call(900_001, "pid", json!({}));
     result_text(&r.messages()[0]).parse().unwrap()
 }
+
+/// Threads of a process, from /proc.
+pub fn threads(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Open file descriptors of a process, from /proc.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Waits (bounded) until `f` holds; the pools shed idle threads after a few seconds.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(std::time::Instant::now() < until, "{what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
