@@ -6799,6 +6799,210 @@ mod demo {
 }
 
 // ======================================================================================
+/// Memory: a small cache of freed blocks in front of the C library's allocator. musl's
+/// allocator takes one process-wide lock on every call and does real work each time;
+/// with tens of busy threads that lock is where the time goes (c=64: 15k req/s on musl
+/// against 22k on glibc, same code). Blocks up to MAX_CLASS_SIZE are rounded to a size
+/// class and, when freed, kept on one of SHARDS free lists (a thread always uses the
+/// same shard), a bounded number per class so an idle process gives memory back.
+/// Larger or over-aligned blocks go straight to the system. Touches nothing else.
+mod memory {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::{Cell, UnsafeCell};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// Threads are spread over this many independently locked caches.
+    const SHARDS: usize = 8;
+    /// Sizes up to 128 in steps of 16, then four classes per power of two up to this.
+    const MAX_CLASS_SIZE: usize = 4096;
+    const CLASSES: usize = 28;
+    /// Every block is at least this aligned (as malloc's are).
+    const ALIGN: usize = 16;
+    /// A shard keeps at most this many free blocks of a class...
+    const CACHE_BLOCKS: usize = 64;
+    /// ...and at most this many bytes of one class: at most ~350 KiB a shard in all.
+    const CACHE_BYTES: usize = 16 * 1024;
+
+    #[derive(Clone, Copy)]
+    struct FreeList {
+        head: *mut u8,
+        len: usize,
+    }
+
+    struct Shard {
+        locked: AtomicBool,
+        lists: UnsafeCell<[FreeList; CLASSES]>,
+    }
+
+    // The lists are only touched with `locked` held.
+    unsafe impl Sync for Shard {}
+
+    #[allow(clippy::declare_interior_mutable_const)]
+    const EMPTY_SHARD: Shard = Shard {
+        locked: AtomicBool::new(false),
+        lists: UnsafeCell::new(
+            [FreeList {
+                head: std::ptr::null_mut(),
+                len: 0,
+            }; CLASSES],
+        ),
+    };
+    static SHARD_TABLE: [Shard; SHARDS] = [EMPTY_SHARD; SHARDS];
+    static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+    thread_local! {
+        // Const-initialised and without a destructor: safe to read inside the
+        // allocator, even while a thread is exiting.
+        static MY_SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+
+    /// The size class of a small block: (index, rounded size).
+    fn class_of(size: usize, align: usize) -> Option<(usize, usize)> {
+        if size > MAX_CLASS_SIZE || align > ALIGN {
+            return None;
+        }
+        let size = size.max(1);
+        if size <= 128 {
+            let i = (size + 15) / 16 - 1;
+            return Some((i, (i + 1) * 16));
+        }
+        let p = (usize::BITS - 1 - (size - 1).leading_zeros()) as usize; // 7..=11
+        let k = (size - 1) >> (p - 2); // 4..=7
+        Some((8 + (p - 7) * 4 + (k - 4), (k + 1) << (p - 2)))
+    }
+
+    fn shard() -> &'static Shard {
+        let i = MY_SHARD
+            .try_with(|s| {
+                if s.get() == usize::MAX {
+                    s.set(NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS);
+                }
+                s.get()
+            })
+            .unwrap_or(0);
+        &SHARD_TABLE[i]
+    }
+
+    /// Runs `f` on a shard's lists under its lock. The critical sections are a few
+    /// instructions; a waiter yields its time slice rather than spin against a holder
+    /// that was preempted.
+    fn locked<R>(s: &Shard, f: impl FnOnce(&mut [FreeList; CLASSES]) -> R) -> R {
+        let mut spins = 0u32;
+        while s
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let r = f(unsafe { &mut *s.lists.get() });
+        s.locked.store(false, Ordering::Release);
+        r
+    }
+
+    pub struct Cached;
+
+    unsafe impl GlobalAlloc for Cached {
+        #[inline(never)]
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let Some((class, size)) = class_of(layout.size(), layout.align()) else {
+                return System.alloc(layout);
+            };
+            let block = locked(shard(), |lists| {
+                let list = &mut lists[class];
+                let block = list.head;
+                if !block.is_null() {
+                    list.head = *(block as *mut *mut u8);
+                    list.len -= 1;
+                }
+                block
+            });
+            if block.is_null() {
+                System.alloc(Layout::from_size_align_unchecked(size, ALIGN))
+            } else {
+                block
+            }
+        }
+
+        #[inline(never)]
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            let Some((class, size)) = class_of(layout.size(), layout.align()) else {
+                return System.dealloc(ptr, layout);
+            };
+            let kept = locked(shard(), |lists| {
+                let list = &mut lists[class];
+                if list.len >= CACHE_BLOCKS || (list.len + 1) * size > CACHE_BYTES {
+                    return false;
+                }
+                *(ptr as *mut *mut u8) = list.head;
+                list.head = ptr;
+                list.len += 1;
+                true
+            });
+            if !kept {
+                System.dealloc(ptr, Layout::from_size_align_unchecked(size, ALIGN));
+            }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            if class_of(layout.size(), layout.align()).is_none() {
+                return System.alloc_zeroed(layout);
+            }
+            let p = self.alloc(layout);
+            if !p.is_null() {
+                std::ptr::write_bytes(p, 0, layout.size());
+            }
+            p
+        }
+
+        #[inline(never)]
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let old = class_of(layout.size(), layout.align());
+            let new = class_of(new_size, layout.align());
+            match (old, new) {
+                (Some((a, _)), Some((b, _))) if a == b => ptr,
+                (None, None) => System.realloc(ptr, layout, new_size),
+                _ => {
+                    let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
+                    let p = self.alloc(new_layout);
+                    if !p.is_null() {
+                        std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                        self.dealloc(ptr, layout);
+                    }
+                    p
+                }
+            }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Cached = Cached;
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn classes_cover_every_small_size_and_round_up() {
+            let mut last = (0, 0);
+            for size in 0..=super::MAX_CLASS_SIZE {
+                let (i, rounded) = super::class_of(size, 8).unwrap();
+                assert!(rounded >= size.max(1) && rounded % 16 == 0, "{size}");
+                assert!(i < super::CLASSES && i >= last.0, "{size}");
+                assert!(i != last.0 || rounded == last.1 || size == 0, "{size}");
+                last = (i, rounded);
+            }
+            assert_eq!(last, (super::CLASSES - 1, super::MAX_CLASS_SIZE));
+            assert!(super::class_of(super::MAX_CLASS_SIZE + 1, 8).is_none());
+            assert!(super::class_of(64, 32).is_none());
+        }
+    }
+}
+
+// ======================================================================================
 // Process-wide state, signals and main.
 
 pub struct App {

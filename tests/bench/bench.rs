@@ -1,6 +1,6 @@
 //! The benchmark behind `./build.sh bench`: a load generator and the runs it makes.
 //!
-//!     bench --bin dist/stdio-sse [--rounds 5] [--seconds 2] [--quick] [--only GROUP,...]
+//!     bench --bin dist/stdio-sse [--rounds 5] [--seconds 2] [--quick] [--only GROUP,...] [--soak SECS]
 //!
 //! Every reply is checked: it must carry the caller's own id and its own echoed message,
 //! or the run fails. The child is the built-in demo server (`stdio-sse __demo-server`),
@@ -675,6 +675,36 @@ fn idle_streams(bin: &str, wanted: usize) -> Idle {
     }
 }
 
+/// Memory under a long load: c=64 on one session for `total`, RSS sampled every
+/// `SOAK_STEP`. Returns (RSS after the first minute, highest, last, req/s overall).
+fn soak(bin: &str, total: Duration) -> (u64, u64, u64, f64) {
+    const SOAK_STEP: Duration = Duration::from_secs(10);
+    let b = bridge(bin, &[]);
+    let sid = open_session(b.port);
+    let started = Instant::now();
+    let (mut warm, mut high, mut last, mut done) = (0, 0, 0, 0.0);
+    while started.elapsed() < total {
+        let l = streamable_load(b.port, std::slice::from_ref(&sid), 64, SOAK_STEP);
+        done += l.rps * SOAK_STEP.as_secs_f64();
+        last = rss_kib(b.child.id());
+        high = high.max(last);
+        if warm == 0 && started.elapsed() >= Duration::from_secs(60) {
+            warm = last;
+        }
+        eprintln!(
+            "bench: soak {:>4.0} s: {:>6.0} req/s, RSS {last} KiB",
+            started.elapsed().as_secs_f64(),
+            l.rps
+        );
+    }
+    (
+        warm.max(1),
+        high,
+        last,
+        done / started.elapsed().as_secs_f64(),
+    )
+}
+
 /// Instructions stdio-sse executes per round trip (callgrind: the same count on a busy
 /// machine), from two runs that differ only in the number of round trips.
 fn instructions_per_round_trip(bin: &str) -> Option<f64> {
@@ -902,6 +932,23 @@ fn main() {
             Some(i) => record("instructions per round trip (callgrind)".into(), "", i),
             None => eprintln!("bench: valgrind not available; no instruction count"),
         }
+    }
+    // --soak SECS: the memory-flatness run (the budget says 600 s), on its own.
+    if let Some(secs) = opt("--soak").and_then(|v| v.parse::<u64>().ok()) {
+        let (warm, high, last, rps) = soak(&bin, Duration::from_secs(secs));
+        record(format!("soak c=64 {secs} s: req/s"), "req/s", rps);
+        record(
+            "soak: RSS after the first minute".into(),
+            "KiB",
+            warm as f64,
+        );
+        record("soak: highest RSS".into(), "KiB", high as f64);
+        record("soak: RSS at the end".into(), "KiB", last as f64);
+        record(
+            "soak: growth after the first minute".into(),
+            "%",
+            (high as f64 / warm as f64 - 1.0) * 100.0,
+        );
     }
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
 
