@@ -18,11 +18,11 @@ build_one() {
         CC_x86_64_unknown_linux_musl=${CC_x86_64_unknown_linux_musl:-gcc} \
         RUSTFLAGS="-C relocation-model=static -C target-feature=+crt-static" \
             cargo build --release --locked --target "$MUSL" "$@"
-        cp "$(target_dir "$@")/$MUSL/release/stdio-sse" "dist/$out"
+        install -m 755 "$(target_dir "$@")/$MUSL/release/stdio-sse" "dist/$out.new" && mv -f "dist/$out.new" "dist/$out"
     else
         echo "build: the musl target cannot be installed here; building a static glibc binary (crt-static) instead"
         RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu "$@"
-        cp "$(target_dir "$@")/x86_64-unknown-linux-gnu/release/stdio-sse" "dist/$out"
+        install -m 755 "$(target_dir "$@")/x86_64-unknown-linux-gnu/release/stdio-sse" "dist/$out.new" && mv -f "dist/$out.new" "dist/$out"
     fi
 }
 

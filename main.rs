@@ -940,6 +940,9 @@ mod door {
     /// A refusal of the next request on a connection whose previous response is still
     /// being written waits this long for it, so the two answers never interleave.
     const HANDLER_WAIT: Duration = Duration::from_secs(1);
+    /// The accept thread waits at most this long for tiny_http to start reading the
+    /// connection it accepted last (see `wait_for_pickup`).
+    const PICKUP_WAIT: Duration = Duration::from_millis(100);
 
     pub struct Limits {
         pub max_connections: usize,
@@ -1192,6 +1195,9 @@ mod door {
         len: *mut libc::socklen_t,
         flags: libc::c_int,
     ) -> libc::c_int {
+        if fd == LISTENER.load(Ordering::Acquire) {
+            wait_for_pickup();
+        }
         loop {
             let c = libc::syscall(libc::SYS_accept4, fd, addr, len, flags) as libc::c_int;
             if fd != LISTENER.load(Ordering::Acquire) {
@@ -1213,8 +1219,42 @@ mod door {
             }
             LOG_FLOOD.store(false, Ordering::Relaxed);
             if admit(c) {
+                if let Some(ino) = inode(c) {
+                    *AWAITING_PICKUP.lock().unwrap() = Some((ino, Instant::now()));
+                }
                 return c;
             }
+        }
+    }
+
+    /// tiny_http hands each accepted connection to its thread pool, which starts a new
+    /// thread only when it counts no idle one. Two connections accepted back to back can
+    /// both be given to the same idle thread (the first wakes it, the second is queued
+    /// while the count still shows it idle): the second then waits, unread, until some
+    /// other connection ends, and a busy keep-alive load never ends one. So the next
+    /// accept waits until the previous connection's first read has begun (or PICKUP_WAIT
+    /// has passed): by then the pool's count is true again.
+    static AWAITING_PICKUP: Mutex<Option<(u64, Instant)>> = Mutex::new(None);
+    static PICKED_UP: Condvar = Condvar::new();
+
+    fn wait_for_pickup() {
+        let mut awaiting = AWAITING_PICKUP.lock().unwrap();
+        while let Some((_, since)) = *awaiting {
+            let left = PICKUP_WAIT.saturating_sub(since.elapsed());
+            if left.is_zero() {
+                *awaiting = None;
+                break;
+            }
+            awaiting = PICKED_UP.wait_timeout(awaiting, left).unwrap().0;
+        }
+    }
+
+    /// Called as a connection's reader starts reading: ends the accept thread's wait.
+    fn picked_up(ino: u64) {
+        let mut awaiting = AWAITING_PICKUP.lock().unwrap();
+        if matches!(*awaiting, Some((i, _)) if i == ino) {
+            *awaiting = None;
+            PICKED_UP.notify_all();
         }
     }
 
@@ -1336,13 +1376,18 @@ mod door {
         len: libc::size_t,
         flags: libc::c_int,
     ) -> libc::ssize_t {
+        let watched = LISTENER.load(Ordering::Acquire) >= 0;
+        let ino = if watched { inode(fd) } else { None };
+        if let Some(ino) = ino {
+            picked_up(ino);
+        }
         let n =
             libc::syscall(libc::SYS_recvfrom, fd, buf, len, flags, 0usize, 0usize) as libc::ssize_t;
-        if n <= 0 || flags & libc::MSG_PEEK != 0 || LISTENER.load(Ordering::Acquire) < 0 {
+        let Some(ino) = ino.filter(|_| n > 0 && flags & libc::MSG_PEEK == 0) else {
             return n;
-        }
+        };
         let data = std::slice::from_raw_parts(buf as *const u8, n as usize);
-        match observe(fd, data) {
+        match observe(fd, ino, data) {
             Ok(()) => n,
             Err(()) => {
                 *libc::__errno_location() = libc::ECONNRESET;
@@ -1351,8 +1396,7 @@ mod door {
         }
     }
 
-    fn observe(fd: i32, data: &[u8]) -> Result<(), ()> {
-        let Some(ino) = inode(fd) else { return Ok(()) };
+    fn observe(fd: i32, ino: u64, data: &[u8]) -> Result<(), ()> {
         let l = limits();
         let verdict = with_table(|t| {
             let c = t.conns.get_mut(&ino)?;

@@ -349,3 +349,37 @@ fn read_to_close_or_first_response(c: &mut TcpStream) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A burst of connections that all stay open (keep-alive clients, SSE): every one is
+/// read and answered at once. tiny_http's pool could queue one behind an idle thread it
+/// had already handed another connection, and that one then waited, unread, until some
+/// connection ended; under a steady keep-alive load none does, so it was answered
+/// never (at --read-timeout it was closed as idle).
+#[test]
+fn a_burst_of_lasting_connections_is_served_at_once() {
+    const ROUNDS: usize = 5;
+    const BURST: usize = 32;
+    let s = Server::start(&["--read-timeout", "60s"], &everything());
+    let mut held = Vec::new();
+    for round in 0..ROUNDS {
+        let mut burst: Vec<TcpStream> = (0..BURST)
+            .map(|_| {
+                let mut c = raw(&s);
+                c.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    .unwrap();
+                c
+            })
+            .collect();
+        for (i, c) in burst.iter_mut().enumerate() {
+            // Well under --read-timeout: a queued connection would not be read at all.
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut head = [0u8; 12];
+            let got = c.read_exact(&mut head);
+            assert!(
+                got.is_ok() && head.starts_with(b"HTTP/1.1 200"),
+                "round {round}, connection {i} of {BURST}: no answer within 5 s ({got:?})"
+            );
+        }
+        held.extend(burst); // they stay open, as keep-alive clients' do
+    }
+}

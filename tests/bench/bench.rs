@@ -1,6 +1,6 @@
 //! The benchmark behind `./build.sh bench`: a load generator and the runs it makes.
 //!
-//!     bench --bin dist/stdio-sse [--rounds 5] [--seconds 2] [--quick] [--only GROUP,...] [--soak SECS]
+//!     bench --bin dist/stdio-sse [--rounds 5] [--seconds 2] [--quick] [--only GROUP,...] [--soak SECS] [--peers]
 //!
 //! Every reply is checked: it must carry the caller's own id and its own echoed message,
 //! or the run fails. The child is the built-in demo server (`stdio-sse __demo-server`),
@@ -208,8 +208,14 @@ struct Bridge {
 
 impl Drop for Bridge {
     fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // A peer leads its own process group: end what it spawned too.
+        let pid = self.child.id() as i32;
+        let leader = unsafe { libc::getpgid(pid) } == pid;
+        unsafe { libc::kill(if leader { -pid } else { pid }, libc::SIGTERM) };
         let _ = self.child.wait();
+        if leader {
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
     }
 }
 
@@ -221,18 +227,24 @@ fn free_port() -> u16 {
 /// Starts stdio-sse on a free port with the demo child and waits until it answers.
 fn bridge(bin: &str, flags: &[&str]) -> Bridge {
     let port = free_port();
+    let level = std::env::var("BENCH_SERVER_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
     let child = Command::new(bin)
         .args([
             "--port",
             &port.to_string(),
             "--log-level",
-            "warn",
+            &level,
             "--access-log=false",
         ])
         .args(flags)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // BENCH_SERVER_LOG=FILE keeps stdio-sse's log (when a run fails).
+        .stderr(
+            std::env::var_os("BENCH_SERVER_LOG")
+                .and_then(|f| std::fs::File::create(f).ok())
+                .map_or_else(Stdio::null, Stdio::from),
+        )
         .spawn()
         .expect("start stdio-sse");
     let b = Bridge { child, port };
@@ -675,6 +687,126 @@ fn idle_streams(bin: &str, wanted: usize) -> Idle {
     }
 }
 
+/// A peer (supergateway, mcp-proxy) wrapping the same demo child, in its own process
+/// group so that it and whatever it spawned end together.
+struct Peer {
+    name: &'static str,
+    argv: Vec<String>,
+    /// Legacy SSE (/sse + /message) rather than Streamable HTTP.
+    legacy: bool,
+}
+
+/// Installs the peers from npm (pinned) into `.cache/peers`; None when npm fails.
+fn install_peers(bin: &str) -> Option<Vec<Peer>> {
+    let dir = std::fs::canonicalize(".").ok()?.join(".cache/peers");
+    let bins = dir.join("node_modules/.bin");
+    if !bins.join("supergateway").exists() || !bins.join("mcp-proxy").exists() {
+        eprintln!(
+            "bench: installing supergateway and mcp-proxy into {}",
+            dir.display()
+        );
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .args(["supergateway@4.0.0", "mcp-proxy@6.7.19"])
+            .stdout(Stdio::null())
+            .status()
+            .ok()?
+            .success();
+        if !ok {
+            return None;
+        }
+    }
+    let sg = bins.join("supergateway").display().to_string();
+    let mp = bins.join("mcp-proxy").display().to_string();
+    let child = format!("{bin} __demo-server");
+    let supergateway = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![sg.clone(), "--stdio".into(), child.clone()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.extend(["--logLevel".into(), "none".into(), "--port".into()]);
+        v
+    };
+    Some(vec![
+        Peer {
+            name: "supergateway 4.0 --stateful (Streamable HTTP)",
+            argv: supergateway(&["--outputTransport", "streamableHttp", "--stateful"]),
+            legacy: false,
+        },
+        Peer {
+            name: "supergateway 4.0 SSE (shared child)",
+            argv: supergateway(&["--outputTransport", "sse"]),
+            legacy: true,
+        },
+        Peer {
+            name: "mcp-proxy npm 6.7 (Streamable HTTP)",
+            argv: vec![mp, "--host".into(), "127.0.0.1".into(), "--port".into()],
+            legacy: false,
+        },
+    ])
+}
+
+/// Starts a peer on `port` (its argv ends with the port flag; mcp-proxy's command
+/// follows it): the process, and how long until an initialize was answered.
+fn start_peer(peer: &Peer, bin: &str, port: u16) -> Option<(Bridge, Duration)> {
+    use std::os::unix::process::CommandExt;
+    let mut argv = peer.argv.clone();
+    argv.push(port.to_string());
+    if peer.name.starts_with("mcp-proxy") {
+        argv.extend(["--".into(), bin.into(), "__demo-server".into()]);
+    }
+    let t = Instant::now();
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let b = Bridge { child, port };
+    let end = t + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            let mut c = Conn {
+                r: BufReader::new(s),
+            };
+            if peer.legacy {
+                c.send("GET", "/sse", &[("Accept", "text/event-stream")], b"");
+                if c.head().0 == 200 {
+                    return Some((b, t.elapsed()));
+                }
+            } else if c.initialize().status == 200 {
+                return Some((b, t.elapsed()));
+            }
+        }
+        if Instant::now() > end {
+            eprintln!("bench: {} did not answer within 30 s", peer.name);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// One peer's figures: startup ms, idle RSS KiB, c=1 p50 µs, c=1 req/s, c=64 req/s.
+fn measure_peer(peer: &Peer, bin: &str, secs: Duration) -> Option<[f64; 5]> {
+    let port = free_port();
+    let (b, took) = start_peer(peer, bin, port)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = rss_kib(b.child.id()) as f64;
+    let run = |c: usize| {
+        if peer.legacy {
+            legacy_load(port, c, secs)
+        } else {
+            let sid = open_session(port);
+            streamable_load(port, std::slice::from_ref(&sid), c, secs)
+        }
+    };
+    let one = run(1);
+    let many = run(64);
+    Some([took.as_secs_f64() * 1e3, rss, one.p50_us, one.rps, many.rps])
+}
+
 /// Memory under a long load: c=64 on one session for `total`, RSS sampled every
 /// `SOAK_STEP`. Returns (RSS after the first minute, highest, last, req/s overall).
 fn soak(bin: &str, total: Duration) -> (u64, u64, u64, f64) {
@@ -950,6 +1082,44 @@ fn main() {
             (high as f64 / warm as f64 - 1.0) * 100.0,
         );
     }
+    // --peers: the same figures for supergateway and mcp-proxy (from npm), same child.
+    const PEER_FIGURES: [(&str, &str); 5] = [
+        ("startup (exec to initialize answered)", "ms"),
+        ("idle RSS", "KiB"),
+        ("streamable c=1 p50", "µs"),
+        ("streamable c=1 req/s", "req/s"),
+        ("streamable c=64 req/s", "req/s"),
+    ];
+    let mut peer_rows: Vec<(&'static str, [f64; 5])> = Vec::new();
+    if args.iter().any(|a| a == "--peers") {
+        match install_peers(&bin) {
+            Some(peers) => {
+                for peer in &peers {
+                    let runs: Vec<[f64; 5]> = (0..rounds)
+                        .filter_map(|_| measure_peer(peer, &bin, secs))
+                        .collect();
+                    if runs.is_empty() {
+                        continue;
+                    }
+                    let m: Vec<f64> = (0..5)
+                        .map(|i| median(runs.iter().map(|r| r[i]).collect()))
+                        .collect();
+                    peer_rows.push((peer.name, [m[0], m[1], m[2], m[3], m[4]]));
+                }
+            }
+            None => eprintln!("bench: npm could not install the peers; no peer figures"),
+        }
+    }
+    // The best peer per figure: least time and memory, most requests per second.
+    let best_peer = |name: &str| -> Option<f64> {
+        let i = PEER_FIGURES.iter().position(|(n, _)| *n == name)?;
+        let vals = peer_rows.iter().map(|(_, v)| v[i]);
+        if name.ends_with("req/s") {
+            vals.reduce(f64::max)
+        } else {
+            vals.reduce(f64::min)
+        }
+    };
     let size = std::fs::metadata(&bin).map(|m| m.len()).unwrap_or(0);
 
     let value = |name: &str| {
@@ -959,8 +1129,8 @@ fn main() {
     };
     println!("machine: {}", machine());
     println!("binary: {bin}, {size} bytes; medians of {rounds} rounds of {secs:?} per load\n");
-    println!("| figure | stdio-sse | unit | vs direct pipe |");
-    println!("|---|---|---|---|");
+    println!("| figure | stdio-sse | unit | vs direct pipe | vs best peer |");
+    println!("|---|---|---|---|---|");
     for (name, unit, vals) in &rows {
         let m = median(vals.clone());
         let pipe_name = if name.ends_with("req/s") {
@@ -982,6 +1152,23 @@ fn main() {
         } else {
             format!("{m:.2}")
         };
-        println!("| {name} | {shown} | {unit} | {ratio} |");
+        let vs_peer = best_peer(name)
+            .map(|p| format!("{:.2}x", m / p))
+            .unwrap_or_default();
+        println!("| {name} | {shown} | {unit} | {ratio} | {vs_peer} |");
+    }
+    if !peer_rows.is_empty() {
+        println!("\nPeers, same child, same load (medians of {rounds} rounds):\n");
+        print!("| peer |");
+        for (n, u) in PEER_FIGURES {
+            print!(" {} ({u}) |", n.trim_start_matches("streamable "));
+        }
+        println!("\n|---|---|---|---|---|---|");
+        for (name, v) in &peer_rows {
+            println!(
+                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                v[0], v[1], v[2], v[3], v[4]
+            );
+        }
     }
 }
