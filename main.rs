@@ -6907,7 +6907,7 @@ mod memory {
         }
         let size = size.max(1);
         if size <= 128 {
-            let i = (size + 15) / 16 - 1;
+            let i = size.div_ceil(16) - 1;
             return Some((i, (i + 1) * 16));
         }
         let p = (usize::BITS - 1 - (size - 1).leading_zeros()) as usize; // 7..=11
