@@ -206,12 +206,32 @@ struct Bridge {
     port: u16,
 }
 
+/// Every process the bench started and has not yet stopped: a failed check aborts
+/// (release profile), so the panic hook ends them instead of the drops.
+static STARTED: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+fn stop_group_or_process(pid: i32, sig: i32) {
+    let leader = unsafe { libc::getpgid(pid) } == pid;
+    unsafe { libc::kill(if leader { -pid } else { pid }, sig) };
+}
+
+impl Bridge {
+    fn new(child: Child, port: u16) -> Bridge {
+        STARTED.lock().unwrap().push(child.id() as i32);
+        Bridge { child, port }
+    }
+}
+
 impl Drop for Bridge {
     fn drop(&mut self) {
+        STARTED
+            .lock()
+            .unwrap()
+            .retain(|p| *p != self.child.id() as i32);
         // A peer leads its own process group: end what it spawned too.
         let pid = self.child.id() as i32;
         let leader = unsafe { libc::getpgid(pid) } == pid;
-        unsafe { libc::kill(if leader { -pid } else { pid }, libc::SIGTERM) };
+        stop_group_or_process(pid, libc::SIGTERM);
         let _ = self.child.wait();
         if leader {
             unsafe { libc::kill(-pid, libc::SIGKILL) };
@@ -247,7 +267,7 @@ fn bridge(bin: &str, flags: &[&str]) -> Bridge {
         )
         .spawn()
         .expect("start stdio-sse");
-    let b = Bridge { child, port };
+    let b = Bridge::new(child, port);
     let end = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < end, "stdio-sse did not start");
@@ -764,7 +784,7 @@ fn start_peer(peer: &Peer, bin: &str, port: u16) -> Option<(Bridge, Duration)> {
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    let b = Bridge { child, port };
+    let b = Bridge::new(child, port);
     let end = t + Duration::from_secs(30);
     loop {
         if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
@@ -925,6 +945,13 @@ fn main() {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let bin = opt("--bin").unwrap_or_else(|| "dist/stdio-sse".into());
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        for pid in STARTED.lock().map(|v| v.clone()).unwrap_or_default() {
+            stop_group_or_process(pid, libc::SIGKILL);
+        }
+        default_hook(info);
+    }));
     let quick = args.iter().any(|a| a == "--quick");
     // --only pipe,streamable,sessions,legacy,shared,oneshot,big,streams,callgrind: a
     // subset of the scenarios (while working on one figure); all by default.
@@ -1077,9 +1104,9 @@ fn main() {
         record("soak: highest RSS".into(), "KiB", high as f64);
         record("soak: RSS at the end".into(), "KiB", last as f64);
         record(
-            "soak: growth after the first minute".into(),
+            "soak: RSS growth, end against the first minute".into(),
             "%",
-            (high as f64 / warm as f64 - 1.0) * 100.0,
+            (last as f64 / warm as f64 - 1.0) * 100.0,
         );
     }
     // --peers: the same figures for supergateway and mcp-proxy (from npm), same child.
@@ -1153,7 +1180,10 @@ fn main() {
             format!("{m:.2}")
         };
         let vs_peer = best_peer(name)
-            .map(|p| format!("{:.2}x", m / p))
+            .map(|p| match m / p {
+                r if r < 0.1 => format!("{r:.3}x"),
+                r => format!("{r:.2}x"),
+            })
             .unwrap_or_default();
         println!("| {name} | {shown} | {unit} | {ratio} | {vs_peer} |");
     }
