@@ -920,7 +920,7 @@ mod config {
 mod door {
     use std::collections::HashMap;
     use std::net::SocketAddr;
-    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
     use std::sync::{Condvar, Mutex, OnceLock};
     use std::time::{Duration, Instant};
 
@@ -1221,6 +1221,7 @@ mod door {
             if admit(c) {
                 if let Some(ino) = inode(c) {
                     *AWAITING_PICKUP.lock().unwrap() = Some((ino, Instant::now()));
+                    AWAITED_INODE.store(ino, Ordering::Release);
                 }
                 return c;
             }
@@ -1236,6 +1237,7 @@ mod door {
     /// has passed): by then the pool's count is true again.
     static AWAITING_PICKUP: Mutex<Option<(u64, Instant)>> = Mutex::new(None);
     static PICKED_UP: Condvar = Condvar::new();
+    static AWAITED_INODE: AtomicU64 = AtomicU64::new(0);
 
     fn wait_for_pickup() {
         let mut awaiting = AWAITING_PICKUP.lock().unwrap();
@@ -1243,6 +1245,7 @@ mod door {
             let left = PICKUP_WAIT.saturating_sub(since.elapsed());
             if left.is_zero() {
                 *awaiting = None;
+                AWAITED_INODE.store(0, Ordering::Release);
                 break;
             }
             awaiting = PICKED_UP.wait_timeout(awaiting, left).unwrap().0;
@@ -1250,10 +1253,15 @@ mod door {
     }
 
     /// Called as a connection's reader starts reading: ends the accept thread's wait.
+    /// (Every read passes here: only the awaited connection's takes the lock.)
     fn picked_up(ino: u64) {
+        if AWAITED_INODE.load(Ordering::Acquire) != ino {
+            return;
+        }
         let mut awaiting = AWAITING_PICKUP.lock().unwrap();
         if matches!(*awaiting, Some((i, _)) if i == ino) {
             *awaiting = None;
+            AWAITED_INODE.store(0, Ordering::Release);
             PICKED_UP.notify_all();
         }
     }
