@@ -2709,7 +2709,7 @@ mod streamable {
         crate::observe::response_status(200);
         match crate::http::open_sse(inc, headers, crate::http::Lifetime::Request) {
             Ok(stream) => crate::sse::pump(stream, attached, session),
-            Err(_) => session.detach(attached.stream, attached.conn_id),
+            Err(_) => session.detach(attached.stream, attached.conn_id, false),
         }
     }
 
@@ -2750,7 +2750,7 @@ mod streamable {
         crate::observe::response_status(200);
         match crate::http::open_sse(inc, Vec::new(), crate::http::Lifetime::Standing) {
             Ok(stream) => crate::sse::pump(stream, attached, &session),
-            Err(_) => session.detach(attached.stream, attached.conn_id),
+            Err(_) => session.detach(attached.stream, attached.conn_id, false),
         }
     }
 
@@ -3232,6 +3232,8 @@ mod sessions {
         open: usize,
         /// Its last response has been emitted.
         done: bool,
+        /// Its first and last events' numbers (0: none yet).
+        first_event: u64,
         last_event: u64,
         /// Highest event number of this stream evicted from the replay buffer.
         evicted: u64,
@@ -3266,6 +3268,9 @@ mod sessions {
         next_event: u64,
         replay: VecDeque<Event>,
         replay_bytes: usize,
+        /// Streams can be resumed (Streamable HTTP); a legacy stream is the session, so
+        /// an event its connection took is never asked for again.
+        resumable: bool,
         /// Ids of the server's requests sent to this client and not yet answered.
         awaiting_answer: HashSet<String>,
         version: Option<String>,
@@ -3386,7 +3391,10 @@ mod sessions {
             transport,
             upstream: upstream.clone(),
             owner: ctx.owner,
-            routing: Mutex::new(Routing::default()),
+            routing: Mutex::new(Routing {
+                resumable: transport == Transport::Streamable,
+                ..Routing::default()
+            }),
             last_active_ms: AtomicU64::new(crate::now_ms()),
             last_request: AtomicU64::new(crate::next_id()),
         });
@@ -3634,8 +3642,16 @@ mod sessions {
             Ok(a)
         }
 
-        /// The writer of a connection is done with it.
-        pub fn detach(&self, stream: u64, conn_id: u64) {
+        /// Events held for replay, and their bytes (for /metrics).
+        pub fn replay_held(&self) -> (usize, usize) {
+            let r = self.routing.lock().unwrap();
+            (r.replay.len(), r.replay_bytes)
+        }
+
+        /// The writer of a connection is done with it. `delivered`: it wrote the POST
+        /// stream's last response and ended the response cleanly, so the client has
+        /// every event and none needs keeping for a resume.
+        pub fn detach(&self, stream: u64, conn_id: u64, delivered: bool) {
             let mut r = self.routing.lock().unwrap();
             let Some(s) = r.streams.get_mut(&stream) else {
                 return;
@@ -3643,6 +3659,12 @@ mod sessions {
             if s.conn.as_ref().is_some_and(|c| c.id == conn_id) {
                 s.conn = None;
             }
+            if delivered && s.done {
+                r.forget_events(stream);
+            }
+            let Some(s) = r.streams.get(&stream) else {
+                return;
+            };
             if s.done && s.conn.is_none() && s.evicted >= s.last_event {
                 r.streams.remove(&stream);
             }
@@ -3660,6 +3682,7 @@ mod sessions {
                     conn: None,
                     open: 0,
                     done: false,
+                    first_event: 0,
                     last_event: 0,
                     evicted: 0,
                 },
@@ -3789,6 +3812,9 @@ mod sessions {
                     last = true;
                 }
             }
+            if stream.first_event == 0 {
+                stream.first_event = n;
+            }
             stream.last_event = n;
             let mut queued = false;
             if let Some(conn) = &stream.conn {
@@ -3810,6 +3836,10 @@ mod sessions {
                         .is_ok();
                 }
             }
+            if queued && !self.resumable {
+                stream.evicted = n;
+                return;
+            }
             self.replay_bytes += json.len();
             self.replay.push_back(Event {
                 stream: no,
@@ -3819,6 +3849,25 @@ mod sessions {
                 queued,
             });
             self.evict(tag);
+        }
+
+        /// Drops a delivered stream's events. They are the newest in the buffer as a
+        /// rule, so the search starts at the stream's first event.
+        fn forget_events(&mut self, no: u64) {
+            let Some(s) = self.streams.get_mut(&no) else {
+                return;
+            };
+            s.evicted = s.last_event;
+            let first = s.first_event;
+            let mut i = self.replay.partition_point(|e| e.n < first);
+            while i < self.replay.len() {
+                if self.replay[i].stream == no {
+                    let e = self.replay.remove(i).expect("index in range");
+                    self.replay_bytes -= e.json.len();
+                } else {
+                    i += 1;
+                }
+            }
         }
 
         fn evict(&mut self, tag: &str) {
@@ -5911,18 +5960,21 @@ mod sse {
                 }
             }
         };
-        if done {
-            if stream.finish().is_ok() {
+        let delivered = if done {
+            let ended = stream.finish().is_ok();
+            if ended {
                 session.touch();
             }
+            ended && finished && post
         } else {
             crate::log!(
                 Debug,
                 "stream_closed",
                 session = session.tag; "client closed stream {}",
                 a.stream);
-        }
-        session.detach(a.stream, a.conn_id);
+            false
+        };
+        session.detach(a.stream, a.conn_id, delivered);
     }
 }
 
@@ -6537,8 +6589,12 @@ mod observe {
                 }
             }
             let mut active = [0.0; 2];
+            let (mut replay_events, mut replay_bytes) = (0.0, 0.0);
             for s in app.sessions.all() {
                 active[s.transport as usize] += 1.0;
+                let (events, bytes) = s.replay_held();
+                replay_events += events as f64;
+                replay_bytes += bytes as f64;
             }
             let mut latency = Vec::new();
             let mut cumulative = 0.0;
@@ -6664,6 +6720,18 @@ mod observe {
                     "Client connections open now (bounded by --max-connections).",
                     "gauge",
                     one(crate::door::open_connections() as f64),
+                ),
+                (
+                    "stdio_sse_replay_buffer_events",
+                    "Events held for resumes and for a GET stream not yet open, all sessions (bounded per session by --replay-buffer).",
+                    "gauge",
+                    one(replay_events),
+                ),
+                (
+                    "stdio_sse_replay_buffer_bytes",
+                    "Bytes of the events held for resumes and for a GET stream not yet open, all sessions.",
+                    "gauge",
+                    one(replay_bytes),
                 ),
                 (
                     "stdio_sse_messages_dropped_total",

@@ -59,6 +59,8 @@ fn legacy_session_round_trip() {
         methods.push(m["method"].as_str().unwrap().to_string());
     }
     assert_eq!(methods, vec!["notifications/message"; 3]);
+    // The stream is the session (no resume): what it carried is not kept.
+    assert_eq!(metric(&s, "stdio_sse_replay_buffer_events"), 0.0);
 }
 
 /// L-4: an unknown session id gets a prompt 404; a missing one 400; bad bodies 400/415.

@@ -103,8 +103,12 @@ fn resume_replays_only_its_stream() {
 fn bad_or_expired_ids_get_clear_errors() {
     let s = Server::start(&["--replay-buffer", "4,1MiB"], &everything());
     let sess = Session::open(&s);
-    let r = sess.call(1, "slow_progress", json!({"steps": 10, "delay": 0}));
-    let first = r.events()[0].id.clone().unwrap();
+    let mut get = sess.get_stream();
+    let priming = get.next_event().unwrap().id.unwrap();
+    for id in 1..=6 {
+        sess.call(id, "notify_list_changed", json!({}));
+        get.next_event().unwrap();
+    }
     let err = |id: &str| {
         let headers = [
             ("Accept", "text/event-stream"),
@@ -115,11 +119,44 @@ fn bad_or_expired_ids_get_clear_errors() {
         assert_eq!(r.status, 400, "Last-Event-ID {id}");
         r.json()["error"]["message"].as_str().unwrap().to_string()
     };
-    assert!(err(&first).contains("no longer in the replay buffer"));
+    assert!(err(&priming).contains("no longer in the replay buffer"));
     assert!(err("nonsense").contains("invalid Last-Event-ID"));
     assert!(err("999-1").contains("names no stream"));
-    let _open = sess.get_stream();
     assert_eq!(sess.get_stream().status, 409);
+}
+
+/// The replay buffer holds what a client may still ask for, not every answer: a POST
+/// stream written to its end leaves it, the GET stream's events stay for a resume
+/// and /metrics shows what is held.
+#[test]
+fn delivered_post_streams_leave_the_replay_buffer() {
+    let s = Server::start(&[], &everything());
+    let sess = Session::open(&s);
+    let mut get = sess.get_stream();
+    let priming = get.next_event().unwrap().id.unwrap();
+    sess.call(1, "notify_list_changed", json!({}));
+    let note = get.next_event().unwrap();
+    let mut answered = Vec::new();
+    for id in 2..=11 {
+        answered = sess.call(id, "echo", json!({"message": "x"})).events();
+    }
+    let held = || metric(&s, "stdio_sse_replay_buffer_events");
+    eventually("only the GET stream's event is held", || held() == 1.0);
+    assert_eq!(
+        metric(&s, "stdio_sse_replay_buffer_bytes"),
+        note.data.len() as f64
+    );
+    let answer_id = answered.last().unwrap().id.clone().unwrap();
+    let headers = [
+        ("Accept", "text/event-stream"),
+        ("Mcp-Session-Id", sess.id.as_str()),
+        ("Last-Event-ID", answer_id.as_str()),
+    ];
+    let gone = Conn::open(&s).request("GET", "/mcp", &headers, b"");
+    assert_eq!(gone.status, 400, "a delivered stream is not kept");
+    assert!(gone.text().contains("names no stream"), "{}", gone.text());
+    let ev = sess.resume(Some(&priming)).next_event().unwrap();
+    assert_eq!((ev.id, ev.data), (note.id, note.data));
 }
 
 /// A client whose GET connection died (and was not noticed yet) resumes it on a new
