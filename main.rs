@@ -1473,7 +1473,7 @@ mod door {
                     let from = buf.len().saturating_sub(3);
                     let old = buf.len();
                     buf.extend_from_slice(piece);
-                    match find(&buf[from..], b"\r\n\r\n") {
+                    match blank_line(&buf[from..]) {
                         None if buf.len() > l.max_head => return Err(Cut::HeadTooLarge),
                         None => i += piece.len(),
                         Some(p) => {
@@ -1563,8 +1563,12 @@ mod door {
         c.body_deadline = None;
     }
 
-    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-        hay.windows(needle.len()).position(|w| w == needle)
+    /// Where the first CRLF CRLF starts. Every read passes through here: it looks at each
+    /// byte once and compares only at line feeds.
+    fn blank_line(hay: &[u8]) -> Option<usize> {
+        (3..hay.len())
+            .find(|&i| hay[i] == b'\n' && hay[i - 3..i] == *b"\r\n\r")
+            .map(|i| i - 3)
     }
 
     /// Checks a whole request head and says what follows it, as tiny_http will read it:
@@ -1572,37 +1576,43 @@ mod door {
     /// nothing; `Connection: upgrade` hands over the raw stream.
     fn after_head(head: &[u8], l: &Limits) -> Result<Frame, Cut> {
         // tiny_http would drop a non-ASCII head without a word, and a control byte in a
-        // value could reach a child's environment (--pass-header).
-        let bare_cr_or_lf = head.iter().enumerate().any(|(i, &b)| {
-            (b == b'\r' && head.get(i + 1) != Some(&b'\n'))
-                || (b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
-        });
-        if bare_cr_or_lf
-            || head.iter().any(|&b| {
-                b >= 0x80 || (b < 0x20 && !matches!(b, b'\r' | b'\n' | b'\t')) || b == 0x7f
-            })
-        {
-            return Err(Cut::BadHead);
+        // value could reach a child's environment (--pass-header). One pass: a CR must
+        // be followed by LF, and an LF preceded by CR.
+        let mut prev = 0u8;
+        for &b in head {
+            let control = b >= 0x7f || (b < 0x20 && !matches!(b, b'\r' | b'\n' | b'\t'));
+            if control || (prev == b'\r') != (b == b'\n') {
+                return Err(Cut::BadHead);
+            }
+            prev = b;
         }
-        let text = String::from_utf8_lossy(head);
-        let mut lines = text.split("\r\n").skip(1).filter(|s| !s.is_empty());
+        // Every line ends in CRLF now; the request line is skipped.
+        let lines = head
+            .split(|&b| b == b'\n')
+            .skip(1)
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+            .filter(|line| !line.is_empty());
         let mut n = 0;
         let (mut length, mut chunked, mut upgrade) = (None, false, false);
-        for line in lines.by_ref() {
+        for line in lines {
             n += 1;
             if n > l.max_headers {
                 return Err(Cut::TooManyHeaders);
             }
-            let Some((name, value)) = line.split_once(':') else {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
                 continue;
             };
-            let (name, value) = (name.trim(), value.trim());
-            if name.eq_ignore_ascii_case("transfer-encoding") {
+            let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 chunked = true;
-            } else if name.eq_ignore_ascii_case("content-length") && length.is_none() {
-                length = Some(value.parse::<u64>().ok());
-            } else if name.eq_ignore_ascii_case("connection")
-                && value.to_ascii_lowercase().contains("upgrade")
+            } else if name.eq_ignore_ascii_case(b"content-length") && length.is_none() {
+                length = Some(
+                    std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok()),
+                );
+            } else if name.eq_ignore_ascii_case(b"connection")
+                && value.windows(7).any(|w| w.eq_ignore_ascii_case(b"upgrade"))
             {
                 upgrade = true;
             }
@@ -1617,6 +1627,65 @@ mod door {
             Some(n) if n > l.max_body as u64 => Err(Cut::BodyTooLarge(n)),
             Some(n) if n > 0 => Ok(Frame::Body(n)),
             _ => Ok(Frame::Head(Vec::new())),
+        }
+    }
+
+    #[cfg(test)]
+    mod head_tests {
+        use super::*;
+
+        fn check(head: &[u8]) -> Result<Frame, Cut> {
+            let l = Limits {
+                max_connections: 1,
+                read_timeout: Duration::ZERO,
+                max_head: 8192,
+                max_headers: 3,
+                max_body: 100,
+                tls: false,
+            };
+            after_head(head, &l)
+        }
+
+        #[test]
+        fn heads_are_checked_in_one_pass() {
+            let bad: [&[u8]; 6] = [
+                b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a\x01\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a\x7f\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: \xc3\xa9\r\n\r\n",
+                b"\nGET / HTTP/1.1\r\n\r\n",
+            ];
+            for head in bad {
+                assert!(matches!(check(head), Err(Cut::BadHead)), "{head:?}");
+            }
+            let ok = |head: &[u8]| check(head).unwrap_or_else(|_| panic!("{head:?}"));
+            assert!(matches!(
+                ok(b"GET / HTTP/1.1\r\nX:\ta\r\n\r\n"),
+                Frame::Head(_)
+            ));
+            assert!(matches!(
+                ok(b"POST / HTTP/1.1\r\ncontent-LENGTH:  7 \r\nContent-Length: 9\r\n\r\n"),
+                Frame::Body(7)
+            ));
+            assert!(matches!(
+                ok(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"),
+                Frame::ChunkSize(_)
+            ));
+            assert!(matches!(
+                ok(b"GET / HTTP/1.1\r\nConnection: keep-alive, UPGRADE\r\n\r\n"),
+                Frame::Opaque
+            ));
+            assert!(matches!(
+                check(b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
+                Err(Cut::BodyTooLarge(101))
+            ));
+            assert!(matches!(
+                check(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n"),
+                Err(Cut::TooManyHeaders)
+            ));
+            assert_eq!(blank_line(b"a\r\nb\r\n\r\nc"), Some(4));
+            assert_eq!(blank_line(b"\r\n\r"), None);
         }
     }
 

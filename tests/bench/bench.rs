@@ -862,11 +862,13 @@ fn soak(bin: &str, total: Duration) -> (u64, u64, u64, f64) {
 fn instructions_per_round_trip(bin: &str) -> Option<f64> {
     let total = |n: u64| -> Option<f64> {
         let port = free_port();
-        let out = std::env::temp_dir().join(format!("bench-callgrind-{port}.out"));
+        // `%p`: processes stdio-sse forks (its guardian) write their own counts, which
+        // must not overwrite the server's.
+        let out = |pid: &str| std::env::temp_dir().join(format!("bench-callgrind-{port}.{pid}"));
         let mut child = Command::new("valgrind")
             .args([
                 "--tool=callgrind",
-                &format!("--callgrind-out-file={}", out.display()),
+                &format!("--callgrind-out-file={}", out("%p").display()),
             ])
             .arg(bin)
             .args([
@@ -898,8 +900,14 @@ fn instructions_per_round_trip(bin: &str) -> Option<f64> {
         }
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let _ = child.wait();
-        let text = std::fs::read_to_string(&out).ok()?;
-        let _ = std::fs::remove_file(&out);
+        let text = std::fs::read_to_string(out(&child.id().to_string())).ok();
+        let prefix = format!("bench-callgrind-{port}.");
+        for e in std::fs::read_dir(std::env::temp_dir()).ok()?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let text = text?;
         text.lines()
             .find_map(|l| {
                 l.strip_prefix("summary: ")
