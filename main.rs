@@ -1630,65 +1630,6 @@ mod door {
         }
     }
 
-    #[cfg(test)]
-    mod head_tests {
-        use super::*;
-
-        fn check(head: &[u8]) -> Result<Frame, Cut> {
-            let l = Limits {
-                max_connections: 1,
-                read_timeout: Duration::ZERO,
-                max_head: 8192,
-                max_headers: 3,
-                max_body: 100,
-                tls: false,
-            };
-            after_head(head, &l)
-        }
-
-        #[test]
-        fn heads_are_checked_in_one_pass() {
-            let bad: [&[u8]; 6] = [
-                b"GET / HTTP/1.1\nHost: a\r\n\r\n",
-                b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
-                b"GET / HTTP/1.1\r\nHost: a\x01\r\n\r\n",
-                b"GET / HTTP/1.1\r\nHost: a\x7f\r\n\r\n",
-                b"GET / HTTP/1.1\r\nHost: \xc3\xa9\r\n\r\n",
-                b"\nGET / HTTP/1.1\r\n\r\n",
-            ];
-            for head in bad {
-                assert!(matches!(check(head), Err(Cut::BadHead)), "{head:?}");
-            }
-            let ok = |head: &[u8]| check(head).unwrap_or_else(|_| panic!("{head:?}"));
-            assert!(matches!(
-                ok(b"GET / HTTP/1.1\r\nX:\ta\r\n\r\n"),
-                Frame::Head(_)
-            ));
-            assert!(matches!(
-                ok(b"POST / HTTP/1.1\r\ncontent-LENGTH:  7 \r\nContent-Length: 9\r\n\r\n"),
-                Frame::Body(7)
-            ));
-            assert!(matches!(
-                ok(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"),
-                Frame::ChunkSize(_)
-            ));
-            assert!(matches!(
-                ok(b"GET / HTTP/1.1\r\nConnection: keep-alive, UPGRADE\r\n\r\n"),
-                Frame::Opaque
-            ));
-            assert!(matches!(
-                check(b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
-                Err(Cut::BodyTooLarge(101))
-            ));
-            assert!(matches!(
-                check(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n"),
-                Err(Cut::TooManyHeaders)
-            ));
-            assert_eq!(blank_line(b"a\r\nb\r\n\r\nc"), Some(4));
-            assert_eq!(blank_line(b"\r\n\r"), None);
-        }
-    }
-
     // ---- requests being handled ------------------------------------------------------
 
     /// Held by the HTTP handler for as long as a request is being answered: no read
@@ -1870,6 +1811,65 @@ mod door {
             }
             let wait = next.saturating_duration_since(Instant::now());
             guard = KEEPER_WAKE.wait_timeout(guard, wait).unwrap().0;
+        }
+    }
+
+    #[cfg(test)]
+    mod head_tests {
+        use super::*;
+
+        fn check(head: &[u8]) -> Result<Frame, Cut> {
+            let l = Limits {
+                max_connections: 1,
+                read_timeout: Duration::ZERO,
+                max_head: 8192,
+                max_headers: 3,
+                max_body: 100,
+                tls: false,
+            };
+            after_head(head, &l)
+        }
+
+        #[test]
+        fn heads_are_checked_in_one_pass() {
+            let bad: [&[u8]; 6] = [
+                b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a\x01\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: a\x7f\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: \xc3\xa9\r\n\r\n",
+                b"\nGET / HTTP/1.1\r\n\r\n",
+            ];
+            for head in bad {
+                assert!(matches!(check(head), Err(Cut::BadHead)), "{head:?}");
+            }
+            let ok = |head: &[u8]| check(head).unwrap_or_else(|_| panic!("{head:?}"));
+            assert!(matches!(
+                ok(b"GET / HTTP/1.1\r\nX:\ta\r\n\r\n"),
+                Frame::Head(_)
+            ));
+            assert!(matches!(
+                ok(b"POST / HTTP/1.1\r\ncontent-LENGTH:  7 \r\nContent-Length: 9\r\n\r\n"),
+                Frame::Body(7)
+            ));
+            assert!(matches!(
+                ok(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"),
+                Frame::ChunkSize(_)
+            ));
+            assert!(matches!(
+                ok(b"GET / HTTP/1.1\r\nConnection: keep-alive, UPGRADE\r\n\r\n"),
+                Frame::Opaque
+            ));
+            assert!(matches!(
+                check(b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
+                Err(Cut::BodyTooLarge(101))
+            ));
+            assert!(matches!(
+                check(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n"),
+                Err(Cut::TooManyHeaders)
+            ));
+            assert_eq!(blank_line(b"a\r\nb\r\n\r\nc"), Some(4));
+            assert_eq!(blank_line(b"\r\n\r"), None);
         }
     }
 }
