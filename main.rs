@@ -5144,8 +5144,9 @@ mod child {
         Ok((child, proc_))
     }
 
-    /// Spawns the configured command and starts its stderr and waiter threads; the
-    /// caller starts the stdout reader once it is ready to route what the child says.
+    /// Spawns the configured command and starts the thread that watches its stderr and
+    /// its exit; the caller starts the stdout reader once it is ready to route what the
+    /// child says.
     pub fn spawn(
         tag: &str,
         env: Vec<(String, String)>,
@@ -5177,10 +5178,124 @@ mod child {
             .insert(proc_.pid, proc_.clone());
         crate::log!(Debug, "child_spawn", session = tag; "started pid {}", proc_.pid);
         let p = proc_.clone();
-        crate::spawn_thread("child-stderr", move || read_stderr(stderr, &p));
-        let p = proc_.clone();
-        crate::spawn_thread("child-wait", move || wait_and_reap(child, &p));
+        match pidfd(p.pid) {
+            Some(exit) => {
+                crate::spawn_thread("child-watch", move || watch(child, stderr, exit, &p))
+            }
+            None => {
+                // Linux before 5.3: no pidfd, so a thread blocks in waitid instead.
+                crate::spawn_thread("child-stderr", move || {
+                    let mut lines = StderrLines::default();
+                    let mut stderr = stderr;
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match stderr.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => lines.feed(&buf[..n], &p),
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(_) => break,
+                        }
+                    }
+                    lines.end(&p);
+                });
+                let p = proc_.clone();
+                crate::spawn_thread("child-wait", move || {
+                    wait_for_exit(p.pid);
+                    reap(child, &p);
+                });
+            }
+        }
         Ok((proc_, stdout))
+    }
+
+    /// A descriptor that becomes readable when the process exits.
+    fn pidfd(pid: i32) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// One thread per child for both its stderr and its exit (poll on the stderr pipe
+    /// and a pidfd). What stderr holds when the child exits is read before it is
+    /// reaped, so a crash's last words are in the tail; the rest is read to EOF after.
+    fn watch(
+        child: std::process::Child,
+        mut stderr: std::process::ChildStderr,
+        exit: std::os::fd::OwnedFd,
+        p: &Arc<ChildProc>,
+    ) {
+        use std::os::fd::AsRawFd;
+        let mut lines = StderrLines::default();
+        let mut buf = [0u8; 4096];
+        let (mut child, mut stderr_open) = (Some(child), true);
+        let mut read_some =
+            |stderr: &mut std::process::ChildStderr, lines: &mut StderrLines| match stderr
+                .read(&mut buf)
+            {
+                Ok(0) => false,
+                Ok(n) => {
+                    lines.feed(&buf[..n], p);
+                    true
+                }
+                Err(e) => e.kind() == std::io::ErrorKind::Interrupted,
+            };
+        while stderr_open || child.is_some() {
+            let mut fds = [
+                libc::pollfd {
+                    fd: if stderr_open { stderr.as_raw_fd() } else { -1 },
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: if child.is_some() {
+                        exit.as_raw_fd()
+                    } else {
+                        -1
+                    },
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Cannot poll (ENOMEM): block on each in turn instead.
+                if let Some(c) = child.take() {
+                    wait_for_exit(p.pid);
+                    reap(c, p);
+                }
+                while stderr_open && read_some(&mut stderr, &mut lines) {}
+                if stderr_open {
+                    lines.end(p);
+                }
+                break;
+            }
+            if fds[0].revents != 0 && !read_some(&mut stderr, &mut lines) {
+                stderr_open = false;
+                lines.end(p);
+            }
+            if fds[1].revents != 0 {
+                if let Some(c) = child.take() {
+                    // Bounded: a grandchild may still be writing.
+                    for _ in 0..16 {
+                        let mut ready = [libc::pollfd {
+                            fd: stderr.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        }];
+                        if !stderr_open || unsafe { libc::poll(ready.as_mut_ptr(), 1, 0) } != 1 {
+                            break;
+                        }
+                        if !read_some(&mut stderr, &mut lines) {
+                            stderr_open = false;
+                            lines.end(p);
+                        }
+                    }
+                    reap(c, p);
+                }
+            }
+        }
     }
 
     /// The reader thread: each stdout line to `on_line`, then `on_eof` once.
@@ -5192,15 +5307,14 @@ mod child {
         });
     }
 
-    /// Blocks until the leader exits without reaping it (so its pid cannot be reused),
-    /// kills what is left of its process group (orphaned grandchildren), then reaps.
-    fn wait_and_reap(mut child: std::process::Child, p: &Arc<ChildProc>) {
+    /// Blocks until the leader exits, without reaping it.
+    fn wait_for_exit(pid: i32) {
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         loop {
             let rc = unsafe {
                 libc::waitid(
                     libc::P_PID,
-                    p.pid as libc::id_t,
+                    pid as libc::id_t,
                     &mut info,
                     libc::WEXITED | libc::WNOWAIT,
                 )
@@ -5210,6 +5324,11 @@ mod child {
                 break;
             }
         }
+    }
+
+    /// After the leader exited and before it is reaped (so its pid cannot be reused):
+    /// kills what is left of its process group (orphaned grandchildren), then reaps.
+    fn reap(mut child: std::process::Child, p: &Arc<ChildProc>) {
         {
             let mut life = p.life.lock().unwrap();
             unsafe { libc::kill(-p.pid, libc::SIGKILL) };
@@ -5326,34 +5445,57 @@ mod child {
 
     /// stderr is logging, never protocol (ST-4): each line goes to our log, tagged, and
     /// the last few are kept to explain a crash.
-    fn read_stderr(stderr: std::process::ChildStderr, p: &ChildProc) {
-        const MAX_LINE: usize = 1024;
-        let keep = crate::app().cfg.stderr_tail;
-        let mut reader = BufReader::new(stderr);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match (&mut reader).take(64 * 1024).read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+    #[derive(Default)]
+    struct StderrLines {
+        partial: Vec<u8>,
+    }
+
+    impl StderrLines {
+        /// A line longer than this is logged in pieces of this size.
+        const MAX_PIECE: usize = 64 * 1024;
+
+        fn feed(&mut self, mut data: &[u8], p: &ChildProc) {
+            while let Some(nl) = data.iter().position(|&b| b == b'\n') {
+                self.partial.extend_from_slice(&data[..nl]);
+                self.emit(p);
+                data = &data[nl + 1..];
             }
-            let text = String::from_utf8_lossy(&buf);
+            self.partial.extend_from_slice(data);
+            while self.partial.len() >= Self::MAX_PIECE {
+                let rest = self.partial.split_off(Self::MAX_PIECE);
+                self.emit(p);
+                self.partial = rest;
+            }
+        }
+
+        /// EOF: the last unterminated line, then the tail is complete.
+        fn end(&mut self, p: &ChildProc) {
+            if !self.partial.is_empty() {
+                self.emit(p);
+            }
+            p.life.lock().unwrap().stderr_eof = true;
+            p.exited.notify_all();
+        }
+
+        fn emit(&mut self, p: &ChildProc) {
+            const MAX_LINE: usize = 1024;
+            let text = String::from_utf8_lossy(&self.partial);
             let line: String = text
                 .trim_end_matches(['\n', '\r'])
                 .chars()
                 .take(MAX_LINE)
                 .collect();
+            self.partial.clear();
             crate::log!(Info, "child_stderr", session = p.tag, source = "child"; "child: {line}");
-            let mut tail = p.stderr_tail.lock().unwrap();
+            let keep = crate::app().cfg.stderr_tail;
             if keep > 0 {
+                let mut tail = p.stderr_tail.lock().unwrap();
                 if tail.len() >= keep {
                     tail.pop_front();
                 }
                 tail.push_back(line);
             }
         }
-        p.life.lock().unwrap().stderr_eof = true;
-        p.exited.notify_all();
     }
 
     impl ChildProc {

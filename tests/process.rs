@@ -30,6 +30,35 @@ fn delete_leaves_no_process_behind() {
     );
 }
 
+/// A session's child costs two threads: one reads its stdout, one its stderr and its
+/// exit (a pidfd); both end with the child.
+#[test]
+fn each_child_costs_two_threads() {
+    let s = Server::start(&[], &everything());
+    let child_threads = || {
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", s.pid()))
+            .unwrap()
+            .flatten()
+            .filter_map(|t| t.file_name().to_string_lossy().parse().ok())
+            .map(comm)
+            .filter(|n| n.starts_with("child-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let sessions: Vec<Session> = (0..3).map(|_| Session::open(&s)).collect();
+    let mut want = vec!["child-stdout".to_string(); 3];
+    want.extend(vec!["child-watch".to_string(); 3]);
+    want.sort();
+    assert_eq!(child_threads(), want);
+    for sess in &sessions {
+        assert_eq!(sess.delete().status, 200);
+    }
+    eventually("the children's threads end with them", || {
+        child_threads().is_empty()
+    });
+}
+
 #[test]
 fn idle_sessions_expire_with_their_children() {
     let s = Server::start(
