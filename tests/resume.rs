@@ -65,6 +65,28 @@ fn priming_and_retry_only_for_2025_11_25() {
     assert!(events[0].id.is_some() && events[0].retry.is_none());
 }
 
+/// the priming event goes out while a slow call runs; the head is held for the
+/// answer only briefly (--head-hold), never until it comes.
+#[test]
+fn priming_goes_out_before_a_slow_answer() {
+    let s = Server::start(&[], &everything());
+    let sess = Session::open(&s);
+    let started = std::time::Instant::now();
+    let mut st = sess.post_stream(&tool_call(1, "sleep", json!({"seconds": 5})));
+    assert_eq!(st.status, 200);
+    let priming = st.next_event().unwrap();
+    assert!(
+        priming.data.is_empty() && priming.id.is_some(),
+        "{priming:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "the head waited for the answer"
+    );
+    let answer = st.next_message().unwrap();
+    assert_eq!(answer["id"], 1);
+}
+
 /// Ids are unique in the session and name their stream; resuming a stream replays only
 /// that stream's events.
 #[test]
