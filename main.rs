@@ -2074,7 +2074,7 @@ mod http {
 
     /// Opens an SSE response with our headers and the CORS ones. A standing stream's head
     /// is sent at once; an answer's head waits in the stream's buffer for its first
-    /// flush, so the head and the first events (a priming event) leave in one segment.
+    /// flush, so it leaves with the first events (the answer itself, see --head-hold).
     ///
     /// A standing stream gives its connection's reading thread back: tiny_http would
     /// otherwise keep a thread (and a dup of the socket) blocked reading a next request
