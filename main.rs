@@ -3947,6 +3947,9 @@ mod sessions {
             };
             s.evicted = s.last_event;
             let first = s.first_event;
+            if first == 0 {
+                return;
+            }
             let mut i = self.replay.partition_point(|e| e.n < first);
             while i < self.replay.len() {
                 if self.replay[i].stream == no {
@@ -5204,18 +5207,7 @@ mod child {
             None => {
                 // Linux before 5.3: no pidfd, so a thread blocks in waitid instead.
                 crate::spawn_thread("child-stderr", move || {
-                    let mut lines = StderrLines::default();
-                    let mut stderr = stderr;
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        match stderr.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => lines.feed(&buf[..n], &p),
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(_) => break,
-                        }
-                    }
-                    lines.end(&p);
+                    StderrLines::default().read_to_end(stderr, &p)
                 });
                 let p = proc_.clone();
                 crate::spawn_thread("child-wait", move || {
@@ -5245,19 +5237,7 @@ mod child {
     ) {
         use std::os::fd::AsRawFd;
         let mut lines = StderrLines::default();
-        let mut buf = [0u8; 4096];
         let (mut child, mut stderr_open) = (Some(child), true);
-        let mut read_some =
-            |stderr: &mut std::process::ChildStderr, lines: &mut StderrLines| match stderr
-                .read(&mut buf)
-            {
-                Ok(0) => false,
-                Ok(n) => {
-                    lines.feed(&buf[..n], p);
-                    true
-                }
-                Err(e) => e.kind() == std::io::ErrorKind::Interrupted,
-            };
         while stderr_open || child.is_some() {
             let mut fds = [
                 libc::pollfd {
@@ -5284,15 +5264,13 @@ mod child {
                     wait_for_exit(p.pid);
                     reap(c, p);
                 }
-                while stderr_open && read_some(&mut stderr, &mut lines) {}
                 if stderr_open {
-                    lines.end(p);
+                    lines.read_to_end(stderr, p);
                 }
                 break;
             }
-            if fds[0].revents != 0 && !read_some(&mut stderr, &mut lines) {
-                stderr_open = false;
-                lines.end(p);
+            if fds[0].revents != 0 {
+                stderr_open = lines.read_once(&mut stderr, p);
             }
             if fds[1].revents != 0 {
                 if let Some(c) = child.take() {
@@ -5306,10 +5284,7 @@ mod child {
                         if !stderr_open || unsafe { libc::poll(ready.as_mut_ptr(), 1, 0) } != 1 {
                             break;
                         }
-                        if !read_some(&mut stderr, &mut lines) {
-                            stderr_open = false;
-                            lines.end(p);
-                        }
+                        stderr_open = lines.read_once(&mut stderr, p);
                     }
                     reap(c, p);
                 }
@@ -5485,6 +5460,26 @@ mod child {
                 self.emit(p);
                 self.partial = rest;
             }
+        }
+
+        /// One read; false once stderr has ended (EOF or an error), after `end`.
+        fn read_once(&mut self, stderr: &mut std::process::ChildStderr, p: &ChildProc) -> bool {
+            let mut buf = [0u8; 4096];
+            match stderr.read(&mut buf) {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.feed(&buf[..n], p);
+                    return true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return true,
+                Err(_) => {}
+            }
+            self.end(p);
+            false
+        }
+
+        fn read_to_end(mut self, mut stderr: std::process::ChildStderr, p: &ChildProc) {
+            while self.read_once(&mut stderr, p) {}
         }
 
         /// EOF: the last unterminated line, then the tail is complete.
