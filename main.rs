@@ -52,10 +52,18 @@ mod config {
     /// Events kept per session for clients that resume a stream (and for messages that
     /// wait for a GET stream): whichever bound is reached first evicts the oldest.
     pub const DEFAULT_REPLAY_BUFFER: &str = "1000,8MiB";
-    /// Events queued for one connection; a client this far behind is not reading, and
-    /// its connection is closed rather than allowed to slow the child (events stay in
-    /// the replay buffer).
-    pub const DEFAULT_STREAM_QUEUE: &str = "256";
+    /// Events and bytes queued for one connection before the child's next message
+    /// waits for the client to read (session mode: the child waits, as it would on a
+    /// pipe), or, on a shared child that must not wait for one client, before a client
+    /// whose socket has taken nothing for NOT_READING is cut (its events stay in the
+    /// replay buffer). A client that reads is never cut, however far behind.
+    pub const DEFAULT_STREAM_QUEUE: &str = "1024,4MiB";
+    /// A shared child's connection over --stream-queue whose socket has taken nothing
+    /// for this long is not reading: cut, so the other sessions on the child go on.
+    pub const NOT_READING: std::time::Duration = std::time::Duration::from_secs(1);
+    /// And one whose queue reaches this many times --stream-queue is cut whatever its
+    /// socket does: memory stays bounded.
+    pub const SHARED_QUEUE_HARD_FACTOR: usize = 4;
     /// A write that the client does not drain for this long fails (SO_SNDTIMEO), so a
     /// stuck client never holds a thread for ever.
     pub const DEFAULT_STALL_TIMEOUT: &str = "30s";
@@ -249,9 +257,9 @@ mod config {
         ),
         flag(
             "stream-queue",
-            "N",
+            "EVENTS,SIZE",
             DEFAULT_STREAM_QUEUE,
-            "events queued per connection before it is closed as not reading",
+            "queued per connection before the child's messages wait for the client to read",
         ),
         flag(
             "stall-timeout",
@@ -421,7 +429,8 @@ mod config {
         pub shutdown_grace: Duration,
         /// (events, bytes)
         pub replay_buffer: (usize, usize),
-        pub stream_queue: usize,
+        /// (events, bytes) queued for one connection.
+        pub stream_queue: (usize, usize),
         pub stall_timeout: Duration,
         pub sse_retry: Duration,
         pub head_hold: Duration,
@@ -636,6 +645,14 @@ mod config {
                 parse_size("replay-buffer", size)?,
             )
         };
+        let stream_queue = {
+            let v = get("stream-queue");
+            let (events, size) = v.split_once(',').unwrap_or((v.as_str(), "4MiB"));
+            (
+                parse_count("stream-queue", events)?.max(1),
+                parse_size("stream-queue", size)?.max(1),
+            )
+        };
         let mut env_pairs = Vec::new();
         for kv in list("env") {
             match kv.split_once('=') {
@@ -754,7 +771,7 @@ mod config {
             keepalive: nonzero(parse_duration("keepalive", &get("keepalive"))?),
             shutdown_grace: parse_duration("shutdown-grace", &get("shutdown-grace"))?,
             replay_buffer,
-            stream_queue: parse_count("stream-queue", &get("stream-queue"))?.max(1),
+            stream_queue,
             stall_timeout: parse_duration("stall-timeout", &get("stall-timeout"))?,
             sse_retry: parse_duration("sse-retry", &get("sse-retry"))?,
             head_hold: parse_duration("head-hold", &get("head-hold"))?,
@@ -930,6 +947,7 @@ mod config {
 /// --max-headers, and the early refusals (503, 408, 413, 431) written on the raw socket.
 /// Touches: raw sockets, the config limits it is given, metrics and the log.
 mod door {
+    use crate::Locked;
     use std::collections::HashMap;
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -947,11 +965,11 @@ mod door {
     /// Liveness of tracked connections is re-checked this often (a closed fd is noticed
     /// by its inode no longer matching).
     const SWEEP_EVERY: Duration = Duration::from_secs(5);
-    /// A chunk-size line longer than this is not HTTP.
+    /// A chunk-size line (size and extensions) longer than this is refused with 400: no
+    /// client needs more, and each byte of it waits in memory until the line ends.
     const MAX_CHUNK_LINE: usize = 1024;
-    /// A refusal of the next request on a connection whose previous response is still
-    /// being written waits this long for it, so the two answers never interleave.
-    const HANDLER_WAIT: Duration = Duration::from_secs(1);
+    /// Hex digits of a chunk size: sixteen already exceed any --max-body.
+    const MAX_CHUNK_DIGITS: usize = 16;
     /// The accept thread waits at most this long for tiny_http to start reading the
     /// connection it accepted last (see `wait_for_pickup`).
     const PICKUP_WAIT: Duration = Duration::from_millis(100);
@@ -968,8 +986,6 @@ mod door {
     static LIMITS: OnceLock<Limits> = OnceLock::new();
     static LISTENER: AtomicI32 = AtomicI32::new(-1);
     static KEEPER_WAKE: Condvar = Condvar::new();
-    /// Signalled when a handler leaves a connection (see `wait_for_handler`).
-    static VISIT_DONE: Condvar = Condvar::new();
     static TABLE: Mutex<Option<Table>> = Mutex::new(None);
     static LOG_FLOOD: AtomicBool = AtomicBool::new(false);
 
@@ -1001,6 +1017,14 @@ mod door {
         /// Request heads read so far: tells a handler whether the body the stream is in
         /// is its own or already the next request's.
         heads: u64,
+        /// Chunked body bytes declared so far (checked against --max-body per chunk).
+        chunked_total: u64,
+        /// A cut found while a handler was busy with this connection: the handler answers
+        /// it (a body it was reading) or, at its end, the door does. Either way exactly
+        /// one answer, then the connection closes.
+        pending_cut: Option<Cut>,
+        /// The handler answered the cut itself: close when it leaves.
+        close_after: bool,
     }
 
     /// Where a connection's byte stream is.
@@ -1015,15 +1039,28 @@ mod door {
         Opaque,
     }
 
-    /// Why a connection was cut: the answer it gets (when no response is under way).
-    #[derive(Clone, Copy)]
-    enum Cut {
+    /// Why a connection was cut: the answer it gets, then the connection closes (the
+    /// bytes after a request we cannot frame must never be read as another request).
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub enum Cut {
         HeadTooLarge,
         TooManyHeaders,
         BodyTooLarge(u64),
-        BadChunk,
+        /// A chunked body that breaks RFC 9112 §7.1 (the reason says how).
+        BadChunk(&'static str),
         /// Bytes a request head may not hold: non-ASCII, NUL or other controls.
         BadHead,
+        /// Not `METHOD SP target SP HTTP/x.y` (RFC 9112 §3).
+        BadRequestLine,
+        /// HTTP/2, HTTP/3 (and their preface): we speak HTTP/1.0 and 1.1 only.
+        Version,
+        /// Content-Length and Transfer-Encoding that could frame the body two ways
+        /// (RFC 9112 §6.1, §6.3): the smuggling cases. The reason says which.
+        Framing(&'static str),
+        /// A transfer coding other than chunked (RFC 9112 §6.1: 501).
+        Coding,
+        /// HTTP/1.1 without exactly one Host, HTTP/1.0 with several (RFC 9112 §3.2).
+        Host,
     }
 
     impl Cut {
@@ -1032,11 +1069,16 @@ mod door {
                 Cut::HeadTooLarge => "header_too_large",
                 Cut::TooManyHeaders => "too_many_headers",
                 Cut::BodyTooLarge(_) => "body_too_large",
-                Cut::BadChunk => "bad_chunked_body",
+                Cut::BadChunk(_) => "bad_chunked_body",
                 Cut::BadHead => "bad_header_bytes",
+                Cut::BadRequestLine => "bad_request_line",
+                Cut::Version => "unsupported_http_version",
+                Cut::Framing(_) => "bad_framing",
+                Cut::Coding => "unknown_transfer_coding",
+                Cut::Host => "bad_host_header",
             }
         }
-        fn answer(self, l: &Limits) -> (u16, String) {
+        pub fn answer(self, l: &Limits) -> (u16, String) {
             match self {
                 Cut::HeadTooLarge => (
                     431,
@@ -1050,10 +1092,27 @@ mod door {
                     413,
                     format!("Request body too large: {n} bytes declared, the limit is {} bytes (--max-body)", l.max_body),
                 ),
-                Cut::BadChunk => (400, "Bad Request: malformed chunked body".into()),
+                Cut::BadChunk(why) => (400, format!("Bad Request: malformed chunked body ({why})")),
                 Cut::BadHead => (
                     400,
                     "Bad Request: the request head holds bytes that are not printable ASCII".into(),
+                ),
+                Cut::BadRequestLine => (
+                    400,
+                    "Bad Request: the request line is not METHOD SP target SP HTTP/1.x".into(),
+                ),
+                Cut::Version => (
+                    505,
+                    "HTTP Version Not Supported: only HTTP/1.0 and HTTP/1.1 are served".into(),
+                ),
+                Cut::Framing(why) => (400, format!("Bad Request: {why}")),
+                Cut::Coding => (
+                    501,
+                    "Not Implemented: the only transfer coding accepted is chunked".into(),
+                ),
+                Cut::Host => (
+                    400,
+                    "Bad Request: an HTTP/1.1 request needs exactly one Host header".into(),
                 ),
             }
         }
@@ -1068,13 +1127,13 @@ mod door {
     /// Arms the door for this listening socket and starts the keeper thread.
     pub fn install(listener: i32, l: Limits) {
         let _ = LIMITS.set(l);
-        *TABLE.lock().unwrap() = Some(Table::default());
+        *TABLE.locked() = Some(Table::default());
         LISTENER.store(listener, Ordering::Release);
         crate::spawn_thread("door-keeper", keeper);
     }
 
     fn with_table<R>(f: impl FnOnce(&mut Table) -> R) -> Option<R> {
-        TABLE.lock().unwrap().as_mut().map(f)
+        TABLE.locked().as_mut().map(f)
     }
 
     fn inode(fd: i32) -> Option<u64> {
@@ -1159,33 +1218,6 @@ mod door {
         }
     }
 
-    /// Reads and discards what the client still sends, for up to LINGER, so that our
-    /// answer is not lost to a reset.
-    fn drain_briefly(fd: i32) {
-        let until = Instant::now() + LINGER;
-        let mut scratch = [0u8; 16 * 1024];
-        let mut total = 0usize;
-        while total < 4 << 20 {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let mut p = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            if unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as i32) } <= 0 {
-                break;
-            }
-            let n = raw_recv(fd, &mut scratch, libc::MSG_DONTWAIT);
-            if n <= 0 {
-                break;
-            }
-            total += n as usize;
-        }
-    }
-
     fn count(reason: &'static str) {
         if let Some(app) = crate::APP.get() {
             app.metrics.rejected(reason);
@@ -1232,7 +1264,7 @@ mod door {
             LOG_FLOOD.store(false, Ordering::Relaxed);
             if admit(c) {
                 if let Some(ino) = inode(c) {
-                    *AWAITING_PICKUP.lock().unwrap() = Some((ino, Instant::now()));
+                    *AWAITING_PICKUP.locked() = Some((ino, Instant::now()));
                     AWAITED_INODE.store(ino, Ordering::Release);
                 }
                 return c;
@@ -1252,7 +1284,7 @@ mod door {
     static AWAITED_INODE: AtomicU64 = AtomicU64::new(0);
 
     fn wait_for_pickup() {
-        let mut awaiting = AWAITING_PICKUP.lock().unwrap();
+        let mut awaiting = AWAITING_PICKUP.locked();
         while let Some((_, since)) = *awaiting {
             let left = PICKUP_WAIT.saturating_sub(since.elapsed());
             if left.is_zero() {
@@ -1260,7 +1292,7 @@ mod door {
                 AWAITED_INODE.store(0, Ordering::Release);
                 break;
             }
-            awaiting = PICKED_UP.wait_timeout(awaiting, left).unwrap().0;
+            awaiting = PICKED_UP.wait_timeout(awaiting, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
         }
     }
 
@@ -1270,7 +1302,7 @@ mod door {
         if AWAITED_INODE.load(Ordering::Acquire) != ino {
             return;
         }
-        let mut awaiting = AWAITING_PICKUP.lock().unwrap();
+        let mut awaiting = AWAITING_PICKUP.locked();
         if matches!(*awaiting, Some((i, _)) if i == ino) {
             *awaiting = None;
             AWAITED_INODE.store(0, Ordering::Release);
@@ -1313,6 +1345,9 @@ mod door {
                     },
                     head_bytes: 0,
                     heads: 0,
+                    chunked_total: 0,
+                    pending_cut: None,
+                    close_after: false,
                 },
             );
             if let Some(d) = deadline {
@@ -1424,6 +1459,10 @@ mod door {
             let r = feed(c, data, l);
             let after = c.head_deadline.or(c.body_deadline);
             let (peer, active) = (c.peer, c.active);
+            if let (Err(cut), true) = (r, active > 0) {
+                // A handler is busy with this connection: it (or its end) answers.
+                c.pending_cut = Some(cut);
+            }
             if let Some(d) = after.filter(|d| Some(*d) != before) {
                 wake_keeper_by(t, d);
             }
@@ -1437,34 +1476,61 @@ mod door {
         count(cut.reason());
         let (status, msg) = cut.answer(l);
         crate::log!(Info, "connection_cut", "{peer}: {status} {msg}");
-        if !l.tls && (active == 0 || wait_for_handler(ino)) {
-            answer(fd, status, &msg);
-            drain_briefly(fd);
+        if active > 0 {
+            // No more bytes for anyone: the reader (the handler's body, or tiny_http's
+            // next head) gets an error; the answer waits for the handler (`Visit`).
+            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+            return Err(());
         }
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        if l.tls {
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        } else {
+            // The answer, then the slot is free at once: the socket lingers on a
+            // descriptor of the keeper's (bounded), which drains what the client still
+            // sends so the answer is not lost to a reset, while tiny_http's thread and
+            // descriptors go now.
+            answer(fd, status, &msg);
+            with_table(|t| {
+                if let Some(c) = t.conns.remove(&ino) {
+                    if t.by_peer.get(&c.peer) == Some(&ino) {
+                        t.by_peer.remove(&c.peer);
+                    }
+                }
+                linger_dup(t, fd);
+            });
+        }
         Err(())
     }
 
-    /// A keep-alive client may send its next request while the previous response is
-    /// being written; the answer to a refusal waits for that response to end (bounded:
-    /// a long stream gets a plain close instead).
-    fn wait_for_handler(ino: u64) -> bool {
-        let until = Instant::now() + HANDLER_WAIT;
-        let mut guard = TABLE.lock().unwrap();
-        loop {
-            let active = guard
-                .as_ref()
-                .and_then(|t| t.conns.get(&ino))
-                .map_or(0, |c| c.active);
-            let left = until.saturating_duration_since(Instant::now());
-            if active == 0 || left.is_zero() {
-                return active == 0;
-            }
-            guard = VISIT_DONE.wait_timeout(guard, left).unwrap().0;
+    /// Keeps the socket open on a descriptor of our own until LINGER has passed (at most
+    /// MAX_LINGERING at a time; beyond that it closes with its last user).
+    fn linger_dup(t: &mut Table, fd: i32) {
+        if t.lingering.len() >= MAX_LINGERING {
+            return;
+        }
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup >= 0 {
+            let at = Instant::now() + LINGER;
+            t.lingering.push((dup, at));
+            wake_keeper_by(t, at);
         }
     }
 
-    /// Advances a connection's framing over bytes it sent; Err when it broke a limit.
+    /// The cut found while this peer's handler was reading its body: the handler answers
+    /// it (its status and message), and the connection closes when the handler leaves.
+    pub fn take_cut(peer: Option<&SocketAddr>) -> Option<(u16, String)> {
+        let p = peer?;
+        let cut = with_table(|t| {
+            let c = t.by_peer.get(p).and_then(|ino| t.conns.get_mut(ino))?;
+            let cut = c.pending_cut.take()?;
+            c.close_after = true;
+            Some(cut)
+        })??;
+        Some(cut.answer(limits()))
+    }
+
+    /// Advances a connection's framing over bytes it sent; Err when it broke a limit
+    /// or a framing rule.
     fn feed(c: &mut Conn, data: &[u8], l: &Limits) -> Result<(), Cut> {
         let mut i = 0;
         while i < data.len() {
@@ -1494,10 +1560,17 @@ mod door {
                             let head = std::mem::take(buf);
                             c.frame = after_head(&head[..end], l)?;
                             c.heads += 1;
-                            c.head_deadline = None;
                             c.head_bytes = 0;
-                            if !matches!(c.frame, Frame::Head(_)) && !l.read_timeout.is_zero() {
-                                c.body_deadline = Some(Instant::now() + l.read_timeout);
+                            c.chunked_total = 0;
+                            // Until a handler takes the request, the connection still
+                            // has a deadline: the hand-over, or the body's arrival.
+                            c.head_deadline = None;
+                            let deadline =
+                                (!l.read_timeout.is_zero()).then(|| Instant::now() + l.read_timeout);
+                            if !matches!(c.frame, Frame::Head(_)) {
+                                c.body_deadline = deadline;
+                            } else if c.active == 0 {
+                                c.head_deadline = deadline;
                             }
                         }
                     }
@@ -1507,22 +1580,27 @@ mod door {
                     *left -= n;
                     i += n as usize;
                     if *left == 0 {
-                        body_done(c);
+                        body_done(c, l);
                     }
                 }
                 Frame::ChunkSize(line) => {
                     let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
                         line.extend_from_slice(rest);
                         if line.len() > MAX_CHUNK_LINE {
-                            return Err(Cut::BadChunk);
+                            return Err(Cut::BadChunk("a chunk size line over 1024 bytes"));
                         }
                         return Ok(());
                     };
                     line.extend_from_slice(&rest[..nl]);
                     i += nl + 1;
-                    let text = String::from_utf8_lossy(line);
-                    let hex = text.split(';').next().unwrap_or("").trim();
-                    let size = u64::from_str_radix(hex, 16).map_err(|_| Cut::BadChunk)?;
+                    if line.len() > MAX_CHUNK_LINE + 1 {
+                        return Err(Cut::BadChunk("a chunk size line over 1024 bytes"));
+                    }
+                    let size = chunk_size(line)?;
+                    c.chunked_total = c.chunked_total.saturating_add(size);
+                    if c.chunked_total > l.max_body as u64 {
+                        return Err(Cut::BodyTooLarge(c.chunked_total));
+                    }
                     c.frame = if size == 0 {
                         Frame::Trailer(Vec::new())
                     } else {
@@ -1538,18 +1616,16 @@ mod door {
                     }
                 }
                 Frame::ChunkEnd(seen) => {
-                    // The CRLF after a chunk's data.
-                    if rest[0] == b'\n' {
-                        c.frame = Frame::ChunkSize(Vec::new());
-                    } else if rest[0] != b'\r' || *seen > 0 {
-                        return Err(Cut::BadChunk);
-                    } else {
-                        *seen = 1;
+                    // Exactly CRLF after a chunk's data.
+                    match (*seen, rest[0]) {
+                        (0, b'\r') => *seen = 1,
+                        (1, b'\n') => c.frame = Frame::ChunkSize(Vec::new()),
+                        _ => return Err(Cut::BadChunk("chunk data not followed by CRLF")),
                     }
                     i += 1;
                 }
                 Frame::Trailer(buf) => {
-                    // Trailer lines end with an empty line; with none, just CRLF.
+                    // Trailer lines, each ending in CRLF, then an empty line.
                     let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
                         buf.extend_from_slice(rest);
                         if buf.len() > l.max_head {
@@ -1557,12 +1633,15 @@ mod door {
                         }
                         return Ok(());
                     };
-                    let line_empty =
-                        buf.iter().all(|&b| b == b'\r') && rest[..nl].iter().all(|&b| b == b'\r');
-                    buf.clear();
+                    buf.extend_from_slice(&rest[..nl]);
                     i += nl + 1;
+                    if buf.last() != Some(&b'\r') {
+                        return Err(Cut::BadChunk("a trailer line not ended by CRLF"));
+                    }
+                    let line_empty = buf.len() == 1;
+                    buf.clear();
                     if line_empty {
-                        body_done(c);
+                        body_done(c, l);
                     }
                 }
             }
@@ -1570,9 +1649,34 @@ mod door {
         Ok(())
     }
 
-    fn body_done(c: &mut Conn) {
+    /// A chunk-size line without its LF (RFC 9112 §7.1): hex digits, optional
+    /// extensions after `;` (whitespace allowed before it), then CR.
+    fn chunk_size(line: &[u8]) -> Result<u64, Cut> {
+        let Some(line) = line.strip_suffix(b"\r") else {
+            return Err(Cut::BadChunk("a chunk size line not ended by CRLF"));
+        };
+        let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+        let ext = &line[digits..];
+        let ext_ok = ext.is_empty()
+            || ext.trim_ascii_start().first() == Some(&b';')
+                && ext.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+        if digits == 0 || !ext_ok {
+            return Err(Cut::BadChunk("a chunk size that is not hex digits"));
+        }
+        if digits > MAX_CHUNK_DIGITS {
+            return Err(Cut::BodyTooLarge(u64::MAX));
+        }
+        let hex = std::str::from_utf8(&line[..digits]).unwrap_or("");
+        u64::from_str_radix(hex, 16).map_err(|_| Cut::BodyTooLarge(u64::MAX))
+    }
+
+    fn body_done(c: &mut Conn, l: &Limits) {
         c.frame = Frame::Head(Vec::new());
         c.body_deadline = None;
+        if c.active == 0 && !l.read_timeout.is_zero() {
+            // Read before any handler took the request: the hand-over has a deadline.
+            c.head_deadline = Some(Instant::now() + l.read_timeout);
+        }
     }
 
     /// Where the first CRLF CRLF starts. Every read passes through here: it looks at each
@@ -1584,8 +1688,9 @@ mod door {
     }
 
     /// Checks a whole request head and says what follows it, as tiny_http will read it:
-    /// any Transfer-Encoding means chunked, else Content-Length (the first one), else
-    /// nothing; `Connection: upgrade` hands over the raw stream.
+    /// chunked when Transfer-Encoding says so, else Content-Length, else nothing;
+    /// `Connection: upgrade` hands over the raw stream. Anything that could be framed two
+    /// ways is refused here, before tiny_http reads it (RFC 9112 §6.1, §6.3).
     fn after_head(head: &[u8], l: &Limits) -> Result<Frame, Cut> {
         // tiny_http would drop a non-ASCII head without a word, and a control byte in a
         // value could reach a child's environment (--pass-header). One pass: a CR must
@@ -1598,15 +1703,15 @@ mod door {
             }
             prev = b;
         }
-        // Every line ends in CRLF now; the request line is skipped.
-        let lines = head
+        let mut lines = head
             .split(|&b| b == b'\n')
-            .skip(1)
-            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-            .filter(|line| !line.is_empty());
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
+        let version = request_line(lines.next().unwrap_or_default())?;
         let mut n = 0;
-        let (mut length, mut chunked, mut upgrade) = (None, false, false);
-        for line in lines {
+        let (mut hosts, mut upgrade) = (0, false);
+        let mut length: Option<u64> = None;
+        let mut codings: Vec<&[u8]> = Vec::new();
+        for line in lines.filter(|line| !line.is_empty()) {
             n += 1;
             if n > l.max_headers {
                 return Err(Cut::TooManyHeaders);
@@ -1616,29 +1721,105 @@ mod door {
             };
             let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
             if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                chunked = true;
-            } else if name.eq_ignore_ascii_case(b"content-length") && length.is_none() {
-                length = Some(
-                    std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|v| v.parse::<u64>().ok()),
+                codings.extend(
+                    value
+                        .split(|&b| b == b',')
+                        .map(|c| c.trim_ascii())
+                        .filter(|c| !c.is_empty()),
                 );
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                // A list of equal values is one value (RFC 9112 §6.3 item 5); a sign, a
+                // space or two different values are not.
+                for v in value.split(|&b| b == b',').map(|v| v.trim_ascii()) {
+                    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+                        return Err(Cut::Framing("Content-Length is not a plain number"));
+                    }
+                    let n = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(u64::MAX);
+                    if length.is_some_and(|m| m != n) {
+                        return Err(Cut::Framing("two different Content-Length values"));
+                    }
+                    length = Some(n);
+                }
+            } else if name.eq_ignore_ascii_case(b"host") {
+                hosts += 1;
             } else if name.eq_ignore_ascii_case(b"connection")
                 && value.windows(7).any(|w| w.eq_ignore_ascii_case(b"upgrade"))
             {
                 upgrade = true;
             }
         }
+        if hosts > 1 || (hosts == 0 && version == HttpVersion::Http11) {
+            return Err(Cut::Host);
+        }
+        if !codings.is_empty() {
+            if length.is_some() {
+                return Err(Cut::Framing("Transfer-Encoding together with Content-Length"));
+            }
+            if version == HttpVersion::Http10 {
+                return Err(Cut::Framing("Transfer-Encoding in an HTTP/1.0 request"));
+            }
+            if !codings.last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
+                return Err(Cut::Framing("chunked is not the final transfer coding"));
+            }
+            if !codings.iter().all(|c| c.eq_ignore_ascii_case(b"chunked")) {
+                return Err(Cut::Coding);
+            }
+            if codings.len() > 1 {
+                return Err(Cut::Framing("chunked applied more than once"));
+            }
+        }
         if upgrade {
             return Ok(Frame::Opaque);
         }
-        if chunked {
+        if !codings.is_empty() {
             return Ok(Frame::ChunkSize(Vec::new()));
         }
-        match length.flatten() {
+        match length {
             Some(n) if n > l.max_body as u64 => Err(Cut::BodyTooLarge(n)),
             Some(n) if n > 0 => Ok(Frame::Body(n)),
             _ => Ok(Frame::Head(Vec::new())),
+        }
+    }
+
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum HttpVersion {
+        Http10,
+        Http11,
+    }
+
+    /// `METHOD SP request-target SP HTTP-version` (RFC 9112 §3): a token, an origin-,
+    /// absolute- or asterisk-form target, and HTTP/1.0 or 1.1. Any other `HTTP/d.d`
+    /// (2.0, 3.0, the HTTP/2 preface) is 505; anything else 400.
+    fn request_line(line: &[u8]) -> Result<HttpVersion, Cut> {
+        let mut parts = line.split(|&b| b == b' ');
+        let (Some(method), Some(target), Some(version), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Cut::BadRequestLine);
+        };
+        let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+        let lower = target.to_ascii_lowercase();
+        let target_ok = target.first() == Some(&b'/')
+            || target == b"*"
+            || lower.starts_with(b"http://")
+            || lower.starts_with(b"https://");
+        if method.is_empty() || !method.iter().all(token) || !target_ok {
+            return Err(Cut::BadRequestLine);
+        }
+        match version {
+            b"HTTP/1.1" => Ok(HttpVersion::Http11),
+            b"HTTP/1.0" => Ok(HttpVersion::Http10),
+            [b'H', b'T', b'T', b'P', b'/', major, rest @ ..]
+                if major.is_ascii_digit()
+                    && (rest.is_empty()
+                        || matches!(rest, [b'.', minor] if minor.is_ascii_digit())) =>
+            {
+                Err(Cut::Version)
+            }
+            _ => Err(Cut::BadRequestLine),
         }
     }
 
@@ -1696,12 +1877,27 @@ mod door {
         fn drop(&mut self) {
             let Some(p) = self.0 else { return };
             let own_head = self.1;
-            let timeout = limits().read_timeout;
+            let l = limits();
             with_table(|t| {
                 let Some(c) = t.by_peer.get(&p).and_then(|ino| t.conns.get_mut(ino)) else {
                     return;
                 };
                 c.active = c.active.saturating_sub(1);
+                if c.active == 0 {
+                    if let Some(cut) = c.pending_cut.take() {
+                        // Found while this request was answered: its answer goes now,
+                        // after the response, and nothing more is read.
+                        let (status, msg) = cut.answer(l);
+                        if !l.tls {
+                            answer(c.fd, status, &msg);
+                        }
+                        c.close_after = true;
+                    }
+                    if std::mem::take(&mut c.close_after) {
+                        unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+                        return;
+                    }
+                }
                 // A body under way belongs to this request only if no later head has been
                 // read: a keep-alive client may already be sending the next one.
                 if c.active == 0
@@ -1717,13 +1913,12 @@ mod door {
                     );
                     unsafe { libc::shutdown(c.fd, libc::SHUT_RD) };
                 }
-                if c.active == 0 && !timeout.is_zero() {
-                    let d = Instant::now() + timeout;
+                if c.active == 0 && !l.read_timeout.is_zero() {
+                    let d = Instant::now() + l.read_timeout;
                     c.head_deadline = Some(d);
                     wake_keeper_by(t, d);
                 }
             });
-            VISIT_DONE.notify_all();
         }
     }
 
@@ -1738,7 +1933,7 @@ mod door {
 
     fn keeper() {
         let mut last_sweep = Instant::now();
-        let mut guard = TABLE.lock().unwrap();
+        let mut guard = TABLE.locked();
         loop {
             let now = Instant::now();
             let Some(t) = guard.as_mut() else { return };
@@ -1749,6 +1944,10 @@ mod door {
             let mut next = now + SWEEP_EVERY;
             let mut expired = Vec::new();
             for (ino, c) in t.conns.iter_mut() {
+                if c.active > 0 {
+                    // A handler has it: no head is due (an SSE stream may last hours).
+                    c.head_deadline = None;
+                }
                 if c.head_deadline.is_some_and(|d| d <= now) {
                     c.head_deadline = None;
                     let partial = matches!(&c.frame, Frame::Head(b) if !b.is_empty());
@@ -1822,7 +2021,7 @@ mod door {
                 }
             }
             let wait = next.saturating_duration_since(Instant::now());
-            guard = KEEPER_WAKE.wait_timeout(guard, wait).unwrap().0;
+            guard = KEEPER_WAKE.wait_timeout(guard, wait).unwrap_or_else(std::sync::PoisonError::into_inner).0;
         }
     }
 
@@ -1906,6 +2105,9 @@ mod http {
         pub token: Option<Arc<str>>,
         /// Its Origin, when CORS allows it: echoed on every response.
         pub cors: Option<String>,
+        /// The authority of an absolute-form target (`GET http://host:port/path`): it
+        /// stands for the Host header (RFC 9112 §3.2.2).
+        pub target_host: Option<String>,
     }
 
     impl Incoming {
@@ -1952,6 +2154,13 @@ mod http {
                 .as_reader()
                 .take(limit as u64 + 1)
                 .read_to_end(&mut body);
+            if let (Err(_), Some((status, msg))) =
+                (&read, crate::door::take_cut(self.rq.remote_addr()))
+            {
+                // The door found the body malformed or too large as it arrived.
+                let code = if status == 413 || status == 400 { -32600 } else { -32000 };
+                return Err(Reply::error(status, code, msg).with_header("Connection", "close"));
+            }
             if crate::door::body_timed_out(self.rq.remote_addr()) {
                 return Err(Reply::error(
                     408,
@@ -2186,7 +2395,9 @@ mod http {
                 if IDLE.fetch_sub(1, Ordering::AcqRel) == 1 {
                     spawn_worker(server.clone());
                 }
-                handle(rq);
+                // A bug in one request's handling ends that request (its connection is
+                // closed with it), never the worker pool or the server.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(rq)));
                 if IDLE.fetch_add(1, Ordering::AcqRel) >= SPARE_WORKERS {
                     IDLE.fetch_sub(1, Ordering::AcqRel);
                     return;
@@ -2232,7 +2443,7 @@ mod http {
             return;
         };
         let app = app();
-        let url = rq.url().to_string();
+        let (target_host, url) = origin_form(rq.url());
         let (path, query) = match url.split_once('?') {
             Some((p, q)) => (p.to_string(), q.to_string()),
             None => (url, String::new()),
@@ -2249,6 +2460,7 @@ mod http {
             query,
             token: None,
             cors: None,
+            target_host,
         };
         if let Err(reply) = check_host_and_origin(&inc) {
             return respond(inc, reply);
@@ -2324,6 +2536,25 @@ mod http {
         }
     }
 
+    /// A request target in origin form: an absolute-form one (`http://a:1/p?q`, as sent
+    /// to proxies) is split into its authority and `/p?q` (RFC 9112 §3.2.2).
+    fn origin_form(target: &str) -> (Option<String>, String) {
+        let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
+        let scheme = ["http://", "https://"].into_iter().find(|s| lower.starts_with(s));
+        let Some(rest) = scheme.map(|s| &target[s.len()..]) else {
+            return (None, target.to_string());
+        };
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let authority = authority.rsplit('@').next().unwrap_or("").to_string();
+        let path = if tail.starts_with('/') {
+            tail.to_string()
+        } else {
+            format!("/{tail}")
+        };
+        (Some(authority), path)
+    }
+
     /// The route label for /metrics: the configured paths by name, anything else `other`.
     fn route_of(path: &str, cfg: &config::Config) -> crate::observe::Route {
         use crate::observe::Route;
@@ -2342,7 +2573,7 @@ mod http {
     /// tricked into talking to us sends the attacker's name in Host and Origin.
     fn check_host_and_origin(inc: &Incoming) -> Result<(), Reply> {
         let cfg = &app().cfg;
-        let host_header = inc.header("Host");
+        let host_header = inc.target_host.as_deref().or(inc.header("Host"));
         if let Some(host) = host_header {
             if !host_allowed(host, cfg) {
                 return Err(Reply::error(
@@ -2482,13 +2713,33 @@ mod http {
         if batch && messages.is_empty() {
             return Err(Reply::error(400, -32600, "Invalid Request: empty batch"));
         }
+        use crate::message::IdCarrier;
+        let carrier = if app().cfg.mode == Mode::Shared {
+            IdCarrier::Bridge
+        } else {
+            IdCarrier::Child
+        };
         for m in &messages {
-            if let crate::message::Kind::Invalid(why) = crate::message::classify(m) {
-                return Err(Reply::error(
-                    400,
-                    -32600,
-                    format!("Invalid Request: not a JSON-RPC 2.0 message ({why})"),
-                ));
+            match crate::message::classify(m) {
+                crate::message::Kind::Invalid(why) => {
+                    return Err(Reply::error(
+                        400,
+                        -32600,
+                        format!("Invalid Request: not a JSON-RPC 2.0 message ({why})"),
+                    ))
+                }
+                crate::message::Kind::Request { id, .. } if !crate::message::id_allowed(id, carrier) => {
+                    let range = match carrier {
+                        IdCarrier::Child => format!("within ±{}, which the server process gives back exactly", crate::message::MAX_SAFE_ID),
+                        IdCarrier::Bridge => "of at most 64 bits".to_string(),
+                    };
+                    return Err(Reply::error(
+                        400,
+                        -32600,
+                        format!("Invalid Request: id {id} is not a string or an integer {range} (MCP request ids)"),
+                    ))
+                }
+                _ => {}
             }
         }
         crate::observe::request_messages(&messages);
@@ -2520,7 +2771,7 @@ mod auth {
             );
         }
         let n = tokens.len();
-        *TOKENS.write().unwrap() = tokens;
+        *TOKENS.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tokens;
         Ok(n)
     }
 
@@ -2571,7 +2822,7 @@ mod auth {
             ));
         };
         let mut found = None;
-        for t in TOKENS.read().unwrap().iter() {
+        for t in TOKENS.read().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
             if ct_eq(t.as_bytes(), presented.as_bytes()) {
                 found = Some(t.clone());
             }
@@ -3063,7 +3314,7 @@ mod oneshot {
         let _slot = Slot;
         let tag = format!("os-{}", NEXT_TAG.fetch_add(1, Ordering::Relaxed));
         crate::observe::request_session(&tag);
-        let (tx, rx) = crossbeam_channel::bounded::<Option<String>>(app.cfg.stream_queue);
+        let (tx, rx) = crossbeam_channel::bounded::<Option<String>>(app.cfg.stream_queue.0);
         let stall = app.cfg.stall_timeout;
         let on_line = move |line: String| {
             if tx.send_timeout(Some(line), stall).is_err() {
@@ -3153,6 +3404,38 @@ mod message {
         Notification { method: &'a str },
         Response { id: &'a Value },
         Invalid(&'static str),
+    }
+
+    /// The largest id magnitude a child of its own sees from a client: 2^53 - 1, the
+    /// largest integer that every JSON implementation a child may be written in
+    /// (JavaScript's numbers among them) reads and writes back exactly. An id the child
+    /// re-renders differently (`1e3`, `1.5`, a longer integer) would never match its
+    /// request: its answer would be dropped and the client's request wait for ever.
+    pub const MAX_SAFE_ID: u64 = (1 << 53) - 1;
+
+    /// Who has to give a client's id back.
+    #[derive(Clone, Copy, PartialEq)]
+    pub enum IdCarrier {
+        /// The child itself (session mode): integers within ±MAX_SAFE_ID.
+        Child,
+        /// The bridge (shared mode rewrites ids and keeps the client's): any 64-bit
+        /// integer comes back exactly.
+        Bridge,
+    }
+
+    /// MCP request ids are strings or integers (JSON-RPC allows fractions, MCP does not).
+    /// Checked on what clients send; the child's own ids are its business.
+    pub fn id_allowed(id: &Value, carrier: IdCarrier) -> bool {
+        match id {
+            Value::String(_) => true,
+            Value::Number(n) if carrier == IdCarrier::Bridge => n.is_i64() || n.is_u64(),
+            Value::Number(n) => n
+                .as_i64()
+                .map(|i| i.unsigned_abs())
+                .or(n.as_u64())
+                .is_some_and(|m| m <= MAX_SAFE_ID),
+            _ => false,
+        }
     }
 
     pub fn classify(v: &Value) -> Kind<'_> {
@@ -3278,14 +3561,122 @@ mod sessions {
     }
 
     /// Shared by a connection's queue and its writer.
-    #[derive(Default)]
     pub struct Link {
-        /// Frames sent and not yet taken by the writer (the bound is --stream-queue).
-        pub queued: AtomicUsize,
-        /// Set when the connection is detached from its stream (its queue overflowed, or
-        /// the client resumed the stream on a new connection): the writer ends the HTTP
+        /// Frames sent and not yet taken by the writer, and their bytes (the bound is
+        /// --stream-queue).
+        queued: AtomicUsize,
+        queued_bytes: AtomicUsize,
+        /// Frames the writer has taken: it takes the next ones only once its last
+        /// write went out, so this moving is the socket draining.
+        taken: AtomicU64,
+        /// When `taken` last moved (crate::now_ms).
+        progress_ms: AtomicU64,
+        /// Set when the connection is detached from its stream (its client stopped
+        /// reading, or resumed the stream on a new connection): the writer ends the HTTP
         /// response and leaves the stream to the replay buffer.
         pub cut: AtomicBool,
+        /// The writer has ended.
+        closed: AtomicBool,
+        /// The router waits here for the writer to make room (backpressure).
+        waiters: AtomicUsize,
+        room: Mutex<()>,
+        room_changed: std::sync::Condvar,
+    }
+
+    /// What waiting for a congested connection came to.
+    #[derive(PartialEq, Debug)]
+    enum Room {
+        /// Below its bound again, or the connection is gone (nothing to wait for).
+        Made,
+        /// Its socket took nothing for the allowed time: the client is not reading.
+        NotReading,
+    }
+
+    impl Default for Link {
+        fn default() -> Link {
+            Link {
+                queued: AtomicUsize::new(0),
+                queued_bytes: AtomicUsize::new(0),
+                taken: AtomicU64::new(0),
+                progress_ms: AtomicU64::new(crate::now_ms()),
+                cut: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                waiters: AtomicUsize::new(0),
+                room: Mutex::new(()),
+                room_changed: std::sync::Condvar::new(),
+            }
+        }
+    }
+
+    impl Link {
+        fn push(&self, bytes: usize) {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+            self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        }
+
+        /// The writer took a frame of `bytes` off the queue.
+        pub fn take(&self, bytes: usize) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.taken.fetch_add(1, Ordering::AcqRel);
+            self.progress_ms.store(crate::now_ms(), Ordering::Release);
+            if self.waiters.load(Ordering::Acquire) > 0 {
+                let _g = self.room.locked();
+                self.room_changed.notify_all();
+            }
+        }
+
+        /// The writer has ended: nobody waits for it any more.
+        pub fn close(&self) {
+            self.closed.store(true, Ordering::Release);
+            let _g = self.room.locked();
+            self.room_changed.notify_all();
+        }
+
+        /// Over `factor` times --stream-queue, in events or bytes.
+        fn over(&self, factor: usize) -> bool {
+            let (events, bytes) = crate::app().cfg.stream_queue;
+            self.queued.load(Ordering::Acquire) > events.saturating_mul(factor)
+                || self.queued_bytes.load(Ordering::Acquire) > bytes.saturating_mul(factor)
+        }
+
+        fn gone(&self) -> bool {
+            self.closed.load(Ordering::Acquire) || self.cut.load(Ordering::Acquire)
+        }
+
+        /// How long the socket has taken nothing (the writer took no frame).
+        fn idle(&self) -> Duration {
+            let last = self.progress_ms.load(Ordering::Acquire);
+            Duration::from_millis(crate::now_ms().saturating_sub(last))
+        }
+
+        /// Backpressure: waits while the queue is over its bound and the writer keeps
+        /// taking frames; NotReading once it has taken none for `patience`. A writer
+        /// that has not written its first frame yet is given its own --stall-timeout
+        /// (it ends by itself then): a stream is never cut before its first event, so
+        /// the client always has an id to resume from.
+        fn wait_for_room(&self, patience: Duration) -> Room {
+            self.waiters.fetch_add(1, Ordering::AcqRel);
+            let mut g = self.room.locked();
+            let verdict = loop {
+                if !self.over(1) || self.gone() {
+                    break Room::Made;
+                }
+                let idle = self.idle();
+                if idle >= patience && self.taken.load(Ordering::Acquire) > 0 {
+                    break Room::NotReading;
+                }
+                let step = patience.saturating_sub(idle).max(Duration::from_millis(10));
+                g = self
+                    .room_changed
+                    .wait_timeout(g, step)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            };
+            drop(g);
+            self.waiters.fetch_sub(1, Ordering::AcqRel);
+            verdict
+        }
     }
 
     /// A connection attached to a logical stream.
@@ -3365,6 +3756,9 @@ mod sessions {
         initialize_id: Option<String>,
         lost_logged: bool,
         closed: bool,
+        /// The connection the last event went to, when that put it over --stream-queue:
+        /// the router makes room (`Session::make_room`) once the lock is let go.
+        congested: Option<(u64, Arc<Link>)>,
     }
 
     pub struct Session {
@@ -3418,7 +3812,7 @@ mod sessions {
             transport: Transport,
             token: &Option<Arc<str>>,
         ) -> Option<Arc<Session>> {
-            let map = self.map.lock().unwrap();
+            let map = self.map.locked();
             let found = map
                 .get(id)
                 .filter(|s| s.transport == transport && crate::auth::owns(&s.owner, token))
@@ -3429,13 +3823,13 @@ mod sessions {
             found
         }
         pub fn all(&self) -> Vec<Arc<Session>> {
-            self.map.lock().unwrap().values().cloned().collect()
+            self.map.locked().values().cloned().collect()
         }
         pub fn len(&self) -> usize {
-            self.map.lock().unwrap().len()
+            self.map.locked().len()
         }
         fn remove(&self, id: &str) -> bool {
-            self.map.lock().unwrap().remove(id).is_some()
+            self.map.locked().remove(id).is_some()
         }
     }
 
@@ -3467,37 +3861,46 @@ mod sessions {
         let id = crate::random_uuid()
             .map_err(|e| CreateError::Spawn(format!("cannot make a session id: {e}")))?;
         let tag = id[..8].to_string();
-        let (upstream, stdout) = if app.cfg.mode == config::Mode::Shared {
-            (crate::upstream::pick().map_err(CreateError::Refused)?, None)
-        } else {
-            let (u, out) = crate::upstream::dedicated(&tag, ctx.env).map_err(CreateError::Spawn)?;
-            (u, Some(out))
-        };
-        let session = Arc::new(Session {
-            id: id.clone(),
-            tag: tag.clone(),
-            transport,
-            upstream: upstream.clone(),
-            owner: ctx.owner,
-            routing: Mutex::new(Routing {
-                resumable: transport == Transport::Streamable,
-                ..Routing::default()
-            }),
-            last_active_ms: AtomicU64::new(crate::now_ms()),
-            last_request: AtomicU64::new(crate::next_id()),
-        });
-        {
-            let mut map = app.sessions.map.lock().unwrap();
-            if map.len() >= app.cfg.max_sessions {
-                drop(map);
-                if stdout.is_some() {
-                    upstream.child.terminate(Duration::ZERO);
+        // A shared child can end between being picked and being joined: its sessions
+        // were ended then, so this one would wait for ever. It picks again (the restarted
+        // child, or a 503 once the restart takes too long).
+        let (session, upstream, stdout) = loop {
+            let (upstream, stdout) = if app.cfg.mode == config::Mode::Shared {
+                (crate::upstream::pick().map_err(CreateError::Refused)?, None)
+            } else {
+                let (u, out) = crate::upstream::dedicated(&tag, ctx.env.clone()).map_err(CreateError::Spawn)?;
+                (u, Some(out))
+            };
+            let session = Arc::new(Session {
+                id: id.clone(),
+                tag: tag.clone(),
+                transport,
+                upstream: upstream.clone(),
+                owner: ctx.owner.clone(),
+                routing: Mutex::new(Routing {
+                    resumable: transport == Transport::Streamable,
+                    ..Routing::default()
+                }),
+                last_active_ms: AtomicU64::new(crate::now_ms()),
+                last_request: AtomicU64::new(crate::next_id()),
+            });
+            {
+                let mut map = app.sessions.map.locked();
+                if map.len() >= app.cfg.max_sessions {
+                    drop(map);
+                    if stdout.is_some() {
+                        upstream.child.terminate(Duration::ZERO);
+                    }
+                    return Err(full());
                 }
-                return Err(full());
+                map.insert(id.clone(), session.clone());
             }
-            map.insert(id, session.clone());
-        }
-        upstream.join(&session);
+            if upstream.join(&session) {
+                break (session, upstream, stdout);
+            }
+            app.sessions.remove(&id);
+            crate::log!(Debug, "child_gone_before_join", session = tag; "the shared child ended as the session opened; picking another");
+        };
         if let Some(stdout) = stdout {
             crate::upstream::start_router(&upstream, stdout);
         }
@@ -3538,21 +3941,21 @@ mod sessions {
         }
 
         pub fn version(&self) -> Option<String> {
-            self.routing.lock().unwrap().version.clone()
+            self.routing.locked().version.clone()
         }
 
         pub fn set_initialize(&self, id: &Value) {
-            self.routing.lock().unwrap().initialize_id = Some(id_key(id));
+            self.routing.locked().initialize_id = Some(id_key(id));
         }
 
         pub fn awaits_answer(&self, key: &str) -> bool {
-            self.routing.lock().unwrap().awaiting_answer.contains(key)
+            self.routing.locked().awaiting_answer.contains(key)
         }
 
         /// A new POST stream with a connection attached, primed for clients at
         /// 2025-11-25 or later (R-5).
         pub fn open_post_stream(&self) -> Result<Attached, Reply> {
-            let mut r = self.routing.lock().unwrap();
+            let mut r = self.routing.locked();
             if r.closed {
                 return Err(Reply::error(404, -32001, "Session not found"));
             }
@@ -3570,12 +3973,12 @@ mod sessions {
 
         /// Forgets a stream whose POST failed before anything was sent to the child.
         pub fn drop_stream(&self, stream: u64) {
-            self.routing.lock().unwrap().streams.remove(&stream);
+            self.routing.locked().streams.remove(&stream);
         }
 
         /// The listening stream of a legacy session (created on first use).
         pub fn listener_stream(&self) -> u64 {
-            self.routing.lock().unwrap().listener_stream()
+            self.routing.locked().listener_stream()
         }
 
         /// Records which stream waits for each request before the child can answer, and
@@ -3586,7 +3989,7 @@ mod sessions {
             messages: &[Value],
             stream: Option<u64>,
         ) -> Result<usize, Reply> {
-            let mut r = self.routing.lock().unwrap();
+            let mut r = self.routing.locked();
             if r.closed {
                 return Err(Reply::error(404, -32001, "Session not found"));
             }
@@ -3646,7 +4049,7 @@ mod sessions {
         }
 
         pub fn forget_requests(&self, messages: &[Value]) {
-            let mut r = self.routing.lock().unwrap();
+            let mut r = self.routing.locked();
             for m in messages {
                 if let Kind::Request { id, .. } = classify(m) {
                     r.in_flight.remove(&id_key(id));
@@ -3661,7 +4064,7 @@ mod sessions {
         /// nothing from any other, then live events; a connection still on that stream
         /// is ended, since the client has evidently lost it.
         pub fn attach_get(&self, last_event_id: Option<&str>) -> Result<Attached, Reply> {
-            let mut r = self.routing.lock().unwrap();
+            let mut r = self.routing.locked();
             if r.closed {
                 return Err(Reply::error(404, -32001, "Session not found"));
             }
@@ -3732,15 +4135,58 @@ mod sessions {
 
         /// Events held for replay, and their bytes (for /metrics).
         pub fn replay_held(&self) -> (usize, usize) {
-            let r = self.routing.lock().unwrap();
+            let r = self.routing.locked();
             (r.replay.len(), r.replay_bytes)
         }
 
         /// The writer of a connection is done with it. `delivered`: it wrote the POST
         /// stream's last response and ended the response cleanly, so the client has
         /// every event and none needs keeping for a resume.
+        /// After an event put its connection over --stream-queue. On a child of its own
+        /// the router waits for the client to read (the child waits with it, as on a
+        /// pipe) and cuts only a client whose socket took nothing for --stall-timeout. A
+        /// shared child must not wait for one client: it cuts a client that took nothing
+        /// for NOT_READING, or whose queue reached SHARED_QUEUE_HARD_FACTOR times the
+        /// bound; a client that reads just gets a longer queue.
+        pub fn make_room(&self) {
+            let Some((no, link)) = self.routing.locked().congested.take() else {
+                return;
+            };
+            let cfg = &crate::app().cfg;
+            let verdict = if cfg.mode == config::Mode::Shared {
+                let stalled = link.idle() >= config::NOT_READING
+                    && link.taken.load(Ordering::Acquire) > 0;
+                if stalled || link.over(config::SHARED_QUEUE_HARD_FACTOR) {
+                    Room::NotReading
+                } else {
+                    Room::Made
+                }
+            } else {
+                let patience = if cfg.stall_timeout.is_zero() {
+                    Duration::from_secs(30)
+                } else {
+                    cfg.stall_timeout
+                };
+                link.wait_for_room(patience)
+            };
+            if verdict == Room::Made || link.gone() {
+                return;
+            }
+            let mut r = self.routing.locked();
+            let Some(s) = r.streams.get_mut(&no) else {
+                return;
+            };
+            if s.conn.as_ref().is_some_and(|c| Arc::ptr_eq(&c.link, &link)) {
+                link.cut.store(true, Ordering::Release);
+                s.conn = None;
+                drop(r);
+                crate::app().metrics.stream_cut("not_reading");
+                crate::log!(Warn, "stream_cut", session = self.tag; "stream {no}: the client is not reading (its socket took nothing while {} events waited); closing the connection, events stay in the replay buffer for a resume", link.queued.load(Ordering::Acquire));
+            }
+        }
+
         pub fn detach(&self, stream: u64, conn_id: u64, delivered: bool) {
-            let mut r = self.routing.lock().unwrap();
+            let mut r = self.routing.locked();
             let Some(s) = r.streams.get_mut(&stream) else {
                 return;
             };
@@ -3876,9 +4322,8 @@ mod sessions {
         }
 
         /// Numbers an event, keeps it for replay and hands it to the stream's connection
-        /// if one is attached. A connection whose queue is full is cut rather than
-        /// waited for: one client that stops reading must not slow the child or anyone
-        /// else; its events stay here for a resume.
+        /// if one is attached. A connection this puts over --stream-queue is noted for
+        /// `Session::make_room`, which runs without this lock held.
         fn emit(&mut self, tag: &str, no: u64, json: Arc<str>, completes: bool) {
             let app = crate::app();
             self.next_event += 1;
@@ -3906,22 +4351,18 @@ mod sessions {
             stream.last_event = n;
             let mut queued = false;
             if let Some(conn) = &stream.conn {
-                if conn.link.queued.load(Ordering::Acquire) >= app.cfg.stream_queue {
-                    conn.link.cut.store(true, Ordering::Release);
-                    stream.conn = None;
-                    app.metrics.stream_cut("overflow");
-                    crate::log!(Warn, "stream_overflow", session = tag; "stream {no}: the client is not reading ({} events queued, --stream-queue); closing the connection, events stay in the replay buffer", app.cfg.stream_queue);
-                } else {
-                    conn.link.queued.fetch_add(1, Ordering::AcqRel);
-                    queued = conn
-                        .tx
-                        .send(Frame {
-                            stream: no,
-                            n,
-                            json: json.clone(),
-                            last,
-                        })
-                        .is_ok();
+                conn.link.push(json.len());
+                queued = conn
+                    .tx
+                    .send(Frame {
+                        stream: no,
+                        n,
+                        json: json.clone(),
+                        last,
+                    })
+                    .is_ok();
+                if conn.link.over(1) {
+                    self.congested = Some((no, conn.link.clone()));
                 }
             }
             if queued && !self.resumable {
@@ -3998,9 +4439,21 @@ mod sessions {
         match classify(value) {
             Kind::Response { id } => {
                 let key = id_key(id);
-                let mut r = session.routing.lock().unwrap();
+                let mut r = session.routing.locked();
                 let Some(f) = r.in_flight.remove(&key) else {
+                    let ended = r.closed;
                     drop(r);
+                    if ended {
+                        // Its session ended while the answer was on its way (the bridge's
+                        // cached initialize answer among them): not an id nobody sent.
+                        app.metrics.dropped("session_ended");
+                        crate::log!(
+                            Info,
+                            "message_dropped",
+                            session = tag; "answer to {key} arrived after the session ended"
+                        );
+                        return;
+                    }
                     app.metrics.dropped("unknown_id");
                     crate::log!(
                         Warn,
@@ -4024,6 +4477,7 @@ mod sessions {
                 }
                 r.emit(tag, f.stream, json.into(), true);
                 drop(r);
+                session.make_room();
                 if init_failed {
                     crate::log!(
                         Warn,
@@ -4034,7 +4488,7 @@ mod sessions {
                 }
             }
             Kind::Request { method, .. } | Kind::Notification { method } => {
-                let mut r = session.routing.lock().unwrap();
+                let mut r = session.routing.locked();
                 if r.closed {
                     drop(r);
                     app.metrics.dropped("session_ended");
@@ -4054,6 +4508,8 @@ mod sessions {
                     r.target_stream(method, value)
                 };
                 r.emit(tag, stream, json.into(), false);
+                drop(r);
+                session.make_room();
             }
             Kind::Invalid(why) => {
                 app.metrics.dropped("invalid");
@@ -4075,7 +4531,7 @@ mod sessions {
     /// before this returns; a shared child is told to drop the session's work.
     pub fn end(session: &Arc<Session>, reason: EndReason) {
         let app = crate::app();
-        let mut r = session.routing.lock().unwrap();
+        let mut r = session.routing.locked();
         if r.closed {
             drop(r);
             session.upstream.release(session, Vec::new());
@@ -4129,7 +4585,7 @@ mod sessions {
             EndReason::Shutdown => (-32000, "Server is shutting down".to_string(), None),
         };
         {
-            let mut r = session.routing.lock().unwrap();
+            let mut r = session.routing.locked();
             for (key, f) in in_flight {
                 let id: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
                 let json = crate::message::error_response(&id, code, &message, data.clone());
@@ -4162,7 +4618,11 @@ mod sessions {
         loop {
             std::thread::sleep(tick);
             for s in app.sessions.all() {
-                if s.idle_for() > timeout {
+                if s.upstream.stdout_closed() {
+                    // Its child is gone (the router ends such sessions; this is the
+                    // backstop): keepalives must not keep it alive.
+                    end_in_background(s, EndReason::ChildGone);
+                } else if s.idle_for() > timeout {
                     crate::log!(
                         Info,
                         "session_idle",
@@ -4212,6 +4672,9 @@ mod upstream {
         subscriptions: HashMap<String, Vec<Arc<Session>>>,
         init: Init,
         initialized_sent: bool,
+        /// The child's stdout has ended: its sessions were ended, and no session may
+        /// join it any more (it would wait for answers that cannot come).
+        stdout_closed: bool,
     }
 
     enum Pending {
@@ -4249,12 +4712,25 @@ mod upstream {
             }
         }
 
-        pub fn join(&self, session: &Arc<Session>) {
-            self.state.lock().unwrap().members.push(session.clone());
+        /// Adds a session to this child's members; false once the child's stdout has
+        /// ended (the caller picks another child).
+        #[must_use]
+        pub fn join(&self, session: &Arc<Session>) -> bool {
+            let mut st = self.state.locked();
+            if st.stdout_closed {
+                return false;
+            }
+            st.members.push(session.clone());
+            true
+        }
+
+        /// The child's stdout has ended (it exited, or is about to).
+        pub fn stdout_closed(&self) -> bool {
+            self.state.locked().stdout_closed
         }
 
         fn load(&self) -> usize {
-            self.state.lock().unwrap().members.len()
+            self.state.locked().members.len()
         }
 
         /// Writes a client's messages to the child, each as one line. In shared mode ids
@@ -4272,7 +4748,7 @@ mod upstream {
             let mut to_child = Vec::with_capacity(messages.len());
             let mut answers = Vec::new();
             {
-                let mut st = self.state.lock().unwrap();
+                let mut st = self.state.locked();
                 for m in messages {
                     st.rewrite(session, m, &mut to_child, &mut answers);
                 }
@@ -4295,7 +4771,7 @@ mod upstream {
             let grace = crate::app().cfg.shutdown_grace;
             let mut to_child = Vec::new();
             {
-                let mut st = self.state.lock().unwrap();
+                let mut st = self.state.locked();
                 st.members.retain(|m| !Arc::ptr_eq(m, session));
                 if !self.shared {
                     drop(st);
@@ -4350,7 +4826,7 @@ mod upstream {
         /// in flight on the child, when there is exactly one; otherwise the most
         /// recently active session.
         fn server_request_target(&self) -> Option<Arc<Session>> {
-            let st = self.state.lock().unwrap();
+            let st = self.state.locked();
             st.sole_busy()
                 .or_else(|| st.members.iter().max_by_key(|s| s.last_request()).cloned())
         }
@@ -4566,7 +5042,7 @@ mod upstream {
         let app = crate::app();
         let tag = up.child.tag.as_str();
         if !up.shared {
-            let session = up.state.lock().unwrap().members.first().cloned();
+            let session = up.state.locked().members.first().cloned();
             match session {
                 Some(s) => sessions::route_value(&s, json, &value, false),
                 None => {
@@ -4597,7 +5073,7 @@ mod upstream {
                 }
             },
             Kind::Notification { method } => {
-                let st = up.state.lock().unwrap();
+                let st = up.state.locked();
                 // A server-wide notification (a log line, list_changed) reaches every
                 // session once: on its GET stream, except for the one session whose
                 // work is in flight, which gets it beside that work as in session mode.
@@ -4669,7 +5145,7 @@ mod upstream {
         let app = crate::app();
         let tag = up.child.tag.as_str();
         let failed = value.get("error").is_some();
-        let mut st = up.state.lock().unwrap();
+        let mut st = up.state.locked();
         match cid.and_then(|c| st.pending.remove(&c)) {
             Some(Pending::Client {
                 session,
@@ -4744,7 +5220,11 @@ mod upstream {
     /// request still waiting gets an error naming the exit status and stderr (ST-7).
     fn child_gone(up: &Arc<Upstream>) {
         let grace = crate::app().cfg.shutdown_grace;
-        let members = std::mem::take(&mut up.state.lock().unwrap().members);
+        let members = {
+            let mut st = up.state.locked();
+            st.stdout_closed = true;
+            std::mem::take(&mut st.members)
+        };
         if members.is_empty() && !up.shared {
             return;
         }
@@ -4762,7 +5242,7 @@ mod upstream {
             sessions::end(&s, EndReason::ChildGone);
         }
         // Answers that can no longer come.
-        let mut st = up.state.lock().unwrap();
+        let mut st = up.state.locked();
         st.pending.clear();
         st.tokens.clear();
         st.subscriptions.clear();
@@ -4822,7 +5302,7 @@ mod upstream {
                 Ok((child, stdout)) => {
                     let up = Arc::new(Upstream::new(child.clone(), true));
                     start_router(&up, stdout);
-                    slots.slots.lock().unwrap()[i].up = Some(up);
+                    slots.slots.locked()[i].up = Some(up);
                     slots.changed.notify_all();
                     if generation > 1 {
                         app.metrics.child_restarted();
@@ -4837,7 +5317,7 @@ mod upstream {
                         Some(s) => s,
                         None => {
                             failures = 0;
-                            if slots.slots.lock().unwrap()[i].crash_loop.take().is_some() {
+                            if slots.slots.locked()[i].crash_loop.take().is_some() {
                                 crate::log!(
                                     Info,
                                     "crash_loop_over",
@@ -4851,7 +5331,7 @@ mod upstream {
                             }
                         }
                     };
-                    slots.slots.lock().unwrap()[i].up = None;
+                    slots.slots.locked()[i].up = None;
                     let tail = child.final_stderr_tail();
                     let last = tail.last().map(|l| format!("; last stderr: {l}"));
                     format!(
@@ -4870,7 +5350,7 @@ mod upstream {
             let delay = backoff(failures - 1);
             if failures >= limit {
                 let reason = format!("crash loop: the server process failed {failures} times in a row without staying up for {window:?}; last: {why}");
-                let mut g = slots.slots.lock().unwrap();
+                let mut g = slots.slots.locked();
                 if g[i].crash_loop.is_none() {
                     crate::log!(Error, "crash_loop", session = tag; "{reason}");
                 }
@@ -4894,11 +5374,13 @@ mod upstream {
         let app = crate::app();
         let slots = SLOTS.get().expect("shared mode starts its slots");
         let deadline = Instant::now() + app.cfg.restart_delay_max + Duration::from_secs(1);
-        let mut g = slots.slots.lock().unwrap();
+        let mut g = slots.slots.locked();
         loop {
+            // A child whose stdout has ended is not offered, though not yet reaped.
             let best = g
                 .iter()
                 .filter_map(|s| s.up.clone())
+                .filter(|u| !u.stdout_closed())
                 .min_by_key(|u| u.load());
             if let Some(up) = best {
                 return Ok(up);
@@ -4918,14 +5400,14 @@ mod upstream {
                 )
                 .with_header("Retry-After", "1"));
             }
-            g = slots.changed.wait_timeout(g, deadline - now).unwrap().0;
+            g = slots.changed.wait_timeout(g, deadline - now).unwrap_or_else(std::sync::PoisonError::into_inner).0;
         }
     }
 
     /// Why /readyz should say no, in shared mode.
     pub fn crash_loop() -> Option<String> {
         let slots = SLOTS.get()?;
-        let g = slots.slots.lock().unwrap();
+        let g = slots.slots.locked();
         g.iter().find_map(|s| s.crash_loop.clone())
     }
 
@@ -4941,7 +5423,7 @@ mod upstream {
     fn warm_take() -> Option<(Arc<ChildProc>, ChildStdout)> {
         let warm = WARM.get()?;
         let taken = {
-            let mut ready = warm.ready.lock().unwrap();
+            let mut ready = warm.ready.locked();
             loop {
                 match ready.pop_front() {
                     Some((c, _)) if c.has_exited() => continue,
@@ -4981,7 +5463,7 @@ mod upstream {
                     }
                     let mut died_fast = false;
                     let have = {
-                        let mut ready = warm.ready.lock().unwrap();
+                        let mut ready = warm.ready.locked();
                         ready.retain(|(c, _)| {
                             if !c.has_exited() {
                                 return true;
@@ -5012,7 +5494,7 @@ mod upstream {
                             }));
                             let pid = c.pid;
                             // In the pool before the line that says it is there.
-                            warm.ready.lock().unwrap().push_back((c, out));
+                            warm.ready.locked().push_back((c, out));
                             crate::log!(
                                 Info,
                                 "warm_ready",
@@ -5190,13 +5672,12 @@ mod child {
                 crate::log!(Error, "spawn_failed", session = tag; "{e}");
                 app.metrics.spawn_failed();
             })?;
-        *proc_.stdin.lock().unwrap() = child.stdin.take();
+        *proc_.stdin.locked() = child.stdin.take();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         app.metrics.child_spawned();
         app.children
-            .lock()
-            .unwrap()
+            .locked()
             .insert(proc_.pid, proc_.clone());
         crate::log!(Debug, "child_spawn", session = tag; "started pid {}", proc_.pid);
         let p = proc_.clone();
@@ -5324,13 +5805,13 @@ mod child {
     /// kills what is left of its process group (orphaned grandchildren), then reaps.
     fn reap(mut child: std::process::Child, p: &Arc<ChildProc>) {
         {
-            let mut life = p.life.lock().unwrap();
+            let mut life = p.life.locked();
             unsafe { libc::kill(-p.pid, libc::SIGKILL) };
             crate::ownership::forget(p.pid);
             life.reaping = true;
         }
         let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(0));
-        crate::app().children.lock().unwrap().remove(&p.pid);
+        crate::app().children.locked().remove(&p.pid);
         crate::app().metrics.child_exited(&status);
         crate::log!(
             Debug,
@@ -5338,9 +5819,9 @@ mod child {
             session = p.tag; "pid {} {}",
             p.pid,
             describe(&status));
-        p.life.lock().unwrap().status = Some(status);
+        p.life.locked().status = Some(status);
         p.exited.notify_all();
-        if let Some(hook) = p.on_exit.lock().unwrap().take() {
+        if let Some(hook) = p.on_exit.locked().take() {
             hook();
         }
     }
@@ -5487,7 +5968,7 @@ mod child {
             if !self.partial.is_empty() {
                 self.emit(p);
             }
-            p.life.lock().unwrap().stderr_eof = true;
+            p.life.locked().stderr_eof = true;
             p.exited.notify_all();
         }
 
@@ -5503,7 +5984,7 @@ mod child {
             crate::log!(Info, "child_stderr", session = p.tag, source = "child"; "child: {line}");
             let keep = crate::app().cfg.stderr_tail;
             if keep > 0 {
-                let mut tail = p.stderr_tail.lock().unwrap();
+                let mut tail = p.stderr_tail.locked();
                 if tail.len() >= keep {
                     tail.pop_front();
                 }
@@ -5523,7 +6004,7 @@ mod child {
             }
             framed.push(b'\n');
             crate::app().metrics.child_bytes(true, framed.len());
-            let mut guard = self.stdin.lock().unwrap();
+            let mut guard = self.stdin.locked();
             let stdin = guard.as_mut().ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin closed")
             })?;
@@ -5538,12 +6019,12 @@ mod child {
         }
 
         pub fn has_exited(&self) -> bool {
-            self.life.lock().unwrap().status.is_some()
+            self.life.locked().status.is_some()
         }
 
         /// Runs `hook` once the child has been reaped (at once if it already has).
         pub fn on_exit(&self, hook: OnEof) {
-            let mut slot = self.on_exit.lock().unwrap();
+            let mut slot = self.on_exit.locked();
             if self.has_exited() {
                 drop(slot);
                 hook();
@@ -5553,14 +6034,14 @@ mod child {
         }
 
         pub fn stderr_tail(&self) -> Vec<String> {
-            self.stderr_tail.lock().unwrap().iter().cloned().collect()
+            self.stderr_tail.locked().iter().cloned().collect()
         }
 
         /// The stderr tail once the reader has seen EOF, so the last words of a child
         /// that just died are in it; bounded, as a grandchild may hold stderr open.
         pub fn final_stderr_tail(&self) -> Vec<String> {
             const STDERR_SETTLE: Duration = Duration::from_millis(500);
-            let life = self.life.lock().unwrap();
+            let life = self.life.locked();
             drop(
                 self.exited
                     .wait_timeout_while(life, STDERR_SETTLE, |l| !l.stderr_eof)
@@ -5570,7 +6051,7 @@ mod child {
         }
 
         pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-            let life = self.life.lock().unwrap();
+            let life = self.life.locked();
             let (life, _) = self
                 .exited
                 .wait_timeout_while(life, timeout, |l| l.status.is_none())
@@ -5579,7 +6060,7 @@ mod child {
         }
 
         fn signal_group(&self, sig: libc::c_int) {
-            let life = self.life.lock().unwrap();
+            let life = self.life.locked();
             if !life.reaping {
                 unsafe { libc::kill(-self.pid, sig) };
             }
@@ -5995,7 +6476,9 @@ mod sse {
             431 => "Request Header Fields Too Large",
             500 => "Internal Server Error",
             502 => "Bad Gateway",
+            501 => "Not Implemented",
             503 => "Service Unavailable",
+            505 => "HTTP Version Not Supported",
             _ => "Status",
         };
         format!("HTTP/1.1 {status} {reason}\r\n")
@@ -6186,7 +6669,7 @@ mod sse {
             let mut frame = Some(first);
             let mut batched = 0;
             while let Some(f) = frame.take() {
-                a.link.queued.fetch_sub(1, Ordering::AcqRel);
+                a.link.take(f.json.len());
                 stream.push_frame(&f, retry.take());
                 finished = f.last && post;
                 batched += 1;
@@ -6209,6 +6692,7 @@ mod sse {
                 a.stream);
             false
         };
+        a.link.close();
         session.detach(a.stream, a.conn_id, delivered);
     }
 }
@@ -6639,6 +7123,7 @@ mod observe {
         /// success, failure (non-zero status), signal
         children_exited: [AtomicU64; 3],
         children_restarted: AtomicU64,
+        panics: AtomicU64,
         dropped: Mutex<Vec<(&'static str, u64)>>,
         rejected: Mutex<Vec<(&'static str, u64)>>,
         stream_cuts: Mutex<Vec<(&'static str, u64)>>,
@@ -6662,6 +7147,7 @@ mod observe {
                 spawn_failures: Default::default(),
                 children_exited: Default::default(),
                 children_restarted: Default::default(),
+                panics: Default::default(),
                 dropped: Default::default(),
                 rejected: Default::default(),
                 stream_cuts: Default::default(),
@@ -6677,7 +7163,7 @@ mod observe {
     }
 
     fn bump(list: &Mutex<Vec<(&'static str, u64)>>, label: &'static str) {
-        let mut l = list.lock().unwrap();
+        let mut l = list.locked();
         match l.iter_mut().find(|(k, _)| *k == label) {
             Some((_, n)) => *n += 1,
             None => l.push((label, 1)),
@@ -6749,7 +7235,7 @@ mod observe {
             self.sessions_opened[t as usize].fetch_add(1, Ordering::Relaxed);
         }
         pub fn session_closed(&self, t: crate::sessions::Transport, reason: &'static str) {
-            let mut l = self.sessions_closed.lock().unwrap();
+            let mut l = self.sessions_closed.locked();
             let tl = transport_label(t);
             match l.iter_mut().find(|(a, b, _)| *a == tl && *b == reason) {
                 Some((_, _, n)) => *n += 1,
@@ -6784,14 +7270,16 @@ mod observe {
         pub fn child_restarted(&self) {
             self.children_restarted.fetch_add(1, Ordering::Relaxed);
         }
+        pub fn panicked(&self) {
+            self.panics.fetch_add(1, Ordering::Relaxed);
+        }
 
         pub fn render(&self) -> String {
             let app = crate::app();
             let load = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
             let label = |key: &str, value: &str| format!("{{{key}=\"{value}\"}}");
             let by = |key: &str, list: &Mutex<Vec<(&'static str, u64)>>| -> Vec<(String, f64)> {
-                list.lock()
-                    .unwrap()
+                list.locked()
                     .iter()
                     .map(|(v, n)| (label(key, v), *n as f64))
                     .collect()
@@ -6899,8 +7387,7 @@ mod observe {
                     "Sessions closed, by transport and reason (delete, idle, child_exit, client_gone, initialize_failed, shutdown).",
                     "counter",
                     self.sessions_closed
-                        .lock()
-                        .unwrap()
+                        .locked()
                         .iter()
                         .map(|(t, r, n)| {
                             (format!("{{transport=\"{t}\",reason=\"{r}\"}}"), *n as f64)
@@ -6945,10 +7432,16 @@ mod observe {
                     one(load(&self.children_restarted)),
                 ),
                 (
+                    "stdio_sse_panics_total",
+                    "Threads that panicked (a bug: each is logged with where). The server goes on.",
+                    "counter",
+                    one(load(&self.panics)),
+                ),
+                (
                     "stdio_sse_children_active",
                     "Child processes running now.",
                     "gauge",
-                    one(app.children.lock().unwrap().len() as f64),
+                    one(app.children.locked().len() as f64),
                 ),
                 (
                     "stdio_sse_connections_open",
@@ -7386,6 +7879,44 @@ pub fn next_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A lock that outlives a panic. Panics unwind (Cargo.toml says why): a thread that
+/// panics while holding one of our locks must not turn every later user of that lock
+/// into another panic. The data under our locks is kept consistent step by step, so
+/// the guard is taken as it is.
+pub trait Locked<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T>;
+}
+
+impl<T> Locked<T> for std::sync::Mutex<T> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, T> {
+        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A panic is a bug: it is logged (with the thread's name and where) and counted in
+/// `stdio_sse_panics_total`, and only its own thread unwinds. A connection's thread
+/// ends its connection; the HTTP workers catch it per request (`http::serve`).
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        log!(Error, "panic", "bug: thread {name} panicked at {at}: {what}");
+        if let Some(app) = APP.get() {
+            app.metrics.panicked();
+        }
+    }));
+}
+
 /// Idle SSE streams are threads; a small stack keeps thousands of them cheap.
 pub fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
     const THREAD_STACK: usize = 256 * 1024;
@@ -7452,7 +7983,7 @@ fn handle_signals(set: libc::sigset_t) {
         }
         if app.shutting_down.swap(true, Ordering::AcqRel) {
             log!(Warn, "signal", "second signal: killing every child now");
-            for c in app.children.lock().unwrap().values() {
+            for c in app.children.locked().values() {
                 unsafe { libc::kill(-c.pid, libc::SIGKILL) };
             }
             std::process::exit(0);
@@ -7475,7 +8006,7 @@ fn shutdown() {
             sessions::end(&s, sessions::EndReason::Shutdown)
         }));
     }
-    let others: Vec<_> = app.children.lock().unwrap().values().cloned().collect();
+    let others: Vec<_> = app.children.locked().values().cloned().collect();
     for c in others {
         let grace = app.cfg.shutdown_grace;
         joins.push(std::thread::spawn(move || {
@@ -7613,6 +8144,7 @@ fn main() {
     };
     observe::LEVEL.store(cfg.log_level as u8, Ordering::Relaxed);
     observe::JSON.store(cfg.log_json, Ordering::Relaxed);
+    install_panic_hook();
     observe::ACCESS_LOG.store(cfg.access_log, Ordering::Relaxed);
     if cfg.demo {
         let Some(exe) = self_exe(&args[0]) else {
