@@ -724,7 +724,12 @@ fn echo_with_id(id: &str, message: &str) -> String {
 /// client's: any 64-bit integer.
 fn ids_mcp_does_not_allow_are_refused(s: &Server, shared: bool) {
     let sess = Session::open(s);
-    let mut bad = vec!["1277055878575869647274924e-11", "1.5", "1e3", "18446744073709551616"];
+    let mut bad = vec![
+        "1277055878575869647274924e-11",
+        "1.5",
+        "1e3",
+        "18446744073709551616",
+    ];
     let mut good = vec![
         ("9007199254740991", json!(9_007_199_254_740_991i64)),
         ("\"req-α\"", json!("req-α")),
