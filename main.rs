@@ -64,6 +64,10 @@ mod config {
     /// And one whose queue reaches this many times --stream-queue is cut whatever its
     /// socket does: memory stays bounded.
     pub const SHARED_QUEUE_HARD_FACTOR: usize = 4;
+    /// With --stall-timeout 0 (writes never fail) a child of its own still waits at
+    /// most this long for a client that takes nothing, so no child waits for ever.
+    pub const NOT_READING_UNBOUNDED_WRITES: std::time::Duration =
+        std::time::Duration::from_secs(30);
     /// A write that the client does not drain for this long fails (SO_SNDTIMEO), so a
     /// stuck client never holds a thread for ever.
     pub const DEFAULT_STALL_TIMEOUT: &str = "30s";
@@ -1292,7 +1296,10 @@ mod door {
                 AWAITED_INODE.store(0, Ordering::Release);
                 break;
             }
-            awaiting = PICKED_UP.wait_timeout(awaiting, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            awaiting = PICKED_UP
+                .wait_timeout(awaiting, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -1565,8 +1572,8 @@ mod door {
                             // Until a handler takes the request, the connection still
                             // has a deadline: the hand-over, or the body's arrival.
                             c.head_deadline = None;
-                            let deadline =
-                                (!l.read_timeout.is_zero()).then(|| Instant::now() + l.read_timeout);
+                            let deadline = (!l.read_timeout.is_zero())
+                                .then(|| Instant::now() + l.read_timeout);
                             if !matches!(c.frame, Frame::Head(_)) {
                                 c.body_deadline = deadline;
                             } else if c.active == 0 {
@@ -1756,12 +1763,17 @@ mod door {
         }
         if !codings.is_empty() {
             if length.is_some() {
-                return Err(Cut::Framing("Transfer-Encoding together with Content-Length"));
+                return Err(Cut::Framing(
+                    "Transfer-Encoding together with Content-Length",
+                ));
             }
             if version == HttpVersion::Http10 {
                 return Err(Cut::Framing("Transfer-Encoding in an HTTP/1.0 request"));
             }
-            if !codings.last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")) {
+            if !codings
+                .last()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+            {
                 return Err(Cut::Framing("chunked is not the final transfer coding"));
             }
             if !codings.iter().all(|c| c.eq_ignore_ascii_case(b"chunked")) {
@@ -2021,7 +2033,10 @@ mod door {
                 }
             }
             let wait = next.saturating_duration_since(Instant::now());
-            guard = KEEPER_WAKE.wait_timeout(guard, wait).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            guard = KEEPER_WAKE
+                .wait_timeout(guard, wait)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -2158,7 +2173,11 @@ mod http {
                 (&read, crate::door::take_cut(self.rq.remote_addr()))
             {
                 // The door found the body malformed or too large as it arrived.
-                let code = if status == 413 || status == 400 { -32600 } else { -32000 };
+                let code = if status == 413 || status == 400 {
+                    -32600
+                } else {
+                    -32000
+                };
                 return Err(Reply::error(status, code, msg).with_header("Connection", "close"));
             }
             if crate::door::body_timed_out(self.rq.remote_addr()) {
@@ -2540,7 +2559,9 @@ mod http {
     /// to proxies) is split into its authority and `/p?q` (RFC 9112 §3.2.2).
     fn origin_form(target: &str) -> (Option<String>, String) {
         let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
-        let scheme = ["http://", "https://"].into_iter().find(|s| lower.starts_with(s));
+        let scheme = ["http://", "https://"]
+            .into_iter()
+            .find(|s| lower.starts_with(s));
         let Some(rest) = scheme.map(|s| &target[s.len()..]) else {
             return (None, target.to_string());
         };
@@ -2728,16 +2749,21 @@ mod http {
                         format!("Invalid Request: not a JSON-RPC 2.0 message ({why})"),
                     ))
                 }
-                crate::message::Kind::Request { id, .. } if !crate::message::id_allowed(id, carrier) => {
+                crate::message::Kind::Request { id, .. }
+                    if !crate::message::id_allowed(id, carrier) =>
+                {
                     let range = match carrier {
-                        IdCarrier::Child => format!("within ±{}, which the server process gives back exactly", crate::message::MAX_SAFE_ID),
+                        IdCarrier::Child => format!(
+                            "within ±{}, which the server process gives back exactly",
+                            crate::message::MAX_SAFE_ID
+                        ),
                         IdCarrier::Bridge => "of at most 64 bits".to_string(),
                     };
                     return Err(Reply::error(
                         400,
                         -32600,
                         format!("Invalid Request: id {id} is not a string or an integer {range} (MCP request ids)"),
-                    ))
+                    ));
                 }
                 _ => {}
             }
@@ -2771,7 +2797,9 @@ mod auth {
             );
         }
         let n = tokens.len();
-        *TOKENS.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tokens;
+        *TOKENS
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tokens;
         Ok(n)
     }
 
@@ -2822,7 +2850,11 @@ mod auth {
             ));
         };
         let mut found = None;
-        for t in TOKENS.read().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+        for t in TOKENS
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
             if ct_eq(t.as_bytes(), presented.as_bytes()) {
                 found = Some(t.clone());
             }
@@ -3868,7 +3900,8 @@ mod sessions {
             let (upstream, stdout) = if app.cfg.mode == config::Mode::Shared {
                 (crate::upstream::pick().map_err(CreateError::Refused)?, None)
             } else {
-                let (u, out) = crate::upstream::dedicated(&tag, ctx.env.clone()).map_err(CreateError::Spawn)?;
+                let (u, out) = crate::upstream::dedicated(&tag, ctx.env.clone())
+                    .map_err(CreateError::Spawn)?;
                 (u, Some(out))
             };
             let session = Arc::new(Session {
@@ -4139,9 +4172,6 @@ mod sessions {
             (r.replay.len(), r.replay_bytes)
         }
 
-        /// The writer of a connection is done with it. `delivered`: it wrote the POST
-        /// stream's last response and ended the response cleanly, so the client has
-        /// every event and none needs keeping for a resume.
         /// After an event put its connection over --stream-queue. On a child of its own
         /// the router waits for the client to read (the child waits with it, as on a
         /// pipe) and cuts only a client whose socket took nothing for --stall-timeout. A
@@ -4154,8 +4184,8 @@ mod sessions {
             };
             let cfg = &crate::app().cfg;
             let verdict = if cfg.mode == config::Mode::Shared {
-                let stalled = link.idle() >= config::NOT_READING
-                    && link.taken.load(Ordering::Acquire) > 0;
+                let stalled =
+                    link.idle() >= config::NOT_READING && link.taken.load(Ordering::Acquire) > 0;
                 if stalled || link.over(config::SHARED_QUEUE_HARD_FACTOR) {
                     Room::NotReading
                 } else {
@@ -4163,7 +4193,7 @@ mod sessions {
                 }
             } else {
                 let patience = if cfg.stall_timeout.is_zero() {
-                    Duration::from_secs(30)
+                    config::NOT_READING_UNBOUNDED_WRITES
                 } else {
                     cfg.stall_timeout
                 };
@@ -4185,6 +4215,9 @@ mod sessions {
             }
         }
 
+        /// The writer of a connection is done with it. `delivered`: it wrote the POST
+        /// stream's last response and ended the response cleanly, so the client has
+        /// every event and none needs keeping for a resume.
         pub fn detach(&self, stream: u64, conn_id: u64, delivered: bool) {
             let mut r = self.routing.locked();
             let Some(s) = r.streams.get_mut(&stream) else {
@@ -5400,7 +5433,11 @@ mod upstream {
                 )
                 .with_header("Retry-After", "1"));
             }
-            g = slots.changed.wait_timeout(g, deadline - now).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+            g = slots
+                .changed
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -5676,9 +5713,7 @@ mod child {
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         app.metrics.child_spawned();
-        app.children
-            .locked()
-            .insert(proc_.pid, proc_.clone());
+        app.children.locked().insert(proc_.pid, proc_.clone());
         crate::log!(Debug, "child_spawn", session = tag; "started pid {}", proc_.pid);
         let p = proc_.clone();
         match pidfd(p.pid) {
@@ -6045,7 +6080,7 @@ mod child {
             drop(
                 self.exited
                     .wait_timeout_while(life, STDERR_SETTLE, |l| !l.stderr_eof)
-                    .unwrap(),
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
             );
             self.stderr_tail()
         }
@@ -6055,7 +6090,7 @@ mod child {
             let (life, _) = self
                 .exited
                 .wait_timeout_while(life, timeout, |l| l.status.is_none())
-                .unwrap();
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             life.status
         }
 
@@ -7889,7 +7924,8 @@ pub trait Locked<T> {
 
 impl<T> Locked<T> for std::sync::Mutex<T> {
     fn locked(&self) -> std::sync::MutexGuard<'_, T> {
-        self.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -7910,7 +7946,11 @@ fn install_panic_hook() {
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        log!(Error, "panic", "bug: thread {name} panicked at {at}: {what}");
+        log!(
+            Error,
+            "panic",
+            "bug: thread {name} panicked at {at}: {what}"
+        );
         if let Some(app) = APP.get() {
             app.metrics.panicked();
         }
@@ -8001,15 +8041,33 @@ fn handle_signals(set: libc::sigset_t) {
 fn shutdown() {
     let app = app();
     let mut joins = Vec::new();
+    // Every ending runs at once, each on a thread of its own; one that cannot get a
+    // thread (a thread limit reached) runs here, so shutdown is slower, never stuck.
+    let mut run = |job: Box<dyn FnOnce() + Send>| {
+        let job = Arc::new(std::sync::Mutex::new(Some(job)));
+        let theirs = job.clone();
+        match std::thread::Builder::new().spawn(move || {
+            if let Some(f) = theirs.locked().take() {
+                f()
+            }
+        }) {
+            Ok(j) => joins.push(j),
+            Err(_) => {
+                if let Some(f) = job.locked().take() {
+                    f()
+                }
+            }
+        }
+    };
     for s in app.sessions.all() {
-        joins.push(std::thread::spawn(move || {
+        run(Box::new(move || {
             sessions::end(&s, sessions::EndReason::Shutdown)
         }));
     }
     let others: Vec<_> = app.children.locked().values().cloned().collect();
     for c in others {
         let grace = app.cfg.shutdown_grace;
-        joins.push(std::thread::spawn(move || {
+        run(Box::new(move || {
             c.terminate(grace);
         }));
     }
