@@ -2069,30 +2069,68 @@ mod door {
             for head in bad {
                 assert!(matches!(check(head), Err(Cut::BadHead)), "{head:?}");
             }
-            let ok = |head: &[u8]| check(head).unwrap_or_else(|_| panic!("{head:?}"));
+            let ok = |head: &[u8]| check(head).unwrap_or_else(|e| panic!("{head:?}: {e:?}"));
             assert!(matches!(
-                ok(b"GET / HTTP/1.1\r\nX:\ta\r\n\r\n"),
+                ok(b"GET / HTTP/1.1\r\nHost: a\r\nX:\ta\r\n\r\n"),
                 Frame::Head(_)
             ));
             assert!(matches!(
-                ok(b"POST / HTTP/1.1\r\ncontent-LENGTH:  7 \r\nContent-Length: 9\r\n\r\n"),
+                ok(b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH:  7 \r\nContent-Length: 7\r\n\r\n"),
                 Frame::Body(7)
             ));
             assert!(matches!(
-                ok(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"),
+                ok(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"),
                 Frame::ChunkSize(_)
             ));
             assert!(matches!(
-                ok(b"GET / HTTP/1.1\r\nConnection: keep-alive, UPGRADE\r\n\r\n"),
+                ok(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, UPGRADE\r\n\r\n"),
                 Frame::Opaque
             ));
             assert!(matches!(
-                check(b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
-                Err(Cut::BodyTooLarge(101))
+                ok(b"GET http://a/ HTTP/1.0\r\n\r\n"),
+                Frame::Head(_)
             ));
+            // RFC 9112: the framing a smuggler relies on, each refused.
+            let refused: [(&[u8], Cut); 9] = [
+                (
+                    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n",
+                    Cut::BodyTooLarge(101),
+                ),
+                (
+                    b"GET / HTTP/1.1\r\nHost: a\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
+                    Cut::TooManyHeaders,
+                ),
+                (
+                    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\nContent-Length: 9\r\n\r\n",
+                    Cut::Framing("two different Content-Length values"),
+                ),
+                (
+                    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +7\r\n\r\n",
+                    Cut::Framing("Content-Length is not a plain number"),
+                ),
+                (
+                    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+                    Cut::Framing("chunked is not the final transfer coding"),
+                ),
+                (
+                    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                    Cut::Coding,
+                ),
+                (b"GET / HTTP/1.1\r\n\r\n", Cut::Host),
+                (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", Cut::Version),
+                (b"GET /\r\nHost: a\r\n\r\n", Cut::BadRequestLine),
+            ];
+            for (head, cut) in refused {
+                assert_eq!(
+                    check(head).err(),
+                    Some(cut),
+                    "{}",
+                    String::from_utf8_lossy(head)
+                );
+            }
             assert!(matches!(
-                check(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n"),
-                Err(Cut::TooManyHeaders)
+                check(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"),
+                Err(Cut::Framing(_))
             ));
             assert_eq!(blank_line(b"a\r\nb\r\n\r\nc"), Some(4));
             assert_eq!(blank_line(b"\r\n\r"), None);
