@@ -938,6 +938,596 @@ mod config {
 }
 
 // ======================================================================================
+/// Refusals: every answer the server gives instead of serving a request, in one table.
+/// Each names its HTTP status, its JSON-RPC error code, its message (with the limit or
+/// the value it concerns), the headers that go with it (`Allow`, `Retry-After`,
+/// `WWW-Authenticate`) and the reason label its log line and metric carry. Same kind,
+/// same words, wherever it is given.
+/// Owns: the wording and numbers of every refusal (the README's bad-input table is
+/// checked against it by a unit test).
+/// Touches: nothing; `door` writes a refusal on the raw socket, `http` turns one into a
+/// `Reply`.
+/// Rules: P-4 (HTTP-level errors carry no request id), P-11 (malformed input is an
+/// invalid request: -32600, or -32700 when it is not JSON), S-4 (404 for an unknown
+/// session), V-3, G-6, R-4, O-1, O-2, A-1.
+mod refusal {
+    use std::time::Duration;
+
+    /// How long a refused client is told to wait when a restart is a moment away.
+    pub const RETRY_SOON: Duration = Duration::from_secs(1);
+    /// ... and when capacity or a crash loop has to clear first.
+    pub const RETRY_LATER: Duration = Duration::from_secs(5);
+
+    /// What was wrong with a request's credentials.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub enum TokenFault {
+        /// No `Authorization: Bearer` at all.
+        Missing,
+        /// A token that is not configured.
+        Invalid,
+    }
+
+    /// The Accept a request lacked.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub enum Wanted {
+        /// POST /mcp: both `application/json` and `text/event-stream` (P-2).
+        JsonAndEventStream,
+        /// A stream: `text/event-stream` (G-2).
+        EventStream,
+    }
+
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum Refusal {
+        // ---- the connection (module door: before tiny_http reads a byte) -------------
+        /// Over --max-connections.
+        TooManyConnections {
+            limit: usize,
+        },
+        HeadTooLarge {
+            limit: usize,
+        },
+        TooManyHeaders {
+            limit: usize,
+        },
+        /// A body over --max-body: declared, counted as it came, or a one-shot query.
+        BodyTooLarge {
+            declared: Option<u64>,
+            limit: usize,
+        },
+        /// A chunked body that breaks RFC 9112 §7.1 (the reason says how).
+        BadChunk(&'static str),
+        /// Bytes a request head may not hold: non-ASCII, NUL or other controls.
+        BadHeadBytes,
+        /// Not `METHOD SP target SP HTTP/x.y` (RFC 9112 §3).
+        BadRequestLine,
+        /// HTTP/2, HTTP/3 (and their preface): HTTP/1.0 and 1.1 only.
+        HttpVersion,
+        /// Content-Length and Transfer-Encoding that could frame the body two ways
+        /// (RFC 9112 §6.1, §6.3): the smuggling cases. The reason says which.
+        AmbiguousFraming(&'static str),
+        /// A transfer coding other than chunked (RFC 9112 §6.1).
+        UnknownCoding,
+        /// HTTP/1.1 without exactly one Host, HTTP/1.0 with several (RFC 9112 §3.2).
+        HostCount,
+        HeadTimeout,
+        BodyTimeout,
+        // ---- any endpoint (module http) ----------------------------------------------
+        ShuttingDown,
+        /// No bearer token, or one not configured (A-1).
+        Unauthorized(TokenFault),
+        /// DNS-rebinding protection (O-1, O-2).
+        ForeignHost(String),
+        ForeignOrigin(String),
+        /// A CORS preflight from an origin not listed.
+        CorsOrigin(String),
+        NotFound(String),
+        MethodNotAllowed {
+            allow: &'static str,
+        },
+        UnsupportedMediaType {
+            got: String,
+        },
+        NotAcceptable {
+            wanted: Wanted,
+            got: String,
+        },
+        UnreadableBody(String),
+        NotJson(String),
+        NotJsonRpc(String),
+        EmptyBatch,
+        /// A request id MCP does not allow, or one the carrier could not give back
+        /// exactly; `range` says what is allowed.
+        IdNotAllowed {
+            id: String,
+            range: String,
+        },
+        /// A --pass-header value with a control character.
+        HeaderControl {
+            name: String,
+        },
+        // ---- sessions (modules streamable, legacy, sessions, upstream) ---------------
+        SessionIdRequired,
+        SessionQueryRequired,
+        SessionNotFound,
+        AlreadyInitialized,
+        InitializeInBatch,
+        BatchNotNegotiated,
+        UnsupportedVersion {
+            got: String,
+            supported: String,
+        },
+        IdInFlight(String),
+        UnexpectedResponse(String),
+        NoStreamToAnswer,
+        SecondGetStream,
+        LastEventIdMalformed(String),
+        LastEventIdUnknown(String),
+        LastEventIdEvicted(String),
+        TooManySessions {
+            limit: usize,
+        },
+        /// Writing to the child failed: the session has ended.
+        ChildNotAccepting(String),
+        /// The child could not be started (its reason).
+        ChildNotStarted(String),
+        /// Shared mode: every child is between a death and its restart.
+        Restarting,
+        /// Shared mode: the children are crash-looping (the reason says how).
+        CrashLoop(String),
+        // ---- one-shot ----------------------------------------------------------------
+        OneShotQueryRequired,
+        TooManyInFlight {
+            limit: usize,
+        },
+    }
+
+    impl Refusal {
+        pub fn status(&self) -> u16 {
+            use Refusal::*;
+            match self {
+                BadChunk(_)
+                | BadHeadBytes
+                | BadRequestLine
+                | AmbiguousFraming(_)
+                | HostCount
+                | UnreadableBody(_)
+                | NotJson(_)
+                | NotJsonRpc(_)
+                | EmptyBatch
+                | IdNotAllowed { .. }
+                | HeaderControl { .. }
+                | SessionIdRequired
+                | SessionQueryRequired
+                | AlreadyInitialized
+                | InitializeInBatch
+                | BatchNotNegotiated
+                | UnsupportedVersion { .. }
+                | IdInFlight(_)
+                | UnexpectedResponse(_)
+                | LastEventIdMalformed(_)
+                | LastEventIdUnknown(_)
+                | LastEventIdEvicted(_)
+                | OneShotQueryRequired => 400,
+                Unauthorized(_) => 401,
+                ForeignHost(_) | ForeignOrigin(_) | CorsOrigin(_) => 403,
+                NotFound(_) | SessionNotFound => 404,
+                MethodNotAllowed { .. } => 405,
+                NotAcceptable { .. } => 406,
+                HeadTimeout | BodyTimeout => 408,
+                NoStreamToAnswer | SecondGetStream => 409,
+                BodyTooLarge { .. } => 413,
+                UnsupportedMediaType { .. } => 415,
+                HeadTooLarge { .. } | TooManyHeaders { .. } => 431,
+                UnknownCoding => 501,
+                ChildNotAccepting(_) | ChildNotStarted(_) => 502,
+                TooManyConnections { .. }
+                | ShuttingDown
+                | TooManySessions { .. }
+                | Restarting
+                | CrashLoop(_)
+                | TooManyInFlight { .. } => 503,
+                HttpVersion => 505,
+            }
+        }
+
+        /// The JSON-RPC error code (P-11: what the SDKs answer for the same fault).
+        pub fn code(&self) -> i64 {
+            use Refusal::*;
+            match self {
+                UnreadableBody(_) | NotJson(_) => -32700,
+                NotFound(_) => -32601,
+                Unauthorized(_) | SessionNotFound => -32001,
+                ChildNotAccepting(_) | ChildNotStarted(_) => -32603,
+                HeadTooLarge { .. }
+                | TooManyHeaders { .. }
+                | BodyTooLarge { .. }
+                | BadChunk(_)
+                | BadHeadBytes
+                | BadRequestLine
+                | HttpVersion
+                | AmbiguousFraming(_)
+                | UnknownCoding
+                | HostCount
+                | NotJsonRpc(_)
+                | EmptyBatch
+                | IdNotAllowed { .. }
+                | HeaderControl { .. }
+                | AlreadyInitialized
+                | InitializeInBatch
+                | BatchNotNegotiated
+                | IdInFlight(_)
+                | UnexpectedResponse(_)
+                | OneShotQueryRequired => -32600,
+                TooManyConnections { .. }
+                | HeadTimeout
+                | BodyTimeout
+                | ShuttingDown
+                | ForeignHost(_)
+                | ForeignOrigin(_)
+                | CorsOrigin(_)
+                | MethodNotAllowed { .. }
+                | UnsupportedMediaType { .. }
+                | NotAcceptable { .. }
+                | SessionIdRequired
+                | SessionQueryRequired
+                | UnsupportedVersion { .. }
+                | NoStreamToAnswer
+                | SecondGetStream
+                | LastEventIdMalformed(_)
+                | LastEventIdUnknown(_)
+                | LastEventIdEvicted(_)
+                | TooManySessions { .. }
+                | Restarting
+                | CrashLoop(_)
+                | TooManyInFlight { .. } => -32000,
+            }
+        }
+
+        pub fn message(&self) -> String {
+            use Refusal::*;
+            match self {
+                TooManyConnections { limit } => format!("Service unavailable: too many connections (--max-connections {limit})"),
+                HeadTooLarge { limit } => format!("Request header fields too large: the limit is {limit} bytes (--max-header-size)"),
+                TooManyHeaders { limit } => format!("Request header fields too large: more than {limit} header lines (--max-headers)"),
+                BodyTooLarge { declared: Some(n), limit } => format!("Request body too large: {n} bytes declared, the limit is {limit} bytes (--max-body)"),
+                BodyTooLarge { declared: None, limit } => format!("Request body too large: the limit is {limit} bytes (--max-body)"),
+                BadChunk(why) => format!("Bad Request: malformed chunked body ({why})"),
+                BadHeadBytes => "Bad Request: the request head holds bytes that are not printable ASCII".into(),
+                BadRequestLine => "Bad Request: the request line is not METHOD SP target SP HTTP/1.x".into(),
+                HttpVersion => "HTTP Version Not Supported: only HTTP/1.0 and HTTP/1.1 are served".into(),
+                AmbiguousFraming(why) => format!("Bad Request: {why}"),
+                UnknownCoding => "Not Implemented: the only transfer coding accepted is chunked".into(),
+                HostCount => "Bad Request: an HTTP/1.1 request needs exactly one Host header".into(),
+                HeadTimeout => "Request timeout: the request did not arrive within --read-timeout".into(),
+                BodyTimeout => "Request timeout: the body did not arrive within --read-timeout".into(),
+                ShuttingDown => "Server is shutting down".into(),
+                Unauthorized(TokenFault::Missing) => "Unauthorized: send Authorization: Bearer <token>".into(),
+                Unauthorized(TokenFault::Invalid) => "Unauthorized: the bearer token is not valid".into(),
+                ForeignHost(host) => format!("Forbidden: Host {host:?} is not allowed (see --allowed-host)"),
+                ForeignOrigin(origin) => format!("Forbidden: Origin {origin:?} is not allowed (see --allowed-origin)"),
+                CorsOrigin(origin) => format!("Forbidden: Origin {origin:?} is not allowed by CORS (see --cors-origin)"),
+                NotFound(path) => format!("Not found: {path}"),
+                MethodNotAllowed { allow } => format!("Method not allowed; allowed: {allow}"),
+                UnsupportedMediaType { got } => format!("Unsupported Media Type: Content-Type must be application/json, got {got}"),
+                NotAcceptable { wanted: Wanted::JsonAndEventStream, got } => format!("Not Acceptable: Accept must list application/json and text/event-stream, got {got:?}"),
+                NotAcceptable { wanted: Wanted::EventStream, got } => format!("Not Acceptable: Accept must list text/event-stream, got {got:?}"),
+                UnreadableBody(e) => format!("Could not read request body: {e}"),
+                NotJson(e) => format!("Parse error: invalid JSON: {e}"),
+                NotJsonRpc(why) => format!("Invalid Request: not a JSON-RPC 2.0 message ({why})"),
+                EmptyBatch => "Invalid Request: empty batch".into(),
+                IdNotAllowed { id, range } => format!("Invalid Request: id {id} is not a string or an integer {range} (MCP request ids)"),
+                HeaderControl { name } => format!("Bad Request: header {name} holds a control character"),
+                SessionIdRequired => "Bad Request: Mcp-Session-Id header is required (Server not initialized: send initialize first; this server speaks MCP 2024-11-05 to 2025-11-25)".into(),
+                SessionQueryRequired => "Bad Request: sessionId query parameter is required".into(),
+                SessionNotFound => "Session not found".into(),
+                AlreadyInitialized => "Invalid Request: Server already initialized (this session has sent initialize)".into(),
+                InitializeInBatch => "Invalid Request: initialize must not be part of a batch".into(),
+                BatchNotNegotiated => "Invalid Request: JSON-RPC batches are only allowed with protocol version 2025-03-26".into(),
+                UnsupportedVersion { got, supported } => format!("Bad Request: Unsupported protocol version: {got} (supported versions: {supported})"),
+                IdInFlight(key) => format!("Invalid Request: request id {key} is already in flight in this session"),
+                UnexpectedResponse(key) => format!("Invalid Request: response to id {key}, but the server sent this session no request with that id (or it was already answered)"),
+                NoStreamToAnswer => "Conflict: no open stream to answer on".into(),
+                SecondGetStream => "Conflict: only one GET stream is allowed per session (send Last-Event-ID to resume it)".into(),
+                LastEventIdMalformed(given) => format!("Bad Request: invalid Last-Event-ID {given:?} (expected STREAM-EVENT as sent by this server)"),
+                LastEventIdUnknown(given) => format!("Bad Request: Last-Event-ID {given:?} names no stream of this session; it ended and left the replay buffer"),
+                LastEventIdEvicted(given) => format!("Bad Request: events after Last-Event-ID {given:?} are no longer in the replay buffer (--replay-buffer); they cannot be replayed"),
+                TooManySessions { limit } => format!("Too many sessions (--max-sessions {limit}); retry later or end a session"),
+                ChildNotAccepting(e) => format!("The server process is not accepting input ({e}); the session has ended"),
+                ChildNotStarted(why) => why.clone(),
+                Restarting => "Service Unavailable: the server process is restarting".into(),
+                CrashLoop(why) => format!("Service Unavailable: {why}"),
+                OneShotQueryRequired => "Bad Request: the request query parameter is required (url-encoded JSON)".into(),
+                TooManyInFlight { limit } => format!("Too many requests in flight (--max-sessions {limit})"),
+            }
+        }
+
+        /// Headers that go with the refusal.
+        pub fn headers(&self) -> Vec<(&'static str, String)> {
+            use Refusal::*;
+            let retry = |d: Duration| vec![("Retry-After", d.as_secs().to_string())];
+            match self {
+                MethodNotAllowed { allow } => vec![("Allow", allow.to_string())],
+                Unauthorized(TokenFault::Missing) => {
+                    vec![("WWW-Authenticate", "Bearer realm=\"stdio-sse\"".into())]
+                }
+                Unauthorized(TokenFault::Invalid) => vec![(
+                    "WWW-Authenticate",
+                    "Bearer realm=\"stdio-sse\", error=\"invalid_token\"".into(),
+                )],
+                ShuttingDown | Restarting | TooManyInFlight { .. } => retry(RETRY_SOON),
+                TooManySessions { .. } | CrashLoop(_) => retry(RETRY_LATER),
+                _ => Vec::new(),
+            }
+        }
+
+        /// The label of its log line (`error=`) and, for the refusals counted in
+        /// `stdio_sse_requests_rejected_total`, of that metric.
+        pub fn reason(&self) -> &'static str {
+            use Refusal::*;
+            match self {
+                TooManyConnections { .. } => "max_connections",
+                HeadTooLarge { .. } => "header_too_large",
+                TooManyHeaders { .. } => "too_many_headers",
+                BodyTooLarge { .. } => "body_too_large",
+                BadChunk(_) => "bad_chunked_body",
+                BadHeadBytes => "bad_header_bytes",
+                BadRequestLine => "bad_request_line",
+                HttpVersion => "unsupported_http_version",
+                AmbiguousFraming(_) => "bad_framing",
+                UnknownCoding => "unknown_transfer_coding",
+                HostCount => "bad_host_header",
+                HeadTimeout | BodyTimeout => "read_timeout",
+                ShuttingDown => "shutting_down",
+                Unauthorized(_) => "unauthorized",
+                ForeignHost(_) => "foreign_host",
+                ForeignOrigin(_) => "foreign_origin",
+                CorsOrigin(_) => "cors_origin",
+                NotFound(_) => "not_found",
+                MethodNotAllowed { .. } => "method_not_allowed",
+                UnsupportedMediaType { .. } => "unsupported_media_type",
+                NotAcceptable { .. } => "not_acceptable",
+                UnreadableBody(_) => "unreadable_body",
+                NotJson(_) => "not_json",
+                NotJsonRpc(_) | EmptyBatch => "not_jsonrpc",
+                IdNotAllowed { .. } => "id_not_allowed",
+                HeaderControl { .. } => "bad_passed_header",
+                SessionIdRequired | SessionQueryRequired => "session_id_required",
+                SessionNotFound => "session_not_found",
+                AlreadyInitialized | InitializeInBatch => "bad_initialize",
+                BatchNotNegotiated => "batch_not_negotiated",
+                UnsupportedVersion { .. } => "unsupported_protocol_version",
+                IdInFlight(_) => "id_in_flight",
+                UnexpectedResponse(_) => "unexpected_response",
+                NoStreamToAnswer | SecondGetStream => "stream_conflict",
+                LastEventIdMalformed(_) | LastEventIdUnknown(_) | LastEventIdEvicted(_) => {
+                    "bad_last_event_id"
+                }
+                TooManySessions { .. } | TooManyInFlight { .. } => "capacity",
+                ChildNotAccepting(_) | ChildNotStarted(_) => "child_unavailable",
+                Restarting | CrashLoop(_) => "child_restarting",
+                OneShotQueryRequired => "query_required",
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// One of each refusal. `kind` has no wildcard arm: a new refusal does not compile
+        /// until it is listed here, and so checked against the README.
+        fn every() -> Vec<Refusal> {
+            use Refusal::*;
+            let s = || "x".to_string();
+            let all = vec![
+                TooManyConnections { limit: 1 },
+                HeadTooLarge { limit: 1 },
+                TooManyHeaders { limit: 1 },
+                BodyTooLarge {
+                    declared: Some(2),
+                    limit: 1,
+                },
+                BodyTooLarge {
+                    declared: None,
+                    limit: 1,
+                },
+                BadChunk("x"),
+                BadHeadBytes,
+                BadRequestLine,
+                HttpVersion,
+                AmbiguousFraming("x"),
+                UnknownCoding,
+                HostCount,
+                HeadTimeout,
+                BodyTimeout,
+                ShuttingDown,
+                Unauthorized(TokenFault::Missing),
+                Unauthorized(TokenFault::Invalid),
+                ForeignHost(s()),
+                ForeignOrigin(s()),
+                CorsOrigin(s()),
+                NotFound(s()),
+                MethodNotAllowed { allow: "GET" },
+                UnsupportedMediaType { got: s() },
+                NotAcceptable {
+                    wanted: Wanted::JsonAndEventStream,
+                    got: s(),
+                },
+                NotAcceptable {
+                    wanted: Wanted::EventStream,
+                    got: s(),
+                },
+                UnreadableBody(s()),
+                NotJson(s()),
+                NotJsonRpc(s()),
+                EmptyBatch,
+                IdNotAllowed {
+                    id: s(),
+                    range: s(),
+                },
+                HeaderControl { name: s() },
+                SessionIdRequired,
+                SessionQueryRequired,
+                SessionNotFound,
+                AlreadyInitialized,
+                InitializeInBatch,
+                BatchNotNegotiated,
+                UnsupportedVersion {
+                    got: s(),
+                    supported: s(),
+                },
+                IdInFlight(s()),
+                UnexpectedResponse(s()),
+                NoStreamToAnswer,
+                SecondGetStream,
+                LastEventIdMalformed(s()),
+                LastEventIdUnknown(s()),
+                LastEventIdEvicted(s()),
+                TooManySessions { limit: 1 },
+                ChildNotAccepting(s()),
+                ChildNotStarted(s()),
+                Restarting,
+                CrashLoop(s()),
+                OneShotQueryRequired,
+                TooManyInFlight { limit: 1 },
+            ];
+            for r in &all {
+                kind(r);
+            }
+            all
+        }
+
+        fn kind(r: &Refusal) {
+            use Refusal::*;
+            match r {
+                TooManyConnections { .. }
+                | HeadTooLarge { .. }
+                | TooManyHeaders { .. }
+                | BodyTooLarge { .. }
+                | BadChunk(_)
+                | BadHeadBytes
+                | BadRequestLine
+                | HttpVersion
+                | AmbiguousFraming(_)
+                | UnknownCoding
+                | HostCount
+                | HeadTimeout
+                | BodyTimeout
+                | ShuttingDown
+                | Unauthorized(_)
+                | ForeignHost(_)
+                | ForeignOrigin(_)
+                | CorsOrigin(_)
+                | NotFound(_)
+                | MethodNotAllowed { .. }
+                | UnsupportedMediaType { .. }
+                | NotAcceptable { .. }
+                | UnreadableBody(_)
+                | NotJson(_)
+                | NotJsonRpc(_)
+                | EmptyBatch
+                | IdNotAllowed { .. }
+                | HeaderControl { .. }
+                | SessionIdRequired
+                | SessionQueryRequired
+                | SessionNotFound
+                | AlreadyInitialized
+                | InitializeInBatch
+                | BatchNotNegotiated
+                | UnsupportedVersion { .. }
+                | IdInFlight(_)
+                | UnexpectedResponse(_)
+                | NoStreamToAnswer
+                | SecondGetStream
+                | LastEventIdMalformed(_)
+                | LastEventIdUnknown(_)
+                | LastEventIdEvicted(_)
+                | TooManySessions { .. }
+                | ChildNotAccepting(_)
+                | ChildNotStarted(_)
+                | Restarting
+                | CrashLoop(_)
+                | OneShotQueryRequired
+                | TooManyInFlight { .. } => {}
+            }
+        }
+
+        /// The README's bad-input table: (statuses, codes) of each row; a cell may list
+        /// several (`400 / 404`).
+        fn readme_rows() -> Vec<(String, Vec<u16>, Vec<i64>)> {
+            let readme = include_str!("README.md");
+            let section = readme
+                .split("\n## Bad input\n")
+                .nth(1)
+                .and_then(|rest| rest.split("\n## ").next())
+                .expect("README has a Bad input section");
+            section
+                .lines()
+                .filter(|l| {
+                    l.starts_with('|') && !l.starts_with("| input") && !l.starts_with("|--")
+                })
+                .map(|l| {
+                    let cells: Vec<&str> = l.trim_matches('|').rsplitn(3, '|').collect();
+                    let nums = |c: &str| -> Vec<i64> {
+                        c.split('/').filter_map(|n| n.trim().parse().ok()).collect()
+                    };
+                    let statuses = nums(cells[1]).into_iter().map(|n| n as u16).collect();
+                    (cells[2].trim().to_string(), statuses, nums(cells[0]))
+                })
+                .collect()
+        }
+
+        #[test]
+        fn the_readme_bad_input_table_matches_the_refusals() {
+            let rows = readme_rows();
+            assert!(rows.len() > 30, "{rows:?}");
+            let refusals = every();
+            for r in &refusals {
+                let (status, code) = (r.status(), r.code());
+                assert!(
+                    rows.iter()
+                        .any(|(_, st, co)| st.contains(&status) && co.contains(&code)),
+                    "{r:?} ({status}, {code}) has no row in the README's bad-input table"
+                );
+            }
+            for (input, statuses, codes) in &rows {
+                assert!(
+                    !statuses.is_empty() && statuses.len() == codes.len(),
+                    "row {input:?}"
+                );
+                for (st, co) in statuses.iter().zip(codes) {
+                    assert!(
+                        refusals
+                            .iter()
+                            .any(|r| r.status() == *st && r.code() == *co),
+                        "README row {input:?} says {st} {co}: no refusal gives that"
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn each_refusal_reads_as_a_whole_answer() {
+            for r in every() {
+                let m = r.message();
+                assert!(!m.is_empty() && !m.ends_with(' '), "{r:?}: {m:?}");
+                assert!((400..600).contains(&r.status()), "{r:?}");
+                assert!(!r.reason().is_empty(), "{r:?}");
+                let headers: Vec<&str> = r.headers().iter().map(|(k, _)| *k).collect();
+                match r.status() {
+                    401 => assert_eq!(headers, ["WWW-Authenticate"], "{r:?}"),
+                    405 => assert_eq!(headers, ["Allow"], "{r:?}"),
+                    503 if !matches!(r, Refusal::TooManyConnections { .. }) => {
+                        assert_eq!(headers, ["Retry-After"], "{r:?}")
+                    }
+                    _ => assert!(headers.is_empty(), "{r:?}"),
+                }
+            }
+        }
+    }
+}
+
+// ======================================================================================
 /// The connection layer, below HTTP: every connection from accept until its requests are
 /// in. tiny_http has no accept hook and reads request heads with no bound of size, count
 /// or time; it also drains a declared body on drop into a buffer of the declared size.
@@ -951,10 +1541,11 @@ mod config {
 /// --max-headers, and the early refusals (503, 408, 413, 431) written on the raw socket.
 /// Touches: raw sockets, the config limits it is given, metrics and the log.
 mod door {
+    use crate::refusal::Refusal;
     use crate::Locked;
     use std::collections::HashMap;
     use std::net::SocketAddr;
-    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
     use std::sync::{Condvar, Mutex, OnceLock};
     use std::time::{Duration, Instant};
 
@@ -990,6 +1581,15 @@ mod door {
     static LIMITS: OnceLock<Limits> = OnceLock::new();
     static LISTENER: AtomicI32 = AtomicI32::new(-1);
     static KEEPER_WAKE: Condvar = Condvar::new();
+    /// Connections holding a deferred refusal: while none does, a read skips the check.
+    static DEFERRED: AtomicUsize = AtomicUsize::new(0);
+    /// Signalled when a handler leaves (`answer_deferred` waits for it).
+    static IDLE: Condvar = Condvar::new();
+    thread_local! {
+        /// The connection (inode) this thread's handler is answering, 0 for none: a
+        /// handler reading ahead must not wait for its own end.
+        static VISITING: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
     static TABLE: Mutex<Option<Table>> = Mutex::new(None);
     static LOG_FLOOD: AtomicBool = AtomicBool::new(false);
 
@@ -1026,9 +1626,41 @@ mod door {
         /// A cut found while a handler was busy with this connection: the handler answers
         /// it (a body it was reading) or, at its end, the door does. Either way exactly
         /// one answer, then the connection closes.
-        pending_cut: Option<Cut>,
+        pending_cut: Option<Refusal>,
         /// The handler answered the cut itself: close when it leaves.
         close_after: bool,
+        /// A refused request whose answer waits for the answers of the requests before it
+        /// (how many: requests whose handlers must have ended first).
+        deferred: Option<(Refusal, u64)>,
+        /// Requests whose handler has ended (compared with `heads`).
+        ended: u64,
+        /// Where in the bytes of the current read the head now arriving began (0 when
+        /// it began in an earlier read).
+        head_at: usize,
+        /// Our own descriptor of the socket, taken when a cut must wait for its handler:
+        /// by the time the handler leaves, tiny_http may have closed `fd` and the number
+        /// may name another client's connection. Closed with the entry.
+        cut_fd: Option<i32>,
+    }
+
+    impl Conn {
+        /// A descriptor that is this connection's socket now (`ino` is its key), if any:
+        /// `fd` is checked, since tiny_http closes it on its own schedule.
+        fn live_fd(&self, ino: u64) -> Option<i32> {
+            self.cut_fd
+                .or_else(|| (inode(self.fd) == Some(ino)).then_some(self.fd))
+        }
+    }
+
+    impl Drop for Conn {
+        fn drop(&mut self) {
+            if self.deferred.take().is_some() {
+                DEFERRED.fetch_sub(1, Ordering::AcqRel);
+            }
+            if let Some(fd) = self.cut_fd.take() {
+                unsafe { libc::close(fd) };
+            }
+        }
     }
 
     /// Where a connection's byte stream is.
@@ -1041,85 +1673,6 @@ mod door {
         Trailer(Vec<u8>),
         /// TLS, or an upgraded connection: only the head-phase byte budget applies.
         Opaque,
-    }
-
-    /// Why a connection was cut: the answer it gets, then the connection closes (the
-    /// bytes after a request we cannot frame must never be read as another request).
-    #[derive(Clone, Copy, Debug, PartialEq)]
-    pub enum Cut {
-        HeadTooLarge,
-        TooManyHeaders,
-        BodyTooLarge(u64),
-        /// A chunked body that breaks RFC 9112 §7.1 (the reason says how).
-        BadChunk(&'static str),
-        /// Bytes a request head may not hold: non-ASCII, NUL or other controls.
-        BadHead,
-        /// Not `METHOD SP target SP HTTP/x.y` (RFC 9112 §3).
-        BadRequestLine,
-        /// HTTP/2, HTTP/3 (and their preface): we speak HTTP/1.0 and 1.1 only.
-        Version,
-        /// Content-Length and Transfer-Encoding that could frame the body two ways
-        /// (RFC 9112 §6.1, §6.3): the smuggling cases. The reason says which.
-        Framing(&'static str),
-        /// A transfer coding other than chunked (RFC 9112 §6.1: 501).
-        Coding,
-        /// HTTP/1.1 without exactly one Host, HTTP/1.0 with several (RFC 9112 §3.2).
-        Host,
-    }
-
-    impl Cut {
-        fn reason(self) -> &'static str {
-            match self {
-                Cut::HeadTooLarge => "header_too_large",
-                Cut::TooManyHeaders => "too_many_headers",
-                Cut::BodyTooLarge(_) => "body_too_large",
-                Cut::BadChunk(_) => "bad_chunked_body",
-                Cut::BadHead => "bad_header_bytes",
-                Cut::BadRequestLine => "bad_request_line",
-                Cut::Version => "unsupported_http_version",
-                Cut::Framing(_) => "bad_framing",
-                Cut::Coding => "unknown_transfer_coding",
-                Cut::Host => "bad_host_header",
-            }
-        }
-        pub fn answer(self, l: &Limits) -> (u16, String) {
-            match self {
-                Cut::HeadTooLarge => (
-                    431,
-                    format!("Request header fields too large: the limit is {} bytes (--max-header-size)", l.max_head),
-                ),
-                Cut::TooManyHeaders => (
-                    431,
-                    format!("Request header fields too large: more than {} header lines (--max-headers)", l.max_headers),
-                ),
-                Cut::BodyTooLarge(n) => (
-                    413,
-                    format!("Request body too large: {n} bytes declared, the limit is {} bytes (--max-body)", l.max_body),
-                ),
-                Cut::BadChunk(why) => (400, format!("Bad Request: malformed chunked body ({why})")),
-                Cut::BadHead => (
-                    400,
-                    "Bad Request: the request head holds bytes that are not printable ASCII".into(),
-                ),
-                Cut::BadRequestLine => (
-                    400,
-                    "Bad Request: the request line is not METHOD SP target SP HTTP/1.x".into(),
-                ),
-                Cut::Version => (
-                    505,
-                    "HTTP Version Not Supported: only HTTP/1.0 and HTTP/1.1 are served".into(),
-                ),
-                Cut::Framing(why) => (400, format!("Bad Request: {why}")),
-                Cut::Coding => (
-                    501,
-                    "Not Implemented: the only transfer coding accepted is chunked".into(),
-                ),
-                Cut::Host => (
-                    400,
-                    "Bad Request: an HTTP/1.1 request needs exactly one Host header".into(),
-                ),
-            }
-        }
     }
 
     fn limits() -> &'static Limits {
@@ -1197,16 +1750,14 @@ mod door {
     /// A complete HTTP response with a JSON-RPC error body, on the raw socket, then our
     /// side shut for writing. Never blocks: a client that cannot take ~300 bytes at once
     /// gets a plain close.
-    fn answer(fd: i32, status: u16, message: &str) {
-        // As the HTTP layer answers the same faults (P-11): malformed or oversized
-        // input is an invalid request, the rest a server-side refusal.
-        let code = if matches!(status, 400 | 413 | 431) {
-            -32600
-        } else {
-            -32000
-        };
-        let body = crate::message::error_response(&serde_json::Value::Null, code, message, None);
-        let head = crate::sse::status_line(status);
+    fn answer(fd: i32, refusal: &Refusal) {
+        let body = crate::message::error_response(
+            &serde_json::Value::Null,
+            refusal.code(),
+            &refusal.message(),
+            None,
+        );
+        let head = crate::sse::status_line(refusal.status());
         let text = format!(
             "{head}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
@@ -1222,9 +1773,9 @@ mod door {
         }
     }
 
-    fn count(reason: &'static str) {
+    fn count(refusal: &Refusal) {
         if let Some(app) = crate::APP.get() {
-            app.metrics.rejected(reason);
+            app.metrics.rejected(refusal.reason());
         }
     }
 
@@ -1355,6 +1906,10 @@ mod door {
                     chunked_total: 0,
                     pending_cut: None,
                     close_after: false,
+                    cut_fd: None,
+                    deferred: None,
+                    ended: 0,
+                    head_at: 0,
                 },
             );
             if let Some(d) = deadline {
@@ -1366,13 +1921,12 @@ mod door {
         if admitted {
             return true;
         }
-        count("max_connections");
+        let refusal = Refusal::TooManyConnections {
+            limit: l.max_connections,
+        };
+        count(&refusal);
         if !l.tls {
-            let msg = format!(
-                "Service unavailable: too many connections (--max-connections {})",
-                l.max_connections
-            );
-            answer(fd, 503, &msg);
+            answer(fd, &refusal);
         }
         with_table(|t| {
             t.refused_unlogged += 1;
@@ -1405,7 +1959,7 @@ mod door {
         let gone: Vec<u64> = t
             .conns
             .iter()
-            .filter(|(ino, c)| inode(c.fd) != Some(**ino))
+            .filter(|(ino, c)| c.live_fd(**ino).is_none())
             .map(|(ino, _)| *ino)
             .collect();
         for ino in gone {
@@ -1442,6 +1996,11 @@ mod door {
         let ino = if watched { inode(fd) } else { None };
         if let Some(ino) = ino {
             picked_up(ino);
+            if DEFERRED.load(Ordering::Acquire) > 0 && matches!(answer_deferred(fd, ino), Pass::Cut)
+            {
+                *libc::__errno_location() = libc::ECONNRESET;
+                return -1;
+            }
         }
         let n =
             libc::syscall(libc::SYS_recvfrom, fd, buf, len, flags, 0usize, 0usize) as libc::ssize_t;
@@ -1450,63 +2009,147 @@ mod door {
         };
         let data = std::slice::from_raw_parts(buf as *const u8, n as usize);
         match observe(fd, ino, data) {
-            Ok(()) => n,
-            Err(()) => {
+            Pass::All => n,
+            Pass::First(k) => k as libc::ssize_t,
+            Pass::Cut => {
                 *libc::__errno_location() = libc::ECONNRESET;
                 -1
             }
         }
     }
 
-    fn observe(fd: i32, ino: u64, data: &[u8]) -> Result<(), ()> {
+    /// What a read may hand on after the door has seen its bytes.
+    enum Pass {
+        /// All of them.
+        All,
+        /// Only the first n: the rest begins a request that is refused, whose answer
+        /// waits until the requests before it are answered (`Conn::deferred`).
+        First(usize),
+        /// None: the connection is cut (the reader gets ECONNRESET).
+        Cut,
+    }
+
+    fn observe(fd: i32, ino: u64, data: &[u8]) -> Pass {
         let l = limits();
         let verdict = with_table(|t| {
             let c = t.conns.get_mut(&ino)?;
             let before = c.head_deadline.or(c.body_deadline);
             let r = feed(c, data, l);
             let after = c.head_deadline.or(c.body_deadline);
-            let (peer, active) = (c.peer, c.active);
-            if let (Err(cut), true) = (r, active > 0) {
-                // A handler is busy with this connection: it (or its end) answers.
-                c.pending_cut = Some(cut);
-            }
             if let Some(d) = after.filter(|d| Some(*d) != before) {
                 wake_keeper_by(t, d);
             }
-            Some(r.err().map(|cut| (cut, peer, active)))
+            let Err(cut) = r else {
+                return Some(Pass::All);
+            };
+            let c = t.conns.get_mut(&ino)?;
+            count(&cut);
+            crate::log!(
+                Info,
+                "connection_cut",
+                "{}: {} {}",
+                c.peer,
+                cut.status(),
+                cut.message()
+            );
+            // A cut in a head is a new request's; one in a body, the request's whose
+            // body it is.
+            if !matches!(c.frame, Frame::Head(_)) {
+                if c.active == 0 {
+                    // No handler has this body's request yet: the refusal is its answer,
+                    // after those of the requests before it.
+                    defer(c, cut, c.heads.saturating_sub(1));
+                    return Some(Pass::First(0));
+                }
+                // Its handler is reading the body: it answers the cut (`take_cut`), or
+                // it already answered and the connection just closes when it leaves, on
+                // a descriptor of ours (tiny_http may have closed `fd` by then).
+                c.pending_cut = Some(cut);
+                if c.cut_fd.is_none() {
+                    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                    c.cut_fd = (dup >= 0).then_some(dup);
+                }
+                unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+                return Some(Pass::Cut);
+            }
+            // A refused request's answer follows the answers of the requests before it
+            // on this connection. The bytes of those go on; the refusal waits for the
+            // next read (`answer_deferred`).
+            defer(c, cut, c.heads);
+            Some(Pass::First(c.head_at))
         })
-        .flatten()
         .flatten();
-        let Some((cut, peer, active)) = verdict else {
-            return Ok(());
-        };
-        count(cut.reason());
-        let (status, msg) = cut.answer(l);
-        crate::log!(Info, "connection_cut", "{peer}: {status} {msg}");
-        if active > 0 {
-            // No more bytes for anyone: the reader (the handler's body, or tiny_http's
-            // next head) gets an error; the answer waits for the handler (`Visit`).
-            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
-            return Err(());
+        match verdict {
+            None | Some(Pass::All) => Pass::All,
+            Some(Pass::First(0)) => answer_deferred(fd, ino),
+            Some(other) => other,
         }
-        if l.tls {
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        } else {
+    }
+
+    fn defer(c: &mut Conn, cut: Refusal, before: u64) {
+        if c.deferred.replace((cut, before)).is_none() {
+            DEFERRED.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Answers the refusal a connection holds (`Conn::deferred`) once every request
+    /// before it has been answered, then cuts the connection. Called by the reader
+    /// that would read the refused request: tiny_http's connection thread, which
+    /// shuts the socket for writing as soon as its read fails, so it waits here.
+    fn answer_deferred(fd: i32, ino: u64) -> Pass {
+        let l = limits();
+        let mut g = TABLE.locked();
+        let Some((refusal, before)) = g
+            .as_mut()
+            .and_then(|t| t.conns.get_mut(&ino))
+            .and_then(|c| c.deferred.clone())
+        else {
+            return Pass::All;
+        };
+        if VISITING.with(|v| v.get()) != ino {
+            // Requests handed over but not yet taken by a handler count as unanswered
+            // until --read-timeout passes without one being taken.
+            let mut progress = (0, Instant::now());
+            loop {
+                let Some(c) = g.as_ref().and_then(|t| t.conns.get(&ino)) else {
+                    break;
+                };
+                if c.active == 0 && c.ended >= before {
+                    break;
+                }
+                if c.ended != progress.0 {
+                    progress = (c.ended, Instant::now());
+                }
+                let patience = l.read_timeout.max(LINGER);
+                if c.active == 0 && progress.1.elapsed() >= patience {
+                    break;
+                }
+                g = IDLE
+                    .wait_timeout(g, patience)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+        }
+        if let Some(t) = g.as_mut() {
+            if !l.tls {
+                answer(fd, &refusal);
+            }
+            if let Some(c) = t.conns.remove(&ino) {
+                if t.by_peer.get(&c.peer) == Some(&ino) {
+                    t.by_peer.remove(&c.peer);
+                }
+            }
             // The answer, then the slot is free at once: the socket lingers on a
             // descriptor of the keeper's (bounded), which drains what the client still
             // sends so the answer is not lost to a reset, while tiny_http's thread and
             // descriptors go now.
-            answer(fd, status, &msg);
-            with_table(|t| {
-                if let Some(c) = t.conns.remove(&ino) {
-                    if t.by_peer.get(&c.peer) == Some(&ino) {
-                        t.by_peer.remove(&c.peer);
-                    }
-                }
+            if l.tls {
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            } else {
                 linger_dup(t, fd);
-            });
+            }
         }
-        Err(())
+        Pass::Cut
     }
 
     /// Keeps the socket open on a descriptor of our own until LINGER has passed (at most
@@ -1517,15 +2160,25 @@ mod door {
         }
         let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
         if dup >= 0 {
-            let at = Instant::now() + LINGER;
-            t.lingering.push((dup, at));
-            wake_keeper_by(t, at);
+            linger_own(t, dup);
         }
+    }
+
+    /// Takes a descriptor of ours to close once LINGER has passed (at once when
+    /// MAX_LINGERING are already waiting).
+    fn linger_own(t: &mut Table, own: i32) {
+        if t.lingering.len() >= MAX_LINGERING {
+            unsafe { libc::close(own) };
+            return;
+        }
+        let at = Instant::now() + LINGER;
+        t.lingering.push((own, at));
+        wake_keeper_by(t, at);
     }
 
     /// The cut found while this peer's handler was reading its body: the handler answers
     /// it (its status and message), and the connection closes when the handler leaves.
-    pub fn take_cut(peer: Option<&SocketAddr>) -> Option<(u16, String)> {
+    pub fn take_cut(peer: Option<&SocketAddr>) -> Option<Refusal> {
         let p = peer?;
         let cut = with_table(|t| {
             let c = t.by_peer.get(p).and_then(|ino| t.conns.get_mut(ino))?;
@@ -1533,21 +2186,25 @@ mod door {
             c.close_after = true;
             Some(cut)
         })??;
-        Some(cut.answer(limits()))
+        Some(cut)
     }
 
     /// Advances a connection's framing over bytes it sent; Err when it broke a limit
     /// or a framing rule.
-    fn feed(c: &mut Conn, data: &[u8], l: &Limits) -> Result<(), Cut> {
+    fn feed(c: &mut Conn, data: &[u8], l: &Limits) -> Result<(), Refusal> {
         let mut i = 0;
+        c.head_at = 0;
         while i < data.len() {
             let rest = &data[i..];
+            if matches!(&c.frame, Frame::Head(buf) if buf.is_empty()) {
+                c.head_at = i;
+            }
             match &mut c.frame {
                 Frame::Opaque => {
                     if c.active == 0 {
                         c.head_bytes += rest.len();
                         if c.head_bytes > l.max_head + TLS_HEAD_SLACK {
-                            return Err(Cut::HeadTooLarge);
+                            return Err(Refusal::HeadTooLarge { limit: l.max_head });
                         }
                     }
                     return Ok(());
@@ -1559,7 +2216,9 @@ mod door {
                     let old = buf.len();
                     buf.extend_from_slice(piece);
                     match blank_line(&buf[from..]) {
-                        None if buf.len() > l.max_head => return Err(Cut::HeadTooLarge),
+                        None if buf.len() > l.max_head => {
+                            return Err(Refusal::HeadTooLarge { limit: l.max_head })
+                        }
                         None => i += piece.len(),
                         Some(p) => {
                             let end = from + p + 4;
@@ -1594,19 +2253,22 @@ mod door {
                     let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
                         line.extend_from_slice(rest);
                         if line.len() > MAX_CHUNK_LINE {
-                            return Err(Cut::BadChunk("a chunk size line over 1024 bytes"));
+                            return Err(Refusal::BadChunk("a chunk size line over 1024 bytes"));
                         }
                         return Ok(());
                     };
                     line.extend_from_slice(&rest[..nl]);
                     i += nl + 1;
                     if line.len() > MAX_CHUNK_LINE + 1 {
-                        return Err(Cut::BadChunk("a chunk size line over 1024 bytes"));
+                        return Err(Refusal::BadChunk("a chunk size line over 1024 bytes"));
                     }
-                    let size = chunk_size(line)?;
+                    let size = chunk_size(line, l)?;
                     c.chunked_total = c.chunked_total.saturating_add(size);
                     if c.chunked_total > l.max_body as u64 {
-                        return Err(Cut::BodyTooLarge(c.chunked_total));
+                        return Err(Refusal::BodyTooLarge {
+                            declared: Some(c.chunked_total),
+                            limit: l.max_body,
+                        });
                     }
                     c.frame = if size == 0 {
                         Frame::Trailer(Vec::new())
@@ -1627,7 +2289,7 @@ mod door {
                     match (*seen, rest[0]) {
                         (0, b'\r') => *seen = 1,
                         (1, b'\n') => c.frame = Frame::ChunkSize(Vec::new()),
-                        _ => return Err(Cut::BadChunk("chunk data not followed by CRLF")),
+                        _ => return Err(Refusal::BadChunk("chunk data not followed by CRLF")),
                     }
                     i += 1;
                 }
@@ -1636,14 +2298,14 @@ mod door {
                     let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
                         buf.extend_from_slice(rest);
                         if buf.len() > l.max_head {
-                            return Err(Cut::HeadTooLarge);
+                            return Err(Refusal::HeadTooLarge { limit: l.max_head });
                         }
                         return Ok(());
                     };
                     buf.extend_from_slice(&rest[..nl]);
                     i += nl + 1;
                     if buf.last() != Some(&b'\r') {
-                        return Err(Cut::BadChunk("a trailer line not ended by CRLF"));
+                        return Err(Refusal::BadChunk("a trailer line not ended by CRLF"));
                     }
                     let line_empty = buf.len() == 1;
                     buf.clear();
@@ -1658,9 +2320,9 @@ mod door {
 
     /// A chunk-size line without its LF (RFC 9112 §7.1): hex digits, optional
     /// extensions after `;` (whitespace allowed before it), then CR.
-    fn chunk_size(line: &[u8]) -> Result<u64, Cut> {
+    fn chunk_size(line: &[u8], l: &Limits) -> Result<u64, Refusal> {
         let Some(line) = line.strip_suffix(b"\r") else {
-            return Err(Cut::BadChunk("a chunk size line not ended by CRLF"));
+            return Err(Refusal::BadChunk("a chunk size line not ended by CRLF"));
         };
         let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
         let ext = &line[digits..];
@@ -1668,13 +2330,19 @@ mod door {
             || ext.trim_ascii_start().first() == Some(&b';')
                 && ext.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
         if digits == 0 || !ext_ok {
-            return Err(Cut::BadChunk("a chunk size that is not hex digits"));
+            return Err(Refusal::BadChunk("a chunk size that is not hex digits"));
         }
         if digits > MAX_CHUNK_DIGITS {
-            return Err(Cut::BodyTooLarge(u64::MAX));
+            return Err(Refusal::BodyTooLarge {
+                declared: None,
+                limit: l.max_body,
+            });
         }
         let hex = std::str::from_utf8(&line[..digits]).unwrap_or("");
-        u64::from_str_radix(hex, 16).map_err(|_| Cut::BodyTooLarge(u64::MAX))
+        u64::from_str_radix(hex, 16).map_err(|_| Refusal::BodyTooLarge {
+            declared: None,
+            limit: l.max_body,
+        })
     }
 
     fn body_done(c: &mut Conn, l: &Limits) {
@@ -1698,7 +2366,7 @@ mod door {
     /// chunked when Transfer-Encoding says so, else Content-Length, else nothing;
     /// `Connection: upgrade` hands over the raw stream. Anything that could be framed two
     /// ways is refused here, before tiny_http reads it (RFC 9112 §6.1, §6.3).
-    fn after_head(head: &[u8], l: &Limits) -> Result<Frame, Cut> {
+    fn after_head(head: &[u8], l: &Limits) -> Result<Frame, Refusal> {
         // tiny_http would drop a non-ASCII head without a word, and a control byte in a
         // value could reach a child's environment (--pass-header). One pass: a CR must
         // be followed by LF, and an LF preceded by CR.
@@ -1706,7 +2374,7 @@ mod door {
         for &b in head {
             let control = b >= 0x7f || (b < 0x20 && !matches!(b, b'\r' | b'\n' | b'\t'));
             if control || (prev == b'\r') != (b == b'\n') {
-                return Err(Cut::BadHead);
+                return Err(Refusal::BadHeadBytes);
             }
             prev = b;
         }
@@ -1721,7 +2389,9 @@ mod door {
         for line in lines.filter(|line| !line.is_empty()) {
             n += 1;
             if n > l.max_headers {
-                return Err(Cut::TooManyHeaders);
+                return Err(Refusal::TooManyHeaders {
+                    limit: l.max_headers,
+                });
             }
             let Some(colon) = line.iter().position(|&b| b == b':') else {
                 continue;
@@ -1739,14 +2409,18 @@ mod door {
                 // space or two different values are not.
                 for v in value.split(|&b| b == b',').map(|v| v.trim_ascii()) {
                     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-                        return Err(Cut::Framing("Content-Length is not a plain number"));
+                        return Err(Refusal::AmbiguousFraming(
+                            "Content-Length is not a plain number",
+                        ));
                     }
                     let n = std::str::from_utf8(v)
                         .ok()
                         .and_then(|v| v.parse::<u64>().ok())
                         .unwrap_or(u64::MAX);
                     if length.is_some_and(|m| m != n) {
-                        return Err(Cut::Framing("two different Content-Length values"));
+                        return Err(Refusal::AmbiguousFraming(
+                            "two different Content-Length values",
+                        ));
                     }
                     length = Some(n);
                 }
@@ -1759,28 +2433,32 @@ mod door {
             }
         }
         if hosts > 1 || (hosts == 0 && version == HttpVersion::Http11) {
-            return Err(Cut::Host);
+            return Err(Refusal::HostCount);
         }
         if !codings.is_empty() {
             if length.is_some() {
-                return Err(Cut::Framing(
+                return Err(Refusal::AmbiguousFraming(
                     "Transfer-Encoding together with Content-Length",
                 ));
             }
             if version == HttpVersion::Http10 {
-                return Err(Cut::Framing("Transfer-Encoding in an HTTP/1.0 request"));
+                return Err(Refusal::AmbiguousFraming(
+                    "Transfer-Encoding in an HTTP/1.0 request",
+                ));
             }
             if !codings
                 .last()
                 .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
             {
-                return Err(Cut::Framing("chunked is not the final transfer coding"));
+                return Err(Refusal::AmbiguousFraming(
+                    "chunked is not the final transfer coding",
+                ));
             }
             if !codings.iter().all(|c| c.eq_ignore_ascii_case(b"chunked")) {
-                return Err(Cut::Coding);
+                return Err(Refusal::UnknownCoding);
             }
             if codings.len() > 1 {
-                return Err(Cut::Framing("chunked applied more than once"));
+                return Err(Refusal::AmbiguousFraming("chunked applied more than once"));
             }
         }
         if upgrade {
@@ -1790,7 +2468,10 @@ mod door {
             return Ok(Frame::ChunkSize(Vec::new()));
         }
         match length {
-            Some(n) if n > l.max_body as u64 => Err(Cut::BodyTooLarge(n)),
+            Some(n) if n > l.max_body as u64 => Err(Refusal::BodyTooLarge {
+                declared: Some(n),
+                limit: l.max_body,
+            }),
             Some(n) if n > 0 => Ok(Frame::Body(n)),
             _ => Ok(Frame::Head(Vec::new())),
         }
@@ -1805,12 +2486,12 @@ mod door {
     /// `METHOD SP request-target SP HTTP-version` (RFC 9112 §3): a token, an origin-,
     /// absolute- or asterisk-form target, and HTTP/1.0 or 1.1. Any other `HTTP/d.d`
     /// (2.0, 3.0, the HTTP/2 preface) is 505; anything else 400.
-    fn request_line(line: &[u8]) -> Result<HttpVersion, Cut> {
+    fn request_line(line: &[u8]) -> Result<HttpVersion, Refusal> {
         let mut parts = line.split(|&b| b == b' ');
         let (Some(method), Some(target), Some(version), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(Cut::BadRequestLine);
+            return Err(Refusal::BadRequestLine);
         };
         let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
         let lower = target.to_ascii_lowercase();
@@ -1819,7 +2500,7 @@ mod door {
             || lower.starts_with(b"http://")
             || lower.starts_with(b"https://");
         if method.is_empty() || !method.iter().all(token) || !target_ok {
-            return Err(Cut::BadRequestLine);
+            return Err(Refusal::BadRequestLine);
         }
         match version {
             b"HTTP/1.1" => Ok(HttpVersion::Http11),
@@ -1829,9 +2510,9 @@ mod door {
                     && (rest.is_empty()
                         || matches!(rest, [b'.', minor] if minor.is_ascii_digit())) =>
             {
-                Err(Cut::Version)
+                Err(Refusal::HttpVersion)
             }
-            _ => Err(Cut::BadRequestLine),
+            _ => Err(Refusal::BadRequestLine),
         }
     }
 
@@ -1839,27 +2520,30 @@ mod door {
 
     /// Held by the HTTP handler for as long as a request is being answered: no read
     /// deadline applies to a connection meanwhile (an SSE stream may last hours).
-    /// A request being handled: its peer, and the connection's head count when it
-    /// began (its own head is the last one read then).
-    pub struct Visit(Option<SocketAddr>, u64);
+    /// Names the connection by its socket's inode (a peer address can be reused by the
+    /// next connection before this one's handler leaves) and keeps its head count when
+    /// the request began (its own head is the last one read then).
+    pub struct Visit(Option<u64>, u64);
 
     impl Visit {
         pub fn begin(peer: Option<&SocketAddr>) -> Visit {
-            let peer = peer.copied();
             let mut heads = 0;
-            if let Some(p) = peer {
+            let ino = peer.and_then(|p| {
                 with_table(|t| {
-                    if let Some(c) = t.by_peer.get(&p).and_then(|ino| t.conns.get_mut(ino)) {
-                        c.active += 1;
-                        c.head_deadline = None;
-                        heads = c.heads;
-                        if matches!(c.frame, Frame::Opaque) {
-                            c.head_bytes = 0;
-                        }
+                    let ino = *t.by_peer.get(p)?;
+                    let c = t.conns.get_mut(&ino)?;
+                    c.active += 1;
+                    c.head_deadline = None;
+                    heads = c.heads;
+                    VISITING.with(|v| v.set(ino));
+                    if matches!(c.frame, Frame::Opaque) {
+                        c.head_bytes = 0;
                     }
-                });
-            }
-            Visit(peer, heads)
+                    Some(ino)
+                })
+                .flatten()
+            });
+            Visit(ino, heads)
         }
     }
 
@@ -1867,8 +2551,9 @@ mod door {
     pub fn shut(peer: Option<&SocketAddr>, how: i32) {
         let Some(p) = peer else { return };
         with_table(|t| {
-            if let Some(c) = t.by_peer.get(p).and_then(|ino| t.conns.get(ino)) {
-                unsafe { libc::shutdown(c.fd, how) };
+            let Some(&ino) = t.by_peer.get(p) else { return };
+            if let Some(fd) = t.conns.get(&ino).and_then(|c| c.live_fd(ino)) {
+                unsafe { libc::shutdown(fd, how) };
             }
         });
     }
@@ -1887,26 +2572,33 @@ mod door {
 
     impl Drop for Visit {
         fn drop(&mut self) {
-            let Some(p) = self.0 else { return };
+            let Some(ino) = self.0 else { return };
             let own_head = self.1;
             let l = limits();
             with_table(|t| {
-                let Some(c) = t.by_peer.get(&p).and_then(|ino| t.conns.get_mut(ino)) else {
+                let Some(c) = t.conns.get_mut(&ino) else {
                     return;
                 };
                 c.active = c.active.saturating_sub(1);
+                c.ended += 1;
+                VISITING.with(|v| v.set(0));
+                IDLE.notify_all();
+                let fd = c.live_fd(ino);
                 if c.active == 0 {
-                    if let Some(cut) = c.pending_cut.take() {
-                        // Found while this request was answered: its answer goes now,
-                        // after the response, and nothing more is read.
-                        let (status, msg) = cut.answer(l);
-                        if !l.tls {
-                            answer(c.fd, status, &msg);
-                        }
+                    // A cut in this request's body that its handler did not take: it
+                    // answered without reading the body, so one answer has gone; nothing
+                    // more is read.
+                    if c.pending_cut.take().is_some() {
                         c.close_after = true;
                     }
                     if std::mem::take(&mut c.close_after) {
-                        unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+                        if let Some(fd) = fd {
+                            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                        }
+                        // Our descriptor lingers so the answer is read before the close.
+                        if let Some(own) = c.cut_fd.take() {
+                            linger_own(t, own);
+                        }
                         return;
                     }
                 }
@@ -1921,9 +2613,12 @@ mod door {
                     crate::log!(
                         Debug,
                         "unread_body",
-                        "{p}: body left unread; closing after the response"
+                        "{}: body left unread; closing after the response",
+                        c.peer
                     );
-                    unsafe { libc::shutdown(c.fd, libc::SHUT_RD) };
+                    if let Some(fd) = fd {
+                        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+                    }
                 }
                 if c.active == 0 && !l.read_timeout.is_zero() {
                     let d = Instant::now() + l.read_timeout;
@@ -1996,8 +2691,10 @@ mod door {
                 if inode(fd) != Some(ino) {
                     continue;
                 }
-                if body || partial {
-                    count("read_timeout");
+                if body {
+                    count(&Refusal::BodyTimeout);
+                } else if partial {
+                    count(&Refusal::HeadTimeout);
                 }
                 if body {
                     // The handler is reading it: end only the reading side, so it can
@@ -2016,11 +2713,7 @@ mod door {
                             "{peer}: request not received within --read-timeout; closing"
                         );
                         if !tls {
-                            answer(
-                                fd,
-                                408,
-                                "Request timeout: the request did not arrive within --read-timeout",
-                            );
+                            answer(fd, &Refusal::HeadTimeout);
                         }
                     } else {
                         crate::log!(
@@ -2044,7 +2737,7 @@ mod door {
     mod head_tests {
         use super::*;
 
-        fn check(head: &[u8]) -> Result<Frame, Cut> {
+        fn check(head: &[u8]) -> Result<Frame, Refusal> {
             let l = Limits {
                 max_connections: 1,
                 read_timeout: Duration::ZERO,
@@ -2067,7 +2760,10 @@ mod door {
                 b"\nGET / HTTP/1.1\r\n\r\n",
             ];
             for head in bad {
-                assert!(matches!(check(head), Err(Cut::BadHead)), "{head:?}");
+                assert!(
+                    matches!(check(head), Err(Refusal::BadHeadBytes)),
+                    "{head:?}"
+                );
             }
             let ok = |head: &[u8]| check(head).unwrap_or_else(|e| panic!("{head:?}: {e:?}"));
             assert!(matches!(
@@ -2091,34 +2787,37 @@ mod door {
                 Frame::Head(_)
             ));
             // RFC 9112: the framing a smuggler relies on, each refused.
-            let refused: [(&[u8], Cut); 9] = [
+            let refused: [(&[u8], Refusal); 9] = [
                 (
                     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n",
-                    Cut::BodyTooLarge(101),
+                    Refusal::BodyTooLarge {
+                        declared: Some(101),
+                        limit: 100,
+                    },
                 ),
                 (
                     b"GET / HTTP/1.1\r\nHost: a\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
-                    Cut::TooManyHeaders,
+                    Refusal::TooManyHeaders { limit: 3 },
                 ),
                 (
                     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\nContent-Length: 9\r\n\r\n",
-                    Cut::Framing("two different Content-Length values"),
+                    Refusal::AmbiguousFraming("two different Content-Length values"),
                 ),
                 (
                     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +7\r\n\r\n",
-                    Cut::Framing("Content-Length is not a plain number"),
+                    Refusal::AmbiguousFraming("Content-Length is not a plain number"),
                 ),
                 (
                     b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
-                    Cut::Framing("chunked is not the final transfer coding"),
+                    Refusal::AmbiguousFraming("chunked is not the final transfer coding"),
                 ),
                 (
                     b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-                    Cut::Coding,
+                    Refusal::UnknownCoding,
                 ),
-                (b"GET / HTTP/1.1\r\n\r\n", Cut::Host),
-                (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", Cut::Version),
-                (b"GET /\r\nHost: a\r\n\r\n", Cut::BadRequestLine),
+                (b"GET / HTTP/1.1\r\n\r\n", Refusal::HostCount),
+                (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", Refusal::HttpVersion),
+                (b"GET /\r\nHost: a\r\n\r\n", Refusal::BadRequestLine),
             ];
             for (head, cut) in refused {
                 assert_eq!(
@@ -2130,7 +2829,7 @@ mod door {
             }
             assert!(matches!(
                 check(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n"),
-                Err(Cut::Framing(_))
+                Err(Refusal::AmbiguousFraming(_))
             ));
             assert_eq!(blank_line(b"a\r\nb\r\n\r\nc"), Some(4));
             assert_eq!(blank_line(b"\r\n\r"), None);
@@ -2145,6 +2844,7 @@ mod http {
     use super::*;
     use crate::app;
     use crate::config::Mode;
+    pub use crate::refusal::{Refusal, Wanted};
     use std::io::{Read, Write};
     use tiny_http::Method;
 
@@ -2191,15 +2891,14 @@ mod http {
         /// Reads the body, refusing more than `limit` bytes before reading them when the
         /// length is declared, and after `limit + 1` bytes otherwise.
         pub fn read_body(&mut self, limit: usize) -> Result<Vec<u8>, Reply> {
-            let too_large = || {
-                Reply::error(
-                    413,
-                    -32600,
-                    format!("Request body too large: the limit is {limit} bytes (--max-body)"),
-                )
+            let too_large = |declared: Option<usize>| {
+                Reply::from(Refusal::BodyTooLarge {
+                    declared: declared.map(|n| n as u64),
+                    limit,
+                })
             };
-            if self.rq.body_length().is_some_and(|n| n > limit) {
-                return Err(too_large());
+            if let Some(n) = self.rq.body_length().filter(|n| *n > limit) {
+                return Err(too_large(Some(n)));
             }
             let mut body = Vec::with_capacity(self.rq.body_length().unwrap_or(0).min(limit));
             let read = self
@@ -2207,31 +2906,16 @@ mod http {
                 .as_reader()
                 .take(limit as u64 + 1)
                 .read_to_end(&mut body);
-            if let (Err(_), Some((status, msg))) =
-                (&read, crate::door::take_cut(self.rq.remote_addr()))
-            {
+            if let (Err(_), Some(cut)) = (&read, crate::door::take_cut(self.rq.remote_addr())) {
                 // The door found the body malformed or too large as it arrived.
-                let code = if status == 413 || status == 400 {
-                    -32600
-                } else {
-                    -32000
-                };
-                return Err(Reply::error(status, code, msg).with_header("Connection", "close"));
+                return Err(Reply::from(cut).with_header("Connection", "close"));
             }
             if crate::door::body_timed_out(self.rq.remote_addr()) {
-                return Err(Reply::error(
-                    408,
-                    -32000,
-                    "Request timeout: the body did not arrive within --read-timeout",
-                ));
+                return Err(Refusal::BodyTimeout.into());
             }
             match read {
-                Err(e) => Err(Reply::error(
-                    400,
-                    -32700,
-                    format!("Could not read request body: {e}"),
-                )),
-                Ok(_) if body.len() > limit => Err(too_large()),
+                Err(e) => Err(Refusal::UnreadableBody(e.to_string()).into()),
+                Ok(_) if body.len() > limit => Err(too_large(None)),
                 Ok(_) => {
                     crate::observe::bytes_in(body.len());
                     Ok(body)
@@ -2248,12 +2932,28 @@ mod http {
         pub body: Vec<u8>,
     }
 
+    impl From<Refusal> for Reply {
+        /// A refusal's answer: its status, JSON-RPC error without id (P-4), headers.
+        fn from(r: Refusal) -> Reply {
+            let mut reply = Reply::error(r.status(), r.code(), r.message());
+            reply.headers.extend(r.headers());
+            reply
+        }
+    }
+
     impl Reply {
         /// A JSON-RPC error without id (rule P-4: HTTP-level errors carry no request id).
-        pub fn error(status: u16, code: i64, message: impl Into<String>) -> Reply {
+        /// Private: every refusal is a `Refusal`.
+        fn error(status: u16, code: i64, message: impl Into<String>) -> Reply {
             Reply::rpc_error(status, &serde_json::Value::Null, code, message)
         }
-        pub fn rpc_error(
+        /// A refusal that answers one request: the JSON-RPC error carries its id.
+        pub fn answering(id: &serde_json::Value, r: Refusal) -> Reply {
+            let mut reply = Reply::rpc_error(r.status(), id, r.code(), r.message());
+            reply.headers.extend(r.headers());
+            reply
+        }
+        fn rpc_error(
             status: u16,
             id: &serde_json::Value,
             code: i64,
@@ -2401,16 +3101,7 @@ mod http {
     fn preflight(inc: Incoming) {
         if inc.cors.is_none() {
             let origin = inc.header("Origin").unwrap_or("none").to_string();
-            return respond(
-                inc,
-                Reply::error(
-                    403,
-                    -32000,
-                    format!(
-                        "Forbidden: Origin {origin:?} is not allowed by CORS (see --cors-origin)"
-                    ),
-                ),
-            );
+            return respond(inc, Refusal::CorsOrigin(origin).into());
         }
         let reply = Reply::text(204, "", Vec::new())
             .with_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
@@ -2482,7 +3173,11 @@ mod http {
             return Some(rq);
         };
         let peer = rq.remote_addr().copied();
-        app().metrics.rejected("body_too_large");
+        let refusal = Refusal::BodyTooLarge {
+            declared: Some(declared as u64),
+            limit: max,
+        };
+        app().metrics.rejected(refusal.reason());
         if declared > TLS_DRAIN_ALLOC_MAX {
             let who = peer.map(|p| p.to_string()).unwrap_or_default();
             crate::log!(Warn, "connection_cut", "{who}: {declared}-byte body declared over TLS; connection closed (a few KB of tiny_http's request state are not freed)");
@@ -2528,11 +3223,7 @@ mod http {
             return preflight(inc);
         }
         if app.shutting_down.load(Ordering::Acquire) {
-            return respond(
-                inc,
-                Reply::error(503, -32000, "Server is shutting down")
-                    .with_header("Retry-After", "1"),
-            );
+            return respond(inc, Refusal::ShuttingDown.into());
         }
         let open_route = matches!(inc.path.as_str(), "/healthz" | "/readyz") && !cfg.auth.health;
         if !open_route {
@@ -2543,14 +3234,7 @@ mod http {
         }
         let path = inc.path.as_str();
         let method = inc.method().clone();
-        let allow = |allowed: &'static str| {
-            Reply::error(
-                405,
-                -32000,
-                format!("Method not allowed; allowed: {allowed}"),
-            )
-            .with_header("Allow", allowed)
-        };
+        let allow = |allow: &'static str| Reply::from(Refusal::MethodNotAllowed { allow });
         match (path, cfg.mode) {
             ("/healthz", _) => match method {
                 Method::Get => respond(inc, Reply::json(200, serde_json::json!({"status": "ok"}))),
@@ -2587,8 +3271,8 @@ mod http {
                 _ => respond(inc, allow("POST")),
             },
             _ => {
-                let msg = format!("Not found: {path}");
-                respond(inc, Reply::error(404, -32601, msg))
+                let refusal = Refusal::NotFound(path.to_string());
+                respond(inc, refusal.into())
             }
         }
     }
@@ -2635,20 +3319,12 @@ mod http {
         let host_header = inc.target_host.as_deref().or(inc.header("Host"));
         if let Some(host) = host_header {
             if !host_allowed(host, cfg) {
-                return Err(Reply::error(
-                    403,
-                    -32000,
-                    format!("Forbidden: Host {host:?} is not allowed (see --allowed-host)"),
-                ));
+                return Err(Refusal::ForeignHost(host.to_string()).into());
             }
         }
         if let Some(origin) = inc.header("Origin") {
             if !origin_allowed(origin, host_header, cfg) {
-                return Err(Reply::error(
-                    403,
-                    -32000,
-                    format!("Forbidden: Origin {origin:?} is not allowed (see --allowed-origin)"),
-                ));
+                return Err(Refusal::ForeignOrigin(origin.to_string()).into());
             }
         }
         Ok(())
@@ -2699,6 +3375,31 @@ mod http {
         };
         is_loopback_name(&host_name(authority))
             || host.is_some_and(|h| h.trim().eq_ignore_ascii_case(authority))
+    }
+
+    /// 406 unless the request's Accept allows what the answer will be (P-2, G-2).
+    pub fn require_accept(inc: &Incoming, wanted: Wanted) -> Result<(), Reply> {
+        let accept = inc.header("Accept");
+        let ok = match wanted {
+            Wanted::JsonAndEventStream => {
+                accepts(accept, "application/json") && accepts(accept, "text/event-stream")
+            }
+            Wanted::EventStream => accepts(accept, "text/event-stream"),
+        };
+        if ok {
+            return Ok(());
+        }
+        let got = accept.unwrap_or("").to_string();
+        Err(Refusal::NotAcceptable { wanted, got }.into())
+    }
+
+    /// 415 unless the body is declared JSON (P-1).
+    pub fn require_json(inc: &Incoming) -> Result<(), Reply> {
+        if is_json_content_type(inc.header("Content-Type")) {
+            return Ok(());
+        }
+        let got = inc.header("Content-Type").unwrap_or("none").to_string();
+        Err(Refusal::UnsupportedMediaType { got }.into())
     }
 
     /// Media-type check that honours wildcards; an absent Accept accepts anything.
@@ -2754,23 +3455,16 @@ mod http {
     /// Reads and validates a JSON-RPC POST body: 415, 413, 400 (-32700 / -32600) as the
     /// rules and SDKs answer them (P-11).
     pub fn read_jsonrpc_body(inc: &mut Incoming) -> Result<(Vec<serde_json::Value>, bool), Reply> {
-        if !is_json_content_type(inc.header("Content-Type")) {
-            let got = inc.header("Content-Type").unwrap_or("none").to_string();
-            return Err(Reply::error(
-                415,
-                -32000,
-                format!("Unsupported Media Type: Content-Type must be application/json, got {got}"),
-            ));
-        }
+        require_json(inc)?;
         let body = inc.read_body(app().cfg.max_body)?;
         let value: serde_json::Value = crate::message::parse(&body)
-            .map_err(|e| Reply::error(400, -32700, format!("Parse error: invalid JSON: {e}")))?;
+            .map_err(|e| Reply::from(Refusal::NotJson(e.to_string())))?;
         let (messages, batch) = match value {
             serde_json::Value::Array(items) => (items, true),
             other => (vec![other], false),
         };
         if batch && messages.is_empty() {
-            return Err(Reply::error(400, -32600, "Invalid Request: empty batch"));
+            return Err(Refusal::EmptyBatch.into());
         }
         use crate::message::IdCarrier;
         let carrier = if app().cfg.mode == Mode::Shared {
@@ -2781,11 +3475,7 @@ mod http {
         for m in &messages {
             match crate::message::classify(m) {
                 crate::message::Kind::Invalid(why) => {
-                    return Err(Reply::error(
-                        400,
-                        -32600,
-                        format!("Invalid Request: not a JSON-RPC 2.0 message ({why})"),
-                    ))
+                    return Err(Refusal::NotJsonRpc(why.to_string()).into())
                 }
                 crate::message::Kind::Request { id, .. }
                     if !crate::message::id_allowed(id, carrier) =>
@@ -2797,11 +3487,8 @@ mod http {
                         ),
                         IdCarrier::Bridge => "of at most 64 bits".to_string(),
                     };
-                    return Err(Reply::error(
-                        400,
-                        -32600,
-                        format!("Invalid Request: id {id} is not a string or an integer {range} (MCP request ids)"),
-                    ));
+                    let id = id.to_string();
+                    return Err(Refusal::IdNotAllowed { id, range }.into());
                 }
                 _ => {}
             }
@@ -2817,7 +3504,8 @@ mod http {
 /// (its owner token, --pass-header values). Tokens never reach a log, a metric or an
 /// error message: callers learn only "valid" and which token, to bind sessions to it.
 mod auth {
-    use crate::http::{Incoming, Reply};
+    use crate::http::{Incoming, Refusal, Reply};
+    use crate::refusal::TokenFault;
     use std::sync::{Arc, RwLock};
 
     static TOKENS: RwLock<Vec<Arc<str>>> = RwLock::new(Vec::new());
@@ -2882,10 +3570,7 @@ mod auth {
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         });
         let Some(presented) = presented else {
-            return Err(unauthorized(
-                "Unauthorized: send Authorization: Bearer <token>",
-                None,
-            ));
+            return Err(unauthorized(TokenFault::Missing));
         };
         let mut found = None;
         for t in TOKENS
@@ -2899,20 +3584,14 @@ mod auth {
         }
         match found {
             Some(t) => Ok(Some(t)),
-            None => Err(unauthorized(
-                "Unauthorized: the bearer token is not valid",
-                Some("invalid_token"),
-            )),
+            None => Err(unauthorized(TokenFault::Invalid)),
         }
     }
 
-    fn unauthorized(msg: &str, error: Option<&str>) -> Reply {
-        crate::app().metrics.rejected("unauthorized");
-        let challenge = match error {
-            Some(e) => format!("Bearer realm=\"stdio-sse\", error=\"{e}\""),
-            None => "Bearer realm=\"stdio-sse\"".to_string(),
-        };
-        Reply::error(401, -32001, msg).with_header("WWW-Authenticate", challenge)
+    fn unauthorized(fault: TokenFault) -> Reply {
+        let refusal = Refusal::Unauthorized(fault);
+        crate::app().metrics.rejected(refusal.reason());
+        refusal.into()
     }
 
     /// What a new session takes from the request that creates it.
@@ -2930,11 +3609,7 @@ mod auth {
                 continue;
             };
             if value.chars().any(|c| c.is_control() && c != '\t') {
-                return Err(Reply::error(
-                    400,
-                    -32600,
-                    format!("Bad Request: header {name} holds a control character"),
-                ));
+                return Err(Refusal::HeaderControl { name: name.clone() }.into());
             }
             env.push((var.clone(), value.to_string()));
         }
@@ -2962,17 +3637,15 @@ mod auth {
 mod streamable {
     use super::*;
     use crate::app;
-    use crate::http::{accepts, respond, Incoming, Reply};
+    use crate::http::{require_accept, respond, Incoming, Refusal, Reply, Wanted};
     use crate::message::{classify, Kind};
     use crate::sessions::{self, Session, Transport};
 
     const SESSION_HEADER: &str = "Mcp-Session-Id";
 
     pub fn post(mut inc: Incoming) {
-        let accept = inc.header("Accept");
-        if !accepts(accept, "application/json") || !accepts(accept, "text/event-stream") {
-            let got = accept.unwrap_or("").to_string();
-            return respond(inc, Reply::error(406, -32000, format!("Not Acceptable: Accept must list application/json and text/event-stream, got {got:?}")));
+        if let Err(reply) = require_accept(&inc, Wanted::JsonAndEventStream) {
+            return respond(inc, reply);
         }
         let (messages, batch) = match crate::http::read_jsonrpc_body(&mut inc) {
             Ok(m) => m,
@@ -2991,19 +3664,12 @@ mod streamable {
         let session_id = inc.header(SESSION_HEADER).map(str::to_string);
         if messages.iter().any(is_init) {
             if batch {
-                return respond(
-                    inc,
-                    Reply::error(
-                        400,
-                        -32600,
-                        "Invalid Request: initialize must not be part of a batch",
-                    ),
-                );
+                return respond(inc, Reply::from(Refusal::InitializeInBatch));
             }
             if let Some(id) = session_id {
                 return match app.sessions.get(&id, Transport::Streamable, &inc.token) {
-                    Some(_) => respond(inc, Reply::error(400, -32600, "Invalid Request: Server already initialized (this session has sent initialize)")),
-                    None => respond(inc, Reply::error(404, -32001, "Session not found")),
+                    Some(_) => respond(inc, Refusal::AlreadyInitialized.into()),
+                    None => respond(inc, Reply::from(Refusal::SessionNotFound)),
                 };
             }
             let init = messages.into_iter().next().expect("one message");
@@ -3012,10 +3678,10 @@ mod streamable {
         let Some(id) = session_id else {
             // Also the answer to a 2026-07-28 `server/discover` probe: a 400 without a
             // modern error code, so dual-era clients fall back to initialize (N-11).
-            return respond(inc, Reply::error(400, -32000, "Bad Request: Mcp-Session-Id header is required (Server not initialized: send initialize first; this server speaks MCP 2024-11-05 to 2025-11-25)"));
+            return respond(inc, Refusal::SessionIdRequired.into());
         };
         let Some(session) = app.sessions.get(&id, Transport::Streamable, &inc.token) else {
-            return respond(inc, Reply::error(404, -32001, "Session not found"));
+            return respond(inc, Reply::from(Refusal::SessionNotFound));
         };
         if let Err(reply) = check_version(&inc) {
             return respond(inc, reply);
@@ -3027,7 +3693,7 @@ mod streamable {
                 .unwrap_or(config::ASSUMED_VERSION)
                 != config::BATCH_VERSION
         {
-            return respond(inc, Reply::error(400, -32600, "Invalid Request: JSON-RPC batches are only allowed with protocol version 2025-03-26"));
+            return respond(inc, Refusal::BatchNotNegotiated.into());
         }
         session.mark_request();
         forward_and_stream(inc, &session, messages, None);
@@ -3036,14 +3702,12 @@ mod streamable {
     /// Rule V-3: a present but unknown MCP-Protocol-Version is a 400; absent is fine (V-2).
     fn check_version(inc: &Incoming) -> Result<(), Reply> {
         match inc.header("MCP-Protocol-Version") {
-            Some(v) if !config::SUPPORTED_VERSIONS.contains(&v) => Err(Reply::error(
-                400,
-                -32000,
-                format!(
-                    "Bad Request: Unsupported protocol version: {v} (supported versions: {})",
-                    config::SUPPORTED_VERSIONS.join(", ")
-                ),
-            )),
+            Some(v) if !config::SUPPORTED_VERSIONS.contains(&v) => {
+                Err(Reply::from(Refusal::UnsupportedVersion {
+                    got: v.to_string(),
+                    supported: config::SUPPORTED_VERSIONS.join(", "),
+                }))
+            }
             _ => Ok(()),
         }
     }
@@ -3063,9 +3727,10 @@ mod streamable {
                 forward_and_stream(inc, &session, vec![init], Some(session.id.clone()));
             }
             Err(sessions::CreateError::Refused(reply)) => respond(inc, reply),
-            Err(sessions::CreateError::Spawn(msg)) => {
-                respond(inc, Reply::rpc_error(502, &init_id, -32603, msg))
-            }
+            Err(sessions::CreateError::Spawn(msg)) => respond(
+                inc,
+                Reply::answering(&init_id, Refusal::ChildNotStarted(msg)),
+            ),
         }
     }
 
@@ -3096,15 +3761,8 @@ mod streamable {
             }
             return respond(inc, reply);
         }
-        if let Err(e) = session.upstream.send(session, &messages) {
-            session.forget_requests(&messages);
-            let reply = Reply::error(
-                502,
-                -32603,
-                format!("The server process is not accepting input ({e}); the session has ended"),
-            );
-            sessions::end_in_background(session.clone(), sessions::EndReason::ChildGone);
-            return respond(inc, reply);
+        if let Err(refusal) = session.submit(&messages) {
+            return respond(inc, refusal.into());
         }
         let Some(attached) = attached else {
             return respond(inc, Reply::accepted());
@@ -3123,28 +3781,14 @@ mod streamable {
     /// GET opens the session's listening stream (G-1..G-6), or with `Last-Event-ID`
     /// resumes any stream of the session where the client lost it (R-4).
     pub fn get(inc: Incoming) {
-        if !accepts(inc.header("Accept"), "text/event-stream") {
-            return respond(
-                inc,
-                Reply::error(
-                    406,
-                    -32000,
-                    "Not Acceptable: Accept must list text/event-stream",
-                ),
-            );
+        if let Err(reply) = crate::http::require_accept(&inc, Wanted::EventStream) {
+            return respond(inc, reply);
         }
         let Some(id) = inc.header(SESSION_HEADER) else {
-            return respond(
-                inc,
-                Reply::error(
-                    400,
-                    -32000,
-                    "Bad Request: Mcp-Session-Id header is required",
-                ),
-            );
+            return respond(inc, Refusal::SessionIdRequired.into());
         };
         let Some(session) = app().sessions.get(id, Transport::Streamable, &inc.token) else {
-            return respond(inc, Reply::error(404, -32001, "Session not found"));
+            return respond(inc, Reply::from(Refusal::SessionNotFound));
         };
         if let Err(reply) = check_version(&inc) {
             return respond(inc, reply);
@@ -3164,17 +3808,10 @@ mod streamable {
     /// DELETE ends the session and its child (S-7); it answers once the child is gone.
     pub fn delete(inc: Incoming) {
         let Some(id) = inc.header(SESSION_HEADER) else {
-            return respond(
-                inc,
-                Reply::error(
-                    400,
-                    -32000,
-                    "Bad Request: Mcp-Session-Id header is required",
-                ),
-            );
+            return respond(inc, Refusal::SessionIdRequired.into());
         };
         let Some(session) = app().sessions.get(id, Transport::Streamable, &inc.token) else {
-            return respond(inc, Reply::error(404, -32001, "Session not found"));
+            return respond(inc, Reply::from(Refusal::SessionNotFound));
         };
         sessions::end(&session, sessions::EndReason::Deleted);
         respond(inc, Reply::text(200, "", Vec::new()));
@@ -3185,19 +3822,12 @@ mod streamable {
 /// Legacy HTTP+SSE (2024-11-05): GET on the SSE path opens a session whose whole life is
 /// that one stream; POSTs to the message path feed it (rules L-1..L-5).
 mod legacy {
-    use crate::http::{accepts, respond, Incoming, Reply};
+    use crate::http::{respond, Incoming, Refusal, Reply, Wanted};
     use crate::sessions::{self, Transport};
 
     pub fn open(inc: Incoming) {
-        if !accepts(inc.header("Accept"), "text/event-stream") {
-            return respond(
-                inc,
-                Reply::error(
-                    406,
-                    -32000,
-                    "Not Acceptable: Accept must list text/event-stream",
-                ),
-            );
+        if let Err(reply) = crate::http::require_accept(&inc, Wanted::EventStream) {
+            return respond(inc, reply);
         }
         let ctx = match crate::auth::context(&inc) {
             Ok(ctx) => ctx,
@@ -3207,7 +3837,7 @@ mod legacy {
             Ok(s) => s,
             Err(sessions::CreateError::Refused(reply)) => return respond(inc, reply),
             Err(sessions::CreateError::Spawn(msg)) => {
-                return respond(inc, Reply::error(502, -32603, msg))
+                return respond(inc, Refusal::ChildNotStarted(msg).into())
             }
         };
         let attached = match session.attach_get(None) {
@@ -3235,20 +3865,13 @@ mod legacy {
             .query_param("sessionId")
             .or_else(|| inc.query_param("session_id"))
         else {
-            return respond(
-                inc,
-                Reply::error(
-                    400,
-                    -32000,
-                    "Bad Request: sessionId query parameter is required",
-                ),
-            );
+            return respond(inc, Refusal::SessionQueryRequired.into());
         };
         let Some(session) = crate::app()
             .sessions
             .get(&id, Transport::Legacy, &inc.token)
         else {
-            return respond(inc, Reply::error(404, -32001, "Session not found"));
+            return respond(inc, Reply::from(Refusal::SessionNotFound));
         };
         let messages = match crate::http::read_jsonrpc_body(&mut inc) {
             Ok((m, _)) => m,
@@ -3259,19 +3882,8 @@ mod legacy {
         if let Err(reply) = session.register_requests(&messages, Some(listener)) {
             return respond(inc, reply);
         }
-        if let Err(e) = session.upstream.send(&session, &messages) {
-            session.forget_requests(&messages);
-            sessions::end_in_background(session.clone(), sessions::EndReason::ChildGone);
-            return respond(
-                inc,
-                Reply::error(
-                    502,
-                    -32603,
-                    format!(
-                        "The server process is not accepting input ({e}); the session has ended"
-                    ),
-                ),
-            );
+        if let Err(refusal) = session.submit(&messages) {
+            return respond(inc, refusal.into());
         }
         respond(inc, Reply::text(202, "text/plain", "Accepted"));
     }
@@ -3285,25 +3897,15 @@ mod oneshot {
     use super::*;
     use crate::app;
     use crate::child::ChildProc;
-    use crate::http::{accepts, respond, Incoming, Reply};
+    use crate::http::{respond, Incoming, Refusal, Reply, Wanted};
     use crossbeam_channel::RecvTimeoutError;
 
     static ACTIVE: AtomicUsize = AtomicUsize::new(0);
     static NEXT_TAG: AtomicU64 = AtomicU64::new(1);
 
     pub fn post(mut inc: Incoming) {
-        if !crate::http::is_json_content_type(inc.header("Content-Type")) {
-            let got = inc.header("Content-Type").unwrap_or("none").to_string();
-            return respond(
-                inc,
-                Reply::error(
-                    415,
-                    -32000,
-                    format!(
-                        "Unsupported Media Type: Content-Type must be application/json, got {got}"
-                    ),
-                ),
-            );
+        if let Err(reply) = crate::http::require_json(&inc) {
+            return respond(inc, reply);
         }
         let body = match inc.read_body(app().cfg.max_body) {
             Ok(b) => b,
@@ -3315,65 +3917,38 @@ mod oneshot {
     /// `GET /mcp?request=<url-encoded JSON>` for EventSource clients.
     pub fn get(inc: Incoming) {
         let Some(request) = inc.query_param("request") else {
-            return respond(
-                inc,
-                Reply::error(
-                    400,
-                    -32600,
-                    "Bad Request: the request query parameter is required (url-encoded JSON)",
-                ),
-            );
+            return respond(inc, Refusal::OneShotQueryRequired.into());
         };
         if request.len() > app().cfg.max_body {
             return respond(
                 inc,
-                Reply::error(
-                    413,
-                    -32600,
-                    format!(
-                        "Request too large: the limit is {} bytes (--max-body)",
-                        app().cfg.max_body
-                    ),
-                ),
+                Reply::from(Refusal::BodyTooLarge {
+                    declared: None,
+                    limit: app().cfg.max_body,
+                }),
             );
         }
         run(inc, request.as_bytes());
     }
 
     fn run(inc: Incoming, body: &[u8]) {
-        if !accepts(inc.header("Accept"), "text/event-stream") {
-            return respond(
-                inc,
-                Reply::error(
-                    406,
-                    -32000,
-                    "Not Acceptable: Accept must allow text/event-stream",
-                ),
-            );
+        if let Err(reply) = crate::http::require_accept(&inc, Wanted::EventStream) {
+            return respond(inc, reply);
         }
         // Any JSON, compacted to one line (ST-1, ST-6): the program reads lines.
         let value: serde_json::Value = match crate::message::parse(body) {
             Ok(v) => v,
-            Err(e) => {
-                return respond(
-                    inc,
-                    Reply::error(400, -32700, format!("Parse error: invalid JSON: {e}")),
-                )
-            }
+            Err(e) => return respond(inc, Refusal::NotJson(e.to_string()).into()),
         };
         crate::observe::request_messages(std::slice::from_ref(&value));
         let app = app();
         if ACTIVE.fetch_add(1, Ordering::AcqRel) >= app.cfg.max_sessions {
             ACTIVE.fetch_sub(1, Ordering::AcqRel);
-            app.metrics.rejected("capacity");
-            let msg = format!(
-                "Too many requests in flight (--max-sessions {})",
-                app.cfg.max_sessions
-            );
-            return respond(
-                inc,
-                Reply::error(503, -32000, msg).with_header("Retry-After", "1"),
-            );
+            let refusal = Refusal::TooManyInFlight {
+                limit: app.cfg.max_sessions,
+            };
+            app.metrics.rejected(refusal.reason());
+            return respond(inc, refusal.into());
         }
         struct Slot;
         impl Drop for Slot {
@@ -3403,7 +3978,7 @@ mod oneshot {
             }
             Err(msg) => {
                 let id = value.get("id").cloned().unwrap_or(serde_json::Value::Null);
-                return respond(inc, Reply::rpc_error(502, &id, -32603, msg));
+                return respond(inc, Reply::answering(&id, Refusal::ChildNotStarted(msg)));
             }
         };
         if let Err(e) = child.send_message(&value) {
@@ -3589,7 +4164,7 @@ mod message {
 /// Touches `upstream` to reach the child and hands frames to `sse` writers.
 mod sessions {
     use super::*;
-    use crate::http::Reply;
+    use crate::http::{Refusal, Reply};
     use crate::message::{classify, id_key, Kind};
     use crate::upstream::Upstream;
     use crossbeam_channel::{Receiver, Sender};
@@ -3918,12 +4493,11 @@ mod sessions {
     ) -> Result<Arc<Session>, CreateError> {
         let app = crate::app();
         let full = || {
-            app.metrics.rejected("capacity");
-            let msg = format!(
-                "Too many sessions (--max-sessions {}); retry later or end a session",
-                app.cfg.max_sessions
-            );
-            CreateError::Refused(Reply::error(503, -32000, msg).with_header("Retry-After", "5"))
+            let refusal = Refusal::TooManySessions {
+                limit: app.cfg.max_sessions,
+            };
+            app.metrics.rejected(refusal.reason());
+            CreateError::Refused(refusal.into())
         };
         if app.sessions.len() >= app.cfg.max_sessions {
             return Err(full());
@@ -4028,7 +4602,7 @@ mod sessions {
         pub fn open_post_stream(&self) -> Result<Attached, Reply> {
             let mut r = self.routing.locked();
             if r.closed {
-                return Err(Reply::error(404, -32001, "Session not found"));
+                return Err(Reply::from(Refusal::SessionNotFound));
             }
             let no = r.new_stream(StreamKind::Post);
             let primed = r.primed();
@@ -4062,7 +4636,7 @@ mod sessions {
         ) -> Result<usize, Reply> {
             let mut r = self.routing.locked();
             if r.closed {
-                return Err(Reply::error(404, -32001, "Session not found"));
+                return Err(Reply::from(Refusal::SessionNotFound));
             }
             let mut keys: Vec<(String, Option<String>)> = Vec::new();
             let mut answers: Vec<String> = Vec::new();
@@ -4071,14 +4645,14 @@ mod sessions {
                     Kind::Request { id, .. } => {
                         let key = id_key(id);
                         if r.in_flight.contains_key(&key) || keys.iter().any(|(k, _)| *k == key) {
-                            return Err(Reply::error(400, -32600, format!("Invalid Request: request id {key} is already in flight in this session")));
+                            return Err(Refusal::IdInFlight(key).into());
                         }
                         keys.push((key, crate::message::progress_token(m).map(id_key)));
                     }
                     Kind::Response { id } => {
                         let key = id_key(id);
                         if !r.awaiting_answer.contains(&key) || answers.contains(&key) {
-                            return Err(Reply::error(400, -32600, format!("Invalid Request: response to id {key}, but the server sent this session no request with that id (or it was already answered)")));
+                            return Err(Refusal::UnexpectedResponse(key).into());
                         }
                         answers.push(key);
                     }
@@ -4092,11 +4666,7 @@ mod sessions {
                 return Ok(0);
             }
             let Some(stream) = stream else {
-                return Err(Reply::error(
-                    409,
-                    -32000,
-                    "Conflict: no open stream to answer on",
-                ));
+                return Err(Refusal::NoStreamToAnswer.into());
             };
             for (key, token) in &keys {
                 let seq = r.next_seq;
@@ -4119,6 +4689,18 @@ mod sessions {
             Ok(keys.len())
         }
 
+        /// Hands a client's messages to the child. A child that no longer takes input
+        /// ends the session (in the background): the refusal says so, and the requests
+        /// are no longer waited for.
+        pub fn submit(self: &Arc<Self>, messages: &[Value]) -> Result<(), Refusal> {
+            let Err(e) = self.upstream.send(self, messages) else {
+                return Ok(());
+            };
+            self.forget_requests(messages);
+            end_in_background(self.clone(), EndReason::ChildGone);
+            Err(Refusal::ChildNotAccepting(e.to_string()))
+        }
+
         pub fn forget_requests(&self, messages: &[Value]) {
             let mut r = self.routing.locked();
             for m in messages {
@@ -4137,17 +4719,13 @@ mod sessions {
         pub fn attach_get(&self, last_event_id: Option<&str>) -> Result<Attached, Reply> {
             let mut r = self.routing.locked();
             if r.closed {
-                return Err(Reply::error(404, -32001, "Session not found"));
+                return Err(Reply::from(Refusal::SessionNotFound));
             }
             let retry = r.primed().then(|| crate::app().cfg.sse_retry.as_millis());
             let Some(given) = last_event_id else {
                 let no = r.listener_stream();
                 if r.streams[&no].conn.is_some() {
-                    return Err(Reply::error(
-                        409,
-                        -32000,
-                        "Conflict: only one GET stream is allowed per session (send Last-Event-ID to resume it)",
-                    ));
+                    return Err(Refusal::SecondGetStream.into());
                 }
                 let replay = r.take_replay(no, |e| !e.queued);
                 let priming = (retry.is_some() && replay.is_empty()).then(|| {
@@ -4161,25 +4739,13 @@ mod sessions {
                 return Ok(a);
             };
             let Some((no, n)) = parse_event_id(given) else {
-                return Err(Reply::error(
-                    400,
-                    -32000,
-                    format!("Bad Request: invalid Last-Event-ID {given:?} (expected STREAM-EVENT as sent by this server)"),
-                ));
+                return Err(Refusal::LastEventIdMalformed(given.to_string()).into());
             };
             let Some(stream) = r.streams.get_mut(&no) else {
-                return Err(Reply::error(
-                    400,
-                    -32000,
-                    format!("Bad Request: Last-Event-ID {given:?} names no stream of this session; it ended and left the replay buffer"),
-                ));
+                return Err(Refusal::LastEventIdUnknown(given.to_string()).into());
             };
             if stream.evicted > n {
-                return Err(Reply::error(
-                    400,
-                    -32000,
-                    format!("Bad Request: events after Last-Event-ID {given:?} are no longer in the replay buffer (--replay-buffer); they cannot be replayed"),
-                ));
+                return Err(Refusal::LastEventIdEvicted(given.to_string()).into());
             }
             if let Some(old) = stream.conn.take() {
                 old.link.cut.store(true, Ordering::Release);
@@ -4717,7 +5283,7 @@ mod sessions {
 mod upstream {
     use super::*;
     use crate::child::ChildProc;
-    use crate::http::Reply;
+    use crate::http::{Refusal, Reply};
     use crate::message::{classify, id_key, Kind};
     use crate::sessions::{self, EndReason, Session};
     use serde_json::{json, Value};
@@ -5457,19 +6023,11 @@ mod upstream {
                 return Ok(up);
             }
             if let Some(reason) = g.iter().find_map(|s| s.crash_loop.clone()) {
-                return Err(
-                    Reply::error(503, -32000, format!("Service Unavailable: {reason}"))
-                        .with_header("Retry-After", "5"),
-                );
+                return Err(Refusal::CrashLoop(reason).into());
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Reply::error(
-                    503,
-                    -32000,
-                    "Service Unavailable: the server process is restarting",
-                )
-                .with_header("Retry-After", "1"));
+                return Err(Refusal::Restarting.into());
             }
             g = slots
                 .changed

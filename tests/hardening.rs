@@ -1204,6 +1204,51 @@ fn a_reading_client_gets_a_whole_flood_on_a_legacy_stream() {
     }
 }
 
+/// Found by this suite flaking under load: a bad request pipelined behind one still being
+/// answered gets its refusal after that answer, on its own connection. It was lost
+/// (tiny_http shuts the socket for writing as soon as its read of the next head fails,
+/// before the refusal could follow the answer), and the close that followed used a
+/// descriptor number tiny_http had already closed, which could name another client's
+/// connection.
+#[test]
+fn a_bad_request_pipelined_behind_a_slow_one_is_refused_after_its_answer() {
+    let s = Server::start(&["--max-body", "1KiB"], &everything());
+    let sess = Session::open(&s);
+    let call = tool_call(5, "sleep", json!({"seconds": 0.5})).to_string();
+    let mut bytes = String::from("POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (k, v) in sess.headers() {
+        bytes.push_str(&format!("{k}: {v}\r\n"));
+    }
+    bytes.push_str(&format!("Content-Length: {}\r\n\r\n{call}", call.len()));
+    bytes.push_str("POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n");
+    let mut c = Raw::open(&s);
+    assert!(c.write(bytes.as_bytes()));
+    // Another client, connected meanwhile, is served before and after.
+    let mut other = Raw::open(&s);
+    assert!(other.write(HEALTHZ));
+    assert_eq!(
+        other.response(Duration::from_secs(10)).map(|r| r.status),
+        Ok(200)
+    );
+    let first = c.response(Duration::from_secs(10)).unwrap();
+    assert_eq!(first.status, 200, "{}", first.head);
+    assert!(answers(&first, &json!(5)), "{}", first.text());
+    let second = c.response(Duration::from_secs(10)).unwrap();
+    assert_eq!(second.status, 413, "{}", second.head);
+    assert!(second.text().contains("--max-body"), "{}", second.text());
+    // Then the close, and nothing after it.
+    let until = Instant::now() + Duration::from_secs(10);
+    while c.end.is_none() {
+        c.fill(until).unwrap();
+    }
+    assert!(c.buf.is_empty(), "after the refusal: {:?}", lossy(&c.buf));
+    assert!(other.write(HEALTHZ));
+    assert_eq!(
+        other.response(Duration::from_secs(10)).map(|r| r.status),
+        Ok(200)
+    );
+}
+
 // ---- 9. metrics ------------------------------------------------------------------------
 
 // Issue 14 finding 9 (stdio_sse_messages_dropped_total{reason="unknown_id"} must not

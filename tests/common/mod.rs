@@ -176,6 +176,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("STDIO_SSE_TEST_LOG").is_some() {
+            eprintln!("---- server log ----\n{}", self.log_text());
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             unsafe { libc::kill(self.pid(), libc::SIGTERM) };
             let end = Instant::now() + Duration::from_secs(10);
