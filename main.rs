@@ -47,6 +47,9 @@ mod config {
     pub const DEFAULT_ACCESS_LOG: &str = "true";
     /// --probe without a URL: the readiness endpoint of an instance on the default port.
     pub const DEFAULT_PROBE_PATH: &str = "/readyz";
+    /// The longest duration any flag takes: a deadline computed from it never
+    /// overflows, and no setting needs more.
+    pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
     /// --probe gives up on a server that does not answer within this.
     pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
     /// Events kept per session for clients that resume a stream (and for messages that
@@ -58,6 +61,9 @@ mod config {
     /// whose socket has taken nothing for NOT_READING is cut (its events stay in the
     /// replay buffer). A client that reads is never cut, however far behind.
     pub const DEFAULT_STREAM_QUEUE: &str = "1024,4MiB";
+    /// The most events --stream-queue takes: a one-shot stream's queue is allocated
+    /// whole when it opens.
+    pub const MAX_STREAM_QUEUE_EVENTS: usize = 1 << 20;
     /// A shared child's connection over --stream-queue whose socket has taken nothing
     /// for this long is not reading: cut, so the other sessions on the child go on.
     pub const NOT_READING: std::time::Duration = std::time::Duration::from_secs(1);
@@ -652,10 +658,13 @@ mod config {
         let stream_queue = {
             let v = get("stream-queue");
             let (events, size) = v.split_once(',').unwrap_or((v.as_str(), "4MiB"));
-            (
-                parse_count("stream-queue", events)?.max(1),
-                parse_size("stream-queue", size)?.max(1),
-            )
+            let events = parse_count("stream-queue", events)?.max(1);
+            if events > MAX_STREAM_QUEUE_EVENTS {
+                return Err(format!(
+                    "--stream-queue: at most {MAX_STREAM_QUEUE_EVENTS} events, got {events}"
+                ));
+            }
+            (events, parse_size("stream-queue", size)?.max(1))
         };
         let mut env_pairs = Vec::new();
         for kv in list("env") {
@@ -886,7 +895,12 @@ mod config {
                 ))
             }
         };
-        Ok(Duration::from_secs_f64(secs))
+        // Deadlines are Instant::now() + a duration: one beyond MAX_DURATION would
+        // overflow (a panic) where it is used, so it is refused here.
+        Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|d| *d <= MAX_DURATION)
+            .ok_or_else(|| format!("--{flag}: {s:?} is not a duration from 0 to 10 years"))
     }
 
     /// `4MiB`, `64KiB`, `1G`, `512`; units are binary whatever their spelling.
@@ -1011,6 +1025,9 @@ mod refusal {
         HostCount,
         HeadTimeout,
         BodyTimeout,
+        /// A chunked body over TLS: the door sees only ciphertext, so it cannot bound
+        /// the chunk framing, and tiny_http's decoder does not (`http::read_body`).
+        LengthRequired,
         // ---- any endpoint (module http) ----------------------------------------------
         ShuttingDown,
         /// No bearer token, or one not configured (A-1).
@@ -1114,6 +1131,7 @@ mod refusal {
                 MethodNotAllowed { .. } => 405,
                 NotAcceptable { .. } => 406,
                 HeadTimeout | BodyTimeout => 408,
+                LengthRequired => 411,
                 NoStreamToAnswer | SecondGetStream => 409,
                 BodyTooLarge { .. } => 413,
                 UnsupportedMediaType { .. } => 415,
@@ -1144,6 +1162,7 @@ mod refusal {
                 | BadChunk(_)
                 | BadHeadBytes
                 | BadRequestLine
+                | LengthRequired
                 | HttpVersion
                 | AmbiguousFraming(_)
                 | UnknownCoding
@@ -1200,6 +1219,7 @@ mod refusal {
                 HostCount => "Bad Request: an HTTP/1.1 request needs exactly one Host header".into(),
                 HeadTimeout => "Request timeout: the request did not arrive within --read-timeout".into(),
                 BodyTimeout => "Request timeout: the body did not arrive within --read-timeout".into(),
+                LengthRequired => "Length Required: over TLS a request body needs Content-Length".into(),
                 ShuttingDown => "Server is shutting down".into(),
                 Unauthorized(TokenFault::Missing) => "Unauthorized: send Authorization: Bearer <token>".into(),
                 Unauthorized(TokenFault::Invalid) => "Unauthorized: the bearer token is not valid".into(),
@@ -1277,6 +1297,7 @@ mod refusal {
                 UnknownCoding => "unknown_transfer_coding",
                 HostCount => "bad_host_header",
                 HeadTimeout | BodyTimeout => "read_timeout",
+                LengthRequired => "length_required",
                 ShuttingDown => "shutting_down",
                 Unauthorized(_) => "unauthorized",
                 ForeignHost(_) => "foreign_host",
@@ -1340,6 +1361,7 @@ mod refusal {
                 HostCount,
                 HeadTimeout,
                 BodyTimeout,
+                LengthRequired,
                 ShuttingDown,
                 Unauthorized(TokenFault::Missing),
                 Unauthorized(TokenFault::Invalid),
@@ -1413,6 +1435,7 @@ mod refusal {
                 | HostCount
                 | HeadTimeout
                 | BodyTimeout
+                | LengthRequired
                 | ShuttingDown
                 | Unauthorized(_)
                 | ForeignHost(_)
@@ -1671,7 +1694,7 @@ mod door {
         ChunkData(u64),
         ChunkEnd(u8),
         Trailer(Vec<u8>),
-        /// TLS, or an upgraded connection: only the head-phase byte budget applies.
+        /// TLS: only the head-phase byte budget applies.
         Opaque,
     }
 
@@ -2363,9 +2386,12 @@ mod door {
     }
 
     /// Checks a whole request head and says what follows it, as tiny_http will read it:
-    /// chunked when Transfer-Encoding says so, else Content-Length, else nothing;
-    /// `Connection: upgrade` hands over the raw stream. Anything that could be framed two
-    /// ways is refused here, before tiny_http reads it (RFC 9112 §6.1, §6.3).
+    /// chunked when Transfer-Encoding says so, else Content-Length, else nothing.
+    /// `Connection: upgrade` changes nothing: we never upgrade, so the next bytes are
+    /// the next request, framed and checked like any (tiny_http reads only the first
+    /// Connection header, so trusting any would let a second one hide requests from
+    /// us). Anything that could be framed two ways is refused here, before tiny_http
+    /// reads it (RFC 9112 §6.1, §6.3).
     fn after_head(head: &[u8], l: &Limits) -> Result<Frame, Refusal> {
         // tiny_http would drop a non-ASCII head without a word, and a control byte in a
         // value could reach a child's environment (--pass-header). One pass: a CR must
@@ -2383,7 +2409,7 @@ mod door {
             .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
         let version = request_line(lines.next().unwrap_or_default())?;
         let mut n = 0;
-        let (mut hosts, mut upgrade) = (0, false);
+        let mut hosts = 0;
         let mut length: Option<u64> = None;
         let mut codings: Vec<&[u8]> = Vec::new();
         for line in lines.filter(|line| !line.is_empty()) {
@@ -2405,9 +2431,12 @@ mod door {
                         .filter(|c| !c.is_empty()),
                 );
             } else if name.eq_ignore_ascii_case(b"content-length") {
-                // A list of equal values is one value (RFC 9112 §6.3 item 5); a sign, a
-                // space or two different values are not.
-                for v in value.split(|&b| b == b',').map(|v| v.trim_ascii()) {
+                // Plain digits only: RFC 9112 §6.3 lets a recipient take a list of equal
+                // values as one, but tiny_http would read `7, 7` as no length at all and
+                // serve the body as the next request. A sign, a space or two different
+                // values are refused too.
+                {
+                    let v = value;
                     if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
                         return Err(Refusal::AmbiguousFraming(
                             "Content-Length is not a plain number",
@@ -2426,10 +2455,6 @@ mod door {
                 }
             } else if name.eq_ignore_ascii_case(b"host") {
                 hosts += 1;
-            } else if name.eq_ignore_ascii_case(b"connection")
-                && value.windows(7).any(|w| w.eq_ignore_ascii_case(b"upgrade"))
-            {
-                upgrade = true;
             }
         }
         if hosts > 1 || (hosts == 0 && version == HttpVersion::Http11) {
@@ -2460,9 +2485,6 @@ mod door {
             if codings.len() > 1 {
                 return Err(Refusal::AmbiguousFraming("chunked applied more than once"));
             }
-        }
-        if upgrade {
-            return Ok(Frame::Opaque);
         }
         if !codings.is_empty() {
             return Ok(Frame::ChunkSize(Vec::new()));
@@ -2780,14 +2802,14 @@ mod door {
             ));
             assert!(matches!(
                 ok(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, UPGRADE\r\n\r\n"),
-                Frame::Opaque
+                Frame::Head(_)
             ));
             assert!(matches!(
                 ok(b"GET http://a/ HTTP/1.0\r\n\r\n"),
                 Frame::Head(_)
             ));
             // RFC 9112: the framing a smuggler relies on, each refused.
-            let refused: [(&[u8], Refusal); 9] = [
+            let refused: [(&[u8], Refusal); 10] = [
                 (
                     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 101\r\n\r\n",
                     Refusal::BodyTooLarge {
@@ -2805,6 +2827,10 @@ mod door {
                 ),
                 (
                     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +7\r\n\r\n",
+                    Refusal::AmbiguousFraming("Content-Length is not a plain number"),
+                ),
+                (
+                    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 7, 7\r\n\r\n",
                     Refusal::AmbiguousFraming("Content-Length is not a plain number"),
                 ),
                 (
@@ -2899,6 +2925,14 @@ mod http {
             };
             if let Some(n) = self.rq.body_length().filter(|n| *n > limit) {
                 return Err(too_large(Some(n)));
+            }
+            if self.rq.secure()
+                && self.rq.body_length().is_none()
+                && self.header("Transfer-Encoding").is_some()
+            {
+                crate::door::shut(self.rq.remote_addr(), libc::SHUT_RD);
+                let refusal = Reply::from(Refusal::LengthRequired);
+                return Err(refusal.with_header("Connection", "close"));
             }
             let mut body = Vec::with_capacity(self.rq.body_length().unwrap_or(0).min(limit));
             let read = self
@@ -3153,8 +3187,12 @@ mod http {
             }
         }
         fn spawn_worker(server: Arc<tiny_http::Server>) {
+            // Counted before it starts, so two requests never both see it idle; a
+            // thread that cannot be started is no spare.
             IDLE.fetch_add(1, Ordering::AcqRel);
-            crate::spawn_thread("http", move || worker(server));
+            if !crate::spawn_thread("http", move || worker(server)) {
+                IDLE.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         for _ in 0..2 {
             spawn_worker(server.clone());
@@ -3162,10 +3200,7 @@ mod http {
     }
 
     /// Over TLS the door sees only ciphertext, so a declared body over --max-body is
-    /// refused here. tiny_http drains a declared body on drop into a buffer of the
-    /// declared size: with reading shut first that buffer stays untouched virtual memory,
-    /// but one larger than this could fail to allocate, which aborts.
-    const TLS_DRAIN_ALLOC_MAX: usize = 1 << 30;
+    /// refused here.
 
     fn refuse_tls_oversized(rq: tiny_http::Request) -> Option<tiny_http::Request> {
         let max = app().cfg.max_body;
@@ -3178,13 +3213,8 @@ mod http {
             limit: max,
         };
         app().metrics.rejected(refusal.reason());
-        if declared > TLS_DRAIN_ALLOC_MAX {
-            let who = peer.map(|p| p.to_string()).unwrap_or_default();
-            crate::log!(Warn, "connection_cut", "{who}: {declared}-byte body declared over TLS; connection closed (a few KB of tiny_http's request state are not freed)");
-            crate::door::shut(peer.as_ref(), libc::SHUT_RDWR);
-            std::mem::forget(rq);
-            return None;
-        }
+        // Reading shut first: tiny_http's drain of the body (8 KiB at a time, vendor
+        // patch 8) ends at once.
         crate::door::shut(peer.as_ref(), libc::SHUT_RD);
         Some(rq)
     }
@@ -5905,7 +5935,9 @@ mod upstream {
     fn backoff(failures: u32) -> Duration {
         let cfg = &crate::app().cfg;
         let factor = 1u32 << failures.min(16);
-        (cfg.restart_delay * factor).min(cfg.restart_delay_max)
+        cfg.restart_delay
+            .checked_mul(factor)
+            .map_or(cfg.restart_delay_max, |d| d.min(cfg.restart_delay_max))
     }
 
     pub fn start_shared() {
@@ -6314,7 +6346,7 @@ mod child {
         let p = proc_.clone();
         match pidfd(p.pid) {
             Some(exit) => {
-                crate::spawn_thread("child-watch", move || watch(child, stderr, exit, &p))
+                crate::spawn_thread("child-watch", move || watch(child, stderr, exit, &p));
             }
             None => {
                 // Linux before 5.3: no pidfd, so a thread blocks in waitid instead.
@@ -7102,6 +7134,7 @@ mod sse {
             401 => "Unauthorized",
             408 => "Request Timeout",
             409 => "Conflict",
+            411 => "Length Required",
             413 => "Content Too Large",
             415 => "Unsupported Media Type",
             431 => "Request Header Fields Too Large",
@@ -8554,18 +8587,23 @@ fn install_panic_hook() {
 }
 
 /// Idle SSE streams are threads; a small stack keeps thousands of them cheap.
-pub fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
+/// False (logged) when the system refuses a thread.
+pub fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> bool {
     const THREAD_STACK: usize = 256 * 1024;
-    if let Err(e) = std::thread::Builder::new()
+    match std::thread::Builder::new()
         .name(name.to_string())
         .stack_size(THREAD_STACK)
         .spawn(f)
     {
-        log!(
-            Error,
-            "thread_spawn_failed",
-            "cannot start a {name} thread: {e}"
-        );
+        Ok(_) => true,
+        Err(e) => {
+            log!(
+                Error,
+                "thread_spawn_failed",
+                "cannot start a {name} thread: {e}"
+            );
+            false
+        }
     }
 }
 

@@ -563,7 +563,8 @@ fn unsupported_http_versions_get_505_and_a_close() {
 /// invalid (Transfer-Encoding with Content-Length, a signed or listed Content-Length,
 /// two different Content-Lengths) gets one 400 and a close, so a request pipelined behind
 /// it is never answered; a transfer coding we do not implement gets 501 and a close.
-/// Two identical Content-Length headers are fine (§6.3 item 5 allows treating them as one).
+/// Two identical Content-Length headers are fine (§6.3 item 5 allows treating them as one,
+/// and tiny_http reads the first).
 #[test]
 fn ambiguous_body_lengths_are_refused_and_the_connection_closed() {
     let s = Server::start(&["--read-timeout", "30s"], &everything());
@@ -596,6 +597,13 @@ fn ambiguous_body_lengths_are_refused_and_the_connection_closed() {
                 mcp_head(),
                 n + 1
             ),
+            400,
+        ),
+        // A list of equal values: RFC 9112 would allow it, but tiny_http reads it as no
+        // length and would serve the body as the next request.
+        (
+            "Content-Length: N, N",
+            format!("{}Content-Length: {n}, {n}\r\n\r\n{body}", mcp_head()),
             400,
         ),
         (
@@ -676,6 +684,58 @@ fn ambiguous_body_lengths_are_refused_and_the_connection_closed() {
         )),
     }
     assert_no_failures("body framing", &failures);
+}
+
+/// Found by the panic audit of issue 14: a head the front door framed one way and
+/// tiny_http another let a smuggled request past every check of the door, and its
+/// `Content-Length: 2^60` aborted the process when tiny_http allocated a buffer of that
+/// size to drain it. Both ways in (a listed Content-Length, a second Connection header
+/// saying upgrade) now end in a refusal, the smuggled head is never served, and the
+/// server goes on.
+#[test]
+fn heads_framed_two_ways_cannot_smuggle_a_request_past_the_door() {
+    let s = Server::start(&[], &everything());
+    let smuggled =
+        "GET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1152921504606846976\r\n\r\n";
+    let n = smuggled.len();
+    let cases = [
+        (
+            "a listed Content-Length",
+            format!("POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {n}, {n}\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "a second Connection header saying upgrade",
+            format!("GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\nConnection: upgrade\r\n\r\n{smuggled}"),
+            200,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, req, first) in cases {
+        let mut c = Raw::open(&s);
+        c.write(req.as_bytes());
+        match c.response(Duration::from_secs(5)) {
+            Ok(r) if r.status == first => {}
+            Ok(r) => failures.push(format!("{name}: first answer {}", r.summary())),
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+        if first == 200 {
+            // The next head is the door's to check: its length is refused.
+            match c.response(Duration::from_secs(5)) {
+                Ok(r) if r.status == 413 => {}
+                Ok(r) => failures.push(format!("{name}: second answer {}", r.summary())),
+                Err(e) => failures.push(format!("{name}: {e}")),
+            }
+        }
+        if let Err(e) = healthz(&s) {
+            failures.push(format!("after {name}: the server does not answer: {e}"));
+        }
+    }
+    assert_no_failures("smuggling past the door", &failures);
+    assert!(
+        !s.log_text().contains("GET /nowhere"),
+        "the smuggled request was served"
+    );
 }
 
 // ---- 4. bare LF in a chunked body ----------------------------------------------------

@@ -144,7 +144,10 @@ fn choose_transfer_encoding(
             let mut parse = util::parse_header_value(value.as_str()); // TODO: remove conversion
 
             // sorting elements by most priority
-            parse.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal));
+            // stdio-sse patch (9): a total order. With a NaN q-value among 21 or more
+            // items, partial_cmp made sort_by panic ("does not implement a total order"),
+            // and this runs inside Request::drop, where a panic during unwinding aborts.
+            parse.sort_by(|a, b| b.1.total_cmp(&a.1));
 
             // trying to parse each requested encoding
             for value in parse.iter() {
