@@ -28,6 +28,14 @@ mod config {
     pub const DEFAULT_MESSAGE_PATH: &str = "/message";
     /// Largest POST body; MCP requests are small, tool arguments rarely reach 1 MiB.
     pub const DEFAULT_MAX_BODY: &str = "4MiB";
+    /// Parsed, JSON takes about 17 times its text in memory (serde_json values): a
+    /// `[0,0,…]` body of 4 MiB peaks near 70 MiB. Bodies over SMALL_BODY share this many
+    /// bytes of text being parsed at once (about 1 GiB of peak memory), so a burst of
+    /// large bodies on every connection cannot exhaust memory; beyond it they get 503.
+    pub const DEFAULT_PARSE_BUDGET: &str = "64MiB";
+    /// Bodies up to this size are parsed without asking the budget: even
+    /// --max-connections of them at once cost little.
+    pub const SMALL_BODY: usize = 64 * 1024;
     /// Largest line the child may print; beyond it the line is dropped (logged, counted)
     /// so one runaway message cannot take the bridge's memory.
     pub const DEFAULT_MAX_MESSAGE: &str = "64MiB";
@@ -229,6 +237,12 @@ mod config {
             "Origin to accept besides loopback origins (repeatable; * = any)",
         ),
         flag("max-body", "SIZE", DEFAULT_MAX_BODY, "largest request body"),
+        flag(
+            "parse-budget",
+            "SIZE",
+            DEFAULT_PARSE_BUDGET,
+            "request bodies over 64 KiB parsed at once (503 beyond)",
+        ),
         flag(
             "max-message",
             "SIZE",
@@ -432,6 +446,7 @@ mod config {
         pub allowed_hosts: Vec<String>,
         pub allowed_origins: Vec<String>,
         pub max_body: usize,
+        pub parse_budget: usize,
         pub max_message: usize,
         pub max_sessions: usize,
         pub session_idle_timeout: Option<Duration>,
@@ -775,6 +790,7 @@ mod config {
                 .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
                 .collect(),
             max_body: parse_size("max-body", &get("max-body"))?,
+            parse_budget: parse_size("parse-budget", &get("parse-budget"))?,
             max_message: parse_size("max-message", &get("max-message"))?,
             max_sessions: parse_count("max-sessions", &get("max-sessions"))?,
             session_idle_timeout: nonzero(parse_duration(
@@ -1083,6 +1099,10 @@ mod refusal {
         TooManySessions {
             limit: usize,
         },
+        /// Large bodies being parsed at once over --parse-budget.
+        ParseBudget {
+            limit: usize,
+        },
         /// Writing to the child failed: the session has ended.
         ChildNotAccepting(String),
         /// The child could not be started (its reason).
@@ -1141,6 +1161,7 @@ mod refusal {
                 TooManyConnections { .. }
                 | ShuttingDown
                 | TooManySessions { .. }
+                | ParseBudget { .. }
                 | Restarting
                 | CrashLoop(_)
                 | TooManyInFlight { .. } => 503,
@@ -1196,6 +1217,7 @@ mod refusal {
                 | LastEventIdUnknown(_)
                 | LastEventIdEvicted(_)
                 | TooManySessions { .. }
+                | ParseBudget { .. }
                 | Restarting
                 | CrashLoop(_)
                 | TooManyInFlight { .. } => -32000,
@@ -1252,6 +1274,7 @@ mod refusal {
                 LastEventIdUnknown(given) => format!("Bad Request: Last-Event-ID {given:?} names no stream of this session; it ended and left the replay buffer"),
                 LastEventIdEvicted(given) => format!("Bad Request: events after Last-Event-ID {given:?} are no longer in the replay buffer (--replay-buffer); they cannot be replayed"),
                 TooManySessions { limit } => format!("Too many sessions (--max-sessions {limit}); retry later or end a session"),
+                ParseBudget { limit } => format!("Service Unavailable: large request bodies are being parsed over --parse-budget ({limit} bytes); retry later"),
                 ChildNotAccepting(e) => format!("The server process is not accepting input ({e}); the session has ended"),
                 ChildNotStarted(why) => why.clone(),
                 Restarting => "Service Unavailable: the server process is restarting".into(),
@@ -1276,6 +1299,7 @@ mod refusal {
                 )],
                 ShuttingDown | Restarting | TooManyInFlight { .. } => retry(RETRY_SOON),
                 TooManySessions { .. } | CrashLoop(_) => retry(RETRY_LATER),
+                ParseBudget { .. } => retry(RETRY_SOON),
                 _ => Vec::new(),
             }
         }
@@ -1324,6 +1348,7 @@ mod refusal {
                     "bad_last_event_id"
                 }
                 TooManySessions { .. } | TooManyInFlight { .. } => "capacity",
+                ParseBudget { .. } => "parse_budget",
                 ChildNotAccepting(_) | ChildNotStarted(_) => "child_unavailable",
                 Restarting | CrashLoop(_) => "child_restarting",
                 OneShotQueryRequired => "query_required",
@@ -1406,6 +1431,7 @@ mod refusal {
                 LastEventIdUnknown(s()),
                 LastEventIdEvicted(s()),
                 TooManySessions { limit: 1 },
+                ParseBudget { limit: 1 },
                 ChildNotAccepting(s()),
                 ChildNotStarted(s()),
                 Restarting,
@@ -1466,6 +1492,7 @@ mod refusal {
                 | LastEventIdUnknown(_)
                 | LastEventIdEvicted(_)
                 | TooManySessions { .. }
+                | ParseBudget { .. }
                 | ChildNotAccepting(_)
                 | ChildNotStarted(_)
                 | Restarting
@@ -3407,6 +3434,34 @@ mod http {
             || host.is_some_and(|h| h.trim().eq_ignore_ascii_case(authority))
     }
 
+    /// Text of large bodies being parsed now (--parse-budget).
+    static PARSING: AtomicUsize = AtomicUsize::new(0);
+
+    /// A request body as JSON: within --parse-budget when it is large (503 beyond).
+    pub fn parse_body(body: &[u8]) -> Result<serde_json::Value, Reply> {
+        let claim = if body.len() > crate::config::SMALL_BODY {
+            body.len()
+        } else {
+            0
+        };
+        let budget = app().cfg.parse_budget;
+        let before = PARSING.fetch_add(claim, Ordering::AcqRel);
+        struct Claim(usize);
+        impl Drop for Claim {
+            fn drop(&mut self) {
+                PARSING.fetch_sub(self.0, Ordering::AcqRel);
+            }
+        }
+        let _claim = Claim(claim);
+        // One body is always parsed, however large, when nothing else is.
+        if claim > 0 && before > 0 && before + claim > budget {
+            let refusal = Refusal::ParseBudget { limit: budget };
+            app().metrics.rejected(refusal.reason());
+            return Err(refusal.into());
+        }
+        crate::message::parse(body).map_err(|e| Reply::from(Refusal::NotJson(e.to_string())))
+    }
+
     /// 406 unless the request's Accept allows what the answer will be (P-2, G-2).
     pub fn require_accept(inc: &Incoming, wanted: Wanted) -> Result<(), Reply> {
         let accept = inc.header("Accept");
@@ -3487,8 +3542,7 @@ mod http {
     pub fn read_jsonrpc_body(inc: &mut Incoming) -> Result<(Vec<serde_json::Value>, bool), Reply> {
         require_json(inc)?;
         let body = inc.read_body(app().cfg.max_body)?;
-        let value: serde_json::Value = crate::message::parse(&body)
-            .map_err(|e| Reply::from(Refusal::NotJson(e.to_string())))?;
+        let value = parse_body(&body)?;
         let (messages, batch) = match value {
             serde_json::Value::Array(items) => (items, true),
             other => (vec![other], false),
@@ -3966,9 +4020,9 @@ mod oneshot {
             return respond(inc, reply);
         }
         // Any JSON, compacted to one line (ST-1, ST-6): the program reads lines.
-        let value: serde_json::Value = match crate::message::parse(body) {
+        let value = match crate::http::parse_body(body) {
             Ok(v) => v,
-            Err(e) => return respond(inc, Refusal::NotJson(e.to_string()).into()),
+            Err(reply) => return respond(inc, reply),
         };
         crate::observe::request_messages(std::slice::from_ref(&value));
         let app = app();
