@@ -6,6 +6,30 @@
 //! front door, the three transports (Streamable HTTP, legacy HTTP+SSE, one-shot), sessions
 //! and message routing, the child process, SSE framing, observability, and last the
 //! built-in demo server that runs when no COMMAND is given.
+//!
+//! Contents (each module opens with what it owns, what it touches and its rules):
+//!
+//! | module | what it is |
+//! |---|---|
+//! | `config` | every default and limit, the flag table, parsing flags and `STDIO_SSE_*` |
+//! | `refusal` | every refusal the server gives: status, code, words, headers, reason |
+//! | `door` | the connection layer below HTTP: accept, framing, deadlines, early refusals |
+//! | `http` | the listener, workers, routing, Host/Origin/CORS, bodies, replies |
+//! | `auth` | bearer tokens and what a session inherits from its first request |
+//! | `streamable` | Streamable HTTP (2025-03-26 .. 2025-11-25): POST, GET, DELETE |
+//! | `legacy` | HTTP+SSE (2024-11-05): the `/sse` stream and its message endpoint |
+//! | `oneshot` | one child per request: body in, stdout out as SSE |
+//! | `message` | JSON-RPC shapes: classification, ids, error bodies, parsing limits |
+//! | `sessions` | sessions, streams, the replay buffer and routing to them |
+//! | `upstream` | a session's child: its own, a warm one, or a shared one with id rewriting |
+//! | `child` | spawning, reading stdout and stderr, reaping, readiness |
+//! | `ownership` | process groups, parent-death, the guardian, PID 1 duties |
+//! | `sse` | SSE framing on a connection handed over by tiny_http |
+//! | `observe` | the log, the access log, metrics |
+//! | `demo` | the built-in MCP server run when no COMMAND is given |
+//! | `memory` | a small allocation cache in front of musl's allocator |
+//!
+//! Last come `main`, the panic hook, signal handling and shutdown.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
