@@ -4,6 +4,11 @@
 #                     dist/stdio-sse, and dist/stdio-sse-tls with in-process TLS
 #   ./build.sh test   every test: cargo integration tests, then the external judges
 #   ./build.sh bench  the benchmark (BENCHMARKS.md says what it measures)
+#   ./build.sh fuzz [SECONDS]
+#                     the long fuzz and chaos runs (tests/fuzz.rs, tests/chaos.rs) of
+#                     the release build, SECONDS each (default 600; `cargo test` runs
+#                     them for 45 s). Each prints its seed first; STDIO_SSE_FUZZ_SEED=N
+#                     replays it (as far as thread timing allows)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -79,5 +84,11 @@ case "${1:-build}" in
         cargo build --release --locked --example bench
         mkdir -p .cache
         target/release/examples/bench --bin dist/stdio-sse "${@:2}" | tee .cache/bench-latest.md ;;
-    *) echo "usage: ./build.sh [build|test|bench [--quick]]" >&2; exit 2 ;;
+    fuzz)
+        # Mutated requests, resets, framing and slow clients with canaries (fuzz), and a
+        # misbehaving child SIGKILLed under clients of both transports in both modes
+        # (chaos), for SECONDS each; every failure names its seed.
+        STDIO_SSE_FUZZ_SKIP=0 STDIO_SSE_FUZZ_SECONDS=${2:-600} \
+            cargo test --release --locked --test fuzz --test chaos -- --nocapture ;;
+    *) echo "usage: ./build.sh [build|test|bench [--quick]|fuzz [SECONDS]]" >&2; exit 2 ;;
 esac

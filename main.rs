@@ -1054,6 +1054,8 @@ mod refusal {
         BadHeadBytes,
         /// Not `METHOD SP target SP HTTP/x.y` (RFC 9112 §3).
         BadRequestLine,
+        /// A header line that is not `name: value` (RFC 9112 §5); the reason says how.
+        BadHeaderLine(&'static str),
         /// HTTP/2, HTTP/3 (and their preface): HTTP/1.0 and 1.1 only.
         HttpVersion,
         /// Content-Length and Transfer-Encoding that could frame the body two ways
@@ -1066,7 +1068,7 @@ mod refusal {
         HeadTimeout,
         BodyTimeout,
         /// A chunked body over TLS: the door sees only ciphertext, so it cannot bound
-        /// the chunk framing, and tiny_http's decoder does not (`http::read_body`).
+        /// the chunk framing, and tiny_http's decoder does not (`http::handle`).
         LengthRequired,
         // ---- any endpoint (module http) ----------------------------------------------
         ShuttingDown,
@@ -1149,6 +1151,7 @@ mod refusal {
                 BadChunk(_)
                 | BadHeadBytes
                 | BadRequestLine
+                | BadHeaderLine(_)
                 | AmbiguousFraming(_)
                 | HostCount
                 | UnreadableBody(_)
@@ -1207,6 +1210,7 @@ mod refusal {
                 | BadChunk(_)
                 | BadHeadBytes
                 | BadRequestLine
+                | BadHeaderLine(_)
                 | LengthRequired
                 | HttpVersion
                 | AmbiguousFraming(_)
@@ -1259,6 +1263,7 @@ mod refusal {
                 BadChunk(why) => format!("Bad Request: malformed chunked body ({why})"),
                 BadHeadBytes => "Bad Request: the request head holds bytes that are not printable ASCII".into(),
                 BadRequestLine => "Bad Request: the request line is not METHOD SP target SP HTTP/1.x".into(),
+                BadHeaderLine(why) => format!("Bad Request: {why}"),
                 HttpVersion => "HTTP Version Not Supported: only HTTP/1.0 and HTTP/1.1 are served".into(),
                 AmbiguousFraming(why) => format!("Bad Request: {why}"),
                 UnknownCoding => "Not Implemented: the only transfer coding accepted is chunked".into(),
@@ -1340,6 +1345,7 @@ mod refusal {
                 BadChunk(_) => "bad_chunked_body",
                 BadHeadBytes => "bad_header_bytes",
                 BadRequestLine => "bad_request_line",
+                BadHeaderLine(_) => "bad_header_line",
                 HttpVersion => "unsupported_http_version",
                 AmbiguousFraming(_) => "bad_framing",
                 UnknownCoding => "unknown_transfer_coding",
@@ -1404,6 +1410,7 @@ mod refusal {
                 BadChunk("x"),
                 BadHeadBytes,
                 BadRequestLine,
+                BadHeaderLine("x"),
                 HttpVersion,
                 AmbiguousFraming("x"),
                 UnknownCoding,
@@ -1479,6 +1486,7 @@ mod refusal {
                 | BadChunk(_)
                 | BadHeadBytes
                 | BadRequestLine
+                | BadHeaderLine(_)
                 | HttpVersion
                 | AmbiguousFraming(_)
                 | UnknownCoding
@@ -1711,6 +1719,8 @@ mod door {
         /// Where in the bytes of the current read the head now arriving began (0 when
         /// it began in an earlier read).
         head_at: usize,
+        /// Of the head now arriving: the bytes and lines already checked (`check_lines`).
+        head_checked: (usize, usize),
         /// Our own descriptor of the socket, taken when a cut must wait for its handler:
         /// by the time the handler leaves, tiny_http may have closed `fd` and the number
         /// may name another client's connection. Closed with the entry.
@@ -1984,6 +1994,7 @@ mod door {
                     deferred: None,
                     ended: 0,
                     head_at: 0,
+                    head_checked: (0, 0),
                 },
             );
             if let Some(d) = deadline {
@@ -2184,10 +2195,7 @@ mod door {
             // Requests handed over but not yet taken by a handler count as unanswered
             // until --read-timeout passes without one being taken.
             let mut progress = (0, Instant::now());
-            loop {
-                let Some(c) = g.as_ref().and_then(|t| t.conns.get(&ino)) else {
-                    break;
-                };
+            while let Some(c) = g.as_ref().and_then(|t| t.conns.get(&ino)) {
                 if c.active == 0 && c.ended >= before {
                     break;
                 }
@@ -2293,10 +2301,14 @@ mod door {
                         None if buf.len() > l.max_head => {
                             return Err(Refusal::HeadTooLarge { limit: l.max_head })
                         }
-                        None => i += piece.len(),
+                        None => {
+                            i += piece.len();
+                            c.head_checked = check_lines(buf, c.head_checked, l)?;
+                        }
                         Some(p) => {
                             let end = from + p + 4;
                             i += end - old;
+                            c.head_checked = (0, 0);
                             let head = std::mem::take(buf);
                             c.frame = after_head(&head[..end], l)?;
                             c.heads += 1;
@@ -2368,24 +2380,23 @@ mod door {
                     i += 1;
                 }
                 Frame::Trailer(buf) => {
-                    // Trailer lines, each ending in CRLF, then an empty line.
-                    let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
-                        buf.extend_from_slice(rest);
-                        if buf.len() > l.max_head {
-                            return Err(Refusal::HeadTooLarge { limit: l.max_head });
+                    // Only an empty trailer section (CRLF): tiny_http's decoder reads no
+                    // trailer fields, so it would take any for the next request while we
+                    // took them for this body's end (RFC 9112 §7.1.2 lets us refuse them).
+                    match (buf.len(), rest[0]) {
+                        (0, b'\r') => buf.push(b'\r'),
+                        (1, b'\n') => {
+                            buf.clear();
+                            body_done(c, l);
                         }
-                        return Ok(());
-                    };
-                    buf.extend_from_slice(&rest[..nl]);
-                    i += nl + 1;
-                    if buf.last() != Some(&b'\r') {
-                        return Err(Refusal::BadChunk("a trailer line not ended by CRLF"));
+                        (0, _) => {
+                            return Err(Refusal::BadChunk(
+                                "trailer fields after the last chunk are not accepted",
+                            ))
+                        }
+                        _ => return Err(Refusal::BadChunk("the last chunk not followed by CRLF")),
                     }
-                    let line_empty = buf.len() == 1;
-                    buf.clear();
-                    if line_empty {
-                        body_done(c, l);
-                    }
+                    i += 1;
                 }
             }
         }
@@ -2470,6 +2481,7 @@ mod door {
                     limit: l.max_headers,
                 });
             }
+            header_line(line)?;
             let Some(colon) = line.iter().position(|&b| b == b':') else {
                 continue;
             };
@@ -2559,6 +2571,58 @@ mod door {
     /// `METHOD SP request-target SP HTTP-version` (RFC 9112 §3): a token, an origin-,
     /// absolute- or asterisk-form target, and HTTP/1.0 or 1.1. Any other `HTTP/d.d`
     /// (2.0, 3.0, the HTTP/2 preface) is 505; anything else 400.
+    /// The complete lines of a head still arriving, checked as they come: tiny_http acts
+    /// on each line as soon as it ends (a bad one got tiny_http's bare 400, in whatever
+    /// version the client named), so each must pass here before tiny_http sees it.
+    /// `(from, lines)`: the bytes and lines already checked; returns the new pair.
+    fn check_lines(
+        buf: &[u8],
+        (from, mut lines): (usize, usize),
+        l: &Limits,
+    ) -> Result<(usize, usize), Refusal> {
+        let mut at = from;
+        while let Some(nl) = buf[at..].iter().position(|&b| b == b'\n') {
+            check_line(&buf[at..at + nl + 1], lines)?;
+            if lines > l.max_headers {
+                return Err(Refusal::TooManyHeaders {
+                    limit: l.max_headers,
+                });
+            }
+            at += nl + 1;
+            lines += 1;
+        }
+        Ok((at, lines))
+    }
+
+    /// One head line with its line end; `index` 0 is the request line.
+    fn check_line(line: &[u8], index: usize) -> Result<(), Refusal> {
+        let Some(text) = line.strip_suffix(b"\r\n") else {
+            return Err(Refusal::BadHeadBytes);
+        };
+        if text.iter().any(|&b| b >= 0x7f || (b < 0x20 && b != b'\t')) {
+            return Err(Refusal::BadHeadBytes);
+        }
+        if index == 0 {
+            return request_line(text).map(|_| ());
+        }
+        header_line(text)
+    }
+
+    /// RFC 9112 §5: `name: value`; a line folded onto the one before (§5.2, obsolete) or
+    /// one without a colon is refused.
+    fn header_line(text: &[u8]) -> Result<(), Refusal> {
+        if matches!(text.first(), Some(b' ' | b'\t')) {
+            return Err(Refusal::BadHeaderLine("a folded header line (obs-fold)"));
+        }
+        match text.iter().position(|&b| b == b':') {
+            Some(colon) if colon > 0 && !text[colon - 1].is_ascii_whitespace() => Ok(()),
+            Some(_) => Err(Refusal::BadHeaderLine(
+                "a header name that is empty or ends in a space",
+            )),
+            None => Err(Refusal::BadHeaderLine("a header line without a colon")),
+        }
+    }
+
     fn request_line(line: &[u8]) -> Result<HttpVersion, Refusal> {
         let mut parts = line.split(|&b| b == b' ');
         let (Some(method), Some(target), Some(version), None) =
@@ -2977,14 +3041,6 @@ mod http {
             if let Some(n) = self.rq.body_length().filter(|n| *n > limit) {
                 return Err(too_large(Some(n)));
             }
-            if self.rq.secure()
-                && self.rq.body_length().is_none()
-                && self.header("Transfer-Encoding").is_some()
-            {
-                crate::door::shut(self.rq.remote_addr(), libc::SHUT_RD);
-                let refusal = Reply::from(Refusal::LengthRequired);
-                return Err(refusal.with_header("Connection", "close"));
-            }
             let mut body = Vec::with_capacity(self.rq.body_length().unwrap_or(0).min(limit));
             let read = self
                 .rq
@@ -3252,7 +3308,6 @@ mod http {
 
     /// Over TLS the door sees only ciphertext, so a declared body over --max-body is
     /// refused here.
-
     fn refuse_tls_oversized(rq: tiny_http::Request) -> Option<tiny_http::Request> {
         let max = app().cfg.max_body;
         let Some(declared) = rq.body_length().filter(|n| *n > max && rq.secure()) else {
@@ -3295,6 +3350,13 @@ mod http {
             cors: None,
             target_host,
         };
+        if inc.rq.secure() && inc.header("Transfer-Encoding").is_some() {
+            // The door sees only ciphertext, so it cannot bound chunk framing, and
+            // tiny_http's decoder does not: no chunked body is read over TLS.
+            crate::door::shut(inc.rq.remote_addr(), libc::SHUT_RD);
+            let refusal = Reply::from(Refusal::LengthRequired);
+            return respond(inc, refusal.with_header("Connection", "close"));
+        }
         if let Err(reply) = check_host_and_origin(&inc) {
             return respond(inc, reply);
         }

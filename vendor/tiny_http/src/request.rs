@@ -173,17 +173,10 @@ where
         }
     };
 
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
+    // stdio-sse patch (11): stdio-sse never upgrades a connection, so a request saying
+    // `Connection: upgrade` has its body framed like any other. Handing it the raw stream
+    // as its body left its handler reading a body that never ends, with no deadline.
+    let connection_upgrade = false;
 
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
@@ -220,7 +213,12 @@ where
     } else if transfer_encoding.is_some() {
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
+        // stdio-sse patch (10): a chunked body nobody read is drained when the request
+        // goes, as EqualReader does for a Content-Length one; left in the buffer, its
+        // bytes were parsed as the next request (smuggling). stdio-sse's front door
+        // bounds the body's size and time.
+        Box::new(FusedReader::new(DrainOnDrop::new(Decoder::new(source_data))))
+            as Box<dyn Read + Send + 'static>
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
@@ -496,6 +494,40 @@ impl Drop for Request {
                 sender.send(()).ok(); // stdio-sse patch (5)
             }
         }
+    }
+}
+
+/// stdio-sse patch (10): reads what is left of a body when dropped. Once the body has
+/// ended (or failed) nothing more is read: a chunked decoder read past its end would take
+/// the next request's bytes for another chunk.
+struct DrainOnDrop<R: Read> {
+    inner: R,
+    ended: bool,
+}
+
+impl<R: Read> DrainOnDrop<R> {
+    fn new(inner: R) -> Self {
+        DrainOnDrop { inner, ended: false }
+    }
+}
+
+impl<R: Read> Read for DrainOnDrop<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.ended {
+            return Ok(0);
+        }
+        let r = self.inner.read(buf);
+        if !matches!(r, Ok(n) if n > 0 || buf.is_empty()) {
+            self.ended = true;
+        }
+        r
+    }
+}
+
+impl<R: Read> Drop for DrainOnDrop<R> {
+    fn drop(&mut self) {
+        let mut scratch = [0u8; 8192];
+        while matches!(self.read(&mut scratch), Ok(n) if n > 0) {}
     }
 }
 
