@@ -1784,8 +1784,19 @@ fn a_reset_connections_handler_never_touches_a_new_connection_on_its_port() {
     assert_eq!(head.status, 200, "{}", head.head);
     a.reset();
     // B: the same port, a valid call whose body arrives in two writes, around A's end.
+    // The kernel may hold A's port for a moment after the reset (EADDRNOTAVAIL).
+    let until = Instant::now() + Duration::from_secs(5);
+    let b_socket = loop {
+        match connect_from(&sa, port) {
+            Ok(b) => break b,
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("connect B from A's port {port}: {e}"),
+        }
+    };
     let mut b = Http {
-        s: connect_from(&sa, port).expect("connect B from A's port"),
+        s: b_socket,
         buf: Vec::new(),
         end: None,
     };
