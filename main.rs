@@ -989,6 +989,60 @@ mod config {
         out.push_str("  -h, --help                      this text\n  -V, --version                   print the version\n");
         out
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn run(args: &[&str]) -> Result<Config, String> {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            match parse(&args, &|_| None)? {
+                Parsed::Run(cfg) => Ok(*cfg),
+                _ => Err("not a run".into()),
+            }
+        }
+
+        #[test]
+        fn sizes_are_binary_whatever_their_spelling() {
+            assert_eq!(parse_size("x", "512"), Ok(512));
+            assert_eq!(parse_size("x", "4MiB"), Ok(4 << 20));
+            assert_eq!(parse_size("x", "64KiB"), Ok(64 << 10));
+            assert_eq!(parse_size("x", "1G"), Ok(1 << 30));
+            assert!(parse_size("x", "4 lots").is_err());
+            assert!(parse_size("x", "").is_err());
+        }
+
+        #[test]
+        fn durations_take_units_and_stay_within_ten_years() {
+            assert_eq!(parse_duration("x", "30"), Ok(Duration::from_secs(30)));
+            assert_eq!(parse_duration("x", "500ms"), Ok(Duration::from_millis(500)));
+            assert_eq!(parse_duration("x", "5m"), Ok(Duration::from_secs(300)));
+            assert_eq!(parse_duration("x", "1.5h"), Ok(Duration::from_secs(5400)));
+            for bad in ["1e30", "99999999999999999999", "-1s", "5 fortnights", "NaN"] {
+                assert!(parse_duration("x", bad).is_err(), "{bad}");
+            }
+        }
+
+        #[test]
+        fn flags_override_their_variables_and_refuse_what_would_do_nothing() {
+            let cfg = run(&["--stream-queue", "16", "--", "cat"]).unwrap();
+            assert_eq!(cfg.stream_queue, (16, 4 << 20));
+            assert!(run(&["--stream-queue", "2000000", "--", "cat"]).is_err());
+            assert!(
+                run(&["--children", "2", "--", "cat"]).is_err(),
+                "--children outside shared"
+            );
+            assert!(run(&["--warm", "1", "--mode", "shared", "--", "cat"]).is_err());
+            let env = |k: &str| (k == "STDIO_SSE_MAX_BODY").then(|| "1KiB".to_string());
+            let args: Vec<String> = ["--max-body", "2KiB", "--", "cat"]
+                .map(String::from)
+                .to_vec();
+            let Ok(Parsed::Run(cfg)) = parse(&args, &env) else {
+                panic!("parse")
+            };
+            assert_eq!(cfg.max_body, 2048, "the flag wins over its variable");
+        }
+    }
 }
 
 // ======================================================================================
@@ -3666,6 +3720,71 @@ mod http {
         crate::observe::request_messages(&messages);
         Ok((messages, batch))
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn cfg(args: &[&str]) -> config::Config {
+            let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            all.extend(["--".to_string(), "cat".to_string()]);
+            match config::parse(&all, &|_| None) {
+                Ok(config::Parsed::Run(c)) => *c,
+                _ => panic!("config"),
+            }
+        }
+
+        #[test]
+        fn absolute_form_targets_stand_for_their_host() {
+            assert_eq!(origin_form("/mcp?x=1"), (None, "/mcp?x=1".into()));
+            assert_eq!(
+                origin_form("http://127.0.0.1:8000/healthz"),
+                (Some("127.0.0.1:8000".into()), "/healthz".into())
+            );
+            assert_eq!(
+                origin_form("HTTPS://u@a.example?q"),
+                (Some("a.example".into()), "/?q".into())
+            );
+        }
+
+        #[test]
+        fn hosts_and_origins_are_loopback_unless_listed() {
+            let c = cfg(&[]);
+            for h in ["127.0.0.1:8000", "localhost", "[::1]:8000", "127.1.2.3"] {
+                assert!(host_allowed(h, &c), "{h}");
+            }
+            assert!(!host_allowed("evil.example", &c));
+            assert!(!host_allowed("evil.example:8000", &c));
+            let listed = cfg(&["--allowed-host", "mcp.example"]);
+            assert!(host_allowed("mcp.example:443", &listed));
+            assert!(origin_allowed("http://localhost:3000", None, &c));
+            assert!(!origin_allowed("https://evil.example", None, &c));
+            assert!(origin_allowed(
+                "https://mcp.example",
+                Some("mcp.example"),
+                &c
+            ));
+            assert!(!origin_allowed("null", None, &c));
+        }
+
+        #[test]
+        fn media_types_honour_wildcards_and_parameters() {
+            assert!(accepts(None, "text/event-stream"));
+            assert!(accepts(Some("*/*"), "application/json"));
+            assert!(accepts(Some("text/*;q=0.5"), "text/event-stream"));
+            assert!(accepts(
+                Some("application/json, text/event-stream"),
+                "text/event-stream"
+            ));
+            assert!(!accepts(Some("text/html"), "application/json"));
+            assert!(is_json_content_type(Some(
+                "application/json; charset=utf-8"
+            )));
+            assert!(!is_json_content_type(Some("text/plain")));
+            assert!(!is_json_content_type(None));
+            assert_eq!(percent_decode("a%20b+c%2"), "a b c%2");
+        }
+    }
 }
 
 // ======================================================================================
@@ -3944,7 +4063,11 @@ mod streamable {
         crate::observe::response_status(200);
         match crate::http::open_sse(inc, headers, crate::http::Lifetime::Request) {
             Ok(stream) => crate::sse::pump(stream, attached, session),
-            Err(_) => session.detach(attached.stream, attached.conn_id, false),
+            Err(_) => session.detach(
+                attached.stream,
+                attached.conn_id,
+                sessions::Delivery::Partial,
+            ),
         }
     }
 
@@ -3971,7 +4094,11 @@ mod streamable {
         crate::observe::response_status(200);
         match crate::http::open_sse(inc, Vec::new(), crate::http::Lifetime::Standing) {
             Ok(stream) => crate::sse::pump(stream, attached, &session),
-            Err(_) => session.detach(attached.stream, attached.conn_id, false),
+            Err(_) => session.detach(
+                attached.stream,
+                attached.conn_id,
+                sessions::Delivery::Partial,
+            ),
         }
     }
 
@@ -4324,6 +4451,74 @@ mod message {
         }
         serde_json::json!({"jsonrpc": "2.0", "id": id, "error": error}).to_string()
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use serde_json::json;
+
+        #[test]
+        fn messages_are_classified_by_shape() {
+            let kinds = [
+                (
+                    json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}),
+                    "request",
+                ),
+                (
+                    json!({"jsonrpc": "2.0", "method": "notifications/x"}),
+                    "notification",
+                ),
+                (
+                    json!({"jsonrpc": "2.0", "id": "a", "result": {}}),
+                    "response",
+                ),
+                (
+                    json!({"jsonrpc": "2.0", "id": 1, "error": {"code": 1}}),
+                    "response",
+                ),
+                (
+                    json!({"jsonrpc": "2.0", "id": 1, "result": {}, "error": {}}),
+                    "invalid",
+                ),
+                (
+                    json!({"jsonrpc": "1.0", "id": 1, "method": "ping"}),
+                    "invalid",
+                ),
+                (
+                    json!({"jsonrpc": "2.0", "id": [1], "method": "ping"}),
+                    "invalid",
+                ),
+                (json!({"jsonrpc": "2.0", "method": 7}), "invalid"),
+                (json!([1, 2]), "invalid"),
+            ];
+            for (v, want) in kinds {
+                let got = match classify(&v) {
+                    Kind::Request { .. } => "request",
+                    Kind::Notification { .. } => "notification",
+                    Kind::Response { .. } => "response",
+                    Kind::Invalid(_) => "invalid",
+                };
+                assert_eq!(got, want, "{v}");
+            }
+        }
+
+        #[test]
+        fn ids_must_come_back_exactly() {
+            let ok = |v: Value, c| id_allowed(&v, c);
+            assert!(ok(json!("x"), IdCarrier::Child));
+            assert!(ok(json!(MAX_SAFE_ID), IdCarrier::Child));
+            assert!(ok(json!(-(MAX_SAFE_ID as i64)), IdCarrier::Child));
+            assert!(!ok(json!(MAX_SAFE_ID + 1), IdCarrier::Child));
+            assert!(ok(json!(MAX_SAFE_ID + 1), IdCarrier::Bridge));
+            assert!(ok(json!(u64::MAX), IdCarrier::Bridge));
+            for c in [IdCarrier::Child, IdCarrier::Bridge] {
+                assert!(!ok(json!(1.5), c));
+                assert!(!ok(serde_json::from_str("1e3").unwrap(), c));
+                assert!(!ok(json!(null), c));
+            }
+            assert_ne!(id_key(&json!(1)), id_key(&json!("1")));
+        }
+    }
 }
 
 // ======================================================================================
@@ -4499,6 +4694,14 @@ mod sessions {
         id: u64,
         tx: Sender<Frame>,
         link: Arc<Link>,
+    }
+
+    /// How a stream writer's connection ended: with the POST stream's last response
+    /// written and the response ended cleanly (nothing to keep for a resume), or not.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub enum Delivery {
+        Whole,
+        Partial,
     }
 
     /// What a stream writer needs to start.
@@ -4989,10 +5192,10 @@ mod sessions {
             }
         }
 
-        /// The writer of a connection is done with it. `delivered`: it wrote the POST
-        /// stream's last response and ended the response cleanly, so the client has
+        /// The writer of a connection is done with it. `Delivery::Whole`: it wrote the
+        /// POST stream's last response and ended the response cleanly, so the client has
         /// every event and none needs keeping for a resume.
-        pub fn detach(&self, stream: u64, conn_id: u64, delivered: bool) {
+        pub fn detach(&self, stream: u64, conn_id: u64, delivery: Delivery) {
             let mut r = self.routing.locked();
             let Some(s) = r.streams.get_mut(&stream) else {
                 return;
@@ -5000,7 +5203,7 @@ mod sessions {
             if s.conn.as_ref().is_some_and(|c| c.id == conn_id) {
                 s.conn = None;
             }
-            if delivered && s.done {
+            if delivery == Delivery::Whole && s.done {
                 r.forget_events(stream);
             }
             let Some(s) = r.streams.get(&stream) else {
@@ -5241,7 +5444,7 @@ mod sessions {
     /// to the GET stream when `aside` (a shared child's notification about other work).
     pub fn route_value(session: &Arc<Session>, json: String, value: &Value, aside: bool) {
         let app = crate::app();
-        app.metrics.message(false, value);
+        app.metrics.message(crate::observe::Way::ToClient, value);
         let tag = session.tag.as_str();
         match classify(value) {
             Kind::Response { id } => {
@@ -5548,7 +5751,7 @@ mod upstream {
             if !self.shared {
                 for m in messages {
                     self.child.send_message(m)?;
-                    app.metrics.message(true, m);
+                    app.metrics.message(crate::observe::Way::ToChild, m);
                 }
                 return Ok(());
             }
@@ -5565,7 +5768,7 @@ mod upstream {
             }
             for m in &to_child {
                 self.child.send_message(m)?;
-                app.metrics.message(true, m);
+                app.metrics.message(crate::observe::Way::ToChild, m);
             }
             Ok(())
         }
@@ -6637,7 +6840,9 @@ mod child {
             buf.clear();
             match read_line_limited(&mut reader, &mut buf, max) {
                 Ok(LineRead::Line) => {
-                    crate::app().metrics.child_bytes(false, buf.len() + 1);
+                    crate::app()
+                        .metrics
+                        .child_bytes(crate::observe::Way::ToClient, buf.len() + 1);
                     if buf.ends_with(b"\r") {
                         buf.pop();
                     }
@@ -6806,7 +7011,9 @@ mod child {
                 crate::log!(Debug, "message", session = self.tag.as_str(), direction = "to_child"; "{body}");
             }
             framed.push(b'\n');
-            crate::app().metrics.child_bytes(true, framed.len());
+            crate::app()
+                .metrics
+                .child_bytes(crate::observe::Way::ToChild, framed.len());
             let mut guard = self.stdin.locked();
             let stdin = guard.as_mut().ok_or_else(|| {
                 std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stdin closed")
@@ -6971,6 +7178,29 @@ mod child {
             .filter(|d| !d.is_empty())
             .map(|d| std::path::Path::new(d).join(program))
             .find(|p| executable(p))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_line_over_the_limit_is_consumed_and_reported_not_buffered() {
+            let input = b"short\nthis one is far too long\nok\nlast without newline";
+            let mut r = std::io::BufReader::with_capacity(4, &input[..]);
+            let mut buf = Vec::new();
+            let mut seen = Vec::new();
+            loop {
+                buf.clear();
+                match read_line_limited(&mut r, &mut buf, 10).unwrap() {
+                    LineRead::Line => seen.push(String::from_utf8(buf.clone()).unwrap()),
+                    LineRead::TooLong(n) => seen.push(format!("<{n} bytes>")),
+                    LineRead::Eof => break,
+                }
+                assert!(buf.len() <= 10);
+            }
+            assert_eq!(seen, ["short", "<24 bytes>", "ok", "<20 bytes>"]);
+        }
     }
 }
 
@@ -7482,22 +7712,26 @@ mod sse {
                 }
             }
         };
-        let delivered = if done {
+        let delivery = if done {
             let ended = stream.finish().is_ok();
             if ended {
                 session.touch();
             }
-            ended && finished && post
+            if ended && finished && post {
+                crate::sessions::Delivery::Whole
+            } else {
+                crate::sessions::Delivery::Partial
+            }
         } else {
             crate::log!(
                 Debug,
                 "stream_closed",
                 session = session.tag; "client closed stream {}",
                 a.stream);
-            false
+            crate::sessions::Delivery::Partial
         };
         a.link.close();
-        session.detach(a.stream, a.conn_id, delivered);
+        session.detach(a.stream, a.conn_id, delivery);
     }
 }
 
@@ -8001,14 +8235,21 @@ mod observe {
         Some((pages * page, fds, threads))
     }
 
+    /// Which way a message or byte went (the index of its counters).
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub enum Way {
+        ToChild = 0,
+        ToClient = 1,
+    }
+
     impl Metrics {
         pub fn http_response(&self, route: Route, method: &str, status: u16) {
             let class = (status / 100).clamp(1, 5) as usize - 1;
             let cell = (route as usize * METHODS.len() + method_index(method)) * 5 + class;
             self.http[cell].fetch_add(1, Ordering::Relaxed);
         }
-        /// A JSON-RPC message relayed: `to_child` false means to the client.
-        pub fn message(&self, to_child: bool, value: &serde_json::Value) {
+        /// A JSON-RPC message relayed.
+        pub fn message(&self, way: Way, value: &serde_json::Value) {
             let kind = match crate::message::classify(value) {
                 crate::message::Kind::Request { .. } => 0,
                 crate::message::Kind::Notification { .. } => 1,
@@ -8016,14 +8257,14 @@ mod observe {
                 crate::message::Kind::Response { .. } => 2,
                 crate::message::Kind::Invalid(_) => return,
             };
-            self.messages[usize::from(!to_child)][kind].fetch_add(1, Ordering::Relaxed);
+            self.messages[way as usize][kind].fetch_add(1, Ordering::Relaxed);
         }
         fn bytes(&self, direction: usize, n: usize) {
             self.http_bytes[direction].fetch_add(n as u64, Ordering::Relaxed);
         }
-        /// Bytes on the child's pipes: `to_child` false means read from its stdout.
-        pub fn child_bytes(&self, to_child: bool, n: usize) {
-            self.child_bytes[usize::from(!to_child)].fetch_add(n as u64, Ordering::Relaxed);
+        /// Bytes on the child's pipes: written to its stdin, or read from its stdout.
+        pub fn child_bytes(&self, way: Way, n: usize) {
+            self.child_bytes[way as usize].fetch_add(n as u64, Ordering::Relaxed);
         }
         /// From a client's request to the child's response.
         pub fn request_latency(&self, d: Duration) {
