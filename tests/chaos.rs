@@ -18,6 +18,8 @@
 //! The seed (STDIO_SSE_FUZZ_SEED, else the clock) is printed first and drives the clients'
 //! choices, the kills and the child's own randomness (CHAOS_SEED). STDIO_SSE_FUZZ_SKIP=1
 //! skips the run. `./build.sh fuzz [SECONDS]` runs this and tests/fuzz.rs longer.
+//!
+//! Rules: RB-6, RB-8, OP-1, ST-5, ST-7 (README, "Rules of our own").
 
 mod stress;
 use serde_json::json;

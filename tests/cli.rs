@@ -4,6 +4,7 @@ mod common;
 use common::*;
 use std::process::Command;
 
+/// Rules: OP-8.
 #[test]
 fn help_lists_every_flag_with_its_variable() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
@@ -42,6 +43,7 @@ fn help_lists_every_flag_with_its_variable() {
         .starts_with("stdio-sse "));
 }
 
+/// Rules: OP-8.
 #[test]
 fn mistakes_exit_2_with_a_reason() {
     for (args, needle) in [
@@ -95,6 +97,7 @@ fn mistakes_exit_2_with_a_reason() {
 }
 
 /// Variables configure like flags; --env reaches the child; no COMMAND runs the demo.
+/// Rules: OP-8.
 #[test]
 fn variables_configure_and_demo_server_runs() {
     let s = Server::start_env(&[], &[], &[("STDIO_SSE_MCP_PATH", "/rpc")]);

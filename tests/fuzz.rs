@@ -35,6 +35,8 @@
 //! The seed (STDIO_SSE_FUZZ_SEED, else the clock) is printed first; the same seed makes the
 //! same requests, though thread timing makes their interleaving differ. STDIO_SSE_FUZZ_SKIP=1
 //! skips the run. `./build.sh fuzz [SECONDS]` runs this and tests/chaos.rs longer.
+//!
+//! Rules: RB-1, RB-2, RB-3, RB-6, RB-7 (README, "Rules of our own").
 
 mod stress;
 use serde_json::{json, Value};

@@ -4,6 +4,8 @@
 //!
 //! Every response here is read with an overall deadline, so a server that stays silent
 //! fails the test at its bound instead of hanging it.
+//!
+//! Rules: RB-1, RB-3, RB-6, RB-7, RB-8 (README, "Rules of our own").
 
 mod common;
 use common::*;

@@ -9,6 +9,7 @@ fn oneshot(args: &[&str]) -> Server {
 }
 
 /// The exchange from the issue, byte for byte, as `curl -N` sends it (Accept: */*).
+/// Rules: OS-1, ST-1.
 #[test]
 fn issue_exchange_byte_for_byte() {
     let s = Server::start(
@@ -31,6 +32,7 @@ fn issue_exchange_byte_for_byte() {
 }
 
 /// Every stdout line is an event, in order; GET ?request= does the same for EventSource.
+/// Rules: OS-1.
 #[test]
 fn every_line_streams_and_get_works_too() {
     let s = oneshot(&["lines", "5"]);
@@ -59,6 +61,7 @@ fn every_line_streams_and_get_works_too() {
 }
 
 /// A non-zero exit ends the stream with `event: error` carrying the status and stderr.
+/// Rules: OS-2.
 #[test]
 fn failure_ends_with_an_error_event() {
     let s = oneshot(&["fail"]);
@@ -76,6 +79,7 @@ fn failure_ends_with_an_error_event() {
 }
 
 /// A client disconnect kills the child's whole process group.
+/// Rules: OS-3.
 #[test]
 fn client_disconnect_kills_the_process_group() {
     let s = oneshot(&["hang"]);

@@ -41,6 +41,7 @@ fn gone_within(pid: i32, within: Duration) -> bool {
 /// The test: SIGKILL stdio-sse while it has five sessions; within a second no
 /// child or grandchild remains (PR_SET_PDEATHSIG for the children, the guardian for the
 /// process groups their children live in).
+/// Rules: OP-1.
 #[test]
 fn sigkill_leaves_no_child_or_grandchild() {
     let mut s = Server::start(&[], &everything());
@@ -75,6 +76,7 @@ fn sigkill_leaves_no_child_or_grandchild() {
 
 /// Without SIGKILL the guardian has nothing to do: a clean exit tells it no group is
 /// left, and it leaves quietly.
+/// Rules: OP-1.
 #[test]
 fn clean_exit_leaves_the_guardian_nothing_to_kill() {
     let mut s = Server::start(&[], &everything());
@@ -93,6 +95,7 @@ fn clean_exit_leaves_the_guardian_nothing_to_kill() {
 
 /// As PID 1 of a PID namespace (a container with no init), stdio-sse reaps the orphans
 /// that are reparented to it and passes SIGTERM on to the graceful shutdown.
+/// Rules: OP-2.
 #[test]
 fn pid1_reaps_orphans_and_forwards_sigterm() {
     let dir = scratch_dir("pid1");
@@ -199,6 +202,7 @@ fn pid1_reaps_orphans_and_forwards_sigterm() {
 
 /// --exit-with-parent: when the script that started stdio-sse dies, stdio-sse ends its
 /// children in order and exits.
+/// Rules: OP-3.
 #[test]
 fn exit_with_parent_follows_the_parent() {
     let mut wrapper = vec!["sh", "-c", "\"$@\" & wait", "sh", BIN];
@@ -218,6 +222,7 @@ fn exit_with_parent_follows_the_parent() {
 }
 
 /// A second SIGTERM during the grace period ends the children at once.
+/// Rules: OP-4, ST-7.
 #[test]
 fn second_sigterm_kills_children_at_once() {
     let stubborn = vec![
@@ -252,6 +257,7 @@ fn json_lines(s: &Server) -> Vec<Value> {
 /// log carries method, path, status, duration, the session and the JSON-RPC method and
 /// id; child stderr comes with its session and `source: child`; bodies at debug stop at
 /// 1 KiB; and no secret is ever printed, at any level.
+/// Rules: OP-5.
 #[test]
 fn json_logs_carry_fields_and_no_secrets() {
     let token = "tok-SECRET-7f3a9c";
@@ -371,6 +377,7 @@ fn json_logs_carry_fields_and_no_secrets() {
 
 /// The default text format, and --access-log=false: no access lines, but refusals are
 /// still logged with their reason.
+/// Rules: OP-5.
 #[test]
 fn text_logs_and_access_log_off() {
     let s = Server::start(&[], &everything());
@@ -404,6 +411,7 @@ fn sample(text: &str, name: &str) -> f64 {
 
 /// Every family has HELP and TYPE, label values stay bounded, and the numbers move as
 /// traffic flows. (The external checks parse the same text with prometheus_client.)
+/// Rules: OP-6.
 #[test]
 fn metrics_move_with_traffic() {
     let s = Server::start(&[], &everything());
@@ -492,6 +500,7 @@ fn metrics_move_with_traffic() {
 }
 
 /// --probe, the health check for images that hold only this binary.
+/// Rules: OP-7.
 #[test]
 fn probe_answers_for_health_checks() {
     let s = Server::start(

@@ -50,6 +50,7 @@ fn status_of(text: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Rules: RB-2.
 #[test]
 fn connections_beyond_the_cap_get_503_and_slots_come_back() {
     let s = Server::start(&["--max-connections", "4"], &everything());
@@ -80,6 +81,7 @@ fn connections_beyond_the_cap_get_503_and_slots_come_back() {
     });
 }
 
+/// Rules: RB-1.
 #[test]
 fn slow_heads_and_bodies_are_cut_at_the_read_deadline() {
     let s = Server::start(&["--read-timeout", "1s"], &everything());
@@ -133,6 +135,7 @@ fn slow_heads_and_bodies_are_cut_at_the_read_deadline() {
     );
 }
 
+/// Rules: RB-4.
 #[test]
 fn long_streams_are_never_cut_by_the_read_deadline() {
     let s = Server::start(
@@ -151,6 +154,7 @@ fn long_streams_are_never_cut_by_the_read_deadline() {
 }
 
 /// The list, in a bounded loop; then the server must be as it was.
+/// Rules: RB-3.
 #[test]
 fn hostile_inputs_leave_the_server_as_it_was() {
     let s = Server::start(
@@ -376,6 +380,7 @@ fn read_to_close_or_first_response(c: &mut TcpStream) -> String {
 /// had already handed another connection, and that one then waited, unread, until some
 /// connection ended; under a steady keep-alive load none does, so it was answered
 /// never (at --read-timeout it was closed as idle).
+/// Rules: RB-5.
 #[test]
 fn a_burst_of_lasting_connections_is_served_at_once() {
     const ROUNDS: usize = 5;

@@ -13,6 +13,7 @@ fn slow_start_server(warm: &str) -> Server {
 
 /// A new session gets a child that was started (and finished its slow start) before the
 /// session existed, and the pool is refilled.
+/// Rules: OP-9.
 #[test]
 fn warm_children_serve_new_sessions() {
     let s = slow_start_server("2");
@@ -39,6 +40,7 @@ fn warm_children_serve_new_sessions() {
 
 /// A warm child that dies while waiting for a session is replaced, and sessions never
 /// get a dead one.
+/// Rules: OP-9.
 #[test]
 fn dead_warm_child_is_replaced() {
     let s = slow_start_server("1");
