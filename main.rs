@@ -24,12 +24,13 @@
 //! | `upstream` | a session's child: its own, a warm one, or a shared one with id rewriting |
 //! | `child` | spawning, reading stdout and stderr, reaping, readiness |
 //! | `ownership` | process groups, parent-death, the guardian, PID 1 duties |
+//! | `teardown` | how a child ends (the escalation table), signals, shutdown in order |
 //! | `sse` | SSE framing on a connection handed over by tiny_http |
 //! | `observe` | the log, the access log, metrics |
 //! | `demo` | the built-in MCP server run when no COMMAND is given |
 //! | `memory` | a small allocation cache in front of musl's allocator |
 //!
-//! Last come `main`, the panic hook, signal handling and shutdown.
+//! Last come `main` (its startup steps) and the panic hook.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -7069,7 +7070,7 @@ mod child {
             life.status
         }
 
-        fn signal_group(&self, sig: libc::c_int) {
+        pub fn signal_group(&self, sig: libc::c_int) {
             let life = self.life.locked();
             if !life.reaping {
                 unsafe { libc::kill(-self.pid, sig) };
@@ -7079,42 +7080,14 @@ mod child {
         /// ST-7: close stdin, wait the grace period, SIGTERM the group, wait again,
         /// SIGKILL the group. Returns once the child is reaped.
         pub fn terminate(&self, grace: Duration) -> ExitStatus {
-            self.close_stdin();
-            if let Some(s) = self.wait_exit(grace) {
-                return s;
-            }
-            crate::log!(
-                Info,
-                "child_term",
-                session = self.tag; "pid {} ignored stdin EOF for {grace:?}; sending SIGTERM",
-                self.pid);
-            self.signal_group(libc::SIGTERM);
-            self.kill_after(grace)
+            crate::teardown::escalate(self, grace, 0)
         }
 
         /// For a child whose stdin is already closed (one-shot): SIGTERM now, SIGKILL
         /// after the grace period.
         pub fn kill_now(&self, grace: Duration) -> ExitStatus {
             self.close_stdin();
-            self.signal_group(libc::SIGTERM);
-            self.kill_after(grace)
-        }
-
-        fn kill_after(&self, grace: Duration) -> ExitStatus {
-            if let Some(s) = self.wait_exit(grace) {
-                return s;
-            }
-            crate::log!(
-                Warn,
-                "child_kill",
-                session = self.tag; "pid {} still running {grace:?} after SIGTERM; sending SIGKILL",
-                self.pid);
-            self.signal_group(libc::SIGKILL);
-            loop {
-                if let Some(s) = self.wait_exit(Duration::from_secs(60)) {
-                    return s;
-                }
-            }
+            crate::teardown::escalate(self, grace, 1)
         }
     }
 
@@ -7478,6 +7451,202 @@ mod ownership {
             );
             unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
         });
+    }
+}
+
+// ======================================================================================
+/// Teardown: how stdio-sse and its children end, read in one place. A child ends by the
+/// escalation table below; stdio-sse answers SIGINT/SIGTERM by ending every session and
+/// child in order (a second signal: SIGKILL to every child's group at once), and SIGHUP
+/// by re-reading the token file. SIGKILL of stdio-sse itself is `ownership`'s (the
+/// kernel's PDEATHSIG and the guardian).
+/// Owns: the escalation steps, the signal thread, the shutdown sequence.
+/// Touches: each session (ended), the child table (children without a session are
+/// terminated), `auth` (reload), the log.
+/// Rules: ST-7 (stdin EOF, then SIGTERM after a reasonable time, then SIGKILL), OP-4.
+mod teardown {
+    use crate::{app, auth, log, sessions, spawn_thread, Locked};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// One step of ending a child.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub enum Step {
+        /// stdin EOF: a well-behaved server exits on it.
+        CloseStdin,
+        /// A signal to the child's whole process group.
+        Signal(libc::c_int),
+    }
+
+    /// How long a step waits for the exit before the next.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    pub enum Wait {
+        /// --shutdown-grace.
+        Grace,
+        /// Until it has exited (SIGKILL cannot be ignored).
+        Exit,
+    }
+
+    /// A child's end, step by step (websocketd's table, with stdin EOF first: an MCP
+    /// server's documented way to stop).
+    pub const ESCALATION: [(Step, Wait); 3] = [
+        (Step::CloseStdin, Wait::Grace),
+        (Step::Signal(libc::SIGTERM), Wait::Grace),
+        (Step::Signal(libc::SIGKILL), Wait::Exit),
+    ];
+
+    /// While waiting for a SIGKILLed child, the exit is re-checked this often.
+    const KILLED_RECHECK: Duration = Duration::from_secs(60);
+
+    /// Ends `child` by ESCALATION from step `first` on (1: stdin already closed).
+    pub fn escalate(
+        child: &crate::child::ChildProc,
+        grace: Duration,
+        first: usize,
+    ) -> std::process::ExitStatus {
+        let mut waited = None;
+        for &(step, wait) in &ESCALATION[first.min(ESCALATION.len() - 1)..] {
+            match (step, waited) {
+                (Step::CloseStdin, _) => child.close_stdin(),
+                (Step::Signal(sig), Some(after)) => {
+                    let why = format!(
+                        "pid {} {after} for {grace:?}; sending {}",
+                        child.pid,
+                        signal_name(sig)
+                    );
+                    if sig == libc::SIGKILL {
+                        log!(Warn, "child_kill", session = child.tag; "{why}");
+                    } else {
+                        log!(Info, "child_term", session = child.tag; "{why}");
+                    }
+                    child.signal_group(sig);
+                }
+                (Step::Signal(sig), None) => child.signal_group(sig),
+            }
+            match wait {
+                Wait::Grace => {
+                    if let Some(status) = child.wait_exit(grace) {
+                        return status;
+                    }
+                }
+                Wait::Exit => loop {
+                    if let Some(status) = child.wait_exit(KILLED_RECHECK) {
+                        return status;
+                    }
+                },
+            }
+            waited = Some(match step {
+                Step::CloseStdin => "ignored stdin EOF",
+                Step::Signal(_) => "still running after SIGTERM",
+            });
+        }
+        unreachable!("the last step waits for the exit")
+    }
+
+    fn signal_name(sig: libc::c_int) -> &'static str {
+        match sig {
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGKILL => "SIGKILL",
+            _ => "a signal",
+        }
+    }
+
+    pub fn block_signals() -> libc::sigset_t {
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        }
+    }
+
+    /// First SIGINT/SIGTERM: refuse new work, end every session and child in order, exit 0.
+    /// A second one during that: kill every child group at once and exit.
+    pub fn handle_signals(set: libc::sigset_t) {
+        loop {
+            let mut sig: libc::c_int = 0;
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            let app = app();
+            if sig == libc::SIGHUP {
+                auth::reload();
+                continue;
+            }
+            if app.shutting_down.swap(true, Ordering::AcqRel) {
+                log!(Warn, "signal", "second signal: killing every child now");
+                for c in app.children.locked().values() {
+                    unsafe { libc::kill(-c.pid, libc::SIGKILL) };
+                }
+                std::process::exit(0);
+            }
+            log!(
+                Info,
+                "shutdown",
+                "signal {sig} received: ending {} sessions and their children",
+                app.sessions.len()
+            );
+            spawn_thread("shutdown", shutdown);
+        }
+    }
+
+    fn shutdown() {
+        let app = app();
+        let mut joins = Vec::new();
+        // Every ending runs at once, each on a thread of its own; one that cannot get a
+        // thread (a thread limit reached) runs here, so shutdown is slower, never stuck.
+        let mut run = |job: Box<dyn FnOnce() + Send>| {
+            let job = Arc::new(std::sync::Mutex::new(Some(job)));
+            let theirs = job.clone();
+            match std::thread::Builder::new().spawn(move || {
+                if let Some(f) = theirs.locked().take() {
+                    f()
+                }
+            }) {
+                Ok(j) => joins.push(j),
+                Err(_) => {
+                    if let Some(f) = job.locked().take() {
+                        f()
+                    }
+                }
+            }
+        };
+        for s in app.sessions.all() {
+            run(Box::new(move || {
+                sessions::end(&s, sessions::EndReason::Shutdown)
+            }));
+        }
+        let others: Vec<_> = app.children.locked().values().cloned().collect();
+        for c in others {
+            let grace = app.cfg.shutdown_grace;
+            run(Box::new(move || {
+                c.terminate(grace);
+            }));
+        }
+        for j in joins {
+            let _ = j.join();
+        }
+        log!(Info, "shutdown", "all children ended; exiting");
+        std::process::exit(0);
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_child_is_asked_first_and_killed_last() {
+            assert_eq!(ESCALATION[0], (Step::CloseStdin, Wait::Grace));
+            assert_eq!(ESCALATION[1], (Step::Signal(libc::SIGTERM), Wait::Grace));
+            assert_eq!(
+                ESCALATION.last(),
+                Some(&(Step::Signal(libc::SIGKILL), Wait::Exit))
+            );
+        }
     }
 }
 
@@ -9011,88 +9180,6 @@ pub fn random_uuid() -> std::io::Result<String> {
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in every thread (threads inherit the mask; std
 /// resets it in children) so one thread can take them with sigwait.
-fn block_signals() -> libc::sigset_t {
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// First SIGINT/SIGTERM: refuse new work, end every session and child in order, exit 0.
-/// A second one during that: kill every child group at once and exit.
-fn handle_signals(set: libc::sigset_t) {
-    loop {
-        let mut sig: libc::c_int = 0;
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-            continue;
-        }
-        let app = app();
-        if sig == libc::SIGHUP {
-            auth::reload();
-            continue;
-        }
-        if app.shutting_down.swap(true, Ordering::AcqRel) {
-            log!(Warn, "signal", "second signal: killing every child now");
-            for c in app.children.locked().values() {
-                unsafe { libc::kill(-c.pid, libc::SIGKILL) };
-            }
-            std::process::exit(0);
-        }
-        log!(
-            Info,
-            "shutdown",
-            "signal {sig} received: ending {} sessions and their children",
-            app.sessions.len()
-        );
-        spawn_thread("shutdown", shutdown);
-    }
-}
-
-fn shutdown() {
-    let app = app();
-    let mut joins = Vec::new();
-    // Every ending runs at once, each on a thread of its own; one that cannot get a
-    // thread (a thread limit reached) runs here, so shutdown is slower, never stuck.
-    let mut run = |job: Box<dyn FnOnce() + Send>| {
-        let job = Arc::new(std::sync::Mutex::new(Some(job)));
-        let theirs = job.clone();
-        match std::thread::Builder::new().spawn(move || {
-            if let Some(f) = theirs.locked().take() {
-                f()
-            }
-        }) {
-            Ok(j) => joins.push(j),
-            Err(_) => {
-                if let Some(f) = job.locked().take() {
-                    f()
-                }
-            }
-        }
-    };
-    for s in app.sessions.all() {
-        run(Box::new(move || {
-            sessions::end(&s, sessions::EndReason::Shutdown)
-        }));
-    }
-    let others: Vec<_> = app.children.locked().values().cloned().collect();
-    for c in others {
-        let grace = app.cfg.shutdown_grace;
-        run(Box::new(move || {
-            c.terminate(grace);
-        }));
-    }
-    for j in joins {
-        let _ = j.join();
-    }
-    log!(Info, "shutdown", "all children ended; exiting");
-    std::process::exit(0);
-}
-
 /// A connection costs a descriptor (two while tiny_http reads it) and each child three:
 /// take the hard limit, so --max-connections, not the soft default of 1024, is the bound.
 fn raise_open_files_limit() {
@@ -9229,7 +9316,7 @@ fn main() {
         cfg.command = vec![exe, config::DEMO_ARG.to_string()];
     }
     START.get_or_init(Instant::now);
-    let sigset = block_signals();
+    let sigset = teardown::block_signals();
     // Both forks happen here, while we are one thread.
     let pid1 = unsafe { libc::getpid() } == 1;
     if !ownership::init_if_pid1() {
@@ -9363,5 +9450,5 @@ fn main() {
     }
     spawn_thread("idle-reaper", sessions::run_idle_reaper);
     http::serve(server);
-    handle_signals(sigset);
+    teardown::handle_signals(sigset);
 }
