@@ -103,6 +103,9 @@ mod config {
     /// And one whose queue reaches this many times --stream-queue is cut whatever its
     /// socket does: memory stays bounded.
     pub const SHARED_QUEUE_HARD_FACTOR: usize = 4;
+    /// With --keepalive 0 a stream writer still wakes this often (writing nothing), so
+    /// a wait is never unbounded.
+    pub const KEEPALIVE_OFF_WAKE: std::time::Duration = std::time::Duration::from_secs(3600);
     /// With --stall-timeout 0 (writes never fail) a child of its own still waits at
     /// most this long for a client that takes nothing, so no child waits for ever.
     pub const NOT_READING_UNBOUNDED_WRITES: std::time::Duration =
@@ -1702,6 +1705,11 @@ mod door {
     const MAX_CHUNK_LINE: usize = 1024;
     /// Hex digits of a chunk size: sixteen already exceed any --max-body.
     const MAX_CHUNK_DIGITS: usize = 16;
+    /// After an accept that failed for want of descriptors or memory, the next try
+    /// waits this long (the condition clears as connections end).
+    const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+    /// Refusals over --max-connections are logged at most once in this, with a count.
+    const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
     /// The accept thread waits at most this long for tiny_http to start reading the
     /// connection it accepted last (see `wait_for_pickup`).
     const PICKUP_WAIT: Duration = Duration::from_millis(100);
@@ -1949,7 +1957,7 @@ mod door {
                         if !LOG_FLOOD.swap(true, Ordering::Relaxed) {
                             crate::log!(Error, "accept_failed", "cannot accept connections: {} (lower --max-connections or raise the open-files limit); retrying", std::io::Error::from_raw_os_error(err));
                         }
-                        std::thread::sleep(Duration::from_millis(50));
+                        std::thread::sleep(ACCEPT_RETRY);
                         continue;
                     }
                     _ => return c,
@@ -2072,7 +2080,7 @@ mod door {
             t.refused_unlogged += 1;
             let quiet = t
                 .last_refusal_log
-                .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+                .is_some_and(|at| at.elapsed() < REFUSAL_LOG_EVERY);
             if !quiet {
                 crate::log!(
                     Warn,
@@ -3044,6 +3052,13 @@ mod http {
     use std::io::{Read, Write};
     use tiny_http::Method;
 
+    /// Workers waiting for a request at most: a worker that takes one starts another
+    /// while fewer wait, so a long stream never stalls the next request.
+    const SPARE_WORKERS: usize = 4;
+    /// Idle workers kept for ever; more than this leave after IDLE_WORKER_LINGER.
+    const MIN_IDLE_WORKERS: usize = 2;
+    const IDLE_WORKER_LINGER: Duration = Duration::from_secs(3);
+
     /// A request and what we parsed off it once.
     pub struct Incoming {
         pub rq: tiny_http::Request,
@@ -3314,10 +3329,6 @@ mod http {
     /// stream never stalls new requests. Spare idle workers exit.
     pub fn serve(server: Arc<tiny_http::Server>) {
         static IDLE: AtomicUsize = AtomicUsize::new(0);
-        const SPARE_WORKERS: usize = 4;
-        /// Idle workers kept for ever; more than this leave after IDLE_WORKER_LINGER.
-        const MIN_IDLE_WORKERS: usize = 2;
-        const IDLE_WORKER_LINGER: Duration = Duration::from_secs(3);
         fn worker(server: Arc<tiny_http::Server>) {
             loop {
                 let rq = match server.recv_timeout(IDLE_WORKER_LINGER) {
@@ -4309,7 +4320,7 @@ mod oneshot {
         rx: &crossbeam_channel::Receiver<Option<String>>,
         child: &Arc<ChildProc>,
     ) -> std::io::Result<()> {
-        let keepalive = app().cfg.keepalive.unwrap_or(Duration::from_secs(3600));
+        let keepalive = app().cfg.keepalive.unwrap_or(config::KEEPALIVE_OFF_WAKE);
         loop {
             match rx.recv_timeout(keepalive) {
                 Ok(Some(line)) => stream.data(&line)?,
@@ -4538,6 +4549,13 @@ mod sessions {
     use std::collections::{HashMap, HashSet, VecDeque};
     use std::sync::Mutex;
 
+    /// The idle reaper looks a quarter of --session-idle-timeout apart, within these.
+    const REAPER_TICK_MIN: Duration = Duration::from_millis(50);
+    const REAPER_TICK_MAX: Duration = Duration::from_secs(1);
+    /// A router waiting for a client to read is woken by each write it takes, and
+    /// re-reads the socket's progress at most this far apart near its deadline.
+    const ROOM_RECHECK_MIN: Duration = Duration::from_millis(10);
+
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     pub enum Transport {
         Streamable,
@@ -4677,7 +4695,7 @@ mod sessions {
                 if idle >= patience && self.taken.load(Ordering::Acquire) > 0 {
                     break Room::NotReading;
                 }
-                let step = patience.saturating_sub(idle).max(Duration::from_millis(10));
+                let step = patience.saturating_sub(idle).max(ROOM_RECHECK_MIN);
                 g = self
                     .room_changed
                     .wait_timeout(g, step)
@@ -5625,7 +5643,7 @@ mod sessions {
         let Some(timeout) = app.cfg.session_idle_timeout else {
             return;
         };
-        let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let tick = (timeout / 4).clamp(REAPER_TICK_MIN, REAPER_TICK_MAX);
         loop {
             std::thread::sleep(tick);
             for s in app.sessions.all() {
@@ -5660,6 +5678,12 @@ mod upstream {
     use crate::http::{Refusal, Reply};
     use crate::message::{classify, id_key, Kind};
     use crate::sessions::{self, EndReason, Session};
+
+    /// A new session waits for a pending restart at most --restart-delay-max and this
+    /// (the restart itself: spawn and initialize).
+    const RESTART_WAIT_SLACK: Duration = Duration::from_secs(1);
+    /// A supervisor waiting on a child that has stayed up re-checks this often.
+    const EXIT_RECHECK: Duration = Duration::from_secs(3600);
     use serde_json::{json, Value};
     use std::collections::{HashMap, VecDeque};
     use std::process::ChildStdout;
@@ -6338,7 +6362,7 @@ mod upstream {
                                 );
                             }
                             loop {
-                                if let Some(s) = child.wait_exit(Duration::from_secs(3600)) {
+                                if let Some(s) = child.wait_exit(EXIT_RECHECK) {
                                     break s;
                                 }
                             }
@@ -6386,7 +6410,7 @@ mod upstream {
     pub fn pick() -> Result<Arc<Upstream>, Reply> {
         let app = crate::app();
         let slots = SLOTS.get().expect("shared mode starts its slots");
-        let deadline = Instant::now() + app.cfg.restart_delay_max + Duration::from_secs(1);
+        let deadline = Instant::now() + app.cfg.restart_delay_max + RESTART_WAIT_SLACK;
         let mut g = slots.slots.locked();
         loop {
             // A child whose stdout has ended is not offered, though not yet reaped.
@@ -6534,6 +6558,12 @@ mod child {
     use std::os::unix::process::{CommandExt, ExitStatusExt};
     use std::process::{ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
     use std::sync::{Condvar, Mutex};
+
+    /// A child's stderr line is logged up to this many characters.
+    const MAX_LINE: usize = 1024;
+    /// After a child's exit its stderr tail waits this long for the reader's EOF (a
+    /// grandchild may hold stderr open).
+    const STDERR_SETTLE: Duration = Duration::from_millis(500);
 
     pub type OnLine = Box<dyn FnMut(String) + Send>;
     pub type OnEof = Box<dyn FnOnce() + Send>;
@@ -6982,7 +7012,6 @@ mod child {
         }
 
         fn emit(&mut self, p: &ChildProc) {
-            const MAX_LINE: usize = 1024;
             let text = String::from_utf8_lossy(&self.partial);
             let line: String = text
                 .trim_end_matches(['\n', '\r'])
@@ -7051,7 +7080,6 @@ mod child {
         /// The stderr tail once the reader has seen EOF, so the last words of a child
         /// that just died are in it; bounded, as a grandchild may hold stderr open.
         pub fn final_stderr_tail(&self) -> Vec<String> {
-            const STDERR_SETTLE: Duration = Duration::from_millis(500);
             let life = self.life.locked();
             drop(
                 self.exited
@@ -7660,6 +7688,9 @@ mod sse {
     use crossbeam_channel::RecvTimeoutError;
     use std::io::Write;
 
+    /// Frames already waiting that one flush carries at most.
+    const MAX_BATCH: usize = 64;
+
     pub fn status_line(status: u16) -> String {
         let reason = match status {
             200 => "OK",
@@ -7822,11 +7853,10 @@ mod sse {
     /// resume with Last-Event-ID). Each successful write counts as session activity; a
     /// failed write means the client left.
     pub fn pump(mut stream: SseStream, a: Attached, session: &Session) {
-        const MAX_BATCH: usize = 64;
         let keepalive = crate::app()
             .cfg
             .keepalive
-            .unwrap_or(Duration::from_secs(3600));
+            .unwrap_or(crate::config::KEEPALIVE_OFF_WAKE);
         let post = a.kind == StreamKind::Post;
         let mut retry = a.retry_ms;
         if let Some(id) = &a.priming {
