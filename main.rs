@@ -3450,7 +3450,7 @@ mod http {
                 _ => respond(inc, allow("GET")),
             },
             ("/readyz", _) => match method {
-                Method::Get => respond(inc, crate::child::readiness()),
+                Method::Get => respond(inc, readyz()),
                 _ => respond(inc, allow("GET")),
             },
             ("/metrics", _) => match method {
@@ -3483,6 +3483,27 @@ mod http {
                 let refusal = Refusal::NotFound(path.to_string());
                 respond(inc, refusal.into())
             }
+        }
+    }
+
+    /// /readyz: 200 when a child can be started and the shared children are not
+    /// crash-looping, else 503 with the reason.
+    fn readyz() -> Reply {
+        let not_ready = |reason: String| {
+            Reply::json(
+                503,
+                serde_json::json!({"status": "not ready", "reason": reason}),
+            )
+        };
+        if let Some(reason) = crate::upstream::crash_loop() {
+            return not_ready(reason);
+        }
+        match crate::child::startable() {
+            Ok(path) => Reply::json(
+                200,
+                serde_json::json!({"status": "ready", "command": path.display().to_string()}),
+            ),
+            Err(reason) => not_ready(reason),
         }
     }
 
@@ -4841,6 +4862,14 @@ mod sessions {
         map: Mutex<HashMap<String, Arc<Session>>>,
     }
 
+    /// Sessions open now by transport, and what their replay buffers hold.
+    #[derive(Default)]
+    pub struct Stats {
+        pub active: [usize; 2],
+        pub replay_events: usize,
+        pub replay_bytes: usize,
+    }
+
     impl Registry {
         /// The session, if it exists on this transport and answers to this token.
         pub fn get(
@@ -4861,6 +4890,17 @@ mod sessions {
         }
         pub fn all(&self) -> Vec<Arc<Session>> {
             self.map.locked().values().cloned().collect()
+        }
+        /// The figures /metrics shows about sessions, in one call.
+        pub fn stats(&self) -> Stats {
+            let mut st = Stats::default();
+            for s in self.all() {
+                st.active[s.transport as usize] += 1;
+                let (events, bytes) = s.replay_held();
+                st.replay_events += events;
+                st.replay_bytes += bytes;
+            }
+            st
         }
         pub fn len(&self) -> usize {
             self.map.locked().len()
@@ -6548,11 +6588,11 @@ mod upstream {
 // ======================================================================================
 /// The child process: one long-lived spawner thread (so PR_SET_PDEATHSIG, which fires
 /// when the spawning *thread* exits, means "when stdio-sse dies"), its own process group,
-/// stdout split on `\n` only, stderr to our log, and the stdin-EOF / SIGTERM / SIGKILL
-/// ending. Touches nothing of HTTP.
+/// stdout split on `\n` only, stderr to our log; its ending is `teardown`'s escalation.
+/// Also whether a child can be started at all (`startable`, for /readyz).
+/// Touches nothing of HTTP.
 mod child {
     use super::*;
-    use crate::http::Reply;
     use std::collections::VecDeque;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -7127,8 +7167,9 @@ mod child {
         }
     }
 
-    /// /readyz: can a child be started? The command must resolve to an executable file.
-    pub fn readiness() -> Reply {
+    /// Can a child be started? The command must resolve to an executable file (relative
+    /// to --cwd, or on the child's PATH): its path, or why not.
+    pub fn startable() -> Result<std::path::PathBuf, String> {
         let cfg = &crate::app().cfg;
         let program = &cfg.command[0];
         let path_var = cfg
@@ -7138,23 +7179,8 @@ mod child {
             .find(|(k, _)| k == "PATH")
             .map(|(_, v)| v.clone())
             .or_else(|| std::env::var("PATH").ok());
-        if let Some(reason) = crate::upstream::crash_loop() {
-            return Reply::json(
-                503,
-                serde_json::json!({"status": "not ready", "reason": reason}),
-            );
-        }
-        let found = resolve(program, cfg.cwd.as_deref(), path_var.as_deref());
-        match found {
-            Some(path) => Reply::json(
-                200,
-                serde_json::json!({"status": "ready", "command": path.display().to_string()}),
-            ),
-            None => Reply::json(
-                503,
-                serde_json::json!({"status": "not ready", "reason": format!("command {program:?} is not an executable file on PATH")}),
-            ),
-        }
+        resolve(program, cfg.cwd.as_deref(), path_var.as_deref())
+            .ok_or_else(|| format!("command {program:?} is not an executable file on PATH"))
     }
 
     fn resolve(
@@ -7681,7 +7707,8 @@ mod teardown {
 // ======================================================================================
 /// SSE framing on a connection handed over by tiny_http: the status line and headers,
 /// one HTTP chunk per flush (tiny_http's own encoder would hold ~8 KiB back), and the
-/// stream pump that turns a session queue into events. Touches only the writer it owns.
+/// stream pump that turns a session queue into events. Touches the writer it owns, and
+/// the session it pumps for (`touch` on each write, `detach` at the end).
 mod sse {
     use super::*;
     use crate::sessions::{Attached, Frame, Session, StreamKind};
@@ -7937,7 +7964,9 @@ mod sse {
 // ======================================================================================
 /// Observability: the log (one line per event to stderr, text or JSON), the access log
 /// (one line per HTTP request, gathered per handler thread), and the counters behind
-/// /metrics. Everything else calls in; this calls nothing but /proc for process figures.
+/// /metrics. Everything else calls in; for /metrics this asks the sessions for their
+/// figures (`Registry::stats`), the door for its connection count, the child table for
+/// its size, and /proc for the process's own figures.
 mod observe {
     use super::*;
     use std::cell::RefCell;
@@ -8555,14 +8584,10 @@ mod observe {
                     ));
                 }
             }
-            let mut active = [0.0; 2];
-            let (mut replay_events, mut replay_bytes) = (0.0, 0.0);
-            for s in app.sessions.all() {
-                active[s.transport as usize] += 1.0;
-                let (events, bytes) = s.replay_held();
-                replay_events += events as f64;
-                replay_bytes += bytes as f64;
-            }
+            let stats = app.sessions.stats();
+            let active = stats.active.map(|n| n as f64);
+            let (replay_events, replay_bytes) =
+                (stats.replay_events as f64, stats.replay_bytes as f64);
             let mut latency = Vec::new();
             let mut cumulative = 0.0;
             for (b, c) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
