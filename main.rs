@@ -1741,7 +1741,7 @@ mod door {
     #[derive(Default)]
     struct Table {
         /// Keyed by socket inode: tiny_http reads through a dup of the accepted fd.
-        conns: HashMap<u64, Conn>,
+        conns: HashMap<u64, Connection>,
         by_peer: HashMap<SocketAddr, u64>,
         lingering: Vec<(i32, Instant)>,
         /// When the keeper will next look; a deadline earlier than this wakes it.
@@ -1750,7 +1750,7 @@ mod door {
         last_refusal_log: Option<Instant>,
     }
 
-    struct Conn {
+    struct Connection {
         fd: i32,
         peer: SocketAddr,
         /// Requests of this connection being handled now.
@@ -1760,7 +1760,7 @@ mod door {
         /// The body now arriving must be in by then.
         body_deadline: Option<Instant>,
         body_timed_out: bool,
-        frame: Frame,
+        frame: Framing,
         /// Bytes of the head now arriving (TLS: of the whole head phase).
         head_bytes: usize,
         /// Request heads read so far: tells a handler whether the body the stream is in
@@ -1790,7 +1790,7 @@ mod door {
         cut_fd: Option<i32>,
     }
 
-    impl Conn {
+    impl Connection {
         /// A descriptor that is this connection's socket now (`ino` is its key), if any:
         /// `fd` is checked, since tiny_http closes it on its own schedule.
         fn live_fd(&self, ino: u64) -> Option<i32> {
@@ -1799,7 +1799,7 @@ mod door {
         }
     }
 
-    impl Drop for Conn {
+    impl Drop for Connection {
         fn drop(&mut self) {
             if self.deferred.take().is_some() {
                 DEFERRED.fetch_sub(1, Ordering::AcqRel);
@@ -1811,7 +1811,7 @@ mod door {
     }
 
     /// Where a connection's byte stream is.
-    enum Frame {
+    enum Framing {
         Head(Vec<u8>),
         Body(u64),
         ChunkSize(Vec<u8>),
@@ -1897,7 +1897,7 @@ mod door {
     /// A complete HTTP response with a JSON-RPC error body, on the raw socket, then our
     /// side shut for writing. Never blocks: a client that cannot take ~300 bytes at once
     /// gets a plain close.
-    fn answer(fd: i32, refusal: &Refusal) {
+    fn write_refusal(fd: i32, refusal: &Refusal) {
         let body = crate::message::error_response(
             &serde_json::Value::Null,
             refusal.code(),
@@ -2036,7 +2036,7 @@ mod door {
             t.by_peer.insert(peer, ino);
             t.conns.insert(
                 ino,
-                Conn {
+                Connection {
                     fd,
                     peer,
                     active: 0,
@@ -2044,9 +2044,9 @@ mod door {
                     body_deadline: None,
                     body_timed_out: false,
                     frame: if l.tls {
-                        Frame::Opaque
+                        Framing::Opaque
                     } else {
-                        Frame::Head(Vec::new())
+                        Framing::Head(Vec::new())
                     },
                     head_bytes: 0,
                     heads: 0,
@@ -2074,7 +2074,7 @@ mod door {
         };
         count(&refusal);
         if !l.tls {
-            answer(fd, &refusal);
+            write_refusal(fd, &refusal);
         }
         with_table(|t| {
             t.refused_unlogged += 1;
@@ -2156,7 +2156,7 @@ mod door {
             return n;
         };
         let data = std::slice::from_raw_parts(buf as *const u8, n as usize);
-        match observe(fd, ino, data) {
+        match inspect(fd, ino, data) {
             Pass::All => n,
             Pass::First(k) => k as libc::ssize_t,
             Pass::Cut => {
@@ -2171,13 +2171,13 @@ mod door {
         /// All of them.
         All,
         /// Only the first n: the rest begins a request that is refused, whose answer
-        /// waits until the requests before it are answered (`Conn::deferred`).
+        /// waits until the requests before it are answered (`Connection::deferred`).
         First(usize),
         /// None: the connection is cut (the reader gets ECONNRESET).
         Cut,
     }
 
-    fn observe(fd: i32, ino: u64, data: &[u8]) -> Pass {
+    fn inspect(fd: i32, ino: u64, data: &[u8]) -> Pass {
         let l = limits();
         let verdict = with_table(|t| {
             let c = t.conns.get_mut(&ino)?;
@@ -2202,7 +2202,7 @@ mod door {
             );
             // A cut in a head is a new request's; one in a body, the request's whose
             // body it is.
-            if !matches!(c.frame, Frame::Head(_)) {
+            if !matches!(c.frame, Framing::Head(_)) {
                 if c.active == 0 {
                     // No handler has this body's request yet: the refusal is its answer,
                     // after those of the requests before it.
@@ -2234,13 +2234,13 @@ mod door {
         }
     }
 
-    fn defer(c: &mut Conn, cut: Refusal, before: u64) {
+    fn defer(c: &mut Connection, cut: Refusal, before: u64) {
         if c.deferred.replace((cut, before)).is_none() {
             DEFERRED.fetch_add(1, Ordering::AcqRel);
         }
     }
 
-    /// Answers the refusal a connection holds (`Conn::deferred`) once every request
+    /// Answers the refusal a connection holds (`Connection::deferred`) once every request
     /// before it has been answered, then cuts the connection. Called by the reader
     /// that would read the refused request: tiny_http's connection thread, which
     /// shuts the socket for writing as soon as its read fails, so it waits here.
@@ -2277,7 +2277,7 @@ mod door {
         }
         if let Some(t) = g.as_mut() {
             if !l.tls {
-                answer(fd, &refusal);
+                write_refusal(fd, &refusal);
             }
             if let Some(c) = t.conns.remove(&ino) {
                 if t.by_peer.get(&c.peer) == Some(&ino) {
@@ -2336,16 +2336,16 @@ mod door {
 
     /// Advances a connection's framing over bytes it sent; Err when it broke a limit
     /// or a framing rule.
-    fn feed(c: &mut Conn, data: &[u8], l: &Limits) -> Result<(), Refusal> {
+    fn feed(c: &mut Connection, data: &[u8], l: &Limits) -> Result<(), Refusal> {
         let mut i = 0;
         c.head_at = 0;
         while i < data.len() {
             let rest = &data[i..];
-            if matches!(&c.frame, Frame::Head(buf) if buf.is_empty()) {
+            if matches!(&c.frame, Framing::Head(buf) if buf.is_empty()) {
                 c.head_at = i;
             }
             match &mut c.frame {
-                Frame::Opaque => {
+                Framing::Opaque => {
                     if c.active == 0 {
                         c.head_bytes += rest.len();
                         if c.head_bytes > l.max_head + TLS_HEAD_SLACK {
@@ -2354,7 +2354,7 @@ mod door {
                     }
                     return Ok(());
                 }
-                Frame::Head(buf) => {
+                Framing::Head(buf) => {
                     let room = (l.max_head + 1).saturating_sub(buf.len());
                     let piece = &rest[..rest.len().min(room)];
                     let from = buf.len().saturating_sub(3);
@@ -2382,7 +2382,7 @@ mod door {
                             c.head_deadline = None;
                             let deadline = (!l.read_timeout.is_zero())
                                 .then(|| Instant::now() + l.read_timeout);
-                            if !matches!(c.frame, Frame::Head(_)) {
+                            if !matches!(c.frame, Framing::Head(_)) {
                                 c.body_deadline = deadline;
                             } else if c.active == 0 {
                                 c.head_deadline = deadline;
@@ -2390,7 +2390,7 @@ mod door {
                         }
                     }
                 }
-                Frame::Body(left) => {
+                Framing::Body(left) => {
                     let n = (*left).min(rest.len() as u64);
                     *left -= n;
                     i += n as usize;
@@ -2398,7 +2398,7 @@ mod door {
                         body_done(c, l);
                     }
                 }
-                Frame::ChunkSize(line) => {
+                Framing::ChunkSize(line) => {
                     let Some(nl) = rest.iter().position(|&b| b == b'\n') else {
                         line.extend_from_slice(rest);
                         if line.len() > MAX_CHUNK_LINE {
@@ -2420,29 +2420,29 @@ mod door {
                         });
                     }
                     c.frame = if size == 0 {
-                        Frame::Trailer(Vec::new())
+                        Framing::Trailer(Vec::new())
                     } else {
-                        Frame::ChunkData(size)
+                        Framing::ChunkData(size)
                     };
                 }
-                Frame::ChunkData(left) => {
+                Framing::ChunkData(left) => {
                     let n = (*left).min(rest.len() as u64);
                     *left -= n;
                     i += n as usize;
                     if *left == 0 {
-                        c.frame = Frame::ChunkEnd(0);
+                        c.frame = Framing::ChunkEnd(0);
                     }
                 }
-                Frame::ChunkEnd(seen) => {
+                Framing::ChunkEnd(seen) => {
                     // Exactly CRLF after a chunk's data.
                     match (*seen, rest[0]) {
                         (0, b'\r') => *seen = 1,
-                        (1, b'\n') => c.frame = Frame::ChunkSize(Vec::new()),
+                        (1, b'\n') => c.frame = Framing::ChunkSize(Vec::new()),
                         _ => return Err(Refusal::BadChunk("chunk data not followed by CRLF")),
                     }
                     i += 1;
                 }
-                Frame::Trailer(buf) => {
+                Framing::Trailer(buf) => {
                     // Only an empty trailer section (CRLF): tiny_http's decoder reads no
                     // trailer fields, so it would take any for the next request while we
                     // took them for this body's end (RFC 9112 §7.1.2 lets us refuse them).
@@ -2493,8 +2493,8 @@ mod door {
         })
     }
 
-    fn body_done(c: &mut Conn, l: &Limits) {
-        c.frame = Frame::Head(Vec::new());
+    fn body_done(c: &mut Connection, l: &Limits) {
+        c.frame = Framing::Head(Vec::new());
         c.body_deadline = None;
         if c.active == 0 && !l.read_timeout.is_zero() {
             // Read before any handler took the request: the hand-over has a deadline.
@@ -2517,7 +2517,7 @@ mod door {
     /// Connection header, so trusting any would let a second one hide requests from
     /// us). Anything that could be framed two ways is refused here, before tiny_http
     /// reads it (RFC 9112 §6.1, §6.3).
-    fn after_head(head: &[u8], l: &Limits) -> Result<Frame, Refusal> {
+    fn after_head(head: &[u8], l: &Limits) -> Result<Framing, Refusal> {
         // tiny_http would drop a non-ASCII head without a word, and a control byte in a
         // value could reach a child's environment (--pass-header). One pass: a CR must
         // be followed by LF, and an LF preceded by CR.
@@ -2613,15 +2613,15 @@ mod door {
             }
         }
         if !codings.is_empty() {
-            return Ok(Frame::ChunkSize(Vec::new()));
+            return Ok(Framing::ChunkSize(Vec::new()));
         }
         match length {
             Some(n) if n > l.max_body as u64 => Err(Refusal::BodyTooLarge {
                 declared: Some(n),
                 limit: l.max_body,
             }),
-            Some(n) if n > 0 => Ok(Frame::Body(n)),
-            _ => Ok(Frame::Head(Vec::new())),
+            Some(n) if n > 0 => Ok(Framing::Body(n)),
+            _ => Ok(Framing::Head(Vec::new())),
         }
     }
 
@@ -2736,7 +2736,7 @@ mod door {
                     c.head_deadline = None;
                     heads = c.heads;
                     VISITING.with(|v| v.set(ino));
-                    if matches!(c.frame, Frame::Opaque) {
+                    if matches!(c.frame, Framing::Opaque) {
                         c.head_bytes = 0;
                     }
                     Some(ino)
@@ -2806,7 +2806,7 @@ mod door {
                 // read: a keep-alive client may already be sending the next one.
                 if c.active == 0
                     && c.heads == own_head
-                    && !matches!(c.frame, Frame::Head(_) | Frame::Opaque)
+                    && !matches!(c.frame, Framing::Head(_) | Framing::Opaque)
                 {
                     // Answered without reading its whole (chunked) body: tiny_http would
                     // take the rest for the next request head. End the reading side.
@@ -2857,7 +2857,7 @@ mod door {
                 }
                 if c.head_deadline.is_some_and(|d| d <= now) {
                     c.head_deadline = None;
-                    let partial = matches!(&c.frame, Frame::Head(b) if !b.is_empty());
+                    let partial = matches!(&c.frame, Framing::Head(b) if !b.is_empty());
                     expired.push((*ino, c.fd, c.peer, false, partial));
                 } else if c.body_deadline.is_some_and(|d| d <= now) {
                     c.body_deadline = None;
@@ -2913,7 +2913,7 @@ mod door {
                             "{peer}: request not received within --read-timeout; closing"
                         );
                         if !tls {
-                            answer(fd, &Refusal::HeadTimeout);
+                            write_refusal(fd, &Refusal::HeadTimeout);
                         }
                     } else {
                         crate::log!(
@@ -2937,7 +2937,7 @@ mod door {
     mod head_tests {
         use super::*;
 
-        fn check(head: &[u8]) -> Result<Frame, Refusal> {
+        fn check(head: &[u8]) -> Result<Framing, Refusal> {
             let l = Limits {
                 max_connections: 1,
                 read_timeout: Duration::ZERO,
@@ -2968,23 +2968,23 @@ mod door {
             let ok = |head: &[u8]| check(head).unwrap_or_else(|e| panic!("{head:?}: {e:?}"));
             assert!(matches!(
                 ok(b"GET / HTTP/1.1\r\nHost: a\r\nX:\ta\r\n\r\n"),
-                Frame::Head(_)
+                Framing::Head(_)
             ));
             assert!(matches!(
                 ok(b"POST / HTTP/1.1\r\nHost: a\r\ncontent-LENGTH:  7 \r\nContent-Length: 7\r\n\r\n"),
-                Frame::Body(7)
+                Framing::Body(7)
             ));
             assert!(matches!(
                 ok(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"),
-                Frame::ChunkSize(_)
+                Framing::ChunkSize(_)
             ));
             assert!(matches!(
                 ok(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, UPGRADE\r\n\r\n"),
-                Frame::Head(_)
+                Framing::Head(_)
             ));
             assert!(matches!(
                 ok(b"GET http://a/ HTTP/1.0\r\n\r\n"),
-                Frame::Head(_)
+                Framing::Head(_)
             ));
             // RFC 9112: the framing a smuggler relies on, each refused.
             let refused: [(&[u8], Refusal); 10] = [
@@ -6700,7 +6700,7 @@ mod child {
         }
         let spawned = cmd.spawn();
         if let Ok(c) = &spawned {
-            crate::ownership::watch(c.id() as i32);
+            crate::ownership::own_group(c.id() as i32);
         }
         let child = spawned.map_err(|e| {
             let shown = cfg.command.join(" ");
@@ -6760,7 +6760,9 @@ mod child {
         let p = proc_.clone();
         match pidfd(p.pid) {
             Some(exit) => {
-                crate::spawn_thread("child-watch", move || watch(child, stderr, exit, &p));
+                crate::spawn_thread("child-watch", move || {
+                    watch_stderr_and_exit(child, stderr, exit, &p)
+                });
             }
             None => {
                 // Linux before 5.3: no pidfd, so a thread blocks in waitid instead.
@@ -6787,7 +6789,7 @@ mod child {
     /// One thread per child for both its stderr and its exit (poll on the stderr pipe
     /// and a pidfd). What stderr holds when the child exits is read before it is
     /// reaped, so a crash's last words are in the tail; the rest is read to EOF after.
-    fn watch(
+    fn watch_stderr_and_exit(
         child: std::process::Child,
         mut stderr: std::process::ChildStderr,
         exit: std::os::fd::OwnedFd,
@@ -7011,13 +7013,13 @@ mod child {
         fn feed(&mut self, mut data: &[u8], p: &ChildProc) {
             while let Some(nl) = data.iter().position(|&b| b == b'\n') {
                 self.partial.extend_from_slice(&data[..nl]);
-                self.emit(p);
+                self.log_line(p);
                 data = &data[nl + 1..];
             }
             self.partial.extend_from_slice(data);
             while self.partial.len() >= Self::MAX_PIECE {
                 let rest = self.partial.split_off(Self::MAX_PIECE);
-                self.emit(p);
+                self.log_line(p);
                 self.partial = rest;
             }
         }
@@ -7045,13 +7047,13 @@ mod child {
         /// EOF: the last unterminated line, then the tail is complete.
         fn end(&mut self, p: &ChildProc) {
             if !self.partial.is_empty() {
-                self.emit(p);
+                self.log_line(p);
             }
             p.life.locked().stderr_eof = true;
             p.exited.notify_all();
         }
 
-        fn emit(&mut self, p: &ChildProc) {
+        fn log_line(&mut self, p: &ChildProc) {
             let text = String::from_utf8_lossy(&self.partial);
             let line: String = text
                 .trim_end_matches(['\n', '\r'])
@@ -7443,7 +7445,7 @@ mod ownership {
     }
 
     /// A child's process group to end if we die: called once it is spawned.
-    pub fn watch(pgid: i32) {
+    pub fn own_group(pgid: i32) {
         tell(pgid);
     }
 
@@ -8114,7 +8116,7 @@ mod observe {
 
     /// One event, one line, one write. Text: `TIME LEVEL event: [session] message k=v`.
     /// JSON: `{"time","level","event","session",...fields,"msg"}`.
-    pub fn emit(
+    pub fn write_event(
         level: Level,
         event: &str,
         fields: &[(&str, &dyn Field)],
@@ -8794,7 +8796,7 @@ mod observe {
     macro_rules! log {
         ($level:ident, $event:expr, $($key:ident = $val:expr),+ ; $($arg:tt)*) => {
             if $crate::observe::enabled($crate::observe::Level::$level) {
-                $crate::observe::emit(
+                $crate::observe::write_event(
                     $crate::observe::Level::$level,
                     $event,
                     &[$((stringify!($key), &$val as &dyn $crate::observe::Field)),+],
@@ -8804,7 +8806,7 @@ mod observe {
         };
         ($level:ident, $event:expr, $($arg:tt)*) => {
             if $crate::observe::enabled($crate::observe::Level::$level) {
-                $crate::observe::emit($crate::observe::Level::$level, $event, &[], format_args!($($arg)*))
+                $crate::observe::write_event($crate::observe::Level::$level, $event, &[], format_args!($($arg)*))
             }
         };
     }
@@ -8833,7 +8835,9 @@ mod demo {
             let Ok(msg) = serde_json::from_str::<Value>(&line) else {
                 continue;
             };
-            let Some(reply) = answer(&msg) else { continue };
+            let Some(reply) = reply_to(&msg) else {
+                continue;
+            };
             let mut lines = String::new();
             if msg.pointer("/params/name").and_then(Value::as_str) == Some("broadcast") {
                 // A server-wide notification first: in shared mode every session gets it.
@@ -8852,7 +8856,7 @@ mod demo {
         }
     }
 
-    fn answer(msg: &Value) -> Option<Value> {
+    fn reply_to(msg: &Value) -> Option<Value> {
         let id = msg.get("id")?.clone();
         let method = msg.get("method")?.as_str()?;
         let params = msg.get("params").cloned().unwrap_or(json!({}));
