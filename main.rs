@@ -9337,6 +9337,7 @@ fn probe(url: &str) -> i32 {
     i32::from(!(200..300).contains(&status))
 }
 
+/// The startup, step by step; each step is a function below.
 fn main() {
     // First, before anything can make us an orphan unnoticed (--exit-with-parent).
     let parent = unsafe { libc::getppid() };
@@ -9345,34 +9346,10 @@ fn main() {
         demo::run();
         return;
     }
-    let mut cfg = match config::parse(&args[1..], &|k| std::env::var(k).ok()) {
-        Ok(config::Parsed::Run(c)) => c,
-        Ok(config::Parsed::Help) => {
-            print!("{}", config::help());
-            return;
-        }
-        Ok(config::Parsed::Version) => {
-            println!("stdio-sse {}", env!("CARGO_PKG_VERSION"));
-            return;
-        }
-        Ok(config::Parsed::Probe(url)) => std::process::exit(probe(&url)),
-        Err(e) => {
-            eprintln!("stdio-sse: {e}");
-            std::process::exit(2);
-        }
-    };
-    observe::LEVEL.store(cfg.log_level as u8, Ordering::Relaxed);
-    observe::JSON.store(cfg.log_json, Ordering::Relaxed);
-    install_panic_hook();
-    observe::ACCESS_LOG.store(cfg.access_log, Ordering::Relaxed);
+    let mut cfg = read_config(&args);
+    start_logging(&cfg);
     if cfg.demo {
-        let Some(exe) = self_exe(&args[0]) else {
-            eprintln!(
-                "stdio-sse: cannot find our own executable to run the demo server; give a COMMAND"
-            );
-            std::process::exit(2);
-        };
-        cfg.command = vec![exe, config::DEMO_ARG.to_string()];
+        cfg.command = vec![demo_command(&args[0]), config::DEMO_ARG.to_string()];
     }
     START.get_or_init(Instant::now);
     let sigset = teardown::block_signals();
@@ -9381,7 +9358,74 @@ fn main() {
     if !ownership::init_if_pid1() {
         ownership::start_guardian();
     }
+    let listener = listen(&cfg);
+    let addr = listener.local_addr().expect("bound socket has an address");
+    raise_open_files_limit();
+    let tls = cfg.tls.take();
+    install_app(cfg);
+    let cfg = &app().cfg;
+    if let Err(e) = auth::load() {
+        eprintln!("stdio-sse: {e}");
+        std::process::exit(2);
+    }
+    warn_if_exposed(cfg, &addr);
+    follow_parent(parent, pid1);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = start_http(listener, tls);
+    child::start_spawner();
+    announce(&format!("{scheme}://{addr}"));
+    match cfg.mode {
+        config::Mode::Shared => upstream::start_shared(),
+        config::Mode::Session => upstream::start_warm_pool(),
+        config::Mode::Oneshot => {}
+    }
+    spawn_thread("idle-reaper", sessions::run_idle_reaper);
+    http::serve(server);
+    teardown::handle_signals(sigset);
+}
 
+/// The command line and `STDIO_SSE_*`; --help, --version and --probe end here, and a
+/// mistake exits 2 with its reason.
+fn read_config(args: &[String]) -> Box<config::Config> {
+    match config::parse(&args[1..], &|k| std::env::var(k).ok()) {
+        Ok(config::Parsed::Run(c)) => c,
+        Ok(config::Parsed::Help) => {
+            print!("{}", config::help());
+            std::process::exit(0);
+        }
+        Ok(config::Parsed::Version) => {
+            println!("stdio-sse {}", env!("CARGO_PKG_VERSION"));
+            std::process::exit(0);
+        }
+        Ok(config::Parsed::Probe(url)) => std::process::exit(probe(&url)),
+        Err(e) => {
+            eprintln!("stdio-sse: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn start_logging(cfg: &config::Config) {
+    observe::LEVEL.store(cfg.log_level as u8, Ordering::Relaxed);
+    observe::JSON.store(cfg.log_json, Ordering::Relaxed);
+    install_panic_hook();
+    observe::ACCESS_LOG.store(cfg.access_log, Ordering::Relaxed);
+}
+
+/// No COMMAND: the demo server is this binary run again with DEMO_ARG.
+fn demo_command(argv0: &str) -> String {
+    self_exe(argv0).unwrap_or_else(|| {
+        eprintln!(
+            "stdio-sse: cannot find our own executable to run the demo server; give a COMMAND"
+        );
+        std::process::exit(2);
+    })
+}
+
+/// The listening socket. Accepted sockets inherit its options: TCP_NODELAY, so each SSE
+/// event leaves when it is flushed; SO_SNDTIMEO, so a write to a client that stopped
+/// reading fails after --stall-timeout instead of holding its thread for ever.
+fn listen(cfg: &config::Config) -> std::net::TcpListener {
     let listener = match std::net::TcpListener::bind((cfg.host.as_str(), cfg.port)) {
         Ok(l) => l,
         Err(e) => {
@@ -9389,9 +9433,6 @@ fn main() {
             std::process::exit(1);
         }
     };
-    // Accepted sockets inherit these: TCP_NODELAY, so each SSE event leaves when it is
-    // flushed; SO_SNDTIMEO, so a write to a client that stopped reading fails after
-    // --stall-timeout instead of holding its thread for ever.
     unsafe {
         use std::os::fd::AsRawFd;
         let one: libc::c_int = 1;
@@ -9416,42 +9457,44 @@ fn main() {
             );
         }
     }
-    let addr = listener.local_addr().expect("bound socket has an address");
-    raise_open_files_limit();
-    let demo = cfg.demo;
-    let mode = cfg.mode;
-    let (mcp, sse) = (cfg.mcp_path.clone(), cfg.sse_path.clone());
-    let command = cfg.command.join(" ");
-    let tls = cfg.tls.take();
-    if APP
-        .set(App {
-            cfg: *cfg,
-            sessions: sessions::Registry::default(),
-            children: Default::default(),
-            metrics: observe::Metrics::default(),
-            shutting_down: AtomicBool::new(false),
-        })
-        .is_err()
-    {
+    listener
+}
+
+fn install_app(cfg: Box<config::Config>) {
+    let installed = APP.set(App {
+        cfg: *cfg,
+        sessions: sessions::Registry::default(),
+        children: Default::default(),
+        metrics: observe::Metrics::default(),
+        shutting_down: AtomicBool::new(false),
+    });
+    if installed.is_err() {
         unreachable!("main runs once");
     }
+}
+
+/// --exit-with-parent (nothing to follow as PID 1).
+fn follow_parent(parent: libc::pid_t, pid1: bool) {
+    if !app().cfg.exit_with_parent {
+        return;
+    }
+    if pid1 {
+        log!(
+            Warn,
+            "parent_exit",
+            "--exit-with-parent has no effect as PID 1: there is no parent to follow"
+        );
+    } else {
+        ownership::exit_with_parent(parent);
+    }
+}
+
+/// The front door on the listener, then tiny_http over it.
+fn start_http(
+    listener: std::net::TcpListener,
+    tls: Option<(Vec<u8>, Vec<u8>)>,
+) -> Arc<tiny_http::Server> {
     let cfg = &app().cfg;
-    if let Err(e) = auth::load() {
-        eprintln!("stdio-sse: {e}");
-        std::process::exit(2);
-    }
-    warn_if_exposed(cfg, &addr);
-    if cfg.exit_with_parent {
-        if pid1 {
-            log!(
-                Warn,
-                "parent_exit",
-                "--exit-with-parent has no effect as PID 1: there is no parent to follow"
-            );
-        } else {
-            ownership::exit_with_parent(parent);
-        }
-    }
     {
         use std::os::fd::AsRawFd;
         door::install(
@@ -9466,48 +9509,44 @@ fn main() {
             },
         );
     }
-    let scheme = if tls.is_some() { "https" } else { "http" };
     let ssl = tls.map(|(certificate, private_key)| tiny_http::SslConfig {
         certificate,
         private_key,
     });
-    let server = match tiny_http::Server::from_listener(listener, ssl) {
+    match tiny_http::Server::from_listener(listener, ssl) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             eprintln!("stdio-sse: cannot start the HTTP server: {e}");
             std::process::exit(1);
         }
-    };
-    child::start_spawner();
-    let url = format!("{scheme}://{addr}");
-    match mode {
+    }
+}
+
+/// The "listening" line, and what runs behind it.
+fn announce(url: &str) {
+    let cfg = &app().cfg;
+    let mcp = &cfg.mcp_path;
+    match cfg.mode {
         config::Mode::Session | config::Mode::Shared => log!(
             Info,
             "listening",
-            "listening on {url} (mcp: {mcp}, sse: {sse})"
+            "listening on {url} (mcp: {mcp}, sse: {})",
+            cfg.sse_path
         ),
         config::Mode::Oneshot => log!(Info, "listening", "listening on {url} (oneshot: {mcp})"),
     }
-    if demo {
-        log!(
-            Info,
-            "demo",
-            "no COMMAND given: serving the built-in demo server (tools: echo, add, broadcast)"
-        );
-        if !cfg.log_json {
-            eprintln!(
+    if !cfg.demo {
+        log!(Info, "command", "child command: {}", cfg.command.join(" "));
+        return;
+    }
+    log!(
+        Info,
+        "demo",
+        "no COMMAND given: serving the built-in demo server (tools: echo, add, broadcast)"
+    );
+    if !cfg.log_json {
+        eprintln!(
             "try:\n  curl -N -H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream' \\\n    -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{{}},\"clientInfo\":{{\"name\":\"curl\",\"version\":\"1\"}}}}}}' \\\n    {url}{mcp}"
         );
-        }
-    } else {
-        log!(Info, "command", "child command: {command}");
     }
-    match mode {
-        config::Mode::Shared => upstream::start_shared(),
-        config::Mode::Session => upstream::start_warm_pool(),
-        config::Mode::Oneshot => {}
-    }
-    spawn_thread("idle-reaper", sessions::run_idle_reaper);
-    http::serve(server);
-    teardown::handle_signals(sigset);
 }
