@@ -8439,7 +8439,7 @@ mod observe {
     }
 
     /// A metric family: name, help, type, and its (labels, value) samples.
-    type Family<'a> = (&'a str, &'a str, &'a str, Vec<(String, f64)>);
+    type Family = (&'static str, &'static str, &'static str, Vec<(String, f64)>);
 
     fn transport_label(t: crate::sessions::Transport) -> &'static str {
         match t {
@@ -8549,17 +8549,27 @@ mod observe {
             self.panics.fetch_add(1, Ordering::Relaxed);
         }
 
+        /// /metrics in the Prometheus text format, one group of families after another.
         pub fn render(&self) -> String {
+            let mut families = self.http_families();
+            families.extend(self.message_families());
+            families.extend(self.session_families());
+            families.extend(self.child_families());
+            families.extend(self.bridge_families());
+            families.extend(process_families(self.started_unix));
+            let mut o = String::new();
+            for (name, help, kind, samples) in families {
+                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for (labels, value) in samples {
+                    let _ = writeln!(o, "{name}{labels} {value}");
+                }
+            }
+            o
+        }
+
+        /// Build info, requests by route, method and class, and HTTP bytes.
+        fn http_families(&self) -> Vec<Family> {
             let app = crate::app();
-            let load = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
-            let label = |key: &str, value: &str| format!("{{{key}=\"{value}\"}}");
-            let by = |key: &str, list: &Mutex<Vec<(&'static str, u64)>>| -> Vec<(String, f64)> {
-                list.locked()
-                    .iter()
-                    .map(|(v, n)| (label(key, v), *n as f64))
-                    .collect()
-            };
-            let one = |v: f64| vec![(String::new(), v)];
             let mode = format!("{:?}", app.cfg.mode).to_lowercase();
             let version = env!("CARGO_PKG_VERSION");
             let mut http = Vec::new();
@@ -8577,30 +8587,7 @@ mod observe {
                     ));
                 }
             }
-            let mut messages = Vec::new();
-            for (d, direction) in ["to_child", "to_client"].iter().enumerate() {
-                for (k, kind) in KINDS.iter().enumerate() {
-                    messages.push((
-                        format!("{{direction=\"{direction}\",kind=\"{kind}\"}}"),
-                        load(&self.messages[d][k]),
-                    ));
-                }
-            }
-            let stats = app.sessions.stats();
-            let active = stats.active.map(|n| n as f64);
-            let (replay_events, replay_bytes) =
-                (stats.replay_events as f64, stats.replay_bytes as f64);
-            let mut latency = Vec::new();
-            let mut cumulative = 0.0;
-            for (b, c) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
-                cumulative += load(c);
-                latency.push((format!("_bucket{{le=\"{b}\"}}"), cumulative));
-            }
-            let count = load(&self.latency_count);
-            latency.push(("_bucket{le=\"+Inf\"}".to_string(), count));
-            latency.push(("_sum".to_string(), load(&self.latency_sum_us) / 1e6));
-            latency.push(("_count".to_string(), count));
-            let mut families: Vec<Family> = vec![
+            vec![
                 (
                     "stdio_sse_build_info",
                     "Version and mode of this stdio-sse.",
@@ -8622,6 +8609,31 @@ mod observe {
                         (label("direction", "out"), load(&self.http_bytes[1])),
                     ],
                 ),
+            ]
+        }
+
+        /// JSON-RPC messages, child pipe bytes, request latency.
+        fn message_families(&self) -> Vec<Family> {
+            let mut messages = Vec::new();
+            for (d, direction) in ["to_child", "to_client"].iter().enumerate() {
+                for (k, kind) in KINDS.iter().enumerate() {
+                    messages.push((
+                        format!("{{direction=\"{direction}\",kind=\"{kind}\"}}"),
+                        load(&self.messages[d][k]),
+                    ));
+                }
+            }
+            let mut latency = Vec::new();
+            let mut cumulative = 0.0;
+            for (b, c) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+                cumulative += load(c);
+                latency.push((format!("_bucket{{le=\"{b}\"}}"), cumulative));
+            }
+            let count = load(&self.latency_count);
+            latency.push(("_bucket{le=\"+Inf\"}".to_string(), count));
+            latency.push(("_sum".to_string(), load(&self.latency_sum_us) / 1e6));
+            latency.push(("_count".to_string(), count));
+            vec![
                 (
                     "stdio_sse_messages_total",
                     "JSON-RPC messages relayed, by direction and kind.",
@@ -8643,6 +8655,13 @@ mod observe {
                     "histogram",
                     latency,
                 ),
+            ]
+        }
+
+        /// Sessions opened, closed and open now.
+        fn session_families(&self) -> Vec<Family> {
+            let active = crate::app().sessions.stats().active.map(|n| n as f64);
+            vec![
                 (
                     "stdio_sse_sessions_opened_total",
                     "Sessions opened, by transport.",
@@ -8674,6 +8693,13 @@ mod observe {
                         (label("transport", "sse"), active[1]),
                     ],
                 ),
+            ]
+        }
+
+        /// Children started, failed, reaped, restarted and running.
+        fn child_families(&self) -> Vec<Family> {
+            let app = crate::app();
+            vec![
                 (
                     "stdio_sse_children_spawned_total",
                     "Child processes started.",
@@ -8703,16 +8729,26 @@ mod observe {
                     one(load(&self.children_restarted)),
                 ),
                 (
-                    "stdio_sse_panics_total",
-                    "Threads that panicked (a bug: each is logged with where). The server goes on.",
-                    "counter",
-                    one(load(&self.panics)),
-                ),
-                (
                     "stdio_sse_children_active",
                     "Child processes running now.",
                     "gauge",
                     one(app.children.locked().len() as f64),
+                ),
+            ]
+        }
+
+        /// The bridge's own health: panics, connections, replay buffers, what it could
+        /// not deliver, cut or accept.
+        fn bridge_families(&self) -> Vec<Family> {
+            let stats = crate::app().sessions.stats();
+            let (replay_events, replay_bytes) =
+                (stats.replay_events as f64, stats.replay_bytes as f64);
+            vec![
+                (
+                    "stdio_sse_panics_total",
+                    "Threads that panicked (a bug: each is logged with where). The server goes on.",
+                    "counter",
+                    one(load(&self.panics)),
                 ),
                 (
                     "stdio_sse_connections_open",
@@ -8750,44 +8786,60 @@ mod observe {
                     "counter",
                     by("reason", &self.rejected),
                 ),
-                (
-                    "process_start_time_seconds",
-                    "Start time of the process since the Unix epoch, in seconds.",
-                    "gauge",
-                    one(self.started_unix),
-                ),
-            ];
-            if let Some((rss, fds, threads)) = process_figures() {
-                families.extend([
-                    (
-                        "process_resident_memory_bytes",
-                        "Resident memory of stdio-sse itself (children not included), in bytes.",
-                        "gauge",
-                        one(rss),
-                    ),
-                    (
-                        "process_open_fds",
-                        "Open file descriptors.",
-                        "gauge",
-                        one(fds),
-                    ),
-                    (
-                        "stdio_sse_threads",
-                        "Threads of stdio-sse (one per open connection, plus a few per child).",
-                        "gauge",
-                        one(threads),
-                    ),
-                ]);
-            }
-            let mut o = String::new();
-            for (name, help, kind, samples) in families {
-                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-                for (labels, value) in samples {
-                    let _ = writeln!(o, "{name}{labels} {value}");
-                }
-            }
-            o
+            ]
         }
+    }
+
+    fn load(c: &AtomicU64) -> f64 {
+        c.load(Ordering::Relaxed) as f64
+    }
+
+    fn label(key: &str, value: &str) -> String {
+        format!("{{{key}=\"{value}\"}}")
+    }
+
+    fn one(v: f64) -> Vec<(String, f64)> {
+        vec![(String::new(), v)]
+    }
+
+    fn by(key: &str, list: &Mutex<Vec<(&'static str, u64)>>) -> Vec<(String, f64)> {
+        list.locked()
+            .iter()
+            .map(|(v, n)| (label(key, v), *n as f64))
+            .collect()
+    }
+
+    /// The process's own figures (from /proc; absent where it is not mounted).
+    fn process_families(started_unix: f64) -> Vec<Family> {
+        let mut families: Vec<Family> = vec![(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds.",
+            "gauge",
+            one(started_unix),
+        )];
+        if let Some((rss, fds, threads)) = process_figures() {
+            families.extend([
+                (
+                    "process_resident_memory_bytes",
+                    "Resident memory of stdio-sse itself (children not included), in bytes.",
+                    "gauge",
+                    one(rss),
+                ),
+                (
+                    "process_open_fds",
+                    "Open file descriptors.",
+                    "gauge",
+                    one(fds),
+                ),
+                (
+                    "stdio_sse_threads",
+                    "Threads of stdio-sse (one per open connection, plus a few per child).",
+                    "gauge",
+                    one(threads),
+                ),
+            ]);
+        }
+        families
     }
 
     /// `log!(Level, "event", key = value, ...; "format", args)`, or without fields
