@@ -501,7 +501,7 @@ mod config {
         pub auth: Auth,
         pub cors_origins: Vec<String>,
         /// (certificate chain, private key), PEM, already read.
-        pub tls: Option<(Vec<u8>, Vec<u8>)>,
+        pub tls: Option<TlsPem>,
         /// (lowercase header name, environment variable)
         pub pass_headers: Vec<(String, String)>,
         pub max_connections: usize,
@@ -572,10 +572,61 @@ mod config {
         format!("STDIO_SSE_{}", flag.to_ascii_uppercase().replace('-', "_"))
     }
 
+    /// The PEM certificate chain and private key of --tls-cert and --tls-key.
+    pub type TlsPem = (Vec<u8>, Vec<u8>);
+
     /// Parses flags (`--name value`, `--name=value`) after the environment, so a flag
     /// overrides its variable; repeatable flags add to what the variable listed. The first
-    /// argument that is not a flag starts COMMAND, as does anything after `--`.
+    /// argument that is not a flag starts COMMAND, as does anything after `--`. In two
+    /// steps: `read` gathers the values as given, `build` turns them into a Config and
+    /// refuses what would not work.
     pub fn parse(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Parsed, String> {
+        match read(args, env)? {
+            Reading::Done(parsed) => Ok(parsed),
+            Reading::Values(v) => Ok(Parsed::Run(Box::new(build(v)?))),
+        }
+    }
+
+    /// What the command line and the environment said, before any of it is checked.
+    struct Values {
+        given: HashMap<&'static str, Vec<String>>,
+        command: Vec<String>,
+    }
+
+    enum Reading {
+        /// --help, --version, --probe: nothing more to read.
+        Done(Parsed),
+        Values(Values),
+    }
+
+    impl Values {
+        /// The last value given for a flag, or its default.
+        fn get(&self, name: &str) -> String {
+            let f = FLAGS
+                .iter()
+                .find(|f| f.name == name)
+                .expect("flag in table");
+            self.given
+                .get(f.name)
+                .and_then(|v| v.last().cloned())
+                .unwrap_or_else(|| f.default.to_string())
+        }
+        /// Every value of a repeatable flag.
+        fn list(&self, name: &str) -> Vec<String> {
+            self.given.get(name).cloned().unwrap_or_default()
+        }
+        /// A switch: on or off in any common spelling.
+        fn switch(&self, name: &str) -> Result<bool, String> {
+            match self.get(name).to_ascii_lowercase().as_str() {
+                "" | "0" | "false" | "no" | "off" => Ok(false),
+                "1" | "true" | "yes" | "on" => Ok(true),
+                other => Err(format!("--{name} is on or off, not {other:?}")),
+            }
+        }
+    }
+
+    /// The environment first, then the flags over it, then COMMAND.
+    fn read(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Reading, String> {
         let mut values: HashMap<&'static str, Vec<String>> = HashMap::new();
         for f in FLAGS {
             if let Some(v) = env(&env_name(f.name)) {
@@ -603,10 +654,10 @@ mod config {
                 break;
             }
             if arg == "-h" || arg == "--help" {
-                return Ok(Parsed::Help);
+                return Ok(Reading::Done(Parsed::Help));
             }
             if arg == "-V" || arg == "--version" {
-                return Ok(Parsed::Version);
+                return Ok(Reading::Done(Parsed::Version));
             }
             if arg == "--probe" || arg.starts_with("--probe=") {
                 let url = match arg.strip_prefix("--probe=") {
@@ -622,7 +673,7 @@ mod config {
                         }
                     },
                 };
-                return Ok(Parsed::Probe(url));
+                return Ok(Reading::Done(Parsed::Probe(url)));
             }
             let Some(body) = arg.strip_prefix("--") else {
                 command.extend(args[i..].iter().cloned());
@@ -655,87 +706,22 @@ mod config {
             slot.push(value);
             i += 1;
         }
-        let get = |name: &str| -> String {
-            let f = FLAGS
-                .iter()
-                .find(|f| f.name == name)
-                .expect("flag in table");
-            values
-                .get(f.name)
-                .and_then(|v| v.last().cloned())
-                .unwrap_or_else(|| f.default.to_string())
-        };
-        let list = |name: &str| values.get(name).cloned().unwrap_or_default();
+        Ok(Reading::Values(Values {
+            given: values,
+            command,
+        }))
+    }
 
-        let mode = match get("mode").as_str() {
-            "session" => Mode::Session,
-            "shared" => Mode::Shared,
-            "oneshot" | "one-shot" => Mode::Oneshot,
-            other => {
-                return Err(format!(
-                    "--mode must be session, shared or oneshot, not {other:?}"
-                ))
-            }
-        };
-        let children = parse_count("children", &get("children"))?;
-        let warm = parse_count("warm", &get("warm"))?;
-        if children == 0 {
-            return Err("--children must be at least 1".into());
-        }
-        if children != 1 && mode != Mode::Shared {
-            return Err("--children applies to --mode shared only".into());
-        }
-        if warm != 0 && mode != Mode::Session {
-            return Err(
-                "--warm applies to --mode session only (a shared child is always running)".into(),
-            );
-        }
-        let replay_buffer = {
-            let v = get("replay-buffer");
-            let (events, size) = v.split_once(',').unwrap_or((v.as_str(), "8MiB"));
-            (
-                parse_count("replay-buffer", events)?,
-                parse_size("replay-buffer", size)?,
-            )
-        };
-        let stream_queue = {
-            let v = get("stream-queue");
-            let (events, size) = v.split_once(',').unwrap_or((v.as_str(), "4MiB"));
-            let events = parse_count("stream-queue", events)?.max(1);
-            if events > MAX_STREAM_QUEUE_EVENTS {
-                return Err(format!(
-                    "--stream-queue: at most {MAX_STREAM_QUEUE_EVENTS} events, got {events}"
-                ));
-            }
-            (events, parse_size("stream-queue", size)?.max(1))
-        };
-        let mut env_pairs = Vec::new();
-        for kv in list("env") {
-            match kv.split_once('=') {
-                Some((k, v)) if !k.is_empty() => env_pairs.push((k.to_string(), v.to_string())),
-                _ => return Err(format!("--env takes KEY=VALUE, got {kv:?}")),
-            }
-        }
-        let paths = ["mcp-path", "sse-path", "message-path"].map(|p| (p, get(p)));
-        for (flag, path) in &paths {
-            if !path.starts_with('/') {
-                return Err(format!("--{flag} must start with '/', got {path:?}"));
-            }
-        }
-        let switch_on = |name: &str| -> Result<bool, String> {
-            match get(name).to_ascii_lowercase().as_str() {
-                "" | "0" | "false" | "no" | "off" => Ok(false),
-                "1" | "true" | "yes" | "on" => Ok(true),
-                other => Err(format!("--{name} is on or off, not {other:?}")),
-            }
-        };
+    /// --auth-token, --auth-token-file (read now, so a bad file fails at start),
+    /// --auth-health, --allow-unauthenticated.
+    fn auth_of(v: &Values) -> Result<Auth, String> {
         let auth = Auth {
-            tokens: list("auth-token"),
-            token_file: Some(get("auth-token-file"))
+            tokens: v.list("auth-token"),
+            token_file: Some(v.get("auth-token-file"))
                 .filter(|p| !p.is_empty())
                 .map(PathBuf::from),
-            health: switch_on("auth-health")?,
-            allow_unauthenticated: switch_on("allow-unauthenticated")?,
+            health: v.switch("auth-health")?,
+            allow_unauthenticated: v.switch("allow-unauthenticated")?,
         };
         if auth
             .tokens
@@ -747,7 +733,12 @@ mod config {
         if let Some(path) = &auth.token_file {
             read_token_file(path)?;
         }
-        let tls = match (get("tls-cert"), get("tls-key")) {
+        Ok(auth)
+    }
+
+    /// --tls-cert and --tls-key: both or neither, PEM, and only in the TLS build.
+    fn tls_of(v: &Values) -> Result<Option<TlsPem>, String> {
+        let tls = match (v.get("tls-cert"), v.get("tls-key")) {
             (c, k) if c.is_empty() && k.is_empty() => None,
             (c, k) if c.is_empty() || k.is_empty() => {
                 return Err("--tls-cert and --tls-key go together".into())
@@ -765,8 +756,13 @@ mod config {
                 Some((cert, key))
             }
         };
+        Ok(tls)
+    }
+
+    /// --pass-header NAME[=ENVVAR]: a header name and an environment variable name.
+    fn pass_headers_of(v: &Values) -> Result<Vec<(String, String)>, String> {
         let mut pass_headers = Vec::new();
-        for spec in list("pass-header") {
+        for spec in v.list("pass-header") {
             let (name, var) = match spec.split_once('=') {
                 Some((n, v)) => (n.trim().to_string(), v.trim().to_string()),
                 None => {
@@ -789,83 +785,150 @@ mod config {
             }
             pass_headers.push((name.to_ascii_lowercase(), var));
         }
+        Ok(pass_headers)
+    }
+
+    /// The Config the values describe, or why they cannot work together.
+    fn build(v: Values) -> Result<Config, String> {
+        let mode = match v.get("mode").as_str() {
+            "session" => Mode::Session,
+            "shared" => Mode::Shared,
+            "oneshot" | "one-shot" => Mode::Oneshot,
+            other => {
+                return Err(format!(
+                    "--mode must be session, shared or oneshot, not {other:?}"
+                ))
+            }
+        };
+        let children = parse_count("children", &v.get("children"))?;
+        let warm = parse_count("warm", &v.get("warm"))?;
+        if children == 0 {
+            return Err("--children must be at least 1".into());
+        }
+        if children != 1 && mode != Mode::Shared {
+            return Err("--children applies to --mode shared only".into());
+        }
+        if warm != 0 && mode != Mode::Session {
+            return Err(
+                "--warm applies to --mode session only (a shared child is always running)".into(),
+            );
+        }
+        let replay_buffer = {
+            let v = v.get("replay-buffer");
+            let (events, size) = v.split_once(',').unwrap_or((v.as_str(), "8MiB"));
+            (
+                parse_count("replay-buffer", events)?,
+                parse_size("replay-buffer", size)?,
+            )
+        };
+        let stream_queue = {
+            let v = v.get("stream-queue");
+            let (events, size) = v.split_once(',').unwrap_or((v.as_str(), "4MiB"));
+            let events = parse_count("stream-queue", events)?.max(1);
+            if events > MAX_STREAM_QUEUE_EVENTS {
+                return Err(format!(
+                    "--stream-queue: at most {MAX_STREAM_QUEUE_EVENTS} events, got {events}"
+                ));
+            }
+            (events, parse_size("stream-queue", size)?.max(1))
+        };
+        let mut env_pairs = Vec::new();
+        for kv in v.list("env") {
+            match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => env_pairs.push((k.to_string(), v.to_string())),
+                _ => return Err(format!("--env takes KEY=VALUE, got {kv:?}")),
+            }
+        }
+        let paths = ["mcp-path", "sse-path", "message-path"].map(|p| (p, v.get(p)));
+        for (flag, path) in &paths {
+            if !path.starts_with('/') {
+                return Err(format!("--{flag} must start with '/', got {path:?}"));
+            }
+        }
+        let auth = auth_of(&v)?;
+        let tls = tls_of(&v)?;
+        let pass_headers = pass_headers_of(&v)?;
         if !pass_headers.is_empty() && mode == Mode::Shared {
             return Err("--pass-header cannot work in --mode shared: one child serves every client, so no one client's header can become its environment".into());
         }
-        let cors_origins = list("cors-origin")
+        let cors_origins = v
+            .list("cors-origin")
             .iter()
             .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
             .collect();
-        let demo = command.is_empty();
-        let cwd = get("cwd");
+        let demo = v.command.is_empty();
+        let cwd = v.get("cwd");
         let cfg = Config {
-            host: get("host"),
-            port: get("port")
+            host: v.get("host"),
+            port: v
+                .get("port")
                 .parse()
-                .map_err(|_| format!("--port must be 0..65535, got {:?}", get("port")))?,
+                .map_err(|_| format!("--port must be 0..65535, got {:?}", v.get("port")))?,
             mode,
             mcp_path: paths[0].1.clone(),
             sse_path: paths[1].1.clone(),
             message_path: paths[2].1.clone(),
             cwd: (!cwd.is_empty()).then(|| PathBuf::from(cwd)),
             env: env_pairs,
-            allowed_hosts: list("allowed-host")
+            allowed_hosts: v
+                .list("allowed-host")
                 .iter()
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
-            allowed_origins: list("allowed-origin")
+            allowed_origins: v
+                .list("allowed-origin")
                 .iter()
                 .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
                 .collect(),
-            max_body: parse_size("max-body", &get("max-body"))?,
-            parse_budget: parse_size("parse-budget", &get("parse-budget"))?,
-            max_message: parse_size("max-message", &get("max-message"))?,
-            max_sessions: parse_count("max-sessions", &get("max-sessions"))?,
+            max_body: parse_size("max-body", &v.get("max-body"))?,
+            parse_budget: parse_size("parse-budget", &v.get("parse-budget"))?,
+            max_message: parse_size("max-message", &v.get("max-message"))?,
+            max_sessions: parse_count("max-sessions", &v.get("max-sessions"))?,
             session_idle_timeout: nonzero(parse_duration(
                 "session-idle-timeout",
-                &get("session-idle-timeout"),
+                &v.get("session-idle-timeout"),
             )?),
-            keepalive: nonzero(parse_duration("keepalive", &get("keepalive"))?),
-            shutdown_grace: parse_duration("shutdown-grace", &get("shutdown-grace"))?,
+            keepalive: nonzero(parse_duration("keepalive", &v.get("keepalive"))?),
+            shutdown_grace: parse_duration("shutdown-grace", &v.get("shutdown-grace"))?,
             replay_buffer,
             stream_queue,
-            stall_timeout: parse_duration("stall-timeout", &get("stall-timeout"))?,
-            sse_retry: parse_duration("sse-retry", &get("sse-retry"))?,
-            head_hold: parse_duration("head-hold", &get("head-hold"))?,
+            stall_timeout: parse_duration("stall-timeout", &v.get("stall-timeout"))?,
+            sse_retry: parse_duration("sse-retry", &v.get("sse-retry"))?,
+            head_hold: parse_duration("head-hold", &v.get("head-hold"))?,
             children,
             warm,
-            restart_delay: parse_duration("restart-delay", &get("restart-delay"))?,
-            restart_delay_max: parse_duration("restart-delay-max", &get("restart-delay-max"))?,
-            crash_loop_limit: parse_count("crash-loop-limit", &get("crash-loop-limit"))?.max(1)
+            restart_delay: parse_duration("restart-delay", &v.get("restart-delay"))?,
+            restart_delay_max: parse_duration("restart-delay-max", &v.get("restart-delay-max"))?,
+            crash_loop_limit: parse_count("crash-loop-limit", &v.get("crash-loop-limit"))?.max(1)
                 as u32,
-            crash_loop_window: parse_duration("crash-loop-window", &get("crash-loop-window"))?,
-            stderr_tail: parse_count("stderr-tail", &get("stderr-tail"))?,
-            log_level: crate::observe::Level::parse(&get("log-level")).ok_or_else(|| {
+            crash_loop_window: parse_duration("crash-loop-window", &v.get("crash-loop-window"))?,
+            stderr_tail: parse_count("stderr-tail", &v.get("stderr-tail"))?,
+            log_level: crate::observe::Level::parse(&v.get("log-level")).ok_or_else(|| {
                 format!(
                     "--log-level must be error, warn, info or debug, got {:?}",
-                    get("log-level")
+                    v.get("log-level")
                 )
             })?,
-            log_json: match get("log-format").as_str() {
+            log_json: match v.get("log-format").as_str() {
                 "text" => false,
                 "json" => true,
                 other => return Err(format!("--log-format must be text or json, got {other:?}")),
             },
-            access_log: switch_on("access-log")?,
-            exit_with_parent: switch_on("exit-with-parent")?,
+            access_log: v.switch("access-log")?,
+            exit_with_parent: v.switch("exit-with-parent")?,
             auth,
             cors_origins,
             tls,
             pass_headers,
-            max_connections: parse_count("max-connections", &get("max-connections"))?.max(1),
-            read_timeout: parse_duration("read-timeout", &get("read-timeout"))?,
-            max_header_size: parse_size("max-header-size", &get("max-header-size"))?.max(256),
-            max_headers: parse_count("max-headers", &get("max-headers"))?.max(1),
-            max_json_depth: parse_count("max-json-depth", &get("max-json-depth"))?.clamp(1, 100),
-            command,
+            max_connections: parse_count("max-connections", &v.get("max-connections"))?.max(1),
+            read_timeout: parse_duration("read-timeout", &v.get("read-timeout"))?,
+            max_header_size: parse_size("max-header-size", &v.get("max-header-size"))?.max(256),
+            max_headers: parse_count("max-headers", &v.get("max-headers"))?.max(1),
+            max_json_depth: parse_count("max-json-depth", &v.get("max-json-depth"))?.clamp(1, 100),
+            command: v.command,
             demo,
         };
-        Ok(Parsed::Run(Box::new(cfg)))
+        Ok(cfg)
     }
 
     /// tiny_http panics on a key it cannot parse, and our panics abort: check the PEM
@@ -9544,7 +9607,7 @@ fn follow_parent(parent: libc::pid_t, pid1: bool) {
 /// The front door on the listener, then tiny_http over it.
 fn start_http(
     listener: std::net::TcpListener,
-    tls: Option<(Vec<u8>, Vec<u8>)>,
+    tls: Option<config::TlsPem>,
 ) -> Arc<tiny_http::Server> {
     let cfg = &app().cfg;
     {
