@@ -16,28 +16,6 @@ fn scratch_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-fn pids(sess: &Session, n: i64) -> (i32, i32) {
-    let child = result_text(&sess.call(n, "pid", json!({})).messages()[0])
-        .parse()
-        .unwrap();
-    let grandchild = result_text(&sess.call(n + 1, "spawn_grandchild", json!({})).messages()[0])
-        .parse()
-        .unwrap();
-    (child, grandchild)
-}
-
-/// Waits (bounded by `within`) for a process to be gone or a zombie; true if it went.
-fn gone_within(pid: i32, within: Duration) -> bool {
-    let end = Instant::now() + within;
-    while alive(pid) {
-        if Instant::now() >= end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
-
 /// The test: SIGKILL stdio-sse while it has five sessions; within a second no
 /// child or grandchild remains (PR_SET_PDEATHSIG for the children, the guardian for the
 /// process groups their children live in).
@@ -48,7 +26,7 @@ fn sigkill_leaves_no_child_or_grandchild() {
     let sessions: Vec<Session> = (0..5).map(|_| Session::open(&s)).collect();
     let mut procs = Vec::new();
     for (i, sess) in sessions.iter().enumerate() {
-        let (c, g) = pids(sess, 10 * i as i64);
+        let (c, g) = child_and_grandchild(sess, 10 * i as i64);
         assert!(alive(c) && alive(g));
         procs.push((c, "child"));
         procs.push((g, "grandchild"));
@@ -81,7 +59,7 @@ fn sigkill_leaves_no_child_or_grandchild() {
 fn clean_exit_leaves_the_guardian_nothing_to_kill() {
     let mut s = Server::start(&[], &everything());
     let sess = Session::open(&s);
-    let (c, g) = pids(&sess, 1);
+    let (c, g) = child_and_grandchild(&sess, 1);
     let guardian = all_children_of(s.pid())
         .into_iter()
         .find(|p| comm(*p) == GUARDIAN_NAME)
@@ -130,26 +108,19 @@ fn pid1_reaps_orphans_and_forwards_sigterm() {
     assert_eq!(comm(init), "stdio-sse-init", "PID 1 stays a small init");
     let sessions: Vec<Session> = (0..3).map(|_| Session::open(&s)).collect();
     // Each session's child left an orphan; find them as children of our PID 1.
-    let end = Instant::now() + DEADLINE;
-    let orphans = loop {
+    let mut orphans = Vec::new();
+    eventually("3 orphans (and their pid files) under PID 1", || {
         let files = std::fs::read_dir(&dir)
             .unwrap()
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with("orphan."))
             .count();
-        let under_init: Vec<i32> = all_children_of(init)
+        orphans = all_children_of(init)
             .into_iter()
             .filter(|p| comm(*p) == "sh")
             .collect();
-        if files == 3 && under_init.len() == 3 {
-            break under_init;
-        }
-        assert!(
-            Instant::now() < end,
-            "3 orphans under PID 1 expected: {files} pid files, {under_init:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        files == 3 && orphans.len() == 3
+    });
     use std::io::Write;
     release.write_all(b"go\ngo\ngo\n").unwrap();
     for pid in &orphans {
@@ -185,14 +156,12 @@ fn pid1_reaps_orphans_and_forwards_sigterm() {
     );
     unsafe { libc::kill(init, libc::SIGTERM) };
     s.wait_log("signal 15 received");
-    let end = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < end, "PID 1 did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut status = None;
+    eventually("PID 1 exits after SIGTERM", || {
+        status = s.child.try_wait().unwrap();
+        status.is_some()
+    });
+    let status = status.unwrap();
     assert_eq!(status.code(), Some(0), "graceful shutdown's status");
     for c in children {
         assert_gone(c, "session child");
@@ -212,7 +181,7 @@ fn exit_with_parent_follows_the_parent() {
     assert_eq!(ours.len(), 1, "{ours:?}");
     let bridge = ours[0];
     let sess = Session::open(&s);
-    let (c, g) = pids(&sess, 1);
+    let (c, g) = child_and_grandchild(&sess, 1);
     unsafe { libc::kill(s.pid(), libc::SIGKILL) };
     s.wait_log("the parent process");
     s.wait_log("all children ended; exiting");
@@ -396,17 +365,6 @@ fn text_logs_and_access_log_off() {
     );
     s.wait_log("http_error: GET /nowhere -> 404 Not found");
     assert!(!s.log_text().contains("access:"), "{}", s.log_text());
-}
-
-fn scrape(s: &Server) -> String {
-    Conn::open(s).request("GET", "/metrics", &[], b"").text()
-}
-
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 /// Every family has HELP and TYPE, label values stay bounded, and the numbers move as

@@ -4,21 +4,11 @@ mod common;
 use common::*;
 use serde_json::json;
 
-fn pids(sess: &Session) -> (i32, i32) {
-    let child = result_text(&sess.call(100, "pid", json!({})).messages()[0])
-        .parse()
-        .unwrap();
-    let grandchild = result_text(&sess.call(101, "spawn_grandchild", json!({})).messages()[0])
-        .parse()
-        .unwrap();
-    (child, grandchild)
-}
-
 #[test]
 fn delete_leaves_no_process_behind() {
     let s = Server::start(&[], &everything());
     let sess = Session::open(&s);
-    let (child, grandchild) = pids(&sess);
+    let (child, grandchild) = child_and_grandchild(&sess, 100);
     assert!(alive(child) && alive(grandchild));
     assert_eq!(sess.delete().status, 200);
     assert!(!alive(child), "child reaped before DELETE answered");
@@ -66,7 +56,7 @@ fn idle_sessions_expire_with_their_children() {
         &everything(),
     );
     let sess = Session::open(&s);
-    let (child, grandchild) = pids(&sess);
+    let (child, grandchild) = child_and_grandchild(&sess, 100);
     s.wait_log("session ended (idle)");
     assert_gone(child, "idle session's child");
     assert_gone(grandchild, "idle session's grandchild");
@@ -78,8 +68,8 @@ fn sigterm_ends_every_child_and_exits_zero() {
     let mut s = Server::start(&[], &everything());
     let a = Session::open(&s);
     let b = Session::open(&s);
-    let (ca, ga) = pids(&a);
-    let (cb, gb) = pids(&b);
+    let (ca, ga) = child_and_grandchild(&a, 100);
+    let (cb, gb) = child_and_grandchild(&b, 100);
     let status = s.stop_with(libc::SIGTERM);
     assert_eq!(status.code(), Some(0));
     for (pid, what) in [

@@ -578,13 +578,36 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// Waits (bounded by `within`) for a process to be gone or a zombie; true if it went.
+pub fn gone_within(pid: i32, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while alive(pid) {
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 /// Waits (bounded) for a process to be gone; a kill takes effect asynchronously.
 pub fn assert_gone(pid: i32, what: &str) {
-    let end = Instant::now() + DEADLINE;
-    while alive(pid) {
-        assert!(Instant::now() < end, "{what} (pid {pid}) is still running");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        gone_within(pid, DEADLINE),
+        "{what} (pid {pid}) is still running"
+    );
+}
+
+/// The pid of the session's child and of a grandchild it starts (the demo fixture's
+/// `pid` and `spawn_grandchild` tools), with request ids `id` and `id + 1`.
+pub fn child_and_grandchild(sess: &Session, id: i64) -> (i32, i32) {
+    let child = result_text(&sess.call(id, "pid", json!({})).messages()[0])
+        .parse()
+        .unwrap();
+    let grandchild = result_text(&sess.call(id + 1, "spawn_grandchild", json!({})).messages()[0])
+        .parse()
+        .unwrap();
+    (child, grandchild)
 }
 
 /// The name stdio-sse gives its guardian process (not a child of the command).
@@ -637,12 +660,21 @@ pub fn vm_rss_kib(pid: i32) -> u64 {
 }
 
 /// One sample of /metrics, by its name with labels as printed (0 when absent).
-pub fn metric(server: &Server, sample: &str) -> f64 {
-    let text = Conn::open(server)
+pub fn metric(server: &Server, name: &str) -> f64 {
+    sample(&scrape(server), name)
+}
+
+/// The whole /metrics text, to compare several samples at one moment.
+pub fn scrape(server: &Server) -> String {
+    Conn::open(server)
         .request("GET", "/metrics", &[], b"")
-        .text();
+        .text()
+}
+
+/// One sample of a /metrics text (0 when absent).
+pub fn sample(text: &str, name: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
 }
@@ -672,9 +704,10 @@ pub fn open_fds(pid: i32) -> usize {
         .count()
 }
 
-/// Waits (bounded) until `f` holds; the pools shed idle threads after a few seconds.
+/// Waits (bounded by DEADLINE) until `f` holds; the pools shed idle threads after a few
+/// seconds.
 pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let until = std::time::Instant::now() + DEADLINE;
     while !f() {
         assert!(std::time::Instant::now() < until, "{what}");
         std::thread::sleep(Duration::from_millis(200));
