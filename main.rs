@@ -39,6 +39,9 @@ use std::time::{Duration, Instant};
 // ======================================================================================
 /// Configuration: every default and limit in one block, the flag table, and parsing of
 /// the command line and `STDIO_SSE_*` variables. Touches nothing but its own values.
+/// Owns: every default and limit (each a named constant with its reason), the flag
+/// table, `Config`. Touches: nothing but the files a flag names (token file, PEM).
+/// Rules: O-3 (loopback by default), OP-8.
 mod config {
     use std::collections::HashMap;
     use std::path::PathBuf;
@@ -3107,6 +3110,10 @@ mod door {
 // ======================================================================================
 /// HTTP front door: owns the listener, the worker threads, Host/Origin checks, body
 /// reading and routing to a transport. Writes simple (non-streaming) responses itself.
+/// Owns: the worker pool, routing, `Incoming` and `Reply`, Host/Origin/CORS checks,
+/// body reading and --parse-budget, /healthz, /readyz, /metrics. Touches: `door` (its
+/// per-request view), `auth`, the transports it routes to, `observe`.
+/// Rules: O-1, O-2, O-5, P-1, P-2, P-11, RB-3.
 mod http {
     use super::*;
     use crate::app;
@@ -3888,6 +3895,8 @@ mod http {
 /// constant-time check, and what a session inherits from the request that created it
 /// (its owner token, --pass-header values). Tokens never reach a log, a metric or an
 /// error message: callers learn only "valid" and which token, to bind sessions to it.
+/// Owns: the token list, its reload, the session's inherited context. Touches: the
+/// token file, `refusal` (401). Rules: A-1, RB-3.
 mod auth {
     use crate::http::{Incoming, Refusal, Reply};
     use crate::refusal::TokenFault;
@@ -4019,6 +4028,8 @@ mod auth {
 /// Streamable HTTP on the MCP endpoint (2025-03-26 .. 2025-11-25): POST, GET and DELETE
 /// for session mode. Owns the HTTP-level rules (P-*, G-*, S-*, V-*, B-*); hands messages
 /// to `sessions` and streams what `sessions` routes back.
+/// Owns: the Streamable HTTP rules of one request. Touches: `sessions` only (never a
+/// child or an upstream), `http` for replies and streams.
 mod streamable {
     use super::*;
     use crate::app;
@@ -4214,6 +4225,8 @@ mod streamable {
 // ======================================================================================
 /// Legacy HTTP+SSE (2024-11-05): GET on the SSE path opens a session whose whole life is
 /// that one stream; POSTs to the message path feed it (rules L-1..L-5).
+/// Owns: the legacy endpoint's rules. Touches: `sessions` only, `http` for replies and
+/// the stream.
 mod legacy {
     use crate::http::{respond, Incoming, Refusal, Reply, Wanted};
     use crate::sessions::{self, Transport};
@@ -4286,6 +4299,8 @@ mod legacy {
 /// One-shot mode: each request runs the child once: body in as one line, stdin closed,
 /// every stdout line out as an SSE `data:` event until the child exits. A client that
 /// leaves takes the child's whole process group with it.
+/// Owns: its in-flight count (--max-sessions). Touches: `child` directly (a one-shot
+/// request has no session), `http`, `sse` framing. Rules: OS-1..OS-3, ST-1, ST-7.
 mod oneshot {
     use super::*;
     use crate::app;
@@ -4434,6 +4449,8 @@ mod oneshot {
 // ======================================================================================
 /// JSON-RPC message shapes: classifying a message and building error responses. Pure
 /// functions over serde_json values.
+/// Owns: what a message is (`Kind`), which ids MCP allows, error bodies, the JSON depth
+/// check. Touches: nothing. Rules: P-11, ST-1, ST-10.
 mod message {
     use serde_json::Value;
 
@@ -4623,6 +4640,9 @@ mod message {
 /// the replay buffer that lets a client resume a stream; the router that puts
 /// each child message on exactly one stream; idle expiry and session ending.
 /// Touches `upstream` to reach the child and hands frames to `sse` writers.
+/// Owns: `Session`, `Registry`, streams, the replay buffer, the router, backpressure
+/// (`Link`). Touches: `upstream` (the child side), `sse` (frames to writers), `observe`.
+/// Rules: S-1..S-7, R-2..R-5, G-6, P-5..P-8, RB-8.
 mod sessions {
     use super::*;
     use crate::http::{Refusal, Reply};
@@ -5775,6 +5795,9 @@ mod sessions {
 /// are reference-counted, and server-wide notifications reach every session. Also the
 /// supervisors that restart shared children and the warm pool of session mode. Touches
 /// `child` for processes and `sessions` for delivery.
+/// Owns: `Upstream`, id and token rewriting, the initialize cache, subscriptions, the
+/// shared supervisors and the warm pool. Touches: `child`, `sessions` (delivery).
+/// Rules: S-9, ST-7, OP-9.
 mod upstream {
     use super::*;
     use crate::child::ChildProc;
@@ -6654,6 +6677,9 @@ mod upstream {
 /// stdout split on `\n` only, stderr to our log; its ending is `teardown`'s escalation.
 /// Also whether a child can be started at all (`startable`, for /readyz).
 /// Touches nothing of HTTP.
+/// Owns: spawning, the stdout reader, the stderr tail, reaping, the child table.
+/// Touches: `ownership` (process groups), `teardown` (its escalation). Rules: ST-1,
+/// ST-4, ST-5, ST-6.
 mod child {
     use super::*;
     use std::collections::VecDeque;
@@ -7302,6 +7328,8 @@ mod child {
 /// the init duties when we are PID 1 (reap orphans, forward signals); and
 /// --exit-with-parent. The forks happen in main before any thread exists. Touches only
 /// process groups it was told about, and its own pipe.
+/// Owns: the guardian, PID 1 duties, parent-death. Touches: process groups it is told
+/// of, its own pipe. Rules: OP-1..OP-3.
 mod ownership {
     use super::*;
 
@@ -7774,6 +7802,8 @@ mod teardown {
 /// one HTTP chunk per flush (tiny_http's own encoder would hold ~8 KiB back), and the
 /// stream pump that turns a session queue into events. Touches the writer it owns, and
 /// the session it pumps for (`touch` on each write, `detach` at the end).
+/// Owns: `SseStream` (framing), the pump. Touches: the writer, the session it pumps
+/// for. Rules, G-5.
 mod sse {
     use super::*;
     use crate::sessions::{Attached, Frame, Session, StreamKind};
@@ -8032,6 +8062,8 @@ mod sse {
 /// /metrics. Everything else calls in; for /metrics this asks the sessions for their
 /// figures (`Registry::stats`), the door for its connection count, the child table for
 /// its size, and /proc for the process's own figures.
+/// Owns: the log, the access log, `Metrics`. Touches: see above, read-only.
+/// Rules: OP-5, OP-6.
 mod observe {
     use super::*;
     use std::cell::RefCell;
@@ -8932,6 +8964,7 @@ mod observe {
 /// COMMAND is given: an MCP server on stdio with `echo`, `add` and `broadcast` (a
 /// list_changed notification for every client) tools. Also the
 /// benchmark's fast child. Shares nothing with the bridge but serde_json.
+/// Owns: the demo tools. Touches: stdin and stdout only.
 mod demo {
     use serde_json::{json, Value};
     use std::io::{BufRead, Write};
@@ -9042,6 +9075,7 @@ mod demo {
 /// class and, when freed, kept on one of SHARDS free lists (a thread always uses the
 /// same shard), a bounded number per class so an idle process gives memory back.
 /// Larger or over-aligned blocks go straight to the system. Touches nothing else.
+/// Owns: the size-class free lists. Touches: the C allocator.
 mod memory {
     use std::alloc::{GlobalAlloc, Layout, System};
     use std::cell::{Cell, UnsafeCell};
