@@ -3351,6 +3351,26 @@ mod http {
         Ok(stream)
     }
 
+    /// A 200 SSE response carrying a session's stream until it ends: opened, then
+    /// pumped (a connection that cannot take the head leaves the stream to a resume).
+    pub fn stream(
+        inc: Incoming,
+        headers: Vec<(&'static str, String)>,
+        lifetime: Lifetime,
+        attached: crate::sessions::Attached,
+        session: &Arc<crate::sessions::Session>,
+    ) {
+        crate::observe::response_status(200);
+        match open_sse(inc, headers, lifetime) {
+            Ok(stream) => crate::sse::pump(stream, attached, session),
+            Err(_) => session.detach(
+                attached.stream,
+                attached.conn_id,
+                crate::sessions::Delivery::Partial,
+            ),
+        }
+    }
+
     /// CORS on an actual (not preflight) response: who may read it and which of our
     /// headers a page may see.
     fn cors_headers(inc: &Incoming) -> Vec<(&'static str, String)> {
@@ -4033,7 +4053,7 @@ mod auth {
 mod streamable {
     use super::*;
     use crate::app;
-    use crate::http::{require_accept, respond, Incoming, Refusal, Reply, Wanted};
+    use crate::http::{require_accept, respond, Incoming, Lifetime, Refusal, Reply, Wanted};
     use crate::message::{classify, Kind};
     use crate::sessions::{self, Session, Transport};
 
@@ -4139,43 +4159,18 @@ mod streamable {
         messages: Vec<serde_json::Value>,
         new_session: Option<String>,
     ) {
-        let has_requests = messages
-            .iter()
-            .any(|m| matches!(classify(m), Kind::Request { .. }));
-        let attached = if has_requests {
-            match session.open_post_stream() {
-                Ok(a) => Some(a),
-                Err(reply) => return respond(inc, reply),
-            }
-        } else {
-            None
+        let attached = match session.accept_post(&messages) {
+            Ok(attached) => attached,
+            Err(reply) => return respond(inc, reply),
         };
-        let stream_no = attached.as_ref().map(|a| a.stream);
-        if let Err(reply) = session.register_requests(&messages, stream_no) {
-            if let Some(no) = stream_no {
-                session.drop_stream(no);
-            }
-            return respond(inc, reply);
-        }
-        if let Err(refusal) = session.submit(&messages) {
-            return respond(inc, refusal.into());
-        }
         let Some(attached) = attached else {
             return respond(inc, Reply::accepted());
         };
-        let mut headers = vec![];
-        if let Some(id) = &new_session {
-            headers.push((SESSION_HEADER, id.clone()));
-        }
-        crate::observe::response_status(200);
-        match crate::http::open_sse(inc, headers, crate::http::Lifetime::Request) {
-            Ok(stream) => crate::sse::pump(stream, attached, session),
-            Err(_) => session.detach(
-                attached.stream,
-                attached.conn_id,
-                sessions::Delivery::Partial,
-            ),
-        }
+        let headers = new_session
+            .map(|id| (SESSION_HEADER, id))
+            .into_iter()
+            .collect();
+        crate::http::stream(inc, headers, Lifetime::Request, attached, session);
     }
 
     /// GET opens the session's listening stream (G-1..G-6), or with `Last-Event-ID`
@@ -4198,15 +4193,7 @@ mod streamable {
             Ok(a) => a,
             Err(reply) => return respond(inc, reply),
         };
-        crate::observe::response_status(200);
-        match crate::http::open_sse(inc, Vec::new(), crate::http::Lifetime::Standing) {
-            Ok(stream) => crate::sse::pump(stream, attached, &session),
-            Err(_) => session.detach(
-                attached.stream,
-                attached.conn_id,
-                sessions::Delivery::Partial,
-            ),
-        }
+        crate::http::stream(inc, Vec::new(), Lifetime::Standing, attached, &session);
     }
 
     /// DELETE ends the session and its child (S-7); it answers once the child is gone.
@@ -4285,11 +4272,8 @@ mod legacy {
         };
         session.mark_request();
         let listener = session.listener_stream();
-        if let Err(reply) = session.register_requests(&messages, Some(listener)) {
+        if let Err(reply) = session.accept_on(&messages, Some(listener)) {
             return respond(inc, reply);
-        }
-        if let Err(refusal) = session.submit(&messages) {
-            return respond(inc, refusal.into());
         }
         respond(inc, Reply::text(202, "text/plain", "Accepted"));
     }
@@ -5202,6 +5186,42 @@ mod sessions {
                 s.open += keys.len();
             }
             Ok(keys.len())
+        }
+
+        /// A POST's messages, taken whole or refused: a stream for its requests (when it
+        /// has any), the requests registered on it, the messages handed to the child.
+        /// `None`: nothing to stream back (notifications and responses only: 202).
+        pub fn accept_post(
+            self: &Arc<Self>,
+            messages: &[Value],
+        ) -> Result<Option<Attached>, Reply> {
+            let has_requests = messages
+                .iter()
+                .any(|m| matches!(classify(m), Kind::Request { .. }));
+            let attached = if has_requests {
+                Some(self.open_post_stream()?)
+            } else {
+                None
+            };
+            self.accept_on(messages, attached.as_ref().map(|a| a.stream))?;
+            Ok(attached)
+        }
+
+        /// Messages whose answers go to `stream` (a POST's own, or the legacy session's
+        /// one stream): registered, then handed to the child. A stream opened for them
+        /// is dropped when they are refused.
+        pub fn accept_on(
+            self: &Arc<Self>,
+            messages: &[Value],
+            stream: Option<u64>,
+        ) -> Result<(), Reply> {
+            if let Err(reply) = self.register_requests(messages, stream) {
+                if let Some(no) = stream {
+                    self.drop_stream(no);
+                }
+                return Err(reply);
+            }
+            self.submit(messages).map_err(Reply::from)
         }
 
         /// Hands a client's messages to the child. A child that no longer takes input
