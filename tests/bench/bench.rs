@@ -12,7 +12,7 @@
 
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,132 +21,22 @@ use std::time::{Duration, Instant};
 
 const ACCEPT_BOTH: &str = "application/json, text/event-stream";
 
-// ---- a small keep-alive HTTP/1.1 client ----------------------------------------------
+// ---- the client: tests/common/wire.rs, shared with the integration tests ------------
 
-struct Conn {
-    r: BufReader<TcpStream>,
+#[path = "../common/wire.rs"]
+mod wire;
+use wire::{Conn, Response as Reply};
+
+/// The bench's way in: a connection by port, and the two requests it makes most.
+trait BenchConn {
+    fn at(port: u16) -> Conn;
+    fn initialize(&mut self) -> Reply;
+    fn post_mcp(&mut self, sid: &str, body: &[u8]) -> Reply;
 }
 
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    /// The JSON of every SSE `data:` line, or the body itself when it is JSON.
-    fn messages(&self) -> Vec<Value> {
-        let text = String::from_utf8_lossy(&self.body);
-        if self
-            .header("Content-Type")
-            .is_some_and(|c| c.starts_with("application/json"))
-        {
-            return serde_json::from_str(&text).into_iter().collect();
-        }
-        text.lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter(|d| !d.is_empty())
-            .filter_map(|d| serde_json::from_str(d).ok())
-            .collect()
-    }
-}
-
-impl Conn {
-    fn open(port: u16) -> Conn {
-        let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_nodelay(true).unwrap();
-        Conn {
-            r: BufReader::with_capacity(64 * 1024, s),
-        }
-    }
-
-    fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if method == "POST" {
-            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        req.push_str("\r\n");
-        let mut bytes = req.into_bytes();
-        bytes.extend_from_slice(body);
-        self.r.get_mut().write_all(&bytes).expect("send");
-    }
-
-    fn head(&mut self) -> (u16, Vec<(String, String)>) {
-        let mut line = String::new();
-        self.r.read_line(&mut line).expect("status line");
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {line:?}"));
-        let mut headers = Vec::new();
-        loop {
-            let mut h = String::new();
-            self.r.read_line(&mut h).expect("header");
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.push((k.trim().to_string(), v.trim().to_string()));
-            }
-        }
-        (status, headers)
-    }
-
-    /// One chunk of a chunked body; None at the last one.
-    fn chunk(&mut self) -> Option<Vec<u8>> {
-        let mut size = String::new();
-        self.r.read_line(&mut size).ok()?;
-        let n = usize::from_str_radix(size.trim(), 16).ok()?;
-        let mut buf = vec![0; n + 2];
-        self.r.read_exact(&mut buf).ok()?;
-        buf.truncate(n);
-        (n > 0).then_some(buf)
-    }
-
-    fn reply(&mut self) -> Reply {
-        let (status, headers) = self.head();
-        let find = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.clone())
-        };
-        let mut body = Vec::new();
-        if find("Transfer-Encoding").is_some_and(|v| v.contains("chunked")) {
-            while let Some(c) = self.chunk() {
-                body.extend_from_slice(&c);
-            }
-        } else if let Some(n) = find("Content-Length").and_then(|v| v.parse().ok()) {
-            body.resize(n, 0);
-            self.r.read_exact(&mut body).expect("body");
-        }
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> Reply {
-        self.send(method, path, headers, body);
-        self.reply()
+impl BenchConn for Conn {
+    fn at(port: u16) -> Conn {
+        Conn::open_addr(&format!("127.0.0.1:{port}"))
     }
 
     /// The initialize that opens a Streamable HTTP session.
@@ -158,7 +48,7 @@ impl Conn {
                 ("Content-Type", "application/json"),
                 ("Accept", ACCEPT_BOTH),
             ],
-            &init_body(),
+            wire::init_body("2025-11-25").as_bytes(),
         )
     }
 
@@ -276,17 +166,9 @@ fn bridge(bin: &str, flags: &[&str]) -> Bridge {
     b
 }
 
-fn init_body() -> Vec<u8> {
-    json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {},
-        "clientInfo": {"name": "bench", "version": "1"}}})
-    .to_string()
-    .into_bytes()
-}
-
 /// A Streamable HTTP session: initialize and initialized; returns its id.
 fn open_session(port: u16) -> String {
-    let mut c = Conn::open(port);
+    let mut c = Conn::at(port);
     let r = c.initialize();
     assert_eq!(r.status, 200, "initialize");
     let sid = r.header("Mcp-Session-Id").expect("session id").to_string();
@@ -371,7 +253,7 @@ where
 fn streamable_load(port: u16, sessions: &[String], workers: usize, secs: Duration) -> Load {
     closed_loop(workers, secs, |w| {
         let sid = sessions[w % sessions.len()].clone();
-        let mut c = Conn::open(port);
+        let mut c = Conn::at(port);
         move |id| {
             let msg = format!("m{id}");
             let body = call(id, &msg).to_string();
@@ -388,7 +270,7 @@ type Waiters = Arc<Mutex<HashMap<u64, crossbeam_channel::Sender<Value>>>>;
 /// Legacy SSE: one stream per session; POSTs on their own connections, answers routed
 /// back to each waiting worker by id.
 fn legacy_load(port: u16, workers: usize, secs: Duration) -> Load {
-    let mut stream = Conn::open(port);
+    let mut stream = Conn::at(port);
     stream.send("GET", "/sse", &[("Accept", "text/event-stream")], b"");
     let (status, _) = stream.head();
     assert_eq!(status, 200);
@@ -418,7 +300,7 @@ fn legacy_load(port: u16, workers: usize, secs: Duration) -> Load {
     let endpoint = endpoint_rx
         .recv_timeout(Duration::from_secs(5))
         .expect("endpoint");
-    let mut c = Conn::open(port);
+    let mut c = Conn::at(port);
     let post = |c: &mut Conn, body: &Value| {
         let r = c.request(
             "POST",
@@ -430,7 +312,10 @@ fn legacy_load(port: u16, workers: usize, secs: Duration) -> Load {
     };
     let (tx, rx) = crossbeam_channel::bounded(1);
     waiters.lock().unwrap().insert(0, tx);
-    post(&mut c, &serde_json::from_slice(&init_body()).unwrap());
+    post(
+        &mut c,
+        &serde_json::from_str(&wire::init_body("2025-11-25")).unwrap(),
+    );
     rx.recv_timeout(Duration::from_secs(5))
         .expect("initialize answer");
     post(
@@ -438,7 +323,7 @@ fn legacy_load(port: u16, workers: usize, secs: Duration) -> Load {
         &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
     );
     closed_loop(workers, secs, |_| {
-        let mut c = Conn::open(port);
+        let mut c = Conn::at(port);
         let endpoint = endpoint.clone();
         let waiters = waiters.clone();
         move |id| {
@@ -507,7 +392,7 @@ fn pipe_load(bin: &str, workers: usize, secs: Duration) -> Load {
 /// One-shot: a child per request, its answer streamed back.
 fn oneshot_load(port: u16, workers: usize, secs: Duration) -> Load {
     closed_loop(workers, secs, |_| {
-        let mut c = Conn::open(port);
+        let mut c = Conn::at(port);
         move |id| {
             let msg = format!("m{id}");
             let r = c.request(
@@ -539,9 +424,7 @@ fn startup(bin: &str) -> Duration {
     let took = loop {
         if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
             let _ = s.set_nodelay(true);
-            let mut c = Conn {
-                r: BufReader::new(s),
-            };
+            let mut c = Conn::from_stream(s, &format!("127.0.0.1:{port}"));
             let r = c.initialize();
             assert_eq!(r.status, 200);
             break t.elapsed();
@@ -556,7 +439,7 @@ fn startup(bin: &str) -> Duration {
 fn big_round_trip(port: u16) -> Duration {
     let sid = open_session(port);
     let msg = "x".repeat(5 << 20);
-    let mut c = Conn::open(port);
+    let mut c = Conn::at(port);
     let t = Instant::now();
     let r = c.post_mcp(&sid, call(1, &msg).to_string().as_bytes());
     let took = t.elapsed();
@@ -687,7 +570,7 @@ fn idle_streams(bin: &str, wanted: usize) -> Idle {
         };
     }
     let sid = open_session(b.port);
-    let mut c = Conn::open(b.port);
+    let mut c = Conn::at(b.port);
     let t = Instant::now();
     let r = c.post_mcp(
         &sid,
@@ -788,9 +671,7 @@ fn start_peer(peer: &Peer, bin: &str, port: u16) -> Option<(Bridge, Duration)> {
     let end = t + Duration::from_secs(30);
     loop {
         if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
-            let mut c = Conn {
-                r: BufReader::new(s),
-            };
+            let mut c = Conn::from_stream(s, &format!("127.0.0.1:{port}"));
             if peer.legacy {
                 c.send("GET", "/sse", &[("Accept", "text/event-stream")], b"");
                 if c.head().0 == 200 {
@@ -892,7 +773,7 @@ fn instructions_per_round_trip(bin: &str) -> Option<f64> {
             std::thread::sleep(Duration::from_millis(20));
         }
         let sid = open_session(port);
-        let mut c = Conn::open(port);
+        let mut c = Conn::at(port);
         for id in 1..=n {
             let msg = format!("m{id}");
             let r = c.post_mcp(&sid, call(id, &msg).to_string().as_bytes());
