@@ -482,20 +482,20 @@ fn a_reset_storm_leaves_the_server_serving_with_its_descriptors_back() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let until = Instant::now() + Duration::from_secs(15);
-    while open_fds(pid) > fds0 {
-        assert!(
-            alive(pid),
-            "the server died after the reset storm; log:\n{}",
-            s.log_text()
-        );
-        assert!(
-            Instant::now() < until,
-            "descriptors did not come back: {} open, {fds0} before the storm",
-            open_fds(pid)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        alive(pid),
+        "the server died after the reset storm; log:\n{}",
+        s.log_text()
+    );
+    eventually_says(
+        || {
+            format!(
+                "descriptors did not come back: {} open, {fds0} before the storm",
+                open_fds(pid)
+            )
+        },
+        || open_fds(pid) <= fds0,
+    );
     assert!(alive(pid));
 }
 
@@ -547,15 +547,15 @@ fn unsupported_http_versions_get_505_and_a_close() {
         Ok(200),
         "healthz after 60 refused versions: {r:?}"
     );
-    let until = Instant::now() + Duration::from_secs(10);
-    while open_fds(pid) > fds0 {
-        assert!(
-            Instant::now() < until,
-            "descriptors did not come back: {} open, {fds0} before",
-            open_fds(pid)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    eventually_says(
+        || {
+            format!(
+                "descriptors did not come back: {} open, {fds0} before",
+                open_fds(pid)
+            )
+        },
+        || open_fds(pid) <= fds0,
+    );
     drop(held);
 }
 
@@ -1135,16 +1135,10 @@ fn shared_child_dying_on_initialize_answers_every_waiting_initialize() {
     assert_eq!(kids.len(), 1, "one shared child: {kids:?}");
     let child = kids[0];
     let mut workers = vec![initialize_in_thread(&s, "the first initialize".into())];
-    let until = Instant::now() + Duration::from_secs(10);
-    let stdout_closed =
-        || marker.exists() && !std::path::Path::new(&format!("/proc/{child}/fd/1")).exists();
-    while !stdout_closed() {
-        assert!(
-            Instant::now() < until,
-            "the child never closed its stdout on its first initialize"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(
+        "the child closes its stdout on its first initialize",
+        || marker.exists() && !std::path::Path::new(&format!("/proc/{child}/fd/1")).exists(),
+    );
     assert!(alive(child), "the dying child lingers for 2 s");
     workers.extend((0..2).map(|i| initialize_in_thread(&s, format!("late initialize {i}"))));
     failures.extend(join_all(workers));

@@ -490,10 +490,15 @@ pub fn open_fds(pid: i32) -> usize {
 
 /// Waits (bounded by DEADLINE) until `f` holds; the pools shed idle threads after a few
 /// seconds.
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+pub fn eventually(what: &str, f: impl FnMut() -> bool) {
+    eventually_says(|| what.to_string(), f);
+}
+
+/// `eventually`, with a failure message made when it fails (it can show what is seen).
+pub fn eventually_says(what: impl Fn() -> String, mut f: impl FnMut() -> bool) {
     let until = std::time::Instant::now() + DEADLINE;
     while !f() {
-        assert!(std::time::Instant::now() < until, "{what}");
-        std::thread::sleep(Duration::from_millis(200));
+        assert!(std::time::Instant::now() < until, "{}", what());
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
