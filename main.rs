@@ -1808,7 +1808,9 @@ mod door {
     struct Table {
         /// Keyed by socket inode: tiny_http reads through a dup of the accepted fd.
         conns: HashMap<u64, Connection>,
-        by_peer: HashMap<SocketAddr, u64>,
+        /// A peer address can name two connections at once: one reset by its client
+        /// but still being answered, and a new one from the same port. Oldest first.
+        by_peer: HashMap<SocketAddr, Vec<u64>>,
         lingering: Vec<(i32, Instant)>,
         /// When the keeper will next look; a deadline earlier than this wakes it.
         keeper_at: Option<Instant>,
@@ -1832,6 +1834,9 @@ mod door {
         /// Request heads read so far: tells a handler whether the body the stream is in
         /// is its own or already the next request's.
         heads: u64,
+        /// Requests a handler has taken (`Visit::begin`): those not yet taken are
+        /// `heads - claimed`.
+        claimed: u64,
         /// Chunked body bytes declared so far (checked against --max-body per chunk).
         chunked_total: u64,
         /// A cut found while a handler was busy with this connection: the handler answers
@@ -2096,10 +2101,10 @@ mod door {
                 return false;
             }
             if let Some(old) = t.conns.remove(&ino) {
-                t.by_peer.remove(&old.peer);
+                t.unlink_peer(&old.peer, ino);
             }
             let deadline = (!l.read_timeout.is_zero()).then(|| Instant::now() + l.read_timeout);
-            t.by_peer.insert(peer, ino);
+            t.by_peer.entry(peer).or_default().push(ino);
             t.conns.insert(
                 ino,
                 Connection {
@@ -2124,6 +2129,7 @@ mod door {
                     ended: 0,
                     head_at: 0,
                     head_checked: (0, 0),
+                    claimed: 0,
                 },
             );
             if let Some(d) = deadline {
@@ -2178,9 +2184,7 @@ mod door {
             .collect();
         for ino in gone {
             if let Some(c) = t.conns.remove(&ino) {
-                if t.by_peer.get(&c.peer) == Some(&ino) {
-                    t.by_peer.remove(&c.peer);
-                }
+                t.unlink_peer(&c.peer, ino);
             }
         }
     }
@@ -2346,9 +2350,7 @@ mod door {
                 write_refusal(fd, &refusal);
             }
             if let Some(c) = t.conns.remove(&ino) {
-                if t.by_peer.get(&c.peer) == Some(&ino) {
-                    t.by_peer.remove(&c.peer);
-                }
+                t.unlink_peer(&c.peer, ino);
             }
             // The answer, then the slot is free at once: the socket lingers on a
             // descriptor of the keeper's (bounded), which drains what the client still
@@ -2389,10 +2391,10 @@ mod door {
 
     /// The cut found while this peer's handler was reading its body: the handler answers
     /// it (its status and message), and the connection closes when the handler leaves.
-    pub fn take_cut(peer: Option<&SocketAddr>) -> Option<Refusal> {
-        let p = peer?;
+    pub fn take_cut(conn: Option<u64>) -> Option<Refusal> {
+        let ino = conn?;
         let cut = with_table(|t| {
-            let c = t.by_peer.get(p).and_then(|ino| t.conns.get_mut(ino))?;
+            let c = t.conns.get_mut(&ino)?;
             let cut = c.pending_cut.take()?;
             c.close_after = true;
             Some(cut)
@@ -2796,8 +2798,9 @@ mod door {
             let mut heads = 0;
             let ino = peer.and_then(|p| {
                 with_table(|t| {
-                    let ino = *t.by_peer.get(p)?;
+                    let ino = t.request_conn(p)?;
                     let c = t.conns.get_mut(&ino)?;
+                    c.claimed += 1;
                     c.active += 1;
                     c.head_deadline = None;
                     heads = c.heads;
@@ -2811,13 +2814,41 @@ mod door {
             });
             Visit(ino, heads)
         }
+
+        /// The connection this request came on (its socket's inode), for `shut`,
+        /// `take_cut` and `body_timed_out`.
+        pub fn conn(&self) -> Option<u64> {
+            self.0
+        }
+    }
+
+    impl Table {
+        fn unlink_peer(&mut self, peer: &SocketAddr, ino: u64) {
+            if let Some(list) = self.by_peer.get_mut(peer) {
+                list.retain(|i| *i != ino);
+                if list.is_empty() {
+                    self.by_peer.remove(peer);
+                }
+            }
+        }
+
+        /// The connection a request from `peer` was read on: the oldest with a head
+        /// no handler has taken yet (a reset connection's late request is its own, not
+        /// the new connection's from the same port); over TLS, where heads are not
+        /// counted, the newest.
+        fn request_conn(&self, peer: &SocketAddr) -> Option<u64> {
+            let list = self.by_peer.get(peer)?;
+            list.iter()
+                .copied()
+                .find(|ino| self.conns.get(ino).is_some_and(|c| c.claimed < c.heads))
+                .or_else(|| list.last().copied())
+        }
     }
 
     /// Shuts this peer's connection for reading (`libc::SHUT_RD`) or both ways.
-    pub fn shut(peer: Option<&SocketAddr>, how: i32) {
-        let Some(p) = peer else { return };
+    pub fn shut(conn: Option<u64>, how: i32) {
+        let Some(ino) = conn else { return };
         with_table(|t| {
-            let Some(&ino) = t.by_peer.get(p) else { return };
             if let Some(fd) = t.conns.get(&ino).and_then(|c| c.live_fd(ino)) {
                 unsafe { libc::shutdown(fd, how) };
             }
@@ -2825,15 +2856,9 @@ mod door {
     }
 
     /// The body of this peer's request did not arrive within --read-timeout.
-    pub fn body_timed_out(peer: Option<&SocketAddr>) -> bool {
-        let Some(p) = peer else { return false };
-        with_table(|t| {
-            t.by_peer
-                .get(p)
-                .and_then(|ino| t.conns.get(ino))
-                .is_some_and(|c| c.body_timed_out)
-        })
-        .unwrap_or(false)
+    pub fn body_timed_out(conn: Option<u64>) -> bool {
+        let Some(ino) = conn else { return false };
+        with_table(|t| t.conns.get(&ino).is_some_and(|c| c.body_timed_out)).unwrap_or(false)
     }
 
     impl Drop for Visit {
@@ -3132,6 +3157,8 @@ mod http {
     /// A request and what we parsed off it once.
     pub struct Incoming {
         pub rq: tiny_http::Request,
+        /// The connection it came on, as the door knows it (`door::Visit::conn`).
+        pub conn: Option<u64>,
         pub path: String,
         pub query: String,
         /// The valid bearer token it carried (None when auth is off): sessions are bound
@@ -3187,11 +3214,11 @@ mod http {
                 .as_reader()
                 .take(limit as u64 + 1)
                 .read_to_end(&mut body);
-            if let (Err(_), Some(cut)) = (&read, crate::door::take_cut(self.rq.remote_addr())) {
+            if let (Err(_), Some(cut)) = (&read, crate::door::take_cut(self.conn)) {
                 // The door found the body malformed or too large as it arrived.
                 return Err(Reply::from(cut).with_header("Connection", "close"));
             }
-            if crate::door::body_timed_out(self.rq.remote_addr()) {
+            if crate::door::body_timed_out(self.conn) {
                 return Err(Refusal::BodyTimeout.into());
             }
             match read {
@@ -3340,13 +3367,13 @@ mod http {
         if release_reader {
             extra.push(("Connection", "close".into()));
         }
-        let peer = inc.rq.remote_addr().copied();
+        let conn = inc.conn;
         let mut stream = crate::sse::SseStream::open(inc.rq.into_writer(), chunked, &extra);
         if lifetime == Lifetime::Standing {
             stream.flush()?;
         }
         if release_reader {
-            crate::door::shut(peer.as_ref(), libc::SHUT_RD);
+            crate::door::shut(conn, libc::SHUT_RD);
         }
         Ok(stream)
     }
@@ -3464,12 +3491,14 @@ mod http {
 
     /// Over TLS the door sees only ciphertext, so a declared body over --max-body is
     /// refused here.
-    fn refuse_tls_oversized(rq: tiny_http::Request) -> Option<tiny_http::Request> {
+    fn refuse_tls_oversized(
+        rq: tiny_http::Request,
+        conn: Option<u64>,
+    ) -> Option<tiny_http::Request> {
         let max = app().cfg.max_body;
         let Some(declared) = rq.body_length().filter(|n| *n > max && rq.secure()) else {
             return Some(rq);
         };
-        let peer = rq.remote_addr().copied();
         let refusal = Refusal::BodyTooLarge {
             declared: Some(declared as u64),
             limit: max,
@@ -3477,13 +3506,13 @@ mod http {
         app().metrics.rejected(refusal.reason());
         // Reading shut first: tiny_http's drain of the body (8 KiB at a time, vendor
         // patch 8) ends at once.
-        crate::door::shut(peer.as_ref(), libc::SHUT_RD);
+        crate::door::shut(conn, libc::SHUT_RD);
         Some(rq)
     }
 
     fn handle(rq: tiny_http::Request) {
-        let _visit = crate::door::Visit::begin(rq.remote_addr());
-        let Some(rq) = refuse_tls_oversized(rq) else {
+        let visit = crate::door::Visit::begin(rq.remote_addr());
+        let Some(rq) = refuse_tls_oversized(rq, visit.conn()) else {
             return;
         };
         let app = app();
@@ -3500,6 +3529,7 @@ mod http {
         );
         let mut inc = Incoming {
             rq,
+            conn: visit.conn(),
             path,
             query,
             token: None,
@@ -3509,7 +3539,7 @@ mod http {
         if inc.rq.secure() && inc.header("Transfer-Encoding").is_some() {
             // The door sees only ciphertext, so it cannot bound chunk framing, and
             // tiny_http's decoder does not: no chunked body is read over TLS.
-            crate::door::shut(inc.rq.remote_addr(), libc::SHUT_RD);
+            crate::door::shut(inc.conn, libc::SHUT_RD);
             let refusal = Reply::from(Refusal::LengthRequired);
             return respond(inc, refusal.with_header("Connection", "close"));
         }
