@@ -1862,12 +1862,35 @@ mod door {
     }
 
     impl Connection {
-        /// A descriptor that is this connection's socket now (`ino` is its key), if any:
-        /// `fd` is checked, since tiny_http closes it on its own schedule.
-        fn live_fd(&self, ino: u64) -> Option<i32> {
-            self.cut_fd
-                .or_else(|| (inode(self.fd) == Some(ino)).then_some(self.fd))
+        /// Whether the socket is still open somewhere (ours or tiny_http's).
+        fn alive(&self, ino: u64) -> bool {
+            self.cut_fd.is_some() || inode(self.fd) == Some(ino)
         }
+        /// A descriptor of our own for this connection's socket (`ino` is its key), if it
+        /// is still open: tiny_http closes `fd` on its own schedule, and the number may
+        /// already name another client's connection, so we act only through a dup whose
+        /// inode we have checked.
+        fn hold(&self, ino: u64) -> Option<Held> {
+            hold(self.cut_fd.unwrap_or(self.fd), ino)
+        }
+    }
+
+    /// A dup of a connection's socket, closed when dropped.
+    struct Held(i32);
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            unsafe { libc::close(self.0) };
+        }
+    }
+
+    fn hold(fd: i32, ino: u64) -> Option<Held> {
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return None;
+        }
+        let held = Held(dup);
+        (inode(dup) == Some(ino)).then_some(held)
     }
 
     impl Drop for Connection {
@@ -2179,7 +2202,7 @@ mod door {
         let gone: Vec<u64> = t
             .conns
             .iter()
-            .filter(|(ino, c)| c.live_fd(**ino).is_none())
+            .filter(|(ino, c)| !c.alive(**ino))
             .map(|(ino, _)| *ino)
             .collect();
         for ino in gone {
@@ -2849,8 +2872,8 @@ mod door {
     pub fn shut(conn: Option<u64>, how: i32) {
         let Some(ino) = conn else { return };
         with_table(|t| {
-            if let Some(fd) = t.conns.get(&ino).and_then(|c| c.live_fd(ino)) {
-                unsafe { libc::shutdown(fd, how) };
+            if let Some(held) = t.conns.get(&ino).and_then(|c| c.hold(ino)) {
+                unsafe { libc::shutdown(held.0, how) };
             }
         });
     }
@@ -2874,7 +2897,6 @@ mod door {
                 c.ended += 1;
                 VISITING.with(|v| v.set(0));
                 IDLE.notify_all();
-                let fd = c.live_fd(ino);
                 if c.active == 0 {
                     // A cut in this request's body that its handler did not take: it
                     // answered without reading the body, so one answer has gone; nothing
@@ -2883,8 +2905,8 @@ mod door {
                         c.close_after = true;
                     }
                     if std::mem::take(&mut c.close_after) {
-                        if let Some(fd) = fd {
-                            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                        if let Some(held) = c.hold(ino) {
+                            unsafe { libc::shutdown(held.0, libc::SHUT_RDWR) };
                         }
                         // Our descriptor lingers so the answer is read before the close.
                         if let Some(own) = c.cut_fd.take() {
@@ -2907,8 +2929,8 @@ mod door {
                         "{}: body left unread; closing after the response",
                         c.peer
                     );
-                    if let Some(fd) = fd {
-                        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+                    if let Some(held) = c.hold(ino) {
+                        unsafe { libc::shutdown(held.0, libc::SHUT_RD) };
                     }
                 }
                 if c.active == 0 && !l.read_timeout.is_zero() {
@@ -2979,9 +3001,11 @@ mod door {
             t.keeper_at = Some(next);
             let tls = limits().tls;
             for (ino, fd, peer, body, partial) in expired {
-                if inode(fd) != Some(ino) {
+                // Through a dup we checked: the number may already be another socket's.
+                let Some(held) = hold(fd, ino) else {
                     continue;
-                }
+                };
+                let fd = held.0;
                 if body {
                     count(&Refusal::BodyTimeout);
                 } else if partial {
