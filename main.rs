@@ -2272,6 +2272,8 @@ mod door {
 
     fn inspect(fd: i32, ino: u64, data: &[u8]) -> Pass {
         let l = limits();
+        // Logged and counted once the table's lock is let go: every read waits on it.
+        let mut cut_seen = None;
         let verdict = with_table(|t| {
             let c = t.conns.get_mut(&ino)?;
             let before = c.head_deadline.or(c.body_deadline);
@@ -2284,15 +2286,7 @@ mod door {
                 return Some(Pass::All);
             };
             let c = t.conns.get_mut(&ino)?;
-            count(&cut);
-            crate::log!(
-                Info,
-                "connection_cut",
-                "{}: {} {}",
-                c.peer,
-                cut.status(),
-                cut.message()
-            );
+            cut_seen = Some((c.peer, cut.clone()));
             // A cut in a head is a new request's; one in a body, the request's whose
             // body it is.
             if !matches!(c.frame, Framing::Head(_)) {
@@ -2320,6 +2314,16 @@ mod door {
             Some(Pass::First(c.head_at))
         })
         .flatten();
+        if let Some((peer, cut)) = cut_seen {
+            count(&cut);
+            crate::log!(
+                Info,
+                "connection_cut",
+                "{peer}: {} {}",
+                cut.status(),
+                cut.message()
+            );
+        }
         match verdict {
             None | Some(Pass::All) => Pass::All,
             Some(Pass::First(0)) => answer_deferred(fd, ino),
@@ -4935,10 +4939,11 @@ mod sessions {
         initialize_id: Option<String>,
         lost_logged: bool,
         closed: bool,
-        /// The connection the last event went to, when that put it over --stream-queue:
-        /// the router makes room (`Session::make_room`) once the lock is let go.
-        congested: Option<(u64, Arc<Link>)>,
     }
+
+    /// A stream's connection an event put over --stream-queue: the router makes room
+    /// for it (`Session::make_room`) once the routing lock is let go.
+    pub struct Congested(u64, Arc<Link>);
 
     pub struct Session {
         pub id: String,
@@ -5371,8 +5376,8 @@ mod sessions {
         /// shared child must not wait for one client: it cuts a client that took nothing
         /// for NOT_READING, or whose queue reached SHARED_QUEUE_HARD_FACTOR times the
         /// bound; a client that reads just gets a longer queue.
-        pub fn make_room(&self) {
-            let Some((no, link)) = self.routing.locked().congested.take() else {
+        pub fn make_room(&self, congested: Option<Congested>) {
+            let Some(Congested(no, link)) = congested else {
                 return;
             };
             let cfg = &crate::app().cfg;
@@ -5548,9 +5553,16 @@ mod sessions {
         }
 
         /// Numbers an event, keeps it for replay and hands it to the stream's connection
-        /// if one is attached. A connection this puts over --stream-queue is noted for
-        /// `Session::make_room`, which runs without this lock held.
-        fn emit(&mut self, tag: &str, no: u64, json: Arc<str>, completes: bool) {
+        /// if one is attached. A connection this puts over --stream-queue is returned,
+        /// for `Session::make_room`, which runs without this lock held.
+        #[must_use]
+        fn emit(
+            &mut self,
+            tag: &str,
+            no: u64,
+            json: Arc<str>,
+            completes: bool,
+        ) -> Option<Congested> {
             let app = crate::app();
             self.next_event += 1;
             let n = self.next_event;
@@ -5561,7 +5573,7 @@ mod sessions {
                     "message_dropped",
                     session = tag; "event for stream {no}, which this session no longer has"
                 );
-                return;
+                return None;
             };
             let mut last = false;
             if completes && stream.kind == StreamKind::Post {
@@ -5576,6 +5588,7 @@ mod sessions {
             }
             stream.last_event = n;
             let mut queued = false;
+            let mut congested = None;
             if let Some(conn) = &stream.conn {
                 conn.link.push(json.len());
                 queued = conn
@@ -5588,12 +5601,12 @@ mod sessions {
                     })
                     .is_ok();
                 if conn.link.over(1) {
-                    self.congested = Some((no, conn.link.clone()));
+                    congested = Some(Congested(no, conn.link.clone()));
                 }
             }
             if queued && !self.resumable {
                 stream.evicted = n;
-                return;
+                return congested;
             }
             self.replay_bytes += json.len();
             self.replay.push_back(Event {
@@ -5604,6 +5617,7 @@ mod sessions {
                 queued,
             });
             self.evict(tag);
+            congested
         }
 
         /// Drops a delivered stream's events. They are the newest in the buffer as a
@@ -5701,9 +5715,9 @@ mod sessions {
                         None => init_failed = true,
                     }
                 }
-                r.emit(tag, f.stream, json.into(), true);
+                let congested = r.emit(tag, f.stream, json.into(), true);
                 drop(r);
-                session.make_room();
+                session.make_room(congested);
                 if init_failed {
                     crate::log!(
                         Warn,
@@ -5733,9 +5747,9 @@ mod sessions {
                 } else {
                     r.target_stream(method, value)
                 };
-                r.emit(tag, stream, json.into(), false);
+                let congested = r.emit(tag, stream, json.into(), false);
                 drop(r);
-                session.make_room();
+                session.make_room(congested);
             }
             Kind::Invalid(why) => {
                 app.metrics.dropped("invalid");
@@ -5815,7 +5829,8 @@ mod sessions {
             for (key, f) in in_flight {
                 let id: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
                 let json = crate::message::error_response(&id, code, &message, data.clone());
-                r.emit(&session.tag, f.stream, json.into(), true);
+                // The session is ending: its connections are dropped next, not waited for.
+                let _ = r.emit(&session.tag, f.stream, json.into(), true);
             }
             // Dropping every connection's sender lets its writer end the stream.
             for s in r.streams.values_mut() {
