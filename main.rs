@@ -18,6 +18,7 @@
 //! | `auth` | bearer tokens and what a session inherits from its first request |
 //! | `streamable` | Streamable HTTP (2025-03-26 .. 2025-11-25): POST, GET, DELETE |
 //! | `legacy` | HTTP+SSE (2024-11-05): the `/sse` stream and its message endpoint |
+//! | `modern` | 2026-07-28 (stateless) on `/mcp`: validation, discover, carriers, MRTR, listen |
 //! | `oneshot` | one child per request: body in, stdout out as SSE |
 //! | `message` | JSON-RPC shapes: classification, ids, error bodies, parsing limits |
 //! | `sessions` | sessions, streams, the replay buffer and routing to them |
@@ -126,6 +127,17 @@ mod config {
     pub const DEFAULT_CHILDREN: &str = "1";
     /// Session mode: children started ahead of sessions. Off: each costs a process.
     pub const DEFAULT_WARM: &str = "0";
+    /// What the child speaks. Legacy: every stdio server in the wild wants
+    /// `initialize`, and the SDKs' dual-era servers take it too; probing (auto) starts
+    /// the server once more at startup (side effects, startup time; rmcp servers exit on
+    /// a request before initialize), so it is asked for, not assumed.
+    pub const DEFAULT_CHILD_PROTOCOL: &str = "legacy";
+    /// Session mode: idle children kept initialized for 2026-07-28 calls (more are
+    /// started as calls need them, and retired after a while idle).
+    pub const DEFAULT_MODERN_POOL: &str = "4";
+    /// A call parked for the client's input (MRTR) waits this long for its retry; then
+    /// it is cancelled on the child. Long enough for a person to answer a form.
+    pub const DEFAULT_INPUT_TTL: &str = "5m";
     /// Shared mode: first restart delay, doubled after each fast failure, up to the max.
     pub const DEFAULT_RESTART_DELAY: &str = "100ms";
     pub const DEFAULT_RESTART_DELAY_MAX: &str = "30s";
@@ -347,6 +359,24 @@ mod config {
             "session mode: children kept started ahead of sessions",
         ),
         flag(
+            "child-protocol",
+            "ERA",
+            DEFAULT_CHILD_PROTOCOL,
+            "what the child speaks: legacy (2025, initialize), modern (2026-07-28) or auto (probe once)",
+        ),
+        flag(
+            "modern-pool",
+            "N",
+            DEFAULT_MODERN_POOL,
+            "session mode: idle children kept for 2026-07-28 calls",
+        ),
+        flag(
+            "input-ttl",
+            "DURATION",
+            DEFAULT_INPUT_TTL,
+            "how long a call waiting for the client's input (MRTR) is kept",
+        ),
+        flag(
             "restart-delay",
             "DURATION",
             DEFAULT_RESTART_DELAY,
@@ -492,6 +522,9 @@ mod config {
         pub head_hold: Duration,
         pub children: usize,
         pub warm: usize,
+        pub child_protocol: crate::modern::ChildEra,
+        pub modern_pool: usize,
+        pub input_ttl: Duration,
         pub restart_delay: Duration,
         pub restart_delay_max: Duration,
         pub crash_loop_limit: u32,
@@ -900,6 +933,19 @@ mod config {
             head_hold: parse_duration("head-hold", &v.get("head-hold"))?,
             children,
             warm,
+            child_protocol: match v.get("child-protocol").as_str() {
+                "legacy" => crate::modern::ChildEra::Legacy,
+                "modern" => crate::modern::ChildEra::Modern,
+                "auto" => crate::modern::ChildEra::Auto,
+                other => {
+                    return Err(format!(
+                        "--child-protocol must be legacy, modern or auto, not {other:?}"
+                    ))
+                }
+            },
+            modern_pool: parse_count("modern-pool", &v.get("modern-pool"))?,
+            input_ttl: parse_duration("input-ttl", &v.get("input-ttl"))?
+                .max(Duration::from_secs(1)),
             restart_delay: parse_duration("restart-delay", &v.get("restart-delay"))?,
             restart_delay_max: parse_duration("restart-delay-max", &v.get("restart-delay-max"))?,
             crash_loop_limit: parse_count("crash-loop-limit", &v.get("crash-loop-limit"))?.max(1)
@@ -1261,6 +1307,30 @@ mod refusal {
         Restarting,
         /// Shared mode: the children are crash-looping (the reason says how).
         CrashLoop(String),
+        // ---- 2026-07-28 (module modern: M-2, M-5, M-10) -----------------------------
+        /// A modern body that is an array.
+        ModernBatch,
+        /// A response POSTed by a modern client (answers ride on the retry, M-5).
+        ModernResponse,
+        /// The envelope lacks a required field (the reason says which).
+        ModernEnvelope(String),
+        /// `MCP-Protocol-Version`, `Mcp-Method` or `Mcp-Name` missing or not the body's.
+        HeaderMismatch(String),
+        /// A modern version we do not serve.
+        ModernVersion {
+            requested: String,
+        },
+        /// A method 2026-07-28 does not have (or the child does not serve).
+        ModernUnknownMethod(String),
+        /// The child asked for input the request's clientCapabilities do not declare.
+        MissingCapability {
+            method: String,
+            required: serde_json::Value,
+        },
+        /// A forged, altered, expired, replayed or foreign `requestState`.
+        BadRequestState(String),
+        /// --child-protocol modern (or auto found it): a 2025 client cannot be served.
+        ChildModernOnly,
         // ---- one-shot ----------------------------------------------------------------
         OneShotQueryRequired,
         TooManyInFlight {
@@ -1295,10 +1365,18 @@ mod refusal {
                 | LastEventIdMalformed(_)
                 | LastEventIdUnknown(_)
                 | LastEventIdEvicted(_)
+                | ModernBatch
+                | ModernResponse
+                | ModernEnvelope(_)
+                | HeaderMismatch(_)
+                | ModernVersion { .. }
+                | MissingCapability { .. }
+                | BadRequestState(_)
+                | ChildModernOnly
                 | OneShotQueryRequired => 400,
                 Unauthorized(_) => 401,
                 ForeignHost(_) | ForeignOrigin(_) | CorsOrigin(_) => 403,
-                NotFound(_) | SessionNotFound => 404,
+                NotFound(_) | SessionNotFound | ModernUnknownMethod(_) => 404,
                 MethodNotAllowed { .. } => 405,
                 NotAcceptable { .. } => 406,
                 HeadTimeout | BodyTimeout => 408,
@@ -1325,8 +1403,12 @@ mod refusal {
             use Refusal::*;
             match self {
                 UnreadableBody(_) | NotJson(_) => -32700,
-                NotFound(_) => -32601,
+                NotFound(_) | ModernUnknownMethod(_) => -32601,
                 Unauthorized(_) | SessionNotFound => -32001,
+                ModernEnvelope(_) | BadRequestState(_) => -32602,
+                HeaderMismatch(_) => -32020,
+                MissingCapability { .. } => -32021,
+                ModernVersion { .. } => -32022,
                 ChildNotAccepting(_) | ChildNotStarted(_) => -32603,
                 HeadTooLarge { .. }
                 | TooManyHeaders { .. }
@@ -1349,6 +1431,9 @@ mod refusal {
                 | BatchNotNegotiated
                 | IdInFlight(_)
                 | UnexpectedResponse(_)
+                | ModernBatch
+                | ModernResponse
+                | ChildModernOnly
                 | OneShotQueryRequired => -32600,
                 TooManyConnections { .. }
                 | HeadTimeout
@@ -1432,6 +1517,15 @@ mod refusal {
                 ChildNotStarted(why) => why.clone(),
                 Restarting => "Service Unavailable: the server process is restarting".into(),
                 CrashLoop(why) => format!("Service Unavailable: {why}"),
+                ModernBatch => "Invalid Request: a 2026-07-28 request is one JSON-RPC message, not a batch".into(),
+                ModernResponse => "Invalid Request: a 2026-07-28 client sends no responses (answers to the server's questions ride on the retry, as inputResponses)".into(),
+                ModernEnvelope(why) => format!("Invalid params: {why}"),
+                HeaderMismatch(why) => format!("Header mismatch: {why}"),
+                ModernVersion { requested } => format!("Unsupported protocol version: {requested} (supported: {})", crate::modern::VERSIONS.join(", ")),
+                ModernUnknownMethod(m) => format!("Method not found: {m} (not a 2026-07-28 method the server provides; initialize, ping, logging/setLevel and resources/subscribe are gone in 2026-07-28)"),
+                MissingCapability { method, .. } => format!("Missing capability: the server asked {method}, which this request's clientCapabilities do not declare"),
+                BadRequestState(why) => format!("Invalid params: requestState {why}"),
+                ChildModernOnly => format!("Unsupported protocol version: the server behind this bridge speaks only {} (no initialize); connect with a 2026-07-28 client", crate::modern::VERSIONS.join(", ")),
                 OneShotQueryRequired => "Bad Request: the request query parameter is required (url-encoded JSON)".into(),
                 TooManyInFlight { limit } => format!("Too many requests in flight (--max-sessions {limit})"),
             }
@@ -1506,6 +1600,29 @@ mod refusal {
                 ChildNotAccepting(_) | ChildNotStarted(_) => "child_unavailable",
                 Restarting | CrashLoop(_) => "child_restarting",
                 OneShotQueryRequired => "query_required",
+                ModernBatch | ModernResponse => "not_jsonrpc",
+                ModernEnvelope(_) => "bad_envelope",
+                HeaderMismatch(_) => "header_mismatch",
+                ModernVersion { .. } | ChildModernOnly => "unsupported_protocol_version",
+                ModernUnknownMethod(_) => "method_not_found",
+                MissingCapability { .. } => "missing_capability",
+                BadRequestState(_) => "bad_request_state",
+            }
+        }
+
+        /// The JSON-RPC error's `data`, for the refusals whose clients read it (M-2, M-5).
+        pub fn data(&self) -> Option<serde_json::Value> {
+            use Refusal::*;
+            let supported = crate::modern::VERSIONS;
+            match self {
+                ModernVersion { requested } => {
+                    Some(serde_json::json!({"supported": supported, "requested": requested}))
+                }
+                ChildModernOnly => Some(serde_json::json!({"supported": supported})),
+                MissingCapability { required, .. } => {
+                    Some(serde_json::json!({"requiredCapabilities": required}))
+                }
+                _ => None,
             }
         }
     }
@@ -1593,6 +1710,18 @@ mod refusal {
                 CrashLoop(s()),
                 OneShotQueryRequired,
                 TooManyInFlight { limit: 1 },
+                ModernBatch,
+                ModernResponse,
+                ModernEnvelope(s()),
+                HeaderMismatch(s()),
+                ModernVersion { requested: s() },
+                ModernUnknownMethod(s()),
+                MissingCapability {
+                    method: s(),
+                    required: serde_json::Value::Null,
+                },
+                BadRequestState(s()),
+                ChildModernOnly,
             ];
             for r in &all {
                 kind(r);
@@ -1654,7 +1783,16 @@ mod refusal {
                 | Restarting
                 | CrashLoop(_)
                 | OneShotQueryRequired
-                | TooManyInFlight { .. } => {}
+                | TooManyInFlight { .. }
+                | ModernBatch
+                | ModernResponse
+                | ModernEnvelope(_)
+                | HeaderMismatch(_)
+                | ModernVersion { .. }
+                | ModernUnknownMethod(_)
+                | MissingCapability { .. }
+                | BadRequestState(_)
+                | ChildModernOnly => {}
             }
         }
 
@@ -2882,6 +3020,24 @@ mod door {
         });
     }
 
+    /// The client has closed this connection (or reset it): a 2026-07-28 call waiting
+    /// on it is cancelled (M-8). Bytes of a next request do not count: only the hang-up.
+    pub fn hung_up(conn: Option<u64>) -> bool {
+        let Some(ino) = conn else { return false };
+        with_table(|t| {
+            let held = t.conns.get(&ino).and_then(|c| c.hold(ino))?;
+            let mut p = libc::pollfd {
+                fd: held.0,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            let n = unsafe { libc::poll(&mut p, 1, 0) };
+            Some(n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+        })
+        .flatten()
+        .unwrap_or(true)
+    }
+
     /// The body of this peer's request did not arrive within --read-timeout.
     pub fn body_timed_out(conn: Option<u64>) -> bool {
         let Some(ino) = conn else { return false };
@@ -3271,34 +3427,19 @@ mod http {
     impl From<Refusal> for Reply {
         /// A refusal's answer: its status, JSON-RPC error without id (P-4), headers.
         fn from(r: Refusal) -> Reply {
-            let mut reply = Reply::error(r.status(), r.code(), r.message());
-            reply.headers.extend(r.headers());
-            reply
+            Reply::answering(&serde_json::Value::Null, r)
         }
     }
 
     impl Reply {
-        /// A JSON-RPC error without id (rule P-4: HTTP-level errors carry no request id).
-        /// Private: every refusal is a `Refusal`.
-        fn error(status: u16, code: i64, message: impl Into<String>) -> Reply {
-            Reply::rpc_error(status, &serde_json::Value::Null, code, message)
-        }
-        /// A refusal that answers one request: the JSON-RPC error carries its id.
+        /// A refusal's answer: its status, headers and JSON-RPC error, which carries the
+        /// id of the request it answers, or none (rule P-4: HTTP-level errors carry no
+        /// request id). Every error we make ourselves is a `Refusal`.
         pub fn answering(id: &serde_json::Value, r: Refusal) -> Reply {
-            let mut reply = Reply::rpc_error(r.status(), id, r.code(), r.message());
-            reply.headers.extend(r.headers());
-            reply
-        }
-        fn rpc_error(
-            status: u16,
-            id: &serde_json::Value,
-            code: i64,
-            message: impl Into<String>,
-        ) -> Reply {
-            let body = crate::message::error_response(id, code, &message.into(), None);
+            let body = crate::message::error_response(id, r.code(), &r.message(), r.data());
             Reply {
-                status,
-                headers: Vec::new(),
+                status: r.status(),
+                headers: r.headers(),
                 content_type: "application/json",
                 body: body.into_bytes(),
             }
@@ -4125,6 +4266,10 @@ mod streamable {
             Ok(m) => m,
             Err(reply) => return respond(inc, reply),
         };
+        if crate::modern::claims(&inc, &messages) {
+            return crate::modern::post(inc, messages, batch);
+        }
+        crate::observe::request_era("2025");
         let app = app();
         let is_init = |m: &serde_json::Value| {
             matches!(
@@ -4147,6 +4292,10 @@ mod streamable {
                 };
             }
             let init = messages.into_iter().next().expect("one message");
+            if crate::modern::child_era() == crate::modern::ChildEra::Modern {
+                let id = init.get("id").cloned().unwrap_or_default();
+                return respond(inc, Reply::answering(&id, Refusal::ChildModernOnly));
+            }
             return start_session(inc, init);
         }
         let Some(id) = session_id else {
@@ -4280,6 +4429,9 @@ mod legacy {
         if let Err(reply) = crate::http::require_accept(&inc, Wanted::EventStream) {
             return respond(inc, reply);
         }
+        if crate::modern::child_era() == crate::modern::ChildEra::Modern {
+            return respond(inc, Refusal::ChildModernOnly.into());
+        }
         let ctx = match crate::auth::context(&inc) {
             Ok(ctx) => ctx,
             Err(reply) => return respond(inc, reply),
@@ -4334,6 +4486,1876 @@ mod legacy {
             return respond(inc, reply);
         }
         respond(inc, Reply::text(202, "text/plain", "Accepted"));
+    }
+}
+
+// ======================================================================================
+/// MCP 2026-07-28 ("modern": stateless) on the same endpoint as the 2025 sessions. A
+/// POST is modern when its body carries the `_meta` envelope (M-1); it is validated in
+/// the order M-2 gives and then answered by the bridge (`server/discover`,
+/// `subscriptions/listen`) or by a child through a *carrier*: a hidden session
+/// (`Transport::Modern`) that no client can name. In session mode a carrier serves one
+/// call at a time, so everything its child says between the call and its answer (logs,
+/// requests for input) belongs to that call; idle carriers wait in a pool keyed by
+/// token and --pass-header values. In shared mode one carrier on the shared child takes
+/// every modern call at once, ids and tokens rewritten there as for any session.
+///
+/// A legacy child (one that wants `initialize`) is initialized by the carrier with the
+/// client capabilities the bridge can relay; its requests for input (elicitation,
+/// sampling, roots) become MRTR `input_required` answers (M-5, M-6): the call is parked
+/// on the child, and the client's retry feeds each answer back as the JSON-RPC reply.
+/// A modern child gets the bodies as they are, ids and tokens remapped (M-10).
+///
+/// Owns: classification and validation of modern requests, discover, result decoration,
+/// the carriers and their pool, parked calls and their `requestState`, listeners.
+/// Touches: `sessions` (create, submit, end a carrier), `http` (replies, streams),
+/// `door::hung_up` (a closed stream is cancellation). Never the child directly.
+/// Rules: N-1..N-13, M-1..M-10.
+mod modern {
+    use super::*;
+    use crate::http::{respond, Incoming, Lifetime, Refusal, Reply};
+    use crate::message::{classify, id_key, Kind};
+    use crate::sessions::{self, EndReason, Session, Transport};
+    use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+    use serde_json::{json, Value};
+    use std::collections::HashMap;
+    use std::sync::{Condvar, Mutex, OnceLock};
+
+    /// The modern revisions we serve.
+    pub const VERSIONS: &[&str] = &["2026-07-28"];
+    const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+    const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+    const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
+    const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
+    const META_SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
+    const META_PREFIX: &str = "io.modelcontextprotocol/";
+    /// What a legacy child is initialized with: the newest 2025 revision.
+    const CHILD_VERSION: &str = "2025-11-25";
+    /// How long a client may keep discover, list and read results (M-4). Short: a
+    /// legacy child's lists can change, and a client that listens hears of it anyway.
+    const CACHE_TTL_MS: u64 = 60_000;
+    /// A call waiting for its child looks at its client's socket this often: a stream
+    /// the client closed is cancellation (M-8), noticed within this.
+    const HANGUP_CHECK: Duration = Duration::from_millis(100);
+    /// A cancelled call's carrier waits this long for the child's answer to it before
+    /// it takes another call (anything the child says meanwhile is about the cancelled
+    /// work); a child that never answers has its carrier retired.
+    const CANCEL_DRAIN: Duration = Duration::from_secs(2);
+    /// Idle carriers beyond --modern-pool are retired after this long idle (a burst's
+    /// children are not kept, a steady load's are not thrashed).
+    const SURPLUS_IDLE: Duration = Duration::from_secs(30);
+    /// The housekeeper (parked calls past --input-ttl, drains, surplus carriers) looks
+    /// this often.
+    const HOUSEKEEPING: Duration = Duration::from_millis(250);
+    /// Notifications kept for a parked call until its retry comes (progress while the
+    /// person answers); beyond it they are dropped and counted.
+    const PARKED_NOTES_MAX: usize = 256;
+    /// A carrier's initialize (and the auto probe) waits this long for the child.
+    const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Listeners get their final result on shutdown: this long at most is waited for
+    /// their writers.
+    const LISTENER_FAREWELL: Duration = Duration::from_secs(1);
+    /// Methods a legacy child serves for modern clients (the rest are 404, M-2).
+    const FORWARDED: &[&str] = &[
+        "tools/list",
+        "tools/call",
+        "prompts/list",
+        "prompts/get",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "completion/complete",
+    ];
+    /// Only these may answer `input_required` (M-5).
+    const MAY_ASK: &[&str] = &["tools/call", "prompts/get", "resources/read"];
+    /// Their results carry ttlMs and cacheScope (M-4).
+    const CACHEABLE: &[&str] = &[
+        "tools/list",
+        "prompts/list",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+    ];
+    /// Methods whose `Mcp-Name` header mirrors a body field (N-6).
+    const NAMED: &[(&str, &str)] = &[
+        ("tools/call", "name"),
+        ("prompts/get", "name"),
+        ("resources/read", "uri"),
+    ];
+    /// RFC 5424 severities, least first (`logging/setLevel`'s order).
+    const LOG_LEVELS: &[&str] = &[
+        "debug",
+        "info",
+        "notice",
+        "warning",
+        "error",
+        "critical",
+        "alert",
+        "emergency",
+    ];
+    /// What a legacy child is told the client can do: what the bridge relays (M-6).
+    fn relayed_capabilities() -> Value {
+        json!({"sampling": {}, "elicitation": {"form": {}, "url": {}}, "roots": {}})
+    }
+
+    /// Which protocol the child speaks (--child-protocol).
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum ChildEra {
+        /// Wants `initialize` first: modern clients are served by translation.
+        Legacy,
+        /// Speaks 2026-07-28 itself: bodies pass through.
+        Modern,
+        /// Probed once at startup in a child of its own.
+        Auto,
+    }
+
+    /// What --child-protocol auto found (or the flag said).
+    static CHILD_ERA: OnceLock<ChildEra> = OnceLock::new();
+
+    pub fn child_era() -> ChildEra {
+        *CHILD_ERA.get().unwrap_or(&crate::app().cfg.child_protocol)
+    }
+
+    // ---- classification (M-1) --------------------------------------------------------
+
+    /// A POST to /mcp is modern when a message carries the envelope, or when it says
+    /// the modern version in its header and names no session (a modern client's
+    /// response or bare notification).
+    pub fn claims(inc: &Incoming, messages: &[Value]) -> bool {
+        let enveloped = messages.iter().any(|m| {
+            m.pointer("/params/_meta")
+                .and_then(Value::as_object)
+                .is_some_and(|meta| meta.keys().any(|k| k.starts_with(META_PREFIX)))
+        });
+        let header = inc
+            .header("MCP-Protocol-Version")
+            .is_some_and(|v| VERSIONS.contains(&v.trim()));
+        enveloped || (header && inc.header("Mcp-Session-Id").is_none())
+    }
+
+    // ---- the front door: validation (M-2) and dispatch --------------------------------
+
+    /// A parsed, validated modern request.
+    struct Request {
+        id: Value,
+        method: String,
+        params: Value,
+        caps: Value,
+        log_level: Option<usize>,
+    }
+
+    pub fn post(inc: Incoming, mut messages: Vec<Value>, batch: bool) {
+        crate::observe::request_era("2026");
+        if batch {
+            return respond(inc, Refusal::ModernBatch.into());
+        }
+        let message = messages.pop().expect("one message");
+        let (id, method) = match classify(&message) {
+            Kind::Request { id, method } => (id.clone(), method.to_string()),
+            Kind::Notification { method } => {
+                // Nothing a modern client notifies reaches a child: a stream it closes
+                // is its cancellation (M-8). Accepted and said (N-2).
+                crate::log!(
+                    Debug,
+                    "modern_notification",
+                    "{method} from a 2026-07-28 client: accepted, nothing to forward"
+                );
+                crate::app().metrics.dropped("modern_notification");
+                return respond(inc, Reply::accepted());
+            }
+            _ => return respond(inc, Refusal::ModernResponse.into()),
+        };
+        let request = match validate(&inc, id, method, message) {
+            Ok(r) => r,
+            Err((id, refusal)) => return respond(inc, Reply::answering(&id, refusal)),
+        };
+        match request.method.as_str() {
+            "server/discover" => discover(inc, request),
+            "subscriptions/listen" => listen(inc, request),
+            m if child_era() == ChildEra::Legacy && !FORWARDED.contains(&m) => {
+                let refusal = Refusal::ModernUnknownMethod(request.method.clone());
+                respond(inc, Reply::answering(&request.id, refusal))
+            }
+            _ => call(inc, request),
+        }
+    }
+
+    /// M-2, in its order: the envelope, the headers against the body, the version, and
+    /// (for a legacy child, in `post`) the method.
+    fn validate(
+        inc: &Incoming,
+        id: Value,
+        method: String,
+        message: Value,
+    ) -> Result<Request, (Value, Refusal)> {
+        let fail = |r: Refusal| Err((id.clone(), r));
+        let params = message.get("params").cloned().unwrap_or(json!({}));
+        let meta = params.pointer("/_meta").cloned().unwrap_or(json!({}));
+        let Some(version) = meta.get(META_VERSION).and_then(Value::as_str) else {
+            return fail(Refusal::ModernEnvelope(format!(
+                "params._meta[\"{META_VERSION}\"] is required"
+            )));
+        };
+        let Some(caps) = meta.get(META_CAPABILITIES).filter(|c| c.is_object()) else {
+            return fail(Refusal::ModernEnvelope(format!(
+                "params._meta[\"{META_CAPABILITIES}\"] must be an object"
+            )));
+        };
+        let mirrored = |header: &'static str, body: &str| -> Result<(), Refusal> {
+            match inc.header(header).map(decode_header) {
+                Some(Some(v)) if v == body => Ok(()),
+                Some(Some(v)) => Err(Refusal::HeaderMismatch(format!(
+                    "{header} is {v:?} but the body says {body:?}"
+                ))),
+                Some(None) => Err(Refusal::HeaderMismatch(format!(
+                    "{header} holds a malformed =?base64?...?= value"
+                ))),
+                None => Err(Refusal::HeaderMismatch(format!(
+                    "{header} is required and must equal the body ({body:?})"
+                ))),
+            }
+        };
+        if let Err(r) =
+            mirrored("MCP-Protocol-Version", version).and_then(|_| mirrored("Mcp-Method", &method))
+        {
+            return fail(r);
+        }
+        if let Some((_, field)) = NAMED.iter().find(|(m, _)| *m == method) {
+            let Some(name) = params.get(*field).and_then(Value::as_str) else {
+                return fail(Refusal::ModernEnvelope(format!(
+                    "params.{field} is required for {method}"
+                )));
+            };
+            if let Err(r) = mirrored("Mcp-Name", name) {
+                return fail(r);
+            }
+        }
+        if !VERSIONS.contains(&version) {
+            return fail(Refusal::ModernVersion {
+                requested: version.to_string(),
+            });
+        }
+        let log_level = meta
+            .get(META_LOG_LEVEL)
+            .and_then(Value::as_str)
+            .and_then(|l| LOG_LEVELS.iter().position(|x| *x == l));
+        Ok(Request {
+            id,
+            method,
+            caps: caps.clone(),
+            params,
+            log_level,
+        })
+    }
+
+    /// A header value, with the `=?base64?...?=` form decoded (N-6); None when that form
+    /// is malformed.
+    fn decode_header(v: &str) -> Option<String> {
+        let v = v.trim();
+        let Some(inner) = v
+            .strip_prefix("=?base64?")
+            .and_then(|r| r.strip_suffix("?="))
+        else {
+            return Some(v.to_string());
+        };
+        String::from_utf8(base64_decode(inner)?).ok()
+    }
+
+    fn base64_decode(s: &str) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(s.len() * 3 / 4);
+        let (mut acc, mut bits) = (0u32, 0u32);
+        for c in s.bytes().filter(|c| *c != b'=') {
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'+' | b'-' => 62,
+                b'/' | b'_' => 63,
+                _ => return None,
+            };
+            acc = (acc << 6) | u32::from(v);
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+            }
+        }
+        Some(out)
+    }
+
+    // ---- decoration (M-3, M-4) --------------------------------------------------------
+
+    /// The child's InitializeResult (legacy) or discover result (modern), first seen.
+    static DISCOVERED: Mutex<Option<Arc<Value>>> = Mutex::new(None);
+
+    fn server_info() -> Value {
+        DISCOVERED
+            .locked()
+            .as_ref()
+            .and_then(|d| {
+                d.get("serverInfo")
+                    .or_else(|| {
+                        d.pointer(&format!("/_meta/{}", META_SERVER_INFO.replace('/', "~1")))
+                    })
+                    .cloned()
+            })
+            .unwrap_or_else(|| json!({"name": "stdio-sse", "version": env!("CARGO_PKG_VERSION")}))
+    }
+
+    fn cache_scope() -> &'static str {
+        if crate::app().cfg.auth.enabled() {
+            "private"
+        } else {
+            "public"
+        }
+    }
+
+    /// Every result says what it is and who answered (M-4); lists, reads and discover
+    /// say how long they may be kept.
+    fn decorate(method: &str, result: &mut Value) {
+        let Some(obj) = result.as_object_mut() else {
+            return;
+        };
+        obj.entry("resultType").or_insert_with(|| json!("complete"));
+        let meta = obj.entry("_meta").or_insert_with(|| json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            m.entry(META_SERVER_INFO).or_insert_with(server_info);
+        }
+        if CACHEABLE.contains(&method) || method == "server/discover" {
+            obj.entry("ttlMs").or_insert_with(|| json!(CACHE_TTL_MS));
+            obj.entry("cacheScope")
+                .or_insert_with(|| json!(cache_scope()));
+        }
+    }
+
+    /// The HTTP status of a final answer sent as JSON: a method the child does not know
+    /// is 404 (N-7); a modern child's envelope errors are 400 (M-10).
+    fn status_of(answer: &Value) -> u16 {
+        match answer.pointer("/error/code").and_then(Value::as_i64) {
+            Some(-32601) => 404,
+            Some(-32022..=-32020) => 400,
+            Some(-32602) if child_era() == ChildEra::Modern => 400,
+            _ => 200,
+        }
+    }
+
+    // ---- server/discover (M-3) --------------------------------------------------------
+
+    fn discover(inc: Incoming, request: Request) {
+        if child_era() == ChildEra::Modern {
+            return call(inc, request);
+        }
+        let known = DISCOVERED.locked().clone();
+        let init = match known {
+            Some(d) => d,
+            None => {
+                // No carrier has initialized a child yet: one does now, and waits.
+                match Pool::lease(&inc) {
+                    Ok(c) => {
+                        c.release_if_idle();
+                        let known = DISCOVERED.locked().clone();
+                        match known {
+                            Some(d) => d,
+                            None => {
+                                return respond(
+                                    inc,
+                                    Reply::answering(
+                                        &request.id,
+                                        Refusal::ChildNotStarted(
+                                            "the server process gave no initialize result".into(),
+                                        ),
+                                    ),
+                                )
+                            }
+                        }
+                    }
+                    Err(reply) => return respond(inc, reply),
+                }
+            }
+        };
+        let mut result = json!({
+            "supportedVersions": VERSIONS,
+            "capabilities": init.get("capabilities").cloned().unwrap_or(json!({})),
+        });
+        if let Some(i) = init.get("instructions") {
+            result["instructions"] = i.clone();
+        }
+        decorate("server/discover", &mut result);
+        let answer = json!({"jsonrpc": "2.0", "id": request.id, "result": result});
+        respond(inc, Reply::json(200, answer))
+    }
+
+    // ---- carriers and their pool ------------------------------------------------------
+
+    /// A child serving modern calls: the hidden session's era-specific state.
+    #[derive(Default)]
+    pub struct Carrier {
+        state: Mutex<CarrierState>,
+    }
+
+    #[derive(Default)]
+    struct CarrierState {
+        /// Calls on the child by the id the child sees (which is also their progress
+        /// token there).
+        calls: HashMap<u64, Arc<Call>>,
+        /// The child's requests for input made while no call could carry them.
+        held: Vec<Ask>,
+        /// Session mode: serving a call (or draining one).
+        leased: bool,
+        /// A cancelled call whose answer has not come yet, and since when.
+        draining: Option<(u64, Instant)>,
+        idle_since: Option<Instant>,
+        /// Resource URI -> listeners on it (one `resources/subscribe` on the child).
+        subscriptions: HashMap<String, usize>,
+        /// The child's capabilities (from initialize or discover).
+        capabilities: Value,
+        ended: bool,
+    }
+
+    /// Every carrier, leased or idle.
+    struct Pool {
+        carriers: Vec<Arc<Session>>,
+        /// Carriers being started (counted against --max-sessions with the rest).
+        starting: usize,
+    }
+
+    static POOL: Mutex<Pool> = Mutex::new(Pool {
+        carriers: Vec::new(),
+        starting: 0,
+    });
+
+    fn carrier_of(s: &Session) -> &Carrier {
+        s.carrier.as_deref().expect("a carrier session")
+    }
+
+    impl Pool {
+        /// A carrier for one call. Session mode: an idle one of this token and
+        /// --pass-header values, else a new one (its child from the warm pool when there
+        /// is one, initialized now). Shared mode: the one carrier on the shared child.
+        fn lease(inc: &Incoming) -> Result<Arc<Session>, Reply> {
+            let ctx = crate::auth::context(inc)?;
+            let shared = crate::app().cfg.mode == config::Mode::Shared;
+            {
+                let mut pool = POOL.locked();
+                pool.carriers
+                    .retain(|s| !carrier_of(s).state.locked().ended);
+                for s in &pool.carriers {
+                    if !crate::auth::owns(&s.owner, &ctx.owner) || s.env != ctx.env {
+                        continue;
+                    }
+                    let mut st = carrier_of(s).state.locked();
+                    if shared || !st.leased {
+                        st.leased = true;
+                        st.idle_since = None;
+                        drop(st);
+                        s.mark_request();
+                        return Ok(s.clone());
+                    }
+                }
+                pool.starting += 1;
+            }
+            let made = start_carrier(ctx);
+            let mut pool = POOL.locked();
+            pool.starting -= 1;
+            let s = made?;
+            carrier_of(&s).state.locked().leased = true;
+            pool.carriers.push(s.clone());
+            Ok(s)
+        }
+    }
+
+    fn start_carrier(ctx: crate::auth::Context) -> Result<Arc<Session>, Reply> {
+        let session = match sessions::create(Transport::Modern, ctx) {
+            Ok(s) => s,
+            Err(sessions::CreateError::Refused(reply)) => return Err(reply),
+            Err(sessions::CreateError::Spawn(msg)) => {
+                return Err(Refusal::ChildNotStarted(msg).into())
+            }
+        };
+        if child_era() == ChildEra::Modern {
+            return Ok(session);
+        }
+        let init = json!({"jsonrpc": "2.0", "method": "initialize", "params": {
+            "protocolVersion": CHILD_VERSION,
+            "capabilities": relayed_capabilities(),
+            "clientInfo": {"name": "stdio-sse", "version": env!("CARGO_PKG_VERSION")}}});
+        match internal_call(&session, init, INIT_TIMEOUT) {
+            Some(answer) if answer.pointer("/result/protocolVersion").is_some() => {
+                let result = answer["result"].clone();
+                carrier_of(&session).state.locked().capabilities =
+                    result.get("capabilities").cloned().unwrap_or(json!({}));
+                DISCOVERED.locked().get_or_insert_with(|| Arc::new(result));
+                let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+                if let Err(r) = session.submit(&[initialized]) {
+                    return Err(r.into());
+                }
+                crate::log!(Info, "carrier_ready", session = session.tag; "child initialized for 2026-07-28 clients");
+                Ok(session)
+            }
+            other => {
+                let why = other
+                    .and_then(|a| {
+                        a.pointer("/error/message")
+                            .and_then(Value::as_str)
+                            .map(String::from)
+                    })
+                    .unwrap_or_else(|| "no answer to initialize".into());
+                sessions::end(&session, EndReason::InitializeFailed);
+                Err(Refusal::ChildNotStarted(format!(
+                    "The server process refused initialize: {why}"
+                ))
+                .into())
+            }
+        }
+    }
+
+    /// A request of the bridge's own to a carrier's child; its answer, or None when the
+    /// child gave none within `wait` (or ended).
+    fn internal_call(session: &Arc<Session>, mut message: Value, wait: Duration) -> Option<Value> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let id = crate::next_id();
+        message["id"] = id.into();
+        let method = message["method"].as_str().unwrap_or("").to_string();
+        let call = Call::new(
+            id,
+            method,
+            None,
+            &session.owner,
+            json!({}),
+            None,
+            Value::Null,
+            None,
+        );
+        call.st.locked().sink = Some(tx);
+        call.internal.store(true, Ordering::Release);
+        carrier_of(session).state.locked().calls.insert(id, call);
+        if session.submit(&[message]).is_err() {
+            return None;
+        }
+        match rx.recv_timeout(wait) {
+            Ok(Out::Final { json, .. }) => serde_json::from_str(&json).ok(),
+            _ => {
+                carrier_of(session).state.locked().calls.remove(&id);
+                None
+            }
+        }
+    }
+
+    impl Carrier {
+        /// Session mode: a carrier with no call (and nothing draining) goes back to the
+        /// pool.
+        fn release_if_idle_locked(st: &mut CarrierState) {
+            if st
+                .calls
+                .values()
+                .all(|c| c.internal.load(Ordering::Acquire))
+                && st.draining.is_none()
+                && crate::app().cfg.mode != config::Mode::Shared
+            {
+                st.leased = false;
+                st.idle_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    trait Release {
+        fn release_if_idle(&self);
+    }
+    impl Release for Arc<Session> {
+        fn release_if_idle(&self) {
+            Carrier::release_if_idle_locked(&mut carrier_of(self).state.locked());
+        }
+    }
+
+    // ---- calls ------------------------------------------------------------------------
+
+    /// What reaches the HTTP request waiting for a call.
+    enum Out {
+        /// A notification about the call (progress, a log line).
+        Note(String),
+        /// Its answer: the result (or `input_required`), or an error.
+        Final { json: String, status: u16 },
+    }
+
+    /// One client call on a carrier's child; lives across MRTR retries.
+    struct Call {
+        /// The id the child sees (and its progress token there).
+        id: u64,
+        method: String,
+        name: Option<String>,
+        owner: Option<Arc<str>>,
+        caps: Value,
+        log_level: Option<usize>,
+        /// The bridge's own request (a carrier's initialize): answered raw.
+        internal: AtomicBool,
+        st: Mutex<CallState>,
+    }
+
+    struct CallState {
+        /// The id of the HTTP request answering now (a retry brings a new one).
+        client_id: Value,
+        /// The client's progress token on that request.
+        token: Option<Value>,
+        /// The request waiting for the call, when one is.
+        sink: Option<Sender<Out>>,
+        /// The child's requests for input not yet answered.
+        asks: Vec<Ask>,
+        /// What arrived while the call was parked.
+        buffered: Vec<Out>,
+        /// Bumped at each `input_required`: a `requestState` is good for one retry.
+        serial: u64,
+        parked_at: Option<Instant>,
+        next_key: u64,
+        done: bool,
+        /// The carrier session it runs on.
+        carrier: Option<Arc<Session>>,
+    }
+
+    /// A request of the child's for input from the client.
+    struct Ask {
+        key: String,
+        child_id: Value,
+        method: String,
+        params: Value,
+        since: Instant,
+    }
+
+    impl Call {
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            id: u64,
+            method: String,
+            name: Option<String>,
+            owner: &Option<Arc<str>>,
+            caps: Value,
+            log_level: Option<usize>,
+            client_id: Value,
+            token: Option<Value>,
+        ) -> Arc<Call> {
+            Arc::new(Call {
+                id,
+                method,
+                name,
+                owner: owner.clone(),
+                caps,
+                log_level,
+                internal: AtomicBool::new(false),
+                st: Mutex::new(CallState {
+                    client_id,
+                    token,
+                    sink: None,
+                    asks: Vec::new(),
+                    buffered: Vec::new(),
+                    serial: 0,
+                    parked_at: None,
+                    next_key: 0,
+                    done: false,
+                    carrier: None,
+                }),
+            })
+        }
+
+        /// Hands something to the request waiting for the call, or keeps it for the
+        /// retry when the call is parked.
+        fn deliver(&self, out: Out) {
+            let mut st = self.st.locked();
+            if let Some(tx) = &st.sink {
+                if tx.send(out).is_ok() {
+                    return;
+                }
+                st.sink = None;
+                return;
+            }
+            if st.buffered.len() < PARKED_NOTES_MAX || matches!(out, Out::Final { .. }) {
+                st.buffered.push(out);
+            } else {
+                crate::app().metrics.dropped("parked_overflow");
+            }
+        }
+    }
+
+    /// All parked calls, by the id the child sees.
+    static PARKED: Mutex<Option<HashMap<u64, Arc<Call>>>> = Mutex::new(None);
+
+    fn parked_insert(call: &Arc<Call>) {
+        PARKED
+            .locked()
+            .get_or_insert_with(HashMap::new)
+            .insert(call.id, call.clone());
+    }
+    fn parked_remove(id: u64) -> Option<Arc<Call>> {
+        PARKED.locked().as_mut().and_then(|m| m.remove(&id))
+    }
+
+    /// A call to the child: a fresh one, or the retry of a parked one (`requestState`).
+    fn call(inc: Incoming, request: Request) {
+        if let Some(state) = request
+            .params
+            .get("requestState")
+            .filter(|_| child_era() == ChildEra::Legacy)
+        {
+            let state = state.as_str().unwrap_or("").to_string();
+            return resume(inc, request, &state);
+        }
+        let carrier = match Pool::lease(&inc) {
+            Ok(c) => c,
+            Err(reply) => return respond(inc, Reply::answering(&request.id, refusal_of(reply))),
+        };
+        let id = crate::next_id();
+        let token = crate::message::progress_token(&json!({"params": request.params})).cloned();
+        let name = NAMED
+            .iter()
+            .find(|(m, _)| *m == request.method)
+            .and_then(|(_, f)| request.params.get(*f))
+            .and_then(Value::as_str)
+            .map(String::from);
+        let call = Call::new(
+            id,
+            request.method.clone(),
+            name,
+            &inc.token,
+            request.caps.clone(),
+            request.log_level,
+            request.id.clone(),
+            token.clone(),
+        );
+        let mut params = request.params.clone();
+        if child_era() == ChildEra::Legacy {
+            strip_envelope(&mut params);
+        }
+        if token.is_some() {
+            params["_meta"]["progressToken"] = id.into();
+        }
+        let message =
+            json!({"jsonrpc": "2.0", "id": id, "method": request.method, "params": params});
+        let (tx, rx) = crossbeam_channel::unbounded();
+        {
+            let mut cs = call.st.locked();
+            cs.sink = Some(tx);
+            cs.carrier = Some(carrier.clone());
+        }
+        {
+            let mut st = carrier_of(&carrier).state.locked();
+            st.calls.insert(id, call.clone());
+            // Requests for input that waited for a call able to carry them (M-6).
+            if MAY_ASK.contains(&call.method.as_str()) {
+                let (fit, rest): (Vec<Ask>, Vec<Ask>) = std::mem::take(&mut st.held)
+                    .into_iter()
+                    .partition(|a| missing_capability(&call.caps, &a.method, &a.params).is_none());
+                st.held = rest;
+                if !fit.is_empty() {
+                    let mut cs = call.st.locked();
+                    for a in fit {
+                        add_ask(&call, &mut cs, a);
+                    }
+                    park(&call, &mut cs);
+                }
+            }
+        }
+        if let Err(r) = carrier.submit(&[message]) {
+            carrier_of(&carrier).state.locked().calls.remove(&id);
+            return respond(inc, Reply::answering(&request.id, r));
+        }
+        wait_for_call(inc, call, rx);
+    }
+
+    /// A Reply's refusal back from a lease failure: its status and words, as a refusal
+    /// answering the request (lease refusals are capacity and spawn failures).
+    fn refusal_of(reply: Reply) -> Refusal {
+        match reply.status {
+            503 => Refusal::TooManySessions {
+                limit: crate::app().cfg.max_sessions,
+            },
+            _ => Refusal::ChildNotStarted(reply.message().unwrap_or_default()),
+        }
+    }
+
+    /// The envelope is for the bridge: a legacy child gets the params without it.
+    fn strip_envelope(params: &mut Value) {
+        if let Some(meta) = params.get_mut("_meta").and_then(Value::as_object_mut) {
+            meta.retain(|k, _| !k.starts_with(META_PREFIX));
+            if meta.is_empty() {
+                params.as_object_mut().map(|p| p.remove("_meta"));
+            }
+        }
+        if let Some(p) = params.as_object_mut() {
+            p.remove("inputResponses");
+            p.remove("requestState");
+        }
+    }
+
+    /// Waits for what the child says about a call and answers with it: JSON when the
+    /// answer comes first, else an SSE stream of notifications and then the answer. A
+    /// client that closes the connection first cancels the call (M-8).
+    fn wait_for_call(inc: Incoming, call: Arc<Call>, rx: Receiver<Out>) {
+        let conn = inc.conn;
+        let mut inc = Some(inc);
+        let mut stream: Option<crate::sse::SseStream> = None;
+        let keepalive = crate::app().cfg.keepalive;
+        let mut last_write = Instant::now();
+        loop {
+            match rx.recv_timeout(HANGUP_CHECK) {
+                Ok(Out::Final { json, status }) => {
+                    match (stream.take(), inc.take()) {
+                        (Some(mut s), _) => {
+                            let _ = s.event(Some("message"), &json);
+                            let _ = s.finish();
+                        }
+                        (None, Some(inc)) => {
+                            respond(inc, Reply::text(status, "application/json", json))
+                        }
+                        (None, None) => {}
+                    }
+                    return;
+                }
+                Ok(Out::Note(json)) => {
+                    if stream.is_none() {
+                        let Some(i) = inc.take() else { return };
+                        crate::observe::response_status(200);
+                        match crate::http::open_sse(i, Vec::new(), Lifetime::Request) {
+                            Ok(s) => stream = Some(s),
+                            Err(_) => return abandon(&call, "the client's connection failed"),
+                        }
+                    }
+                    if let Some(s) = &mut stream {
+                        if s.event(Some("message"), &json).is_err() {
+                            return abandon(&call, "the client closed its stream");
+                        }
+                        last_write = Instant::now();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if crate::door::hung_up(conn) {
+                        return abandon(&call, "the client closed its stream");
+                    }
+                    if let (Some(s), Some(k)) = (&mut stream, keepalive) {
+                        if last_write.elapsed() >= k {
+                            if s.comment("keepalive").is_err() {
+                                return abandon(&call, "the client closed its stream");
+                            }
+                            last_write = Instant::now();
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Parked by the router (its input_required went out as Final first)
+                    // or the carrier ended (a Final said so): nothing more comes here.
+                    if let Some(i) = inc.take() {
+                        respond(
+                            i,
+                            Reply::answering(
+                                &Value::Null,
+                                Refusal::ChildNotAccepting(
+                                    "the call ended without an answer".into(),
+                                ),
+                            ),
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The client left a call (M-8): the child is told to cancel it, its questions are
+    /// answered with an error, and nothing more is sent for it.
+    fn abandon(call: &Arc<Call>, why: &str) {
+        let app = crate::app();
+        let (carrier, asks) = {
+            let mut cs = call.st.locked();
+            if cs.done {
+                return;
+            }
+            cs.done = true;
+            cs.sink = None;
+            (cs.carrier.clone(), std::mem::take(&mut cs.asks))
+        };
+        parked_remove(call.id);
+        let Some(carrier) = carrier else { return };
+        {
+            let mut st = carrier_of(&carrier).state.locked();
+            if st.calls.remove(&call.id).is_some() && app.cfg.mode != config::Mode::Shared {
+                st.draining = Some((call.id, Instant::now()));
+            }
+        }
+        app.metrics.modern_call("cancelled");
+        crate::log!(Info, "modern_cancelled", session = carrier.tag; "{} cancelled: {why}; telling the child", call.method);
+        let mut out = vec![
+            json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+            "params": {"requestId": call.id, "reason": why}}),
+        ];
+        for a in asks {
+            out.push(json!({"jsonrpc": "2.0", "id": a.child_id,
+                "error": {"code": -32000, "message": format!("The client cancelled the request ({why})")}}));
+        }
+        let _ = carrier.submit(&out);
+    }
+
+    // ---- MRTR (M-5, M-6) --------------------------------------------------------------
+
+    /// The client capability a request for input needs, when the call lacks it.
+    fn missing_capability(caps: &Value, method: &str, params: &Value) -> Option<Value> {
+        let need = match method {
+            "elicitation/create" => {
+                let mode = params.get("mode").and_then(Value::as_str).unwrap_or("form");
+                let has = caps.get("elicitation").is_some_and(|e| {
+                    // `elicitation: {}` means form mode (the 2025-11-25 reading).
+                    e.get(mode).is_some() || (mode == "form" && e.get("url").is_none())
+                });
+                return (!has).then(|| json!({"elicitation": {mode: {}}}));
+            }
+            "sampling/createMessage" => "sampling",
+            "roots/list" => "roots",
+            _ => return None,
+        };
+        caps.get(need).is_none().then(|| json!({need: {}}))
+    }
+
+    fn add_ask(call: &Arc<Call>, cs: &mut CallState, mut a: Ask) {
+        cs.next_key += 1;
+        let short = a.method.split('/').next().unwrap_or("input");
+        a.key = format!("{short}-{}", cs.next_key);
+        let _ = call;
+        cs.asks.push(a);
+    }
+
+    /// Answers the waiting request with `input_required` naming every open question, and
+    /// parks the call until the retry.
+    fn park(call: &Arc<Call>, cs: &mut CallState) {
+        cs.serial += 1;
+        cs.parked_at = Some(Instant::now());
+        let requests: serde_json::Map<String, Value> = cs
+            .asks
+            .iter()
+            .map(|a| {
+                (
+                    a.key.clone(),
+                    json!({"method": a.method, "params": a.params}),
+                )
+            })
+            .collect();
+        let mut result = json!({"resultType": "input_required", "inputRequests": requests,
+            "requestState": request_state(call.id, cs.serial)});
+        decorate(&call.method, &mut result);
+        if let Some(r) = result.as_object_mut() {
+            r.remove("ttlMs");
+            r.remove("cacheScope");
+        }
+        let answer = json!({"jsonrpc": "2.0", "id": cs.client_id, "result": result});
+        if let Some(tx) = cs.sink.take() {
+            let _ = tx.send(Out::Final {
+                json: answer.to_string(),
+                status: 200,
+            });
+        }
+        parked_insert(call);
+        crate::app().metrics.modern_call("parked");
+        crate::observe::request_mrtr("parked");
+    }
+
+    /// The child asked for input during (or between) calls.
+    fn child_asks(session: &Arc<Session>, id: &Value, method: &str, value: &Value) {
+        let app = crate::app();
+        let params = value.get("params").cloned().unwrap_or(json!({}));
+        let ask = Ask {
+            key: String::new(),
+            child_id: id.clone(),
+            method: method.to_string(),
+            params: params.clone(),
+            since: Instant::now(),
+        };
+        let mut st = carrier_of(session).state.locked();
+        let able: Vec<Arc<Call>> = st
+            .calls
+            .values()
+            .filter(|c| MAY_ASK.contains(&c.method.as_str()) && !c.st.locked().done)
+            .cloned()
+            .collect();
+        let call = match able.len() {
+            0 => {
+                crate::log!(Info, "input_held", session = session.tag; "the child asked {method} with no call to carry it; held for the next call that can (--input-ttl)");
+                st.held.push(ask);
+                return;
+            }
+            1 => able[0].clone(),
+            _ => {
+                drop(st);
+                app.metrics.dropped("input_ambiguous");
+                crate::log!(Warn, "input_refused", session = session.tag; "the child asked {method} while {} calls were in flight on it; answering with an error (whose call it is cannot be told)", able.len());
+                let answer = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32000,
+                    "message": "The bridge cannot tell which client this request is for"}});
+                let _ = session.submit(&[answer]);
+                return;
+            }
+        };
+        drop(st);
+        if let Some(required) = missing_capability(&call.caps, method, &params) {
+            return refuse_capability(session, &call, id, method, required);
+        }
+        let mut cs = call.st.locked();
+        add_ask(&call, &mut cs, ask);
+        if cs.sink.is_some() {
+            park(&call, &mut cs);
+        }
+        // Parked already: the retry sees this question unanswered and is asked again.
+    }
+
+    /// -32021 (M-5): the client did not declare what the child asks for. The child's
+    /// request gets an error and the call is cancelled on it.
+    fn refuse_capability(
+        session: &Arc<Session>,
+        call: &Arc<Call>,
+        id: &Value,
+        method: &str,
+        required: Value,
+    ) {
+        let client_id = call.st.locked().client_id.clone();
+        let refusal = Refusal::MissingCapability {
+            method: method.to_string(),
+            required: required.clone(),
+        };
+        let answer = json!({"jsonrpc": "2.0", "id": client_id, "error": {
+            "code": refusal.code(), "message": refusal.message(), "data": refusal.data()}});
+        call.deliver(Out::Final {
+            json: answer.to_string(),
+            status: refusal.status(),
+        });
+        crate::log!(Info, "input_refused", session = session.tag; "the child asked {method}, which the client did not declare: -32021");
+        let _ = session.submit(
+            &[json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32000,
+            "message": format!("The client does not support {method}")}})],
+        );
+        abandon(call, "the client lacks a capability the server asked for");
+    }
+
+    /// A retry (M-5): the `requestState` checked, each answer fed to the child as the
+    /// reply to its request, then the call is waited for again on this request.
+    fn resume(inc: Incoming, request: Request, state: &str) {
+        let refuse = |inc: Incoming, why: String| {
+            respond(
+                inc,
+                Reply::answering(&request.id, Refusal::BadRequestState(why)),
+            )
+        };
+        let (id, serial) = match check_request_state(state) {
+            Ok(v) => v,
+            Err(why) => return refuse(inc, why),
+        };
+        let Some(call) = PARKED.locked().as_ref().and_then(|m| m.get(&id).cloned()) else {
+            return refuse(inc, "names no parked call (the call completed, was cancelled, or waited past --input-ttl)".into());
+        };
+        let name = NAMED
+            .iter()
+            .find(|(m, _)| *m == request.method)
+            .and_then(|(_, f)| request.params.get(*f))
+            .and_then(Value::as_str);
+        if !crate::auth::owns(&call.owner, &inc.token)
+            || call.method != request.method
+            || call.name.as_deref() != name
+        {
+            return refuse(inc, "belongs to another call".into());
+        }
+        let responses = request
+            .params
+            .get("inputResponses")
+            .cloned()
+            .unwrap_or(json!({}));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (carrier, answers) = {
+            let mut cs = call.st.locked();
+            if cs.serial != serial || cs.parked_at.is_none() {
+                drop(cs);
+                return refuse(
+                    inc,
+                    "was already used (a requestState is good for one retry)".into(),
+                );
+            }
+            if id_key(&cs.client_id) == id_key(&request.id) {
+                drop(cs);
+                return refuse(
+                    inc,
+                    "came back with the request id it was issued for (a retry must use a new id)"
+                        .into(),
+                );
+            }
+            let mut answers = Vec::new();
+            let mut open = Vec::new();
+            for a in std::mem::take(&mut cs.asks) {
+                match responses.get(&a.key) {
+                    Some(r) => answers.push(answer_to_child(&a.child_id, r)),
+                    None => open.push(a),
+                }
+            }
+            cs.asks = open;
+            cs.client_id = request.id.clone();
+            cs.token = crate::message::progress_token(&json!({"params": request.params})).cloned();
+            cs.sink = Some(tx);
+            cs.parked_at = None;
+            crate::observe::request_mrtr("resumed");
+            crate::app().metrics.modern_call("resumed");
+            if !cs.asks.is_empty() {
+                // Partial answers: ask again for the rest (M-5).
+                park(&call, &mut cs);
+            } else {
+                parked_remove(call.id);
+                for out in std::mem::take(&mut cs.buffered) {
+                    if let Some(tx) = &cs.sink {
+                        let _ = tx.send(out);
+                    }
+                }
+            }
+            (cs.carrier.clone(), answers)
+        };
+        if let Some(c) = carrier {
+            if !answers.is_empty() {
+                let _ = c.submit(&answers);
+            }
+        }
+        wait_for_call(inc, call, rx);
+    }
+
+    /// A client's input response as the JSON-RPC reply to the child's request: an
+    /// error object passes as an error, anything else is the result.
+    fn answer_to_child(child_id: &Value, response: &Value) -> Value {
+        match response.get("error").filter(|e| e.get("code").is_some()) {
+            Some(e) => json!({"jsonrpc": "2.0", "id": child_id, "error": e}),
+            None => json!({"jsonrpc": "2.0", "id": child_id, "result": response}),
+        }
+    }
+
+    // ---- requestState: HMAC-SHA-256 with a per-process key ----------------------------
+
+    fn state_key() -> &'static [u8; 32] {
+        static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+        KEY.get_or_init(|| {
+            let mut k = [0u8; 32];
+            let n = unsafe { libc::getrandom(k.as_mut_ptr().cast(), k.len(), 0) };
+            if n != k.len() as isize {
+                use std::io::Read;
+                if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+                    let _ = f.read_exact(&mut k);
+                }
+            }
+            k
+        })
+    }
+
+    fn unix_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    /// `v1.CALL.SERIAL.EXPIRES.MAC`: which parked call, which of its retries, until
+    /// when (unix ms), and the MAC over all of it. Opaque to clients.
+    fn request_state(call: u64, serial: u64) -> String {
+        let expires = unix_ms() + crate::app().cfg.input_ttl.as_millis() as u64;
+        let body = format!("v1.{call}.{serial}.{expires}");
+        let mac = hmac_sha256(state_key(), body.as_bytes());
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{body}.{hex}")
+    }
+
+    fn check_request_state(s: &str) -> Result<(u64, u64), String> {
+        let (body, mac) = s.rsplit_once('.').ok_or("is not one this server issued")?;
+        let want = hmac_sha256(state_key(), body.as_bytes());
+        let hex: String = want.iter().map(|b| format!("{b:02x}")).collect();
+        if !crate::auth::ct_eq(hex.as_bytes(), mac.as_bytes()) {
+            return Err("was altered, or not issued by this server".into());
+        }
+        let parts: Vec<&str> = body.split('.').collect();
+        let num = |i: usize| parts.get(i).and_then(|p| p.parse::<u64>().ok());
+        match (parts.first(), num(1), num(2), num(3)) {
+            (Some(&"v1"), Some(call), Some(serial), Some(expires)) => {
+                if unix_ms() > expires {
+                    return Err("has expired (--input-ttl)".into());
+                }
+                Ok((call, serial))
+            }
+            _ => Err("is not one this server issued".into()),
+        }
+    }
+
+    pub fn sha256(data: &[u8]) -> [u8; 32] {
+        const K: [u32; 64] = [
+            0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+            0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+            0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+            0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+            0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+            0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+            0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+            0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+            0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+            0xc67178f2,
+        ];
+        let mut h: [u32; 8] = [
+            0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+            0x5be0cd19,
+        ];
+        let mut msg = data.to_vec();
+        let bits = (data.len() as u64).wrapping_mul(8);
+        msg.push(0x80);
+        while msg.len() % 64 != 56 {
+            msg.push(0);
+        }
+        msg.extend_from_slice(&bits.to_be_bytes());
+        for block in msg.chunks(64) {
+            let mut w = [0u32; 64];
+            for i in 0..16 {
+                w[i] = u32::from_be_bytes([
+                    block[4 * i],
+                    block[4 * i + 1],
+                    block[4 * i + 2],
+                    block[4 * i + 3],
+                ]);
+            }
+            for i in 16..64 {
+                let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+                let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+                w[i] = w[i - 16]
+                    .wrapping_add(s0)
+                    .wrapping_add(w[i - 7])
+                    .wrapping_add(s1);
+            }
+            let mut v = h;
+            for i in 0..64 {
+                let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
+                let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
+                let t1 = v[7]
+                    .wrapping_add(s1)
+                    .wrapping_add(ch)
+                    .wrapping_add(K[i])
+                    .wrapping_add(w[i]);
+                let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
+                let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
+                let t2 = s0.wrapping_add(maj);
+                v = [
+                    t1.wrapping_add(t2),
+                    v[0],
+                    v[1],
+                    v[2],
+                    v[3].wrapping_add(t1),
+                    v[4],
+                    v[5],
+                    v[6],
+                ];
+            }
+            for i in 0..8 {
+                h[i] = h[i].wrapping_add(v[i]);
+            }
+        }
+        let mut out = [0u8; 32];
+        for (i, x) in h.iter().enumerate() {
+            out[4 * i..4 * i + 4].copy_from_slice(&x.to_be_bytes());
+        }
+        out
+    }
+
+    pub fn hmac_sha256(key: &[u8; 32], data: &[u8]) -> [u8; 32] {
+        let mut ipad = vec![0x36u8; 64];
+        let mut opad = vec![0x5cu8; 64];
+        for (i, k) in key.iter().enumerate() {
+            ipad[i] ^= k;
+            opad[i] ^= k;
+        }
+        ipad.extend_from_slice(data);
+        opad.extend_from_slice(&sha256(&ipad));
+        sha256(&opad)
+    }
+
+    // ---- the child's messages on a carrier --------------------------------------------
+
+    /// Everything a carrier's child says (already in the carrier's ids: a shared child's
+    /// were mapped back by `upstream`). `aside`: a shared child's notification while
+    /// other sessions had work in flight (it cannot be tied to a call here).
+    pub fn from_child(session: &Arc<Session>, json: String, value: &Value, aside: bool) {
+        let app = crate::app();
+        match classify(value) {
+            Kind::Response { id } => {
+                let Some(cid) = id.as_u64() else {
+                    app.metrics.dropped("unknown_id");
+                    return;
+                };
+                let call = {
+                    let mut st = carrier_of(session).state.locked();
+                    let call = st.calls.remove(&cid);
+                    if call.is_none() && st.draining.is_some_and(|(d, _)| d == cid) {
+                        st.draining = None;
+                    }
+                    Carrier::release_if_idle_locked(&mut st);
+                    call
+                };
+                let Some(call) = call else {
+                    app.metrics.dropped("cancelled");
+                    crate::log!(Debug, "message_dropped", session = session.tag; "answer to call {cid}, which was cancelled or ended");
+                    return;
+                };
+                if call.internal.load(Ordering::Acquire) {
+                    return call.deliver(Out::Final { json, status: 200 });
+                }
+                let mut answer = value.clone();
+                let mut cs = call.st.locked();
+                if cs.done {
+                    return;
+                }
+                cs.done = true;
+                answer["id"] = cs.client_id.clone();
+                if let Some(r) = answer.get_mut("result") {
+                    decorate(&call.method, r);
+                }
+                let status = status_of(&answer);
+                app.metrics
+                    .modern_call(if status == 200 { "complete" } else { "error" });
+                let out = Out::Final {
+                    json: answer.to_string(),
+                    status,
+                };
+                match &cs.sink {
+                    Some(tx) => {
+                        let _ = tx.send(out);
+                    }
+                    None => cs.buffered.push(out),
+                }
+                // Questions the child asked and then answered without: nobody waits.
+                cs.asks.clear();
+                if cs.parked_at.is_none() {
+                    drop(cs);
+                    parked_remove(call.id);
+                }
+            }
+            Kind::Request { id, method } => match method {
+                "ping" => {
+                    let _ = session.submit(&[json!({"jsonrpc": "2.0", "id": id, "result": {}})]);
+                }
+                "elicitation/create" | "sampling/createMessage" | "roots/list"
+                    if child_era() == ChildEra::Legacy =>
+                {
+                    child_asks(session, id, method, value)
+                }
+                _ => {
+                    app.metrics.dropped("unrelayable_request");
+                    crate::log!(Warn, "message_dropped", session = session.tag; "the child sent {method}, which cannot reach a 2026-07-28 client; answering it with an error");
+                    let _ = session.submit(&[
+                        json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601,
+                        "message": format!("{method} cannot be relayed to a 2026-07-28 client")}}),
+                    ]);
+                }
+            },
+            Kind::Notification { method } => notification(session, method, json, value, aside),
+            Kind::Invalid(why) => {
+                app.metrics.dropped("invalid");
+                crate::log!(Warn, "child_invalid", session = session.tag; "skipped a child message that is not JSON-RPC ({why})");
+            }
+        }
+    }
+
+    fn notification(
+        session: &Arc<Session>,
+        method: &str,
+        json: String,
+        value: &Value,
+        aside: bool,
+    ) {
+        let app = crate::app();
+        let st = carrier_of(session).state.locked();
+        match method {
+            "notifications/progress" => {
+                let call = value
+                    .pointer("/params/progressToken")
+                    .and_then(Value::as_u64)
+                    .and_then(|t| st.calls.get(&t).cloned());
+                drop(st);
+                let Some(call) = call else {
+                    app.metrics.dropped("no_call");
+                    return;
+                };
+                let token = call.st.locked().token.clone();
+                let mut v = value.clone();
+                v["params"]["progressToken"] = token.unwrap_or(Value::Null);
+                call.deliver(Out::Note(v.to_string()));
+            }
+            "notifications/message" => {
+                // Tied to a call only when it is the one thing in flight (M-9).
+                let sole = (!aside && st.calls.len() == 1 && st.draining.is_none())
+                    .then(|| st.calls.values().next().cloned())
+                    .flatten();
+                drop(st);
+                let Some(call) = sole else {
+                    app.metrics.dropped("log_unattributed");
+                    crate::log!(Debug, "message_dropped", session = session.tag; "a log message from the child concerns no single 2026-07-28 call");
+                    return;
+                };
+                let level = value
+                    .pointer("/params/level")
+                    .and_then(Value::as_str)
+                    .and_then(|l| LOG_LEVELS.iter().position(|x| *x == l))
+                    .unwrap_or(0);
+                if call.log_level.is_some_and(|min| level >= min) {
+                    call.deliver(Out::Note(json));
+                }
+            }
+            m if m.ends_with("/list_changed") || m == "notifications/resources/updated" => {
+                drop(st);
+                to_listeners(session, method, value);
+            }
+            _ => {
+                drop(st);
+                app.metrics.dropped("modern_unrelayed");
+                crate::log!(Debug, "message_dropped", session = session.tag; "{method} from the child has no 2026-07-28 counterpart");
+            }
+        }
+    }
+
+    /// The carrier's session ended (child exit, idle, shutdown): every call on it gets
+    /// the error the session's clients get.
+    pub fn carrier_ended(session: &Arc<Session>, code: i64, message: &str, data: Option<Value>) {
+        let (calls, held) = {
+            let mut st = carrier_of(session).state.locked();
+            st.ended = true;
+            (std::mem::take(&mut st.calls), std::mem::take(&mut st.held))
+        };
+        let _ = held;
+        for (_, call) in calls {
+            parked_remove(call.id);
+            let mut cs = call.st.locked();
+            if cs.done {
+                continue;
+            }
+            cs.done = true;
+            let answer = json!({"jsonrpc": "2.0", "id": cs.client_id, "error": {"code": code, "message": message, "data": data}});
+            let out = Out::Final {
+                json: answer.to_string(),
+                status: 200,
+            };
+            match &cs.sink {
+                Some(tx) => {
+                    let _ = tx.send(out);
+                }
+                None => cs.buffered.push(out),
+            }
+            cs.sink = None;
+        }
+        let mut listeners = LISTENERS.locked();
+        listeners.retain(|l| {
+            let mine = Arc::ptr_eq(&l.carrier, session);
+            if mine {
+                let _ = l.tx.send(Out::Final {
+                    json: l.farewell(),
+                    status: 200,
+                });
+            }
+            !mine
+        });
+    }
+
+    // ---- subscriptions/listen (M-7) ---------------------------------------------------
+
+    struct Listener {
+        id: Value,
+        carrier: Arc<Session>,
+        owner: Option<Arc<str>>,
+        /// The honoured subset, as acknowledged.
+        tools: bool,
+        prompts: bool,
+        resources: bool,
+        uris: Vec<String>,
+        tx: Sender<Out>,
+    }
+
+    impl Listener {
+        fn farewell(&self) -> String {
+            json!({"jsonrpc": "2.0", "id": self.id, "result": {"resultType": "complete",
+                "_meta": {META_SUBSCRIPTION: self.id}}})
+            .to_string()
+        }
+    }
+
+    static LISTENERS: Mutex<Vec<Arc<Listener>>> = Mutex::new(Vec::new());
+    /// Listener streams being written, for shutdown's farewell.
+    static LISTENING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+    fn listen(inc: Incoming, request: Request) {
+        let carrier = match Pool::lease(&inc) {
+            Ok(c) => c,
+            Err(reply) => return respond(inc, Reply::answering(&request.id, refusal_of(reply))),
+        };
+        // The listener keeps the carrier's child running; calls may still use it.
+        carrier.release_if_idle();
+        let caps = carrier_of(&carrier).state.locked().capabilities.clone();
+        let modern_child = child_era() == ChildEra::Modern;
+        let wants = request
+            .params
+            .get("notifications")
+            .cloned()
+            .unwrap_or(json!({}));
+        let wanted = |k: &str| wants.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let declares =
+            |p: &str| modern_child || caps.pointer(p).and_then(Value::as_bool).unwrap_or(false);
+        let tools = wanted("toolsListChanged") && declares("/tools/listChanged");
+        let prompts = wanted("promptsListChanged") && declares("/prompts/listChanged");
+        let resources = wanted("resourcesListChanged") && declares("/resources/listChanged");
+        let uris: Vec<String> = if declares("/resources/subscribe") {
+            wants
+                .get("resourceSubscriptions")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|u| u.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut honoured = serde_json::Map::new();
+        if tools {
+            honoured.insert("toolsListChanged".into(), json!(true));
+        }
+        if prompts {
+            honoured.insert("promptsListChanged".into(), json!(true));
+        }
+        if resources {
+            honoured.insert("resourcesListChanged".into(), json!(true));
+        }
+        if !uris.is_empty() {
+            honoured.insert("resourceSubscriptions".into(), json!(uris));
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let listener = Arc::new(Listener {
+            id: request.id.clone(),
+            carrier: carrier.clone(),
+            owner: inc.token.clone(),
+            tools,
+            prompts,
+            resources,
+            uris: uris.clone(),
+            tx,
+        });
+        subscribe(&carrier, &uris, "resources/subscribe");
+        LISTENERS.locked().push(listener.clone());
+        *LISTENING.0.locked() += 1;
+        crate::app().metrics.modern_call("listen");
+        crate::observe::response_status(200);
+        let ack = json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+            "params": {"_meta": {META_SUBSCRIPTION: request.id}, "notifications": honoured}});
+        let conn = inc.conn;
+        if let Ok(mut stream) = crate::http::open_sse(inc, Vec::new(), Lifetime::Request) {
+            let keepalive = crate::app().cfg.keepalive;
+            let mut last_write = Instant::now();
+            let mut ok = stream.event(Some("message"), &ack.to_string()).is_ok();
+            while ok {
+                match rx.recv_timeout(HANGUP_CHECK) {
+                    Ok(Out::Note(json)) => {
+                        ok = stream.event(Some("message"), &json).is_ok();
+                        last_write = Instant::now();
+                    }
+                    Ok(Out::Final { json, .. }) => {
+                        let _ = stream.event(Some("message"), &json);
+                        let _ = stream.finish();
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        if crate::door::hung_up(conn) {
+                            break;
+                        }
+                        if keepalive.is_some_and(|k| last_write.elapsed() >= k) {
+                            ok = stream.comment("keepalive").is_ok();
+                            last_write = Instant::now();
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }
+        let was_listed = {
+            let mut all = LISTENERS.locked();
+            let before = all.len();
+            all.retain(|l| !Arc::ptr_eq(l, &listener));
+            before != all.len()
+        };
+        if was_listed {
+            subscribe(&carrier, &uris, "resources/unsubscribe");
+        }
+        let (count, cv) = &LISTENING;
+        *count.locked() -= 1;
+        cv.notify_all();
+    }
+
+    /// Reference-counted resource subscriptions on a carrier's child (M-7): the first
+    /// listener on a URI subscribes, the last one gone unsubscribes.
+    fn subscribe(carrier: &Arc<Session>, uris: &[String], method: &str) {
+        let mut to_child = Vec::new();
+        {
+            let mut st = carrier_of(carrier).state.locked();
+            for uri in uris {
+                let n = st.subscriptions.entry(uri.clone()).or_insert(0);
+                let send = if method == "resources/subscribe" {
+                    *n += 1;
+                    *n == 1
+                } else {
+                    *n = n.saturating_sub(1);
+                    *n == 0
+                };
+                if *n == 0 {
+                    st.subscriptions.remove(uri);
+                }
+                if send {
+                    let id = crate::next_id();
+                    let discard = Call::new(
+                        id,
+                        method.into(),
+                        None,
+                        &None,
+                        json!({}),
+                        None,
+                        Value::Null,
+                        None,
+                    );
+                    discard.internal.store(true, Ordering::Release);
+                    st.calls.insert(id, discard);
+                    to_child.push(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": {"uri": uri}}));
+                }
+            }
+        }
+        if !to_child.is_empty() {
+            let _ = carrier.submit(&to_child);
+        }
+    }
+
+    fn to_listeners(session: &Arc<Session>, method: &str, value: &Value) {
+        let uri = value.pointer("/params/uri").and_then(Value::as_str);
+        let listeners: Vec<Arc<Listener>> = LISTENERS.locked().clone();
+        let mut delivered = 0;
+        for l in listeners {
+            // Session mode: each token's children are its own; shared: one child.
+            if !crate::auth::owns(&l.owner, &session.owner) && !Arc::ptr_eq(&l.carrier, session) {
+                continue;
+            }
+            let wanted = match method {
+                "notifications/tools/list_changed" => l.tools,
+                "notifications/prompts/list_changed" => l.prompts,
+                "notifications/resources/list_changed" => l.resources,
+                "notifications/resources/updated" => {
+                    Arc::ptr_eq(&l.carrier, session)
+                        && uri.is_some_and(|u| l.uris.iter().any(|x| x == u))
+                }
+                _ => false,
+            };
+            if !wanted {
+                continue;
+            }
+            let mut v = value.clone();
+            if !v.get("params").is_some_and(Value::is_object) {
+                v["params"] = json!({});
+            }
+            v["params"]["_meta"][META_SUBSCRIPTION] = l.id.clone();
+            let _ = l.tx.send(Out::Note(v.to_string()));
+            delivered += 1;
+        }
+        if delivered == 0 {
+            crate::log!(Debug, "message_dropped", session = session.tag; "{method}: no 2026-07-28 client listens for it");
+        }
+    }
+
+    /// Shutdown: every listener gets its final result (M-7) before the process ends.
+    pub fn farewell() {
+        let listeners: Vec<Arc<Listener>> = std::mem::take(&mut *LISTENERS.locked());
+        for l in &listeners {
+            let _ = l.tx.send(Out::Final {
+                json: l.farewell(),
+                status: 200,
+            });
+        }
+        let (count, cv) = &LISTENING;
+        let deadline = Instant::now() + LISTENER_FAREWELL;
+        let mut n = count.locked();
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            n = cv
+                .wait_timeout(n, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    // ---- housekeeping -----------------------------------------------------------------
+
+    /// Parked calls past --input-ttl are cancelled on the child (their questions
+    /// answered with an error); held questions past it are answered with an error;
+    /// carriers draining a cancelled call too long, and surplus idle carriers, retire.
+    pub fn run_housekeeper() {
+        let app = crate::app();
+        loop {
+            std::thread::sleep(HOUSEKEEPING);
+            let ttl = app.cfg.input_ttl;
+            let expired: Vec<Arc<Call>> = PARKED
+                .locked()
+                .as_ref()
+                .map(|m| {
+                    m.values()
+                        .filter(|c| c.st.locked().parked_at.is_some_and(|t| t.elapsed() > ttl))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            for call in expired {
+                app.metrics.modern_call("expired");
+                crate::log!(Info, "input_expired", "a parked {} waited past --input-ttl ({ttl:?}) for its retry; cancelling it on the child", call.method);
+                abandon(&call, "the client did not retry within --input-ttl");
+            }
+            let carriers = POOL.locked().carriers.clone();
+            let mut idle = 0;
+            for s in carriers.iter().rev() {
+                let mut st = carrier_of(s).state.locked();
+                let stale: Vec<Ask> = {
+                    let (old, keep): (Vec<Ask>, Vec<Ask>) = std::mem::take(&mut st.held)
+                        .into_iter()
+                        .partition(|a| a.since.elapsed() > ttl);
+                    st.held = keep;
+                    old
+                };
+                let drained_out = st.draining.is_some_and(|(_, t)| t.elapsed() > CANCEL_DRAIN);
+                let surplus = st.idle_since.is_some_and(|t| t.elapsed() > SURPLUS_IDLE)
+                    && !st.leased
+                    && st.subscriptions.is_empty();
+                if st.idle_since.is_some() && !st.leased {
+                    idle += 1;
+                }
+                drop(st);
+                if !stale.is_empty() {
+                    let answers: Vec<Value> = stale.iter().map(|a| json!({"jsonrpc": "2.0", "id": a.child_id,
+                        "error": {"code": -32000, "message": "No 2026-07-28 call carried this request to a client within --input-ttl"}})).collect();
+                    app.metrics.dropped("input_unasked");
+                    crate::log!(Info, "input_expired", session = s.tag; "{} request(s) of the child found no call to carry them; answered with an error", answers.len());
+                    let _ = s.submit(&answers);
+                }
+                if drained_out || (surplus && idle > app.cfg.modern_pool) {
+                    let why = if drained_out {
+                        "its cancelled call was never answered"
+                    } else {
+                        "surplus idle carrier"
+                    };
+                    crate::log!(Info, "carrier_retired", session = s.tag; "{why}");
+                    carrier_of(s).state.locked().ended = true;
+                    sessions::end_in_background(s.clone(), EndReason::Idle);
+                }
+            }
+        }
+    }
+
+    // ---- --child-protocol auto ---------------------------------------------------------
+
+    /// Asks a throw-away child `server/discover` with the envelope: a result naming
+    /// 2026-07-28 means a modern child; anything else (an error, silence, an exit)
+    /// legacy. Run once at startup.
+    pub fn probe_child_era() {
+        if crate::app().cfg.child_protocol != ChildEra::Auto {
+            return;
+        }
+        let era = probe().unwrap_or(ChildEra::Legacy);
+        crate::log!(
+            Info,
+            "child_protocol",
+            "--child-protocol auto: the server speaks {}",
+            if era == ChildEra::Modern {
+                "2026-07-28 (bodies pass through)"
+            } else {
+                "2025 (modern clients are served by translation)"
+            }
+        );
+        let _ = CHILD_ERA.set(era);
+    }
+
+    fn probe() -> Option<ChildEra> {
+        use std::io::BufRead;
+        let (child, stdout) = crate::child::spawn("probe", Vec::new()).ok()?;
+        let discover = json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": {
+            META_VERSION: VERSIONS[0], META_CAPABILITIES: {}}}});
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let sent = child.send_message(&discover).is_ok();
+        let reader = crate::spawn_thread("probe-read", move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = if sent && reader {
+            rx.recv_timeout(PROBE_TIMEOUT).ok()
+        } else {
+            None
+        };
+        child.terminate(Duration::ZERO);
+        let v: Value = serde_json::from_str(line?.trim()).ok()?;
+        let modern = v
+            .pointer("/result/supportedVersions")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(VERSIONS[0])));
+        Some(if modern {
+            ChildEra::Modern
+        } else {
+            ChildEra::Legacy
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn sha256_and_hmac_match_the_published_vectors() {
+            let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+            assert_eq!(
+                hex(&sha256(b"abc")),
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            );
+            assert_eq!(
+                hex(&sha256(b"")),
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            );
+            let long = vec![b'a'; 1000];
+            assert_eq!(
+                hex(&sha256(&long)),
+                "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3"
+            );
+            // RFC 4231 test case 2 uses a 4-byte key; ours are 32 bytes, zero-padded the same way.
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(b"Jefe");
+            assert_eq!(
+                hex(&hmac_sha256(&key, b"what do ya want for nothing?")),
+                "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            );
+        }
+
+        #[test]
+        fn mirrored_headers_decode_the_base64_form() {
+            assert_eq!(decode_header("echo").as_deref(), Some("echo"));
+            assert_eq!(
+                decode_header("=?base64?ZWNobw==?=").as_deref(),
+                Some("echo")
+            );
+            assert_eq!(decode_header("=?base64?w6l0w6k?=").as_deref(), Some("été"));
+            assert_eq!(decode_header("=?base64?***?="), None);
+        }
+
+        #[test]
+        fn missing_capabilities_are_named() {
+            let caps = json!({"sampling": {}, "elicitation": {}});
+            assert!(missing_capability(&caps, "sampling/createMessage", &json!({})).is_none());
+            assert!(missing_capability(&caps, "elicitation/create", &json!({})).is_none());
+            assert_eq!(
+                missing_capability(&caps, "elicitation/create", &json!({"mode": "url"})),
+                Some(json!({"elicitation": {"url": {}}}))
+            );
+            assert_eq!(
+                missing_capability(&caps, "roots/list", &json!({})),
+                Some(json!({"roots": {}}))
+            );
+        }
     }
 }
 
@@ -4706,6 +6728,8 @@ mod sessions {
     pub enum Transport {
         Streamable,
         Legacy,
+        /// A carrier: a child serving 2026-07-28 calls (`modern`); no client names it.
+        Modern,
     }
 
     /// One event on its way to a connection. Its SSE id is `{stream}-{n}`: `n` counts
@@ -4952,7 +6976,11 @@ mod sessions {
         pub transport: Transport,
         pub upstream: Arc<Upstream>,
         /// The token that created it; no other may use it.
-        owner: Option<Arc<str>>,
+        pub owner: Option<Arc<str>>,
+        /// The --pass-header values its child was started with.
+        pub env: Vec<(String, String)>,
+        /// A carrier's 2026-07-28 state (`Transport::Modern` only).
+        pub carrier: Option<Arc<crate::modern::Carrier>>,
         routing: Mutex<Routing>,
         last_active_ms: AtomicU64,
         /// Orders sessions by their latest request (a sequence, not a clock, so two
@@ -4991,7 +7019,7 @@ mod sessions {
     /// Sessions open now by transport, and what their replay buffers hold.
     #[derive(Default)]
     pub struct Stats {
-        pub active: [usize; 2],
+        pub active: [usize; 3],
         pub replay_events: usize,
         pub replay_bytes: usize,
     }
@@ -5080,6 +7108,8 @@ mod sessions {
                 transport,
                 upstream: upstream.clone(),
                 owner: ctx.owner.clone(),
+                env: ctx.env.clone(),
+                carrier: (transport == Transport::Modern).then(Arc::default),
                 routing: Mutex::new(Routing {
                     resumable: transport == Transport::Streamable,
                     ..Routing::default()
@@ -5675,6 +7705,9 @@ mod sessions {
     pub fn route_value(session: &Arc<Session>, json: String, value: &Value, aside: bool) {
         let app = crate::app();
         app.metrics.message(crate::observe::Way::ToClient, value);
+        if session.carrier.is_some() {
+            return crate::modern::from_child(session, json, value, aside);
+        }
         let tag = session.tag.as_str();
         match classify(value) {
             Kind::Response { id } => {
@@ -5824,6 +7857,9 @@ mod sessions {
             ),
             EndReason::Shutdown => (-32000, "Server is shutting down".to_string(), None),
         };
+        if session.carrier.is_some() {
+            crate::modern::carrier_ended(session, code, &message, data.clone());
+        }
         {
             let mut r = session.routing.locked();
             for (key, f) in in_flight {
@@ -7832,6 +9868,8 @@ mod teardown {
 
     fn shutdown() {
         let app = app();
+        // 2026-07-28 listeners get their final result while their children still run.
+        crate::modern::farewell();
         let mut joins = Vec::new();
         // Every ending runs at once, each on a thread of its own; one that cannot get a
         // thread (a thread limit reached) runs here, so shutdown is slower, never stuck.
@@ -8421,6 +10459,10 @@ mod observe {
         messages: usize,
         /// Why an error status was given (the JSON-RPC error message we sent).
         error: Option<String>,
+        /// "2026" for a 2026-07-28 request (2025 ones say nothing).
+        era: Option<&'static str>,
+        /// MRTR: the call was parked (answered input_required) or resumed (a retry).
+        mrtr: Option<&'static str>,
         bytes_in: u64,
         bytes_out: u64,
     }
@@ -8464,6 +10506,8 @@ mod observe {
                 rpc_id: None,
                 messages: 0,
                 error: None,
+                era: None,
+                mrtr: None,
                 bytes_in: 0,
                 bytes_out: 0,
             })
@@ -8485,6 +10529,7 @@ mod observe {
                 session = a.session, method = a.method.as_str(), path = a.path.as_str(),
                 status = a.status, duration_ms = a.started.elapsed(),
                 rpc_method = a.rpc_method, rpc_id = a.rpc_id, messages = messages,
+                era = a.era, mrtr = a.mrtr,
                 bytes_in = a.bytes_in, bytes_out = a.bytes_out, peer = peer,
                 error = a.error; "");
         }
@@ -8521,6 +10566,15 @@ mod observe {
             });
         }
         recorded
+    }
+
+    pub fn request_era(era: &'static str) {
+        with_current(|a| a.era = Some(era));
+        crate::app().metrics.era_request(era);
+    }
+
+    pub fn request_mrtr(what: &'static str) {
+        with_current(|a| a.mrtr = Some(what));
     }
 
     pub fn request_session(tag: &str) {
@@ -8568,7 +10622,7 @@ mod observe {
         /// [in, out] HTTP bytes; [to child, from child] pipe bytes.
         http_bytes: [AtomicU64; 2],
         child_bytes: [AtomicU64; 2],
-        sessions_opened: [AtomicU64; 2],
+        sessions_opened: [AtomicU64; 3],
         sessions_closed: Mutex<Vec<(&'static str, &'static str, u64)>>,
         children_spawned: AtomicU64,
         spawn_failures: AtomicU64,
@@ -8578,6 +10632,11 @@ mod observe {
         panics: AtomicU64,
         dropped: Mutex<Vec<(&'static str, u64)>>,
         rejected: Mutex<Vec<(&'static str, u64)>>,
+        /// POSTs to the MCP endpoint by era ("2025", "2026").
+        eras: Mutex<Vec<(&'static str, u64)>>,
+        /// 2026-07-28 calls by outcome (complete, error, parked, resumed, cancelled,
+        /// expired, listen).
+        modern_calls: Mutex<Vec<(&'static str, u64)>>,
         stream_cuts: Mutex<Vec<(&'static str, u64)>>,
         latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
         latency_count: AtomicU64,
@@ -8602,6 +10661,8 @@ mod observe {
                 panics: Default::default(),
                 dropped: Default::default(),
                 rejected: Default::default(),
+                eras: Default::default(),
+                modern_calls: Default::default(),
                 stream_cuts: Default::default(),
                 latency_buckets: Default::default(),
                 latency_count: Default::default(),
@@ -8629,6 +10690,7 @@ mod observe {
         match t {
             crate::sessions::Transport::Streamable => "streamable_http",
             crate::sessions::Transport::Legacy => "sse",
+            crate::sessions::Transport::Modern => "modern",
         }
     }
 
@@ -8721,6 +10783,12 @@ mod observe {
         }
         pub fn rejected(&self, reason: &'static str) {
             bump(&self.rejected, reason);
+        }
+        pub fn era_request(&self, era: &'static str) {
+            bump(&self.eras, era);
+        }
+        pub fn modern_call(&self, outcome: &'static str) {
+            bump(&self.modern_calls, outcome);
         }
         /// A connection detached from its stream (overflow, or resumed elsewhere).
         pub fn stream_cut(&self, reason: &'static str) {
@@ -8850,7 +10918,7 @@ mod observe {
                     "stdio_sse_sessions_opened_total",
                     "Sessions opened, by transport.",
                     "counter",
-                    ["streamable_http", "sse"]
+                    ["streamable_http", "sse", "modern"]
                         .iter()
                         .zip(&self.sessions_opened)
                         .map(|(t, c)| (label("transport", t), load(c)))
@@ -8875,6 +10943,7 @@ mod observe {
                     vec![
                         (label("transport", "streamable_http"), active[0]),
                         (label("transport", "sse"), active[1]),
+                        (label("transport", "modern"), active[2]),
                     ],
                 ),
             ]
@@ -8957,6 +11026,18 @@ mod observe {
                     "Messages that could not be delivered, by reason.",
                     "counter",
                     by("reason", &self.dropped),
+                ),
+                (
+                    "stdio_sse_mcp_requests_total",
+                    "POSTs to the MCP endpoint by protocol era (2025: sessions; 2026: 2026-07-28, stateless).",
+                    "counter",
+                    by("era", &self.eras),
+                ),
+                (
+                    "stdio_sse_modern_calls_total",
+                    "2026-07-28 calls by outcome (complete, error, parked for input, resumed, cancelled, expired, listen).",
+                    "counter",
+                    by("outcome", &self.modern_calls),
                 ),
                 (
                     "stdio_sse_stream_connections_cut_total",
@@ -9618,6 +11699,10 @@ fn main() {
         config::Mode::Oneshot => {}
     }
     spawn_thread("idle-reaper", sessions::run_idle_reaper);
+    if cfg.mode != config::Mode::Oneshot {
+        modern::probe_child_era();
+        spawn_thread("modern-housekeeper", modern::run_housekeeper);
+    }
     http::serve(server);
     teardown::handle_signals(sigset);
 }
