@@ -4567,6 +4567,8 @@ mod modern {
         "resources/read",
         "completion/complete",
     ];
+    /// How a final answer that parks its call reads (the access log says "parked").
+    const INPUT_REQUIRED: &str = "\"resultType\":\"input_required\"";
     /// Only these may answer `input_required` (M-5).
     const MAY_ASK: &[&str] = &["tools/call", "prompts/get", "resources/read"];
     /// Their results carry ttlMs and cacheScope (M-4).
@@ -5297,6 +5299,9 @@ mod modern {
         loop {
             match rx.recv_timeout(HANGUP_CHECK) {
                 Ok(Out::Final { json, status }) => {
+                    if json.contains(INPUT_REQUIRED) {
+                        crate::observe::request_mrtr("parked");
+                    }
                     match (stream.take(), inc.take()) {
                         (Some(mut s), _) => {
                             let _ = s.event(Some("message"), &json);
@@ -5362,34 +5367,37 @@ mod modern {
     /// answered with an error, and nothing more is sent for it.
     fn abandon(call: &Arc<Call>, why: &str) {
         let app = crate::app();
-        let (carrier, asks) = {
+        let (carrier, asks, answered) = {
             let mut cs = call.st.locked();
-            if cs.done {
-                return;
-            }
-            cs.done = true;
+            let answered = std::mem::replace(&mut cs.done, true);
             cs.sink = None;
-            (cs.carrier.clone(), std::mem::take(&mut cs.asks))
+            (cs.carrier.clone(), std::mem::take(&mut cs.asks), answered)
         };
         parked_remove(call.id);
         let Some(carrier) = carrier else { return };
-        {
-            let mut st = carrier_of(&carrier).state.locked();
-            if st.calls.remove(&call.id).is_some() && app.cfg.mode != config::Mode::Shared {
-                st.draining = Some((call.id, Instant::now()));
+        let mut out = Vec::new();
+        if !answered {
+            {
+                let mut st = carrier_of(&carrier).state.locked();
+                if st.calls.remove(&call.id).is_some() && app.cfg.mode != config::Mode::Shared {
+                    st.draining = Some((call.id, Instant::now()));
+                }
             }
+            app.metrics.modern_call("cancelled");
+            crate::log!(Info, "modern_cancelled", session = carrier.tag; "{} cancelled: {why}; telling the child", call.method);
+            out.push(
+                json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": call.id, "reason": why}}),
+            );
         }
-        app.metrics.modern_call("cancelled");
-        crate::log!(Info, "modern_cancelled", session = carrier.tag; "{} cancelled: {why}; telling the child", call.method);
-        let mut out = vec![
-            json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
-            "params": {"requestId": call.id, "reason": why}}),
-        ];
+        // Its open questions (its own, or held ones it carried) get an error answer.
         for a in asks {
             out.push(json!({"jsonrpc": "2.0", "id": a.child_id,
-                "error": {"code": -32000, "message": format!("The client cancelled the request ({why})")}}));
+                "error": {"code": -32000, "message": format!("The client did not answer ({why})")}}));
         }
-        let _ = carrier.submit(&out);
+        if !out.is_empty() {
+            let _ = carrier.submit(&out);
+        }
     }
 
     // ---- MRTR (M-5, M-6) --------------------------------------------------------------
@@ -5451,7 +5459,6 @@ mod modern {
         }
         parked_insert(call);
         crate::app().metrics.modern_call("parked");
-        crate::observe::request_mrtr("parked");
     }
 
     /// The child asked for input during (or between) calls.
@@ -5819,8 +5826,8 @@ mod modern {
                     }
                     None => cs.buffered.push(out),
                 }
-                // Questions the child asked and then answered without: nobody waits.
-                cs.asks.clear();
+                // A parked call keeps its open questions (some may be held ones it
+                // carries, which the child still waits for) until the retry or the TTL.
                 if cs.parked_at.is_none() {
                     drop(cs);
                     parked_remove(call.id);
@@ -6078,6 +6085,7 @@ mod modern {
         };
         if was_listed {
             subscribe(&carrier, &uris, "resources/unsubscribe");
+            crate::log!(Info, "listen_closed", session = carrier.tag; "listener {} closed its stream", listener.id);
         }
         let (count, cv) = &LISTENING;
         *count.locked() -= 1;
