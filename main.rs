@@ -5051,7 +5051,7 @@ mod modern {
             if st
                 .calls
                 .values()
-                .all(|c| c.internal.load(Ordering::Acquire))
+                .all(|c| c.internal.load(Ordering::Acquire) || c.background)
                 && st.draining.is_none()
                 && crate::app().cfg.mode != config::Mode::Shared
             {
@@ -5091,6 +5091,9 @@ mod modern {
         log_level: Option<usize>,
         /// The bridge's own request (a carrier's initialize): answered raw.
         internal: AtomicBool,
+        /// A modern child's listen: long-lived, it does not keep its carrier from
+        /// other calls (nor count as the one call a log line belongs to).
+        background: bool,
         st: Mutex<CallState>,
     }
 
@@ -5135,8 +5138,10 @@ mod modern {
             client_id: Value,
             token: Option<Value>,
         ) -> Arc<Call> {
+            let background = method == "subscriptions/listen";
             Arc::new(Call {
                 id,
+                background,
                 method,
                 name,
                 owner: owner.clone(),
@@ -5258,6 +5263,10 @@ mod modern {
         if let Err(r) = carrier.submit(&[message]) {
             carrier_of(&carrier).state.locked().calls.remove(&id);
             return respond(inc, Reply::answering(&request.id, r));
+        }
+        if call.background {
+            crate::app().metrics.modern_call("listen");
+            carrier.release_if_idle();
         }
         wait_for_call(inc, call, rx);
     }
@@ -5810,6 +5819,12 @@ mod modern {
                 }
                 cs.done = true;
                 answer["id"] = cs.client_id.clone();
+                if let Some(sub) = answer.pointer_mut(&format!(
+                    "/result/_meta/{}",
+                    META_SUBSCRIPTION.replace('/', "~1")
+                )) {
+                    *sub = cs.client_id.clone();
+                }
                 if let Some(r) = answer.get_mut("result") {
                     decorate(&call.method, r);
                 }
@@ -5868,6 +5883,21 @@ mod modern {
     ) {
         let app = crate::app();
         let st = carrier_of(session).state.locked();
+        // A modern child's listen stream: its notifications name the listen by the id
+        // the child saw (M-10).
+        let listen = value
+            .pointer(&format!(
+                "/params/_meta/{}",
+                META_SUBSCRIPTION.replace('/', "~1")
+            ))
+            .and_then(Value::as_u64)
+            .and_then(|id| st.calls.get(&id).cloned());
+        if let Some(call) = listen {
+            drop(st);
+            let mut v = value.clone();
+            v["params"]["_meta"][META_SUBSCRIPTION] = call.st.locked().client_id.clone();
+            return call.deliver(Out::Note(v.to_string()));
+        }
         match method {
             "notifications/progress" => {
                 let call = value
@@ -5886,9 +5916,14 @@ mod modern {
             }
             "notifications/message" => {
                 // Tied to a call only when it is the one thing in flight (M-9).
-                let sole = (!aside && st.calls.len() == 1 && st.draining.is_none())
-                    .then(|| st.calls.values().next().cloned())
-                    .flatten();
+                let mut foreground = st
+                    .calls
+                    .values()
+                    .filter(|c| !c.background && !c.internal.load(Ordering::Acquire));
+                let sole = match (foreground.next(), foreground.next()) {
+                    (Some(c), None) if !aside && st.draining.is_none() => Some(c.clone()),
+                    _ => None,
+                };
                 drop(st);
                 let Some(call) = sole else {
                     app.metrics.dropped("log_unattributed");
@@ -5985,6 +6020,11 @@ mod modern {
     static LISTENING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
 
     fn listen(inc: Incoming, request: Request) {
+        if child_era() == ChildEra::Modern {
+            // The child keeps its own subscriptions: the listen passes through as a
+            // call that does not hold its carrier.
+            return call(inc, request);
+        }
         let carrier = match Pool::lease(&inc) {
             Ok(c) => c,
             Err(reply) => return respond(inc, Reply::answering(&request.id, refusal_of(reply))),
@@ -8372,6 +8412,23 @@ mod upstream {
                 // session once: on its GET stream, except for the one session whose
                 // work is in flight, which gets it beside that work as in session mode.
                 let owner = st.sole_busy();
+                // A 2026-07-28 child's listen stream names its listen request by the id
+                // the child saw: that request's session only, under its own id (M-10).
+                let listen = value
+                    .pointer("/params/_meta/io.modelcontextprotocol~1subscriptionId")
+                    .and_then(Value::as_u64)
+                    .and_then(|cid| match st.pending.get(&cid) {
+                        Some(Pending::Client { session, id, .. }) => {
+                            Some((session.clone(), id.clone()))
+                        }
+                        _ => None,
+                    });
+                if let Some((s, id)) = listen {
+                    drop(st);
+                    let mut v = value.clone();
+                    v["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] = id;
+                    return sessions::route_value(&s, v.to_string(), &v, false);
+                }
                 let targets: Vec<(Arc<Session>, Option<Value>)> = match method {
                     "notifications/progress" => {
                         let owner = value

