@@ -4383,6 +4383,9 @@ mod streamable {
     /// GET opens the session's listening stream (G-1..G-6), or with `Last-Event-ID`
     /// resumes any stream of the session where the client lost it.
     pub fn get(inc: Incoming) {
+        if modern_without_session(&inc) {
+            return respond(inc, Refusal::MethodNotAllowed { allow: "POST" }.into());
+        }
         if let Err(reply) = crate::http::require_accept(&inc, Wanted::EventStream) {
             return respond(inc, reply);
         }
@@ -4403,8 +4406,20 @@ mod streamable {
         crate::http::stream(inc, Vec::new(), Lifetime::Standing, attached, &session);
     }
 
+    /// A GET or DELETE that says 2026-07-28 and names no session: that revision has
+    /// neither (N-1), so 405 as a 2026-only server answers.
+    fn modern_without_session(inc: &Incoming) -> bool {
+        inc.header(SESSION_HEADER).is_none()
+            && inc
+                .header("MCP-Protocol-Version")
+                .is_some_and(|v| crate::modern::VERSIONS.contains(&v.trim()))
+    }
+
     /// DELETE ends the session and its child (S-7); it answers once the child is gone.
     pub fn delete(inc: Incoming) {
+        if modern_without_session(&inc) {
+            return respond(inc, Refusal::MethodNotAllowed { allow: "POST" }.into());
+        }
         let Some(id) = inc.header(SESSION_HEADER) else {
             return respond(inc, Refusal::SessionIdRequired.into());
         };
@@ -4915,16 +4930,14 @@ mod modern {
         ended: bool,
     }
 
-    /// Every carrier, leased or idle.
+    /// Every carrier, leased or idle, oldest first (an idle old one is taken first:
+    /// the others grow idle and retire). Counted against --max-sessions as sessions.
     struct Pool {
         carriers: Vec<Arc<Session>>,
-        /// Carriers being started (counted against --max-sessions with the rest).
-        starting: usize,
     }
 
     static POOL: Mutex<Pool> = Mutex::new(Pool {
         carriers: Vec::new(),
-        starting: 0,
     });
 
     fn carrier_of(s: &Session) -> &Carrier {
@@ -4938,32 +4951,39 @@ mod modern {
         fn lease(inc: &Incoming) -> Result<Arc<Session>, Reply> {
             let ctx = crate::auth::context(inc)?;
             let shared = crate::app().cfg.mode == config::Mode::Shared;
-            {
-                let mut pool = POOL.locked();
-                pool.carriers
-                    .retain(|s| !carrier_of(s).state.locked().ended);
-                for s in &pool.carriers {
-                    if !crate::auth::owns(&s.owner, &ctx.owner) || s.env != ctx.env {
-                        continue;
-                    }
-                    let mut st = carrier_of(s).state.locked();
-                    if shared || !st.leased {
-                        st.leased = true;
-                        st.idle_since = None;
-                        drop(st);
-                        s.mark_request();
-                        return Ok(s.clone());
-                    }
-                }
-                pool.starting += 1;
+            if let Some(s) = Pool::take(&ctx, shared) {
+                return Ok(s);
             }
-            let made = start_carrier(ctx);
-            let mut pool = POOL.locked();
-            pool.starting -= 1;
-            let s = made?;
+            // Shared mode has one carrier: the first requests wait for it to start
+            // rather than each start one.
+            static SHARED_START: Mutex<()> = Mutex::new(());
+            let _one_at_a_time = shared.then(|| SHARED_START.locked());
+            if let Some(s) = shared.then(|| Pool::take(&ctx, shared)).flatten() {
+                return Ok(s);
+            }
+            let s = start_carrier(ctx)?;
             carrier_of(&s).state.locked().leased = true;
-            pool.carriers.push(s.clone());
+            POOL.locked().carriers.push(s.clone());
             Ok(s)
+        }
+
+        /// An idle carrier of this token and --pass-header values (shared: the one).
+        fn take(ctx: &crate::auth::Context, shared: bool) -> Option<Arc<Session>> {
+            let pool = POOL.locked();
+            for s in &pool.carriers {
+                if !crate::auth::owns(&s.owner, &ctx.owner) || s.env != ctx.env {
+                    continue;
+                }
+                let mut st = carrier_of(s).state.locked();
+                if !st.ended && (shared || !st.leased) {
+                    st.leased = true;
+                    st.idle_since = None;
+                    drop(st);
+                    s.mark_request();
+                    return Some(s.clone());
+                }
+            }
+            None
         }
     }
 
@@ -5980,6 +6000,7 @@ mod modern {
             }
             cs.sink = None;
         }
+        POOL.locked().carriers.retain(|s| !Arc::ptr_eq(s, session));
         let mut listeners = LISTENERS.locked();
         listeners.retain(|l| {
             let mine = Arc::ptr_eq(&l.carrier, session);
@@ -6176,10 +6197,18 @@ mod modern {
     fn to_listeners(session: &Arc<Session>, method: &str, value: &Value) {
         let uri = value.pointer("/params/uri").and_then(Value::as_str);
         let listeners: Vec<Arc<Listener>> = LISTENERS.locked().clone();
+        let shared = crate::app().cfg.mode == config::Mode::Shared;
         let mut delivered = 0;
         for l in listeners {
-            // Session mode: each token's children are its own; shared: one child.
-            if !crate::auth::owns(&l.owner, &session.owner) && !Arc::ptr_eq(&l.carrier, session) {
+            // Session mode: a change any child of this token reports (they run one
+            // program); shared: the listener's own carrier (another carrier on the same
+            // child would report the same change twice).
+            let hears = if shared {
+                Arc::ptr_eq(&l.carrier, session)
+            } else {
+                crate::auth::owns(&l.owner, &session.owner)
+            };
+            if !hears {
                 continue;
             }
             let wanted = match method {

@@ -272,6 +272,11 @@ fn bad_modern_requests_get_the_modern_codes_in_order() {
         "{}",
         r.text()
     );
+    // GET and DELETE without a session, from a 2026-07-28 client: 405, POST only (N-1).
+    for method in ["GET", "DELETE"] {
+        let r = Conn::open(&s).request(method, "/mcp", &[("Accept", "text/event-stream"), ("MCP-Protocol-Version", V)], b"");
+        assert_eq!((r.status, r.header("Allow")), (405, Some("POST")), "{method}: {}", r.text());
+    }
     // Every refusal above was logged with its reason.
     for why in [
         "Invalid params",

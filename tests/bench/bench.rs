@@ -265,6 +265,36 @@ fn streamable_load(port: u16, sessions: &[String], workers: usize, secs: Duratio
     })
 }
 
+/// 2026-07-28: every worker on its own keep-alive connection, no session: each request
+/// carries the envelope and the mirrored headers, as the SDKs' modern clients send it.
+fn modern_load(port: u16, workers: usize, secs: Duration) -> Load {
+    closed_loop(workers, secs, |_| {
+        let mut c = Conn::at(port);
+        move |id| {
+            let msg = format!("m{id}");
+            let mut body = call(id, &msg);
+            body["params"]["_meta"] = serde_json::json!({
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientCapabilities": {}});
+            let r = c.request(
+                "POST",
+                "/mcp",
+                &[
+                    ("Content-Type", "application/json"),
+                    ("Accept", ACCEPT_BOTH),
+                    ("MCP-Protocol-Version", "2026-07-28"),
+                    ("Mcp-Method", "tools/call"),
+                    ("Mcp-Name", "echo"),
+                ],
+                body.to_string().as_bytes(),
+            );
+            assert_eq!(r.status, 200, "{}", r.text());
+            let m = r.messages();
+            check_echo(m.last().expect("a reply"), id, &msg);
+        }
+    })
+}
+
 type Waiters = Arc<Mutex<HashMap<u64, crossbeam_channel::Sender<Value>>>>;
 
 /// Legacy SSE: one stream per session; POSTs on their own connections, answers routed
@@ -905,6 +935,23 @@ fn main() {
                 record(format!("streamable c={c} p50"), "µs", l.p50_us);
                 record(format!("streamable c={c} p99"), "µs", l.p99_us);
             }
+        }
+        if want("modern") {
+            // A child of its own per call in flight (session mode's carriers), warmed by
+            // a first run so no call waits for a spawn.
+            let b = bridge(&bin, &["--modern-pool", "64"]);
+            let _ = modern_load(b.port, 64, Duration::from_millis(300));
+            for c in [1usize, 64] {
+                let l = modern_load(b.port, c, secs);
+                record(format!("2026-07-28 c={c} req/s"), "req/s", l.rps);
+                record(format!("2026-07-28 c={c} p50"), "µs", l.p50_us);
+            }
+            drop(b);
+            let b = bridge(&bin, &["--mode", "shared"]);
+            let l = modern_load(b.port, 1, secs);
+            record("2026-07-28 shared c=1 p50".into(), "µs", l.p50_us);
+            let l = modern_load(b.port, 64, secs);
+            record("2026-07-28 shared c=64 req/s".into(), "req/s", l.rps);
         }
         if want("sessions") {
             let b = bridge(&bin, &[]);
