@@ -6129,6 +6129,9 @@ mod modern {
                         if crate::door::hung_up(conn) {
                             break;
                         }
+                        // A listener keeps its carrier's child (and its subscriptions)
+                        // from the idle reaper.
+                        carrier.touch();
                         if keepalive.is_some_and(|k| last_write.elapsed() >= k) {
                             ok = stream.comment("keepalive").is_ok();
                             last_write = Instant::now();

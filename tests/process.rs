@@ -52,7 +52,9 @@ fn each_child_costs_two_threads() {
 #[test]
 fn idle_sessions_expire_with_their_children() {
     let s = Server::start(
-        &["--session-idle-timeout", "500ms", "--keepalive", "0"],
+        // Long enough that a loaded machine opens the session (initialize, then
+        // initialized) well within it.
+        &["--session-idle-timeout", "1500ms", "--keepalive", "0"],
         &everything(),
     );
     let sess = Session::open(&s);
