@@ -4549,6 +4549,10 @@ mod modern {
     /// How long a client may keep discover, list and read results (M-4). Short: a
     /// legacy child's lists can change, and a client that listens hears of it anyway.
     const CACHE_TTL_MS: u64 = 60_000;
+    /// After the child's first question during a call, how long its request waits for
+    /// the others the child asks at once (several written together), so one
+    /// input_required carries them all.
+    const INPUT_GATHER: Duration = Duration::from_millis(10);
     /// A call waiting for its child looks at its client's socket this often: a stream
     /// the client closed is cancellation (M-8), noticed within this.
     const HANGUP_CHECK: Duration = Duration::from_millis(100);
@@ -5096,6 +5100,8 @@ mod modern {
     enum Out {
         /// A notification about the call (progress, a log line).
         Note(String),
+        /// The child asked for input: gather what else it asks at once, then park.
+        Asked,
         /// Its answer: the result (or `input_required`), or an error.
         Final { json: String, status: u16 },
     }
@@ -5325,8 +5331,22 @@ mod modern {
         let mut stream: Option<crate::sse::SseStream> = None;
         let keepalive = crate::app().cfg.keepalive;
         let mut last_write = Instant::now();
+        let mut gathering = false;
         loop {
-            match rx.recv_timeout(HANGUP_CHECK) {
+            let wait = if gathering {
+                INPUT_GATHER
+            } else {
+                HANGUP_CHECK
+            };
+            match rx.recv_timeout(wait) {
+                Ok(Out::Asked) => gathering = true,
+                Err(RecvTimeoutError::Timeout) if gathering => {
+                    gathering = false;
+                    let mut cs = call.st.locked();
+                    if !cs.done && !cs.asks.is_empty() && cs.sink.is_some() {
+                        park(&call, &mut cs);
+                    }
+                }
                 Ok(Out::Final { json, status }) => {
                     if json.contains(INPUT_REQUIRED) {
                         crate::observe::request_mrtr("parked");
@@ -5508,13 +5528,20 @@ mod modern {
             .filter(|c| MAY_ASK.contains(&c.method.as_str()) && !c.st.locked().done)
             .cloned()
             .collect();
-        let call = match able.len() {
-            0 => {
+        // A call answering now, before a parked one: a client may never come back for a
+        // parked call, and its questions were all asked before it parked.
+        let live: Vec<&Arc<Call>> = able
+            .iter()
+            .filter(|c| c.st.locked().sink.is_some())
+            .collect();
+        let call = match (live.len(), able.len()) {
+            (1, _) => live[0].clone(),
+            (0, 1) => able[0].clone(),
+            (0, 0) => {
                 crate::log!(Info, "input_held", session = session.tag; "the child asked {method} with no call to carry it; held for the next call that can (--input-ttl)");
                 st.held.push(ask);
                 return;
             }
-            1 => able[0].clone(),
             _ => {
                 drop(st);
                 app.metrics.dropped("input_ambiguous");
@@ -5531,8 +5558,10 @@ mod modern {
         }
         let mut cs = call.st.locked();
         add_ask(&call, &mut cs, ask);
-        if cs.sink.is_some() {
-            park(&call, &mut cs);
+        if let Some(tx) = &cs.sink {
+            // The request waiting for the call gathers what else the child asks at
+            // once, then parks the call (`wait_for_call`).
+            let _ = tx.send(Out::Asked);
         }
         // Parked already: the retry sees this question unanswered and is asked again.
     }
@@ -6116,6 +6145,7 @@ mod modern {
             let mut ok = stream.event(Some("message"), &ack.to_string()).is_ok();
             while ok {
                 match rx.recv_timeout(HANGUP_CHECK) {
+                    Ok(Out::Asked) => {}
                     Ok(Out::Note(json)) => {
                         ok = stream.event(Some("message"), &json).is_ok();
                         last_write = Instant::now();

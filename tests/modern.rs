@@ -274,8 +274,18 @@ fn bad_modern_requests_get_the_modern_codes_in_order() {
     );
     // GET and DELETE without a session, from a 2026-07-28 client: 405, POST only (N-1).
     for method in ["GET", "DELETE"] {
-        let r = Conn::open(&s).request(method, "/mcp", &[("Accept", "text/event-stream"), ("MCP-Protocol-Version", V)], b"");
-        assert_eq!((r.status, r.header("Allow")), (405, Some("POST")), "{method}: {}", r.text());
+        let r = Conn::open(&s).request(
+            method,
+            "/mcp",
+            &[("Accept", "text/event-stream"), ("MCP-Protocol-Version", V)],
+            b"",
+        );
+        assert_eq!(
+            (r.status, r.header("Allow")),
+            (405, Some("POST")),
+            "{method}: {}",
+            r.text()
+        );
     }
     // Every refusal above was logged with its reason.
     for why in [
@@ -757,4 +767,73 @@ fn a_modern_child_passes_through_and_auto_finds_the_era() {
         json!({"name": "echo", "arguments": {"message": "legacy"}}),
     ));
     assert_eq!(result_text(&called), "legacy");
+}
+
+/// M-5, M-6: questions the child asks at once (three written together) go out in one
+/// input_required, under three keys; answering all three completes the call in one
+/// retry. (Found by the 2026 suite: the first question alone went out, the others on
+/// the retry.)
+#[test]
+fn questions_asked_at_once_go_out_together() {
+    let s = legacy_server(&[]);
+    let params = json!({"name": "test_input_required_result_multiple_inputs", "arguments": {}});
+    let a = answer(&modern(&s, 80, "tools/call", params.clone()));
+    let requests = a["result"]["inputRequests"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{a}"));
+    let mut methods: Vec<&str> = requests
+        .values()
+        .map(|r| r["method"].as_str().unwrap())
+        .collect();
+    methods.sort();
+    assert_eq!(
+        methods,
+        ["elicitation/create", "roots/list", "sampling/createMessage"],
+        "{a}"
+    );
+    let responses: serde_json::Map<String, Value> = requests
+        .iter()
+        .map(|(k, r)| {
+            let v = match r["method"].as_str().unwrap() {
+                "elicitation/create" => json!({"action": "accept", "content": {"name": "Alice"}}),
+                "sampling/createMessage" => json!({"role": "assistant", "model": "m",
+                    "content": {"type": "text", "text": "Hello there!"}}),
+                _ => json!({"roots": [{"uri": "file:///a", "name": "a"}]}),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let mut p = params;
+    p["inputResponses"] = Value::Object(responses);
+    p["requestState"] = a["result"]["requestState"].clone();
+    let done = answer(&modern(&s, 81, "tools/call", p));
+    assert_eq!(done["result"]["resultType"], "complete", "{done}");
+    assert!(
+        result_text(&done).contains("Alice") && result_text(&done).contains("Hello there!"),
+        "{done}"
+    );
+}
+
+/// M-6, shared mode: a parked call whose client never comes back does not make the
+/// next call's questions ambiguous (found by the 2026 suite run back to back: one
+/// abandoned call refused every later question until --input-ttl).
+#[test]
+fn an_abandoned_parked_call_does_not_block_the_next_question() {
+    let s = legacy_server(&["--mode", "shared"]);
+    s.wait_log("shared child 0 started");
+    let abandoned = modern(
+        &s,
+        90,
+        "tools/call",
+        json!({"name": "test_elicitation", "arguments": {"message": "never answered"}}),
+    );
+    input_required(&abandoned);
+    let next = modern(
+        &s,
+        91,
+        "tools/call",
+        json!({"name": "test_input_required_result_sampling", "arguments": {}}),
+    );
+    let (_, _, ask) = input_required(&next);
+    assert_eq!(ask["method"], "sampling/createMessage", "{}", next.text());
 }
