@@ -4544,6 +4544,10 @@ mod modern {
     const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
     const META_SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
     const META_PREFIX: &str = "io.modelcontextprotocol/";
+    /// JSON pointers to those keys in `_meta` (a `/` in a key is `~1`).
+    const SERVER_INFO_POINTER: &str = "/_meta/io.modelcontextprotocol~1serverInfo";
+    const RESULT_SUBSCRIPTION_POINTER: &str =
+        "/result/_meta/io.modelcontextprotocol~1subscriptionId";
     /// What a legacy child is initialized with: the newest 2025 revision.
     const CHILD_VERSION: &str = "2025-11-25";
     /// How long a client may keep discover, list and read results (M-4). Short: a
@@ -4645,7 +4649,7 @@ mod modern {
     /// response or bare notification).
     pub fn claims(inc: &Incoming, messages: &[Value]) -> bool {
         let enveloped = messages.iter().any(|m| {
-            m.pointer("/params/_meta")
+            crate::message::at(m, &["params", "_meta"])
                 .and_then(Value::as_object)
                 .is_some_and(|meta| meta.keys().any(|k| k.starts_with(META_PREFIX)))
         });
@@ -4708,11 +4712,15 @@ mod modern {
         inc: &Incoming,
         id: Value,
         method: String,
-        message: Value,
+        mut message: Value,
     ) -> Result<Request, (Value, Refusal)> {
         let fail = |r: Refusal| Err((id.clone(), r));
-        let params = message.get("params").cloned().unwrap_or(json!({}));
-        let meta = params.pointer("/_meta").cloned().unwrap_or(json!({}));
+        let params = message
+            .as_object_mut()
+            .and_then(|m| m.remove("params"))
+            .unwrap_or_else(|| json!({}));
+        let empty = json!({});
+        let meta = params.get("_meta").unwrap_or(&empty);
         let Some(version) = meta.get(META_VERSION).and_then(Value::as_str) else {
             return fail(Refusal::ModernEnvelope(format!(
                 "params._meta[\"{META_VERSION}\"] is required"
@@ -4810,18 +4818,26 @@ mod modern {
     /// The child's InitializeResult (legacy) or discover result (modern), first seen.
     static DISCOVERED: Mutex<Option<Arc<Value>>> = Mutex::new(None);
 
+    /// A request's progress token (in `params._meta`).
+    fn token_of(params: &Value) -> Option<Value> {
+        crate::message::at(params, &["_meta", "progressToken"]).cloned()
+    }
+
+    /// The child's serverInfo, once known; ours until then.
     fn server_info() -> Value {
-        DISCOVERED
-            .locked()
-            .as_ref()
-            .and_then(|d| {
-                d.get("serverInfo")
-                    .or_else(|| {
-                        d.pointer(&format!("/_meta/{}", META_SERVER_INFO.replace('/', "~1")))
-                    })
-                    .cloned()
-            })
-            .unwrap_or_else(|| json!({"name": "stdio-sse", "version": env!("CARGO_PKG_VERSION")}))
+        static KNOWN: OnceLock<Value> = OnceLock::new();
+        if let Some(v) = KNOWN.get() {
+            return v.clone();
+        }
+        let found = DISCOVERED.locked().as_ref().and_then(|d| {
+            d.get("serverInfo")
+                .or_else(|| d.pointer(SERVER_INFO_POINTER))
+                .cloned()
+        });
+        match found {
+            Some(v) => KNOWN.get_or_init(|| v).clone(),
+            None => json!({"name": "stdio-sse", "version": env!("CARGO_PKG_VERSION")}),
+        }
     }
 
     fn cache_scope() -> &'static str {
@@ -4853,7 +4869,7 @@ mod modern {
     /// The HTTP status of a final answer sent as JSON: a method the child does not know
     /// is 404 (N-7); a modern child's envelope errors are 400 (M-10).
     fn status_of(answer: &Value) -> u16 {
-        match answer.pointer("/error/code").and_then(Value::as_i64) {
+        match crate::message::at(answer, &["error", "code"]).and_then(Value::as_i64) {
             Some(-32601) => 404,
             Some(-32022..=-32020) => 400,
             Some(-32602) if child_era() == ChildEra::Modern => 400,
@@ -5236,32 +5252,37 @@ mod modern {
             Err(reply) => return respond(inc, Reply::answering(&request.id, refusal_of(reply))),
         };
         let id = crate::next_id();
-        let token = crate::message::progress_token(&json!({"params": request.params})).cloned();
+        let token = token_of(&request.params);
         let name = NAMED
             .iter()
             .find(|(m, _)| *m == request.method)
             .and_then(|(_, f)| request.params.get(*f))
             .and_then(Value::as_str)
             .map(String::from);
+        let Request {
+            id: client_id,
+            method,
+            mut params,
+            caps,
+            log_level,
+        } = request;
         let call = Call::new(
             id,
-            request.method.clone(),
+            method.clone(),
             name,
             &inc.token,
-            request.caps.clone(),
-            request.log_level,
-            request.id.clone(),
+            caps,
+            log_level,
+            client_id.clone(),
             token.clone(),
         );
-        let mut params = request.params.clone();
         if child_era() == ChildEra::Legacy {
             strip_envelope(&mut params);
         }
         if token.is_some() {
             params["_meta"]["progressToken"] = id.into();
         }
-        let message =
-            json!({"jsonrpc": "2.0", "id": id, "method": request.method, "params": params});
+        let message = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         let (tx, rx) = crossbeam_channel::unbounded();
         {
             let mut cs = call.st.locked();
@@ -5288,7 +5309,7 @@ mod modern {
         }
         if let Err(r) = carrier.submit(&[message]) {
             carrier_of(&carrier).state.locked().calls.remove(&id);
-            return respond(inc, Reply::answering(&request.id, r));
+            return respond(inc, Reply::answering(&client_id, r));
         }
         if call.background {
             crate::app().metrics.modern_call("listen");
@@ -5654,7 +5675,7 @@ mod modern {
             }
             cs.asks = open;
             cs.client_id = request.id.clone();
-            cs.token = crate::message::progress_token(&json!({"params": request.params})).cloned();
+            cs.token = token_of(&request.params);
             cs.sink = Some(tx);
             cs.parked_at = None;
             crate::observe::request_mrtr("resumed");
@@ -5868,10 +5889,7 @@ mod modern {
                 }
                 cs.done = true;
                 answer["id"] = cs.client_id.clone();
-                if let Some(sub) = answer.pointer_mut(&format!(
-                    "/result/_meta/{}",
-                    META_SUBSCRIPTION.replace('/', "~1")
-                )) {
+                if let Some(sub) = answer.pointer_mut(RESULT_SUBSCRIPTION_POINTER) {
                     *sub = cs.client_id.clone();
                 }
                 if let Some(r) = answer.get_mut("result") {
@@ -5935,10 +5953,8 @@ mod modern {
         // A modern child's listen stream: its notifications name the listen by the id
         // the child saw (M-10).
         let listen = value
-            .pointer(&format!(
-                "/params/_meta/{}",
-                META_SUBSCRIPTION.replace('/', "~1")
-            ))
+            .get("params")
+            .and_then(|p| crate::message::at(p, &["_meta", META_SUBSCRIPTION]))
             .and_then(Value::as_u64)
             .and_then(|id| st.calls.get(&id).cloned());
         if let Some(call) = listen {
@@ -5950,7 +5966,8 @@ mod modern {
         match method {
             "notifications/progress" => {
                 let call = value
-                    .pointer("/params/progressToken")
+                    .get("params")
+                    .and_then(|p| p.get("progressToken"))
                     .and_then(Value::as_u64)
                     .and_then(|t| st.calls.get(&t).cloned());
                 drop(st);
@@ -6696,7 +6713,13 @@ mod message {
     }
 
     pub fn progress_token(v: &Value) -> Option<&Value> {
-        v.pointer("/params/_meta/progressToken")
+        at(v, &["params", "_meta", "progressToken"])
+    }
+
+    /// The value at a path of object keys. `Value::pointer` parses its string and
+    /// allocates per segment: this is for the per-message paths.
+    pub fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+        path.iter().try_fold(v, |v, k| v.get(*k))
     }
 
     /// Parses JSON from a client or the child. Nesting is checked first, without
@@ -7675,7 +7698,8 @@ mod sessions {
         fn target_stream(&mut self, method: &str, value: &Value) -> u64 {
             if method == "notifications/progress" {
                 let owner = value
-                    .pointer("/params/progressToken")
+                    .get("params")
+                    .and_then(|p| p.get("progressToken"))
                     .and_then(|t| self.progress.get(&id_key(t)))
                     .and_then(|k| self.in_flight.get(k));
                 if let Some(f) = owner {
@@ -8477,7 +8501,10 @@ mod upstream {
                 // A 2026-07-28 child's listen stream names its listen request by the id
                 // the child saw: that request's session only, under its own id (M-10).
                 let listen = value
-                    .pointer("/params/_meta/io.modelcontextprotocol~1subscriptionId")
+                    .get("params")
+                    .and_then(|p| {
+                        crate::message::at(p, &["_meta", "io.modelcontextprotocol/subscriptionId"])
+                    })
                     .and_then(Value::as_u64)
                     .and_then(|cid| match st.pending.get(&cid) {
                         Some(Pending::Client { session, id, .. }) => {
@@ -8494,7 +8521,8 @@ mod upstream {
                 let targets: Vec<(Arc<Session>, Option<Value>)> = match method {
                     "notifications/progress" => {
                         let owner = value
-                            .pointer("/params/progressToken")
+                            .get("params")
+                            .and_then(|p| p.get("progressToken"))
                             .and_then(Value::as_u64)
                             .and_then(|t| st.tokens.get(&t));
                         owner

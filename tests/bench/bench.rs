@@ -272,27 +272,41 @@ fn modern_load(port: u16, workers: usize, secs: Duration) -> Load {
         let mut c = Conn::at(port);
         move |id| {
             let msg = format!("m{id}");
-            let mut body = call(id, &msg);
-            body["params"]["_meta"] = serde_json::json!({
-                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                "io.modelcontextprotocol/clientCapabilities": {}});
-            let r = c.request(
-                "POST",
-                "/mcp",
-                &[
-                    ("Content-Type", "application/json"),
-                    ("Accept", ACCEPT_BOTH),
-                    ("MCP-Protocol-Version", "2026-07-28"),
-                    ("Mcp-Method", "tools/call"),
-                    ("Mcp-Name", "echo"),
-                ],
-                body.to_string().as_bytes(),
-            );
+            let r = modern_call(&mut c, id, &msg);
             assert_eq!(r.status, 200, "{}", r.text());
             let m = r.messages();
             check_echo(m.last().expect("a reply"), id, &msg);
         }
     })
+}
+
+/// One 2026-07-28 `tools/call` of echo: the envelope and the mirrored headers.
+fn modern_call(c: &mut Conn, id: u64, msg: &str) -> Reply {
+    let mut body = call(id, msg);
+    body["params"]["_meta"] = serde_json::json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {}});
+    c.request(
+        "POST",
+        "/mcp",
+        &[
+            ("Content-Type", "application/json"),
+            ("Accept", ACCEPT_BOTH),
+            ("MCP-Protocol-Version", "2026-07-28"),
+            ("Mcp-Method", "tools/call"),
+            ("Mcp-Name", "echo"),
+        ],
+        body.to_string().as_bytes(),
+    )
+}
+
+/// Which protocol era a measured round trip speaks.
+#[derive(Clone, Copy, PartialEq)]
+enum Era {
+    /// A 2025 session's tools/call.
+    Sessions,
+    /// A 2026-07-28 tools/call (a carrier's child).
+    Modern,
 }
 
 type Waiters = Arc<Mutex<HashMap<u64, crossbeam_channel::Sender<Value>>>>;
@@ -770,7 +784,7 @@ fn soak(bin: &str, total: Duration) -> (u64, u64, u64, f64) {
 
 /// Instructions stdio-sse executes per round trip (callgrind: the same count on a busy
 /// machine), from two runs that differ only in the number of round trips.
-fn instructions_per_round_trip(bin: &str) -> Option<f64> {
+fn instructions_per_round_trip(bin: &str, era: Era) -> Option<f64> {
     let total = |n: u64| -> Option<f64> {
         let port = free_port();
         // `%p`: processes stdio-sse forks (its guardian) write their own counts, which
@@ -806,7 +820,10 @@ fn instructions_per_round_trip(bin: &str) -> Option<f64> {
         let mut c = Conn::at(port);
         for id in 1..=n {
             let msg = format!("m{id}");
-            let r = c.post_mcp(&sid, call(id, &msg).to_string().as_bytes());
+            let r = match era {
+                Era::Sessions => c.post_mcp(&sid, call(id, &msg).to_string().as_bytes()),
+                Era::Modern => modern_call(&mut c, id, &msg),
+            };
             check_echo(r.messages().last()?, id, &msg);
         }
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -872,7 +889,7 @@ fn main() {
         default_hook(info);
     }));
     let quick = args.iter().any(|a| a == "--quick");
-    // --only pipe,streamable,sessions,legacy,shared,oneshot,big,streams,callgrind: a
+    // --only pipe,streamable,modern,sessions,legacy,shared,oneshot,big,streams,callgrind: a
     // subset of the scenarios (while working on one figure); all by default.
     let only = opt("--only");
     let want = |group: &str| {
@@ -1023,9 +1040,16 @@ fn main() {
         record(format!("{n} idle SSE streams: threads"), "", thr as f64);
     }
     if !quick && want("callgrind") {
-        match instructions_per_round_trip(&bin) {
+        match instructions_per_round_trip(&bin, Era::Sessions) {
             Some(i) => record("instructions per round trip (callgrind)".into(), "", i),
             None => eprintln!("bench: valgrind not available; no instruction count"),
+        }
+        if let Some(i) = instructions_per_round_trip(&bin, Era::Modern) {
+            record(
+                "instructions per 2026-07-28 round trip (callgrind)".into(),
+                "",
+                i,
+            );
         }
     }
     // --soak SECS: the memory-flatness run (the budget says 600 s), on its own.
