@@ -837,3 +837,65 @@ fn an_abandoned_parked_call_does_not_block_the_next_question() {
     let (_, _, ask) = input_required(&next);
     assert_eq!(ask["method"], "sampling/createMessage", "{}", next.text());
 }
+
+/// M-6: parked calls of several clients at once never mix: each retry resumes its own
+/// call, on its own child, and its answer reaches only that call's result.
+#[test]
+fn concurrent_parked_calls_never_mix() {
+    let s = legacy_server(&[]);
+    let names = ["ada", "grace", "edsger"];
+    let parked: Vec<(Value, String, String)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, who)| {
+            let params =
+                json!({"name": "test_elicitation", "arguments": {"message": format!("for {who}")}});
+            let (key, state, ask) =
+                input_required(&modern(&s, 100 + i as i64, "tools/call", params.clone()));
+            assert_eq!(
+                ask["params"]["message"],
+                format!("for {who}"),
+                "each call asks its own question"
+            );
+            (params, key, state)
+        })
+        .collect();
+    let done: Vec<_> = parked
+        .into_iter()
+        .zip(names)
+        .enumerate()
+        .rev()
+        .map(|(i, ((mut params, key, state), who))| {
+            params["requestState"] = json!(state);
+            params["inputResponses"] = json!({key.as_str(): {"action": "accept",
+                "content": {"username": who, "email": format!("{who}@example.org")}}});
+            (
+                who,
+                answer(&modern(&s, 200 + i as i64, "tools/call", params)),
+            )
+        })
+        .collect();
+    for (who, a) in done {
+        let text = result_text(&a);
+        assert!(text.contains(&format!("{who}@example.org")), "{who}: {a}");
+        for other in names.iter().filter(|o| **o != who) {
+            assert!(!text.contains(other), "{who} got {other}'s answer: {a}");
+        }
+    }
+}
+
+/// The warm pool feeds carriers: a 2026-07-28 call takes the warm child, no spawn on
+/// the call's path.
+#[test]
+fn a_modern_call_takes_a_warm_child() {
+    let s = legacy_server(&["--warm", "1"]);
+    s.wait_log("warm child");
+    let called = answer(&modern(
+        &s,
+        1,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"message": "warm"}}),
+    ));
+    assert_eq!(result_text(&called), "warm");
+    s.wait_log("warm_take");
+}
