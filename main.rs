@@ -1331,6 +1331,8 @@ mod refusal {
         BadRequestState(String),
         /// --child-protocol modern (or auto found it): a 2025 client cannot be served.
         ChildModernOnly,
+        /// No child for a modern call now (capacity, restarting): the reason says which.
+        ModernUnavailable(String),
         // ---- one-shot ----------------------------------------------------------------
         OneShotQueryRequired,
         TooManyInFlight {
@@ -1393,7 +1395,8 @@ mod refusal {
                 | ParseBudget { .. }
                 | Restarting
                 | CrashLoop(_)
-                | TooManyInFlight { .. } => 503,
+                | TooManyInFlight { .. }
+                | ModernUnavailable(_) => 503,
                 HttpVersion => 505,
             }
         }
@@ -1409,7 +1412,7 @@ mod refusal {
                 HeaderMismatch(_) => -32020,
                 MissingCapability { .. } => -32021,
                 ModernVersion { .. } => -32022,
-                ChildNotAccepting(_) | ChildNotStarted(_) => -32603,
+                ChildNotAccepting(_) | ChildNotStarted(_) | ModernUnavailable(_) => -32603,
                 HeadTooLarge { .. }
                 | TooManyHeaders { .. }
                 | BodyTooLarge { .. }
@@ -1525,6 +1528,7 @@ mod refusal {
                 ModernUnknownMethod(m) => format!("Method not found: {m} (not a 2026-07-28 method the server provides; initialize, ping, logging/setLevel and resources/subscribe are gone in 2026-07-28)"),
                 MissingCapability { method, .. } => format!("Missing capability: the server asked {method}, which this request's clientCapabilities do not declare"),
                 BadRequestState(why) => format!("Invalid params: requestState {why}"),
+                ModernUnavailable(why) => format!("Service unavailable for 2026-07-28 calls: {why}"),
                 ChildModernOnly => format!("Unsupported protocol version: the server behind this bridge speaks only {} (no initialize); connect with a 2026-07-28 client", crate::modern::VERSIONS.join(", ")),
                 OneShotQueryRequired => "Bad Request: the request query parameter is required (url-encoded JSON)".into(),
                 TooManyInFlight { limit } => format!("Too many requests in flight (--max-sessions {limit})"),
@@ -1545,6 +1549,7 @@ mod refusal {
                     "Bearer realm=\"stdio-sse\", error=\"invalid_token\"".into(),
                 )],
                 ShuttingDown | Restarting | TooManyInFlight { .. } => retry(RETRY_SOON),
+                ModernUnavailable(_) => retry(RETRY_LATER),
                 TooManySessions { .. } | CrashLoop(_) => retry(RETRY_LATER),
                 ParseBudget { .. } => retry(RETRY_SOON),
                 _ => Vec::new(),
@@ -1607,6 +1612,7 @@ mod refusal {
                 ModernUnknownMethod(_) => "method_not_found",
                 MissingCapability { .. } => "missing_capability",
                 BadRequestState(_) => "bad_request_state",
+                ModernUnavailable(_) => "capacity",
             }
         }
 
@@ -1722,6 +1728,7 @@ mod refusal {
                 },
                 BadRequestState(s()),
                 ChildModernOnly,
+                ModernUnavailable(s()),
             ];
             for r in &all {
                 kind(r);
@@ -1792,7 +1799,8 @@ mod refusal {
                 | ModernUnknownMethod(_)
                 | MissingCapability { .. }
                 | BadRequestState(_)
-                | ChildModernOnly => {}
+                | ChildModernOnly
+                | ModernUnavailable(_) => {}
             }
         }
 
@@ -4570,6 +4578,9 @@ mod modern {
     /// The housekeeper (parked calls past --input-ttl, drains, surplus carriers) looks
     /// this often.
     const HOUSEKEEPING: Duration = Duration::from_millis(250);
+    /// Room in a call's queue beyond --stream-queue: the answer and the "asked"
+    /// signals, which a full queue of notifications must not push out.
+    const QUEUE_SIGNALS: usize = 8;
     /// Notifications kept for a parked call until its retry comes (progress while the
     /// person answers); beyond it they are dropped and counted.
     const PARKED_NOTES_MAX: usize = 256;
@@ -4651,7 +4662,11 @@ mod modern {
         let enveloped = messages.iter().any(|m| {
             crate::message::at(m, &["params", "_meta"])
                 .and_then(Value::as_object)
-                .is_some_and(|meta| meta.keys().any(|k| k.starts_with(META_PREFIX)))
+                .is_some_and(|meta| {
+                    // Keys only 2026-07-28 has: 2025-11-25 has other keys under the same
+                    // prefix (related-task).
+                    meta.contains_key(META_VERSION) || meta.contains_key(META_CAPABILITIES)
+                })
         });
         let header = inc
             .header("MCP-Protocol-Version")
@@ -4947,6 +4962,8 @@ mod modern {
         subscriptions: HashMap<String, usize>,
         /// The child's capabilities (from initialize or discover).
         capabilities: Value,
+        /// Listeners on this carrier: it is not retired while any listens.
+        listeners: usize,
         ended: bool,
     }
 
@@ -4982,8 +4999,20 @@ mod modern {
                 return Ok(s);
             }
             let s = start_carrier(ctx)?;
-            carrier_of(&s).state.locked().leased = true;
-            POOL.locked().carriers.push(s.clone());
+            let mut pool = POOL.locked();
+            let mut st = carrier_of(&s).state.locked();
+            if st.ended {
+                // Its child ended as it started (`carrier_ended` ran before this).
+                drop(st);
+                drop(pool);
+                return Err(Refusal::ChildNotStarted(
+                    "The server process ended as it started".into(),
+                )
+                .into());
+            }
+            st.leased = true;
+            drop(st);
+            pool.carriers.push(s.clone());
             Ok(s)
         }
 
@@ -4995,7 +5024,7 @@ mod modern {
                     continue;
                 }
                 let mut st = carrier_of(s).state.locked();
-                if !st.ended && (shared || !st.leased) {
+                if !st.ended && (shared || (!st.leased && st.draining.is_none())) {
                     st.leased = true;
                     st.idle_since = None;
                     drop(st);
@@ -5148,8 +5177,13 @@ mod modern {
         sink: Option<Sender<Out>>,
         /// The child's requests for input not yet answered.
         asks: Vec<Ask>,
-        /// What arrived while the call was parked.
+        /// Notifications that arrived while the call was parked.
         buffered: Vec<Out>,
+        /// The answer (and its status), when it came while the call was parked: its id
+        /// is the retry's, set when it goes out.
+        answer: Option<(Value, u16)>,
+        /// An "asked" signal is in the waiting request's queue.
+        signalled: bool,
         /// Bumped at each `input_required`: a `requestState` is good for one retry.
         serial: u64,
         parked_at: Option<Instant>,
@@ -5196,6 +5230,8 @@ mod modern {
                     sink: None,
                     asks: Vec::new(),
                     buffered: Vec::new(),
+                    answer: None,
+                    signalled: false,
                     serial: 0,
                     parked_at: None,
                     next_key: 0,
@@ -5205,15 +5241,33 @@ mod modern {
             })
         }
 
-        /// Hands something to the request waiting for the call, or keeps it for the
-        /// retry when the call is parked.
+        /// The call's answer: to the request waiting for it, under that request's id,
+        /// or kept for the retry when the call is parked.
+        fn answer(cs: &mut CallState, mut answer: Value, status: u16) {
+            match &cs.sink {
+                Some(tx) => {
+                    answer["id"] = cs.client_id.clone();
+                    let _ = tx.send(Out::Final {
+                        json: answer.to_string(),
+                        status,
+                    });
+                }
+                None => cs.answer = Some((answer, status)),
+            }
+        }
+
+        /// Hands a notification (or an internal call's answer) to the request waiting
+        /// for the call, or keeps it for the retry when the call is parked.
         fn deliver(&self, out: Out) {
             let mut st = self.st.locked();
             if let Some(tx) = &st.sink {
-                if tx.send(out).is_ok() {
-                    return;
+                let sent = match out {
+                    Out::Note(json) => note(tx, json),
+                    other => tx.send(other).is_ok(),
+                };
+                if !sent {
+                    st.sink = None;
                 }
-                st.sink = None;
                 return;
             }
             if st.buffered.len() < PARKED_NOTES_MAX || matches!(out, Out::Final { .. }) {
@@ -5222,6 +5276,28 @@ mod modern {
                 crate::app().metrics.dropped("parked_overflow");
             }
         }
+    }
+
+    /// The queue between the child's router and the request answering a call (or a
+    /// listener): --stream-queue events of notifications, and room beyond them for the
+    /// answer and the signals, which are never dropped.
+    fn queue() -> (Sender<Out>, Receiver<Out>) {
+        crossbeam_channel::bounded(crate::app().cfg.stream_queue.0 + QUEUE_SIGNALS)
+    }
+
+    /// A notification for a client: dropped (logged, counted) when its queue already
+    /// holds --stream-queue events, a client not reading; the router never waits for
+    /// one client. False when the request is gone.
+    fn note(tx: &Sender<Out>, json: String) -> bool {
+        if tx.len() >= crate::app().cfg.stream_queue.0 {
+            crate::app().metrics.dropped("client_not_reading");
+            crate::log!(Debug, "message_dropped", "a 2026-07-28 client is not reading its stream (--stream-queue full); a notification is dropped");
+            return true;
+        }
+        !matches!(
+            tx.try_send(Out::Note(json)),
+            Err(crossbeam_channel::TrySendError::Disconnected(_))
+        )
     }
 
     /// All parked calls, by the id the child sees.
@@ -5283,7 +5359,7 @@ mod modern {
             params["_meta"]["progressToken"] = id.into();
         }
         let message = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = queue();
         {
             let mut cs = call.st.locked();
             cs.sink = Some(tx);
@@ -5321,11 +5397,11 @@ mod modern {
     /// A Reply's refusal back from a lease failure: its status and words, as a refusal
     /// answering the request (lease refusals are capacity and spawn failures).
     fn refusal_of(reply: Reply) -> Refusal {
+        let why = reply.message().unwrap_or_default();
         match reply.status {
-            503 => Refusal::TooManySessions {
-                limit: crate::app().cfg.max_sessions,
-            },
-            _ => Refusal::ChildNotStarted(reply.message().unwrap_or_default()),
+            503 => Refusal::ModernUnavailable(why),
+            400 => Refusal::ModernEnvelope(why),
+            _ => Refusal::ChildNotStarted(why),
         }
     }
 
@@ -5353,6 +5429,8 @@ mod modern {
         let keepalive = crate::app().cfg.keepalive;
         let mut last_write = Instant::now();
         let mut gathering = false;
+        // A call in progress is its carrier's activity: the idle reaper leaves it be.
+        let carrier = call.st.locked().carrier.clone();
         loop {
             let wait = if gathering {
                 INPUT_GATHER
@@ -5364,6 +5442,7 @@ mod modern {
                 Err(RecvTimeoutError::Timeout) if gathering => {
                     gathering = false;
                     let mut cs = call.st.locked();
+                    cs.signalled = false;
                     if !cs.done && !cs.asks.is_empty() && cs.sink.is_some() {
                         park(&call, &mut cs);
                     }
@@ -5403,6 +5482,9 @@ mod modern {
                 Err(RecvTimeoutError::Timeout) => {
                     if crate::door::hung_up(conn) {
                         return abandon(&call, "the client closed its stream");
+                    }
+                    if let Some(c) = &carrier {
+                        c.touch();
                     }
                     if let (Some(s), Some(k)) = (&mut stream, keepalive) {
                         if last_write.elapsed() >= k {
@@ -5449,7 +5531,10 @@ mod modern {
         if !answered {
             {
                 let mut st = carrier_of(&carrier).state.locked();
-                if st.calls.remove(&call.id).is_some() && app.cfg.mode != config::Mode::Shared {
+                if st.calls.remove(&call.id).is_some()
+                    && app.cfg.mode != config::Mode::Shared
+                    && !call.background
+                {
                     st.draining = Some((call.id, Instant::now()));
                 }
             }
@@ -5555,9 +5640,15 @@ mod modern {
             .iter()
             .filter(|c| c.st.locked().sink.is_some())
             .collect();
+        let draining = st.draining.is_some();
         let call = match (live.len(), able.len()) {
             (1, _) => live[0].clone(),
             (0, 1) => able[0].clone(),
+            (0, 0) if draining => {
+                // About the call a client just cancelled: nobody to ask.
+                drop(st);
+                return refuse_ask(session, id, method, "its call was cancelled");
+            }
             (0, 0) => {
                 crate::log!(Info, "input_held", session = session.tag; "the child asked {method} with no call to carry it; held for the next call that can (--input-ttl)");
                 st.held.push(ask);
@@ -5578,13 +5669,29 @@ mod modern {
             return refuse_capability(session, &call, id, method, required);
         }
         let mut cs = call.st.locked();
+        if cs.done {
+            drop(cs);
+            return refuse_ask(session, id, method, "its call has ended");
+        }
         add_ask(&call, &mut cs, ask);
-        if let Some(tx) = &cs.sink {
-            // The request waiting for the call gathers what else the child asks at
-            // once, then parks the call (`wait_for_call`).
-            let _ = tx.send(Out::Asked);
+        // The request waiting for the call gathers what else the child asks at once,
+        // then parks the call (`wait_for_call`): one signal in its queue.
+        if cs.sink.is_some() && !std::mem::replace(&mut cs.signalled, true) {
+            if let Some(tx) = &cs.sink {
+                let _ = tx.try_send(Out::Asked);
+            }
         }
         // Parked already: the retry sees this question unanswered and is asked again.
+    }
+
+    /// A question of the child's that no client will be asked: answered with an error
+    /// at once, so the child does not wait.
+    fn refuse_ask(session: &Arc<Session>, id: &Value, method: &str, why: &str) {
+        crate::app().metrics.dropped("input_refused");
+        crate::log!(Info, "input_refused", session = session.tag; "the child asked {method}, but {why}; answering it with an error");
+        let answer = json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32000,
+            "message": format!("No client will answer: {why}")}});
+        let _ = session.submit(&[answer]);
     }
 
     /// -32021 (M-5): the client did not declare what the child asks for. The child's
@@ -5596,23 +5703,27 @@ mod modern {
         method: &str,
         required: Value,
     ) {
-        let client_id = call.st.locked().client_id.clone();
         let refusal = Refusal::MissingCapability {
             method: method.to_string(),
             required: required.clone(),
         };
-        let answer = json!({"jsonrpc": "2.0", "id": client_id, "error": {
+        let answer = json!({"jsonrpc": "2.0", "id": null, "error": {
             "code": refusal.code(), "message": refusal.message(), "data": refusal.data()}});
-        call.deliver(Out::Final {
-            json: answer.to_string(),
-            status: refusal.status(),
-        });
+        let parked = {
+            let mut cs = call.st.locked();
+            Call::answer(&mut cs, answer, refusal.status());
+            cs.parked_at.is_some()
+        };
         crate::log!(Info, "input_refused", session = session.tag; "the child asked {method}, which the client did not declare: -32021");
         let _ = session.submit(
             &[json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32000,
             "message": format!("The client does not support {method}")}})],
         );
         abandon(call, "the client lacks a capability the server asked for");
+        if parked {
+            // Its retry is answered with the refusal (M-5), not "no such call".
+            parked_insert(call);
+        }
     }
 
     /// A retry (M-5): the `requestState` checked, each answer fed to the child as the
@@ -5647,7 +5758,7 @@ mod modern {
             .get("inputResponses")
             .cloned()
             .unwrap_or(json!({}));
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = queue();
         let (carrier, answers) = {
             let mut cs = call.st.locked();
             if cs.serial != serial || cs.parked_at.is_none() {
@@ -5685,10 +5796,16 @@ mod modern {
                 park(&call, &mut cs);
             } else {
                 parked_remove(call.id);
-                for out in std::mem::take(&mut cs.buffered) {
-                    if let Some(tx) = &cs.sink {
-                        let _ = tx.send(out);
+                let buffered = std::mem::take(&mut cs.buffered);
+                if let Some(tx) = &cs.sink {
+                    for out in buffered {
+                        if let Out::Note(json) = out {
+                            note(tx, json);
+                        }
                     }
+                }
+                if let Some((answer, status)) = cs.answer.take() {
+                    Call::answer(&mut cs, answer, status);
                 }
             }
             (cs.carrier.clone(), answers)
@@ -5895,19 +6012,19 @@ mod modern {
                 if let Some(r) = answer.get_mut("result") {
                     decorate(&call.method, r);
                 }
+                // -32000..-32019 mean something else in 2026-07-28 (M-2).
+                if let Some(code) = answer.pointer_mut("/error/code") {
+                    if code
+                        .as_i64()
+                        .is_some_and(|c| (-32019..=-32000).contains(&c))
+                    {
+                        *code = json!(-32603);
+                    }
+                }
                 let status = status_of(&answer);
                 app.metrics
                     .modern_call(if status == 200 { "complete" } else { "error" });
-                let out = Out::Final {
-                    json: answer.to_string(),
-                    status,
-                };
-                match &cs.sink {
-                    Some(tx) => {
-                        let _ = tx.send(out);
-                    }
-                    None => cs.buffered.push(out),
-                }
+                Call::answer(&mut cs, answer, status);
                 // A parked call keeps its open questions (some may be held ones it
                 // carries, which the child still waits for) until the retry or the TTL.
                 if cs.parked_at.is_none() {
@@ -6026,24 +6143,21 @@ mod modern {
             (std::mem::take(&mut st.calls), std::mem::take(&mut st.held))
         };
         let _ = held;
+        // 2025's -32000 (idle, shutdown) is a legacy code: a modern client gets -32603.
+        let code = if (-32019..=-32000).contains(&code) {
+            -32603
+        } else {
+            code
+        };
         for (_, call) in calls {
-            parked_remove(call.id);
             let mut cs = call.st.locked();
             if cs.done {
                 continue;
             }
             cs.done = true;
-            let answer = json!({"jsonrpc": "2.0", "id": cs.client_id, "error": {"code": code, "message": message, "data": data}});
-            let out = Out::Final {
-                json: answer.to_string(),
-                status: 200,
-            };
-            match &cs.sink {
-                Some(tx) => {
-                    let _ = tx.send(out);
-                }
-                None => cs.buffered.push(out),
-            }
+            let answer = json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message, "data": data}});
+            // A parked call stays parked: its retry gets this answer.
+            Call::answer(&mut cs, answer, 200);
             cs.sink = None;
         }
         POOL.locked().carriers.retain(|s| !Arc::ptr_eq(s, session));
@@ -6051,7 +6165,7 @@ mod modern {
         listeners.retain(|l| {
             let mine = Arc::ptr_eq(&l.carrier, session);
             if mine {
-                let _ = l.tx.send(Out::Final {
+                let _ = l.tx.try_send(Out::Final {
                     json: l.farewell(),
                     status: 200,
                 });
@@ -6097,6 +6211,7 @@ mod modern {
             Err(reply) => return respond(inc, Reply::answering(&request.id, refusal_of(reply))),
         };
         // The listener keeps the carrier's child running; calls may still use it.
+        carrier_of(&carrier).state.locked().listeners += 1;
         carrier.release_if_idle();
         let caps = carrier_of(&carrier).state.locked().capabilities.clone();
         let modern_child = child_era() == ChildEra::Modern;
@@ -6137,7 +6252,7 @@ mod modern {
         if !uris.is_empty() {
             honoured.insert("resourceSubscriptions".into(), json!(uris));
         }
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = queue();
         let listener = Arc::new(Listener {
             id: request.id.clone(),
             carrier: carrier.clone(),
@@ -6197,6 +6312,10 @@ mod modern {
         if was_listed {
             subscribe(&carrier, &uris, "resources/unsubscribe");
             crate::log!(Info, "listen_closed", session = carrier.tag; "listener {} closed its stream", listener.id);
+        }
+        {
+            let mut st = carrier_of(&carrier).state.locked();
+            st.listeners = st.listeners.saturating_sub(1);
         }
         let (count, cv) = &LISTENING;
         *count.locked() -= 1;
@@ -6275,11 +6394,8 @@ mod modern {
                 continue;
             }
             let mut v = value.clone();
-            if !v.get("params").is_some_and(Value::is_object) {
-                v["params"] = json!({});
-            }
-            v["params"]["_meta"][META_SUBSCRIPTION] = l.id.clone();
-            let _ = l.tx.send(Out::Note(v.to_string()));
+            tag_subscription(&mut v, &l.id);
+            let _ = note(&l.tx, v.to_string());
             delivered += 1;
         }
         if delivered == 0 {
@@ -6287,11 +6403,24 @@ mod modern {
         }
     }
 
+    /// Puts the listen's id in a notification's `params._meta` (M-7), whatever the child
+    /// put there: a `params` or `_meta` that is not an object is replaced.
+    fn tag_subscription(v: &mut Value, id: &Value) {
+        if !v.get("params").is_some_and(Value::is_object) {
+            v["params"] = json!({});
+        }
+        let params = &mut v["params"];
+        if !params.get("_meta").is_some_and(Value::is_object) {
+            params["_meta"] = json!({});
+        }
+        params["_meta"][META_SUBSCRIPTION] = id.clone();
+    }
+
     /// Shutdown: every listener gets its final result (M-7) before the process ends.
     pub fn farewell() {
         let listeners: Vec<Arc<Listener>> = std::mem::take(&mut *LISTENERS.locked());
         for l in &listeners {
-            let _ = l.tx.send(Out::Final {
+            let _ = l.tx.try_send(Out::Final {
                 json: l.farewell(),
                 status: 200,
             });
@@ -6321,40 +6450,62 @@ mod modern {
         loop {
             std::thread::sleep(HOUSEKEEPING);
             let ttl = app.cfg.input_ttl;
-            let expired: Vec<Arc<Call>> = PARKED
+            // Taken out of PARKED first: a call's lock is never taken under PARKED
+            // (`resume` takes them the other way round).
+            let parked: Vec<Arc<Call>> = PARKED
                 .locked()
                 .as_ref()
-                .map(|m| {
-                    m.values()
-                        .filter(|c| c.st.locked().parked_at.is_some_and(|t| t.elapsed() > ttl))
-                        .cloned()
-                        .collect()
-                })
+                .map(|m| m.values().cloned().collect())
                 .unwrap_or_default();
-            for call in expired {
-                app.metrics.modern_call("expired");
-                crate::log!(Info, "input_expired", "a parked {} waited past --input-ttl ({ttl:?}) for its retry; cancelling it on the child", call.method);
-                abandon(&call, "the client did not retry within --input-ttl");
+            for call in parked {
+                let (waited, carrier) = {
+                    let cs = call.st.locked();
+                    (cs.parked_at.map(|t| t.elapsed()), cs.carrier.clone())
+                };
+                match waited {
+                    Some(w) if w > ttl => {
+                        app.metrics.modern_call("expired");
+                        crate::log!(Info, "input_expired", "a parked {} waited past --input-ttl ({ttl:?}) for its retry; cancelling it on the child", call.method);
+                        abandon(&call, "the client did not retry within --input-ttl");
+                    }
+                    // A call waiting for its client keeps its child from the idle reaper.
+                    Some(_) => {
+                        if let Some(c) = carrier {
+                            c.touch();
+                        }
+                    }
+                    None => {}
+                }
             }
             let carriers = POOL.locked().carriers.clone();
             let mut idle = 0;
             for s in carriers.iter().rev() {
-                let mut st = carrier_of(s).state.locked();
-                let stale: Vec<Ask> = {
+                let (stale, retire) = {
+                    let mut st = carrier_of(s).state.locked();
                     let (old, keep): (Vec<Ask>, Vec<Ask>) = std::mem::take(&mut st.held)
                         .into_iter()
                         .partition(|a| a.since.elapsed() > ttl);
                     st.held = keep;
-                    old
+                    // A child that never answers a cancelled call (the spec lets it stay
+                    // silent) has had its quiet time: its carrier serves again.
+                    if st.draining.is_some_and(|(_, t)| t.elapsed() > CANCEL_DRAIN) {
+                        st.draining = None;
+                        Carrier::release_if_idle_locked(&mut st);
+                    }
+                    let unused = !st.leased && st.calls.is_empty() && st.listeners == 0;
+                    if unused && st.idle_since.is_some() {
+                        idle += 1;
+                    }
+                    let surplus = unused
+                        && st.subscriptions.is_empty()
+                        && st.idle_since.is_some_and(|t| t.elapsed() > SURPLUS_IDLE)
+                        && idle > app.cfg.modern_pool;
+                    // Decided and marked under the lock: `Pool::take` skips it from now on.
+                    if surplus {
+                        st.ended = true;
+                    }
+                    (old, surplus)
                 };
-                let drained_out = st.draining.is_some_and(|(_, t)| t.elapsed() > CANCEL_DRAIN);
-                let surplus = st.idle_since.is_some_and(|t| t.elapsed() > SURPLUS_IDLE)
-                    && !st.leased
-                    && st.subscriptions.is_empty();
-                if st.idle_since.is_some() && !st.leased {
-                    idle += 1;
-                }
-                drop(st);
                 if !stale.is_empty() {
                     let answers: Vec<Value> = stale.iter().map(|a| json!({"jsonrpc": "2.0", "id": a.child_id,
                         "error": {"code": -32000, "message": "No 2026-07-28 call carried this request to a client within --input-ttl"}})).collect();
@@ -6362,14 +6513,8 @@ mod modern {
                     crate::log!(Info, "input_expired", session = s.tag; "{} request(s) of the child found no call to carry them; answered with an error", answers.len());
                     let _ = s.submit(&answers);
                 }
-                if drained_out || (surplus && idle > app.cfg.modern_pool) {
-                    let why = if drained_out {
-                        "its cancelled call was never answered"
-                    } else {
-                        "surplus idle carrier"
-                    };
-                    crate::log!(Info, "carrier_retired", session = s.tag; "{why}");
-                    carrier_of(s).state.locked().ended = true;
+                if retire {
+                    crate::log!(Info, "carrier_retired", session = s.tag; "surplus idle carrier (over --modern-pool)");
                     sessions::end_in_background(s.clone(), EndReason::Idle);
                 }
             }

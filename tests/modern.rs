@@ -457,9 +457,12 @@ fn a_request_between_calls_is_held_for_the_next_call() {
     p["requestState"] = json!(state);
     p["inputResponses"] =
         json!({key.as_str(): {"roots": [{"uri": "file:///work", "name": "work"}]}});
+    // The echo answered while the call was parked: its answer goes to the retry, under
+    // the retry's id.
+    let carried = answer(&modern(&s, 42, "tools/call", p));
     assert_eq!(
-        result_text(&answer(&modern(&s, 42, "tools/call", p))),
-        "carried"
+        (carried["id"].clone(), result_text(&carried)),
+        (json!(42), "carried".to_string())
     );
     // The child stores the answer on a thread of its own: ask until it has.
     eventually("the child to have the client's roots", || {
@@ -898,4 +901,89 @@ fn a_modern_call_takes_a_warm_child() {
     ));
     assert_eq!(result_text(&called), "warm");
     s.wait_log("warm_take");
+}
+
+/// M-7 (found in review): a child's list_changed whose `_meta` is not an object reaches
+/// the listener tagged all the same; before, tagging it panicked the child's reader and
+/// nothing more from that child was routed.
+#[test]
+fn a_listener_survives_a_child_notification_with_an_odd_meta() {
+    let s = legacy_server(&[]);
+    let mut l = listen(&s, "listen-odd", json!({"toolsListChanged": true}));
+    let _ack = l.next_message().unwrap();
+    let call = |id: i64, args: Value| {
+        answer(&modern(
+            &s,
+            id,
+            "tools/call",
+            json!({"name": "notify_list_changed", "arguments": args}),
+        ))
+    };
+    assert_eq!(result_text(&call(1, json!({"meta": 1}))), "notified");
+    let n = l.next_message().unwrap();
+    assert_eq!(
+        n["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-odd",
+        "{n}"
+    );
+    assert_eq!(
+        result_text(&call(2, json!({}))),
+        "notified",
+        "the child's messages are still routed"
+    );
+    assert_eq!(metric(&s, "stdio_sse_panics_total"), 0.0);
+}
+
+/// A call in progress is its child's activity (found in review): a call longer than
+/// --session-idle-timeout is not ended as idle under it.
+#[test]
+fn a_long_call_is_not_ended_as_idle() {
+    let s = legacy_server(&["--session-idle-timeout", "1s"]);
+    let r = modern(
+        &s,
+        1,
+        "tools/call",
+        json!({"name": "slow_progress", "arguments": {"steps": 25, "delay": 0.1},
+        "_meta": {"progressToken": "t"}}),
+    );
+    let a = answer(&r);
+    assert_eq!(result_text(&a), "progressed 25", "{a}");
+}
+
+/// M-8 with a modern child (found in review): closing a listen (a call that does not
+/// hold its carrier) does not retire the carrier under the next call.
+#[test]
+fn closing_a_listen_on_a_modern_child_leaves_its_child_serving() {
+    let s = Server::start(
+        &["--child-protocol", "modern"],
+        &["python3".to_string(), fixture("modern_server.py")],
+    );
+    let mut l = listen(&s, "listen-m", json!({"toolsListChanged": true}));
+    let ack = l.next_message().unwrap();
+    assert_eq!(
+        ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"], "listen-m",
+        "{ack}"
+    );
+    drop(l);
+    s.wait_log("modern_cancelled");
+    let r = modern(
+        &s,
+        2,
+        "tools/call",
+        json!({"name": "bridge_slow", "arguments": {"seconds": 3}}),
+    );
+    let a = answer(&r);
+    assert_eq!(a["result"]["resultType"], "complete", "{a}");
+}
+
+/// M-1 (found in review): a 2025-11-25 request may carry `_meta` keys under the same
+/// prefix (related-task); it stays a session's request.
+#[test]
+fn a_2025_request_with_a_2025_meta_key_stays_in_its_session() {
+    let s = legacy_server(&[]);
+    let sess = Session::open(&s);
+    let body = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "echo",
+        "arguments": {"message": "task"}, "_meta": {"io.modelcontextprotocol/related-task": {"taskId": "t1"}}}});
+    let r = sess.post(&body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(result_text(&r.messages()[0]), "task");
 }
