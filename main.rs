@@ -4554,8 +4554,6 @@ mod modern {
     const META_PREFIX: &str = "io.modelcontextprotocol/";
     /// JSON pointers to those keys in `_meta` (a `/` in a key is `~1`).
     const SERVER_INFO_POINTER: &str = "/_meta/io.modelcontextprotocol~1serverInfo";
-    const RESULT_SUBSCRIPTION_POINTER: &str =
-        "/result/_meta/io.modelcontextprotocol~1subscriptionId";
     /// What a legacy child is initialized with: the newest 2025 revision.
     const CHILD_VERSION: &str = "2025-11-25";
     /// How long a client may keep discover, list and read results (M-4). Short: a
@@ -4578,9 +4576,6 @@ mod modern {
     /// The housekeeper (parked calls past --input-ttl, drains, surplus carriers) looks
     /// this often.
     const HOUSEKEEPING: Duration = Duration::from_millis(250);
-    /// Room in a call's queue beyond --stream-queue: the answer and the "asked"
-    /// signals, which a full queue of notifications must not push out.
-    const QUEUE_SIGNALS: usize = 8;
     /// Notifications kept for a parked call until its retry comes (progress while the
     /// person answers); beyond it they are dropped and counted.
     const PARKED_NOTES_MAX: usize = 256;
@@ -4878,6 +4873,167 @@ mod modern {
             obj.entry("ttlMs").or_insert_with(|| json!(CACHE_TTL_MS));
             obj.entry("cacheScope")
                 .or_insert_with(|| json!(cache_scope()));
+        }
+    }
+
+    /// A plain result's answer without parsing and printing the result again (a tool's
+    /// result can be megabytes): the child's own text with our id, and the decoration
+    /// put in front of the result's members. None unless the result is an object with
+    /// none of the decoration's keys (then `decorate` does it on the parsed value).
+    fn spliced_answer(
+        raw: &str,
+        client_id: &Value,
+        method: &str,
+        result: &Value,
+    ) -> Option<String> {
+        let taken = ["resultType", "_meta", "ttlMs", "cacheScope"];
+        if !result.is_object() || taken.iter().any(|k| result.get(*k).is_some()) {
+            return None;
+        }
+        let (start, end) = json_text::member(raw, "result")?;
+        let inner = raw[start..end].strip_prefix('{')?.strip_suffix('}')?;
+        let info = server_info_text();
+        let mut out = String::with_capacity(raw.len() + info.len() + 160);
+        out.push_str("{\"jsonrpc\":\"2.0\",\"id\":");
+        out.push_str(&client_id.to_string());
+        out.push_str(",\"result\":{\"resultType\":\"complete\",\"_meta\":{\"");
+        out.push_str(META_SERVER_INFO);
+        out.push_str("\":");
+        out.push_str(&info);
+        out.push('}');
+        if CACHEABLE.contains(&method) {
+            use std::fmt::Write as _;
+            let _ = write!(
+                out,
+                ",\"ttlMs\":{CACHE_TTL_MS},\"cacheScope\":\"{}\"",
+                cache_scope()
+            );
+        }
+        if !inner.trim().is_empty() {
+            out.push(',');
+            out.push_str(inner);
+        }
+        out.push_str("}}");
+        Some(out)
+    }
+
+    /// `server_info()` as JSON text.
+    fn server_info_text() -> Arc<str> {
+        static KNOWN: OnceLock<Arc<str>> = OnceLock::new();
+        if let Some(t) = KNOWN.get() {
+            return t.clone();
+        }
+        let text: Arc<str> = server_info().to_string().into();
+        if DISCOVERED.locked().is_some() {
+            return KNOWN.get_or_init(|| text).clone();
+        }
+        text
+    }
+
+    /// Spans in JSON text already known to be valid (the child's line, parsed).
+    mod json_text {
+        fn ws(b: &[u8], mut i: usize) -> usize {
+            while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
+                i += 1;
+            }
+            i
+        }
+
+        /// Just past the closing quote of the string starting at `i`.
+        fn string_end(b: &[u8], i: usize) -> Option<usize> {
+            let mut j = i + 1;
+            while j < b.len() {
+                match b[j] {
+                    b'\\' => j += 2,
+                    b'"' => return Some(j + 1),
+                    _ => j += 1,
+                }
+            }
+            None
+        }
+
+        fn value_end(b: &[u8], i: usize) -> Option<usize> {
+            match b.get(i)? {
+                b'"' => string_end(b, i),
+                b'{' | b'[' => {
+                    let (mut depth, mut j) = (0usize, i);
+                    while j < b.len() {
+                        match b[j] {
+                            b'"' => j = string_end(b, j)?,
+                            b'{' | b'[' => {
+                                depth += 1;
+                                j += 1;
+                            }
+                            b'}' | b']' => {
+                                depth = depth.checked_sub(1)?;
+                                j += 1;
+                                if depth == 0 {
+                                    return Some(j);
+                                }
+                            }
+                            _ => j += 1,
+                        }
+                    }
+                    None
+                }
+                _ => {
+                    let mut j = i;
+                    while j < b.len()
+                        && !matches!(b[j], b',' | b'}' | b']')
+                        && !b[j].is_ascii_whitespace()
+                    {
+                        j += 1;
+                    }
+                    Some(j)
+                }
+            }
+        }
+
+        /// The span of a top-level member's value in an object's text (a key written
+        /// with escapes is not recognised: the caller then takes the slow way).
+        pub fn member(raw: &str, key: &str) -> Option<(usize, usize)> {
+            let b = raw.as_bytes();
+            let mut i = ws(b, 0);
+            if b.get(i) != Some(&b'{') {
+                return None;
+            }
+            i += 1;
+            loop {
+                i = ws(b, i);
+                if b.get(i) != Some(&b'"') {
+                    return None;
+                }
+                let key_end = string_end(b, i)?;
+                let k = raw.get(i + 1..key_end - 1)?;
+                i = ws(b, key_end);
+                if b.get(i) != Some(&b':') {
+                    return None;
+                }
+                let start = ws(b, i + 1);
+                let end = value_end(b, start)?;
+                if k == key {
+                    return Some((start, end));
+                }
+                i = ws(b, end);
+                if b.get(i) != Some(&b',') {
+                    return None;
+                }
+                i += 1;
+            }
+        }
+
+        #[cfg(test)]
+        mod tests {
+            #[test]
+            fn members_are_found_past_strings_and_nesting() {
+                let raw = r#" { "jsonrpc" : "2.0", "a": {"x": "}\"{", "y": [1, {"z": "]"}]}, "id": 3 , "result":{"k":"v"} } "#;
+                let (s, e) = super::member(raw, "result").unwrap();
+                assert_eq!(&raw[s..e], r#"{"k":"v"}"#);
+                let (s, e) = super::member(raw, "id").unwrap();
+                assert_eq!(&raw[s..e], "3");
+                assert_eq!(super::member(raw, "none"), None);
+                assert_eq!(super::member("[1]", "result"), None);
+            }
         }
     }
 
@@ -5279,10 +5435,11 @@ mod modern {
     }
 
     /// The queue between the child's router and the request answering a call (or a
-    /// listener): --stream-queue events of notifications, and room beyond them for the
-    /// answer and the signals, which are never dropped.
+    /// listener). Unbounded in its type (a bounded one allocates its whole capacity per
+    /// call) and bounded by `note`: --stream-queue events of notifications; the answer
+    /// and the one "asked" signal are never dropped.
     fn queue() -> (Sender<Out>, Receiver<Out>) {
-        crossbeam_channel::bounded(crate::app().cfg.stream_queue.0 + QUEUE_SIGNALS)
+        crossbeam_channel::unbounded()
     }
 
     /// A notification for a client: dropped (logged, counted) when its queue already
@@ -5999,21 +6156,41 @@ mod modern {
                 if call.internal.load(Ordering::Acquire) {
                     return call.deliver(Out::Final { json, status: 200 });
                 }
-                let mut answer = value.clone();
                 let mut cs = call.st.locked();
                 if cs.done {
                     return;
                 }
                 cs.done = true;
-                answer["id"] = cs.client_id.clone();
-                if let Some(sub) = answer.pointer_mut(RESULT_SUBSCRIPTION_POINTER) {
-                    *sub = cs.client_id.clone();
+                // The common case, a plain result to a request waiting for it: the
+                // child's own text, spliced.
+                let spliced = cs
+                    .sink
+                    .as_ref()
+                    .zip(value.get("result"))
+                    .and_then(|(tx, r)| {
+                        spliced_answer(&json, &cs.client_id, &call.method, r).map(|text| (tx, text))
+                    });
+                if let Some((tx, text)) = spliced {
+                    let _ = tx.send(Out::Final {
+                        json: text,
+                        status: 200,
+                    });
+                    app.metrics.modern_call("complete");
+                    return;
                 }
+                let mut answer = value.clone();
+                answer["id"] = cs.client_id.clone();
                 if let Some(r) = answer.get_mut("result") {
+                    if let Some(sub) = r
+                        .get_mut("_meta")
+                        .and_then(|m| m.get_mut(META_SUBSCRIPTION))
+                    {
+                        *sub = cs.client_id.clone();
+                    }
                     decorate(&call.method, r);
                 }
                 // -32000..-32019 mean something else in 2026-07-28 (M-2).
-                if let Some(code) = answer.pointer_mut("/error/code") {
+                if let Some(code) = answer.get_mut("error").and_then(|e| e.get_mut("code")) {
                     if code
                         .as_i64()
                         .is_some_and(|c| (-32019..=-32000).contains(&c))
