@@ -956,13 +956,18 @@ fn main() {
         if want("modern") {
             // A child of its own per call in flight (session mode's carriers), warmed by
             // a first run so no call waits for a spawn.
-            let b = bridge(&bin, &["--modern-pool", "64"]);
+            let b = bridge(&bin, &["--modern-pool", "64", "--max-sessions", "200"]);
             let _ = modern_load(b.port, 64, Duration::from_millis(300));
             for c in [1usize, 64] {
                 let l = modern_load(b.port, c, secs);
                 record(format!("2026-07-28 c={c} req/s"), "req/s", l.rps);
                 record(format!("2026-07-28 c={c} p50"), "µs", l.p50_us);
             }
+            // The 2025 load with as many children: 64 sessions, a child each.
+            let sessions: Vec<String> = (0..64).map(|_| open_session(b.port)).collect();
+            let l = streamable_load(b.port, &sessions, 64, secs);
+            record("64 sessions (own child each) c=64 req/s".into(), "req/s", l.rps);
+            record("64 sessions (own child each) c=64 p50".into(), "µs", l.p50_us);
             drop(b);
             let b = bridge(&bin, &["--mode", "shared"]);
             let l = modern_load(b.port, 1, secs);
