@@ -3046,6 +3046,95 @@ mod door {
         .unwrap_or(true)
     }
 
+    // ---- standing streams: a client that left ---------------------------------------
+
+    /// A standing stream's socket is looked at this often, all of them by one thread: a
+    /// client that left is noticed within it, without a write having to fail first.
+    const WATCH_EVERY: Duration = Duration::from_millis(250);
+    /// TCP states (linux/tcp_states.h) in which the peer has closed or reset: FIN
+    /// received (CLOSE_WAIT, LAST_ACK), or the connection is gone (CLOSE). A standing
+    /// stream's reading side is shut by us (`http::open_sse`), so poll reports a hang-up
+    /// at once whatever the peer did: the state is what tells.
+    const PEER_LEFT: [u8; 3] = [7, 8, 9];
+
+    struct Watched {
+        /// Our own dup of the socket, for the life of the watch.
+        fd: i32,
+        gone: Option<Box<dyn FnOnce() + Send>>,
+    }
+
+    static WATCHED: Mutex<Option<HashMap<u64, Watched>>> = Mutex::new(None);
+    static WATCHER: std::sync::Once = std::sync::Once::new();
+
+    /// Held while a standing stream is written; dropping it ends the watch.
+    pub struct Watch(Option<u64>);
+
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let Some(id) = self.0 else { return };
+            let w = WATCHED.locked().as_mut().and_then(|m| m.remove(&id));
+            if let Some(w) = w {
+                unsafe { libc::close(w.fd) };
+            }
+        }
+    }
+
+    /// Calls `gone` (once, on the watcher thread) when the client of this connection
+    /// closes or resets it.
+    pub fn watch(conn: Option<u64>, gone: impl FnOnce() + Send + 'static) -> Watch {
+        let Some(ino) = conn else { return Watch(None) };
+        let Some(held) = with_table(|t| t.conns.get(&ino).and_then(|c| c.hold(ino))).flatten()
+        else {
+            return Watch(None);
+        };
+        let fd = held.0;
+        std::mem::forget(held);
+        let id = crate::next_id();
+        WATCHED.locked().get_or_insert_with(HashMap::new).insert(
+            id,
+            Watched {
+                fd,
+                gone: Some(Box::new(gone)),
+            },
+        );
+        WATCHER.call_once(|| {
+            crate::spawn_thread("stream-watcher", watcher);
+        });
+        Watch(Some(id))
+    }
+
+    fn watcher() {
+        loop {
+            std::thread::sleep(WATCH_EVERY);
+            let mut fired = Vec::new();
+            if let Some(m) = WATCHED.locked().as_mut() {
+                for w in m.values_mut() {
+                    if w.gone.is_some() && peer_left(w.fd) {
+                        fired.extend(w.gone.take());
+                    }
+                }
+            }
+            for gone in fired {
+                gone();
+            }
+        }
+    }
+
+    fn peer_left(fd: i32) -> bool {
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        r == 0 && PEER_LEFT.contains(&info.tcpi_state)
+    }
+
     /// The body of this peer's request did not arrive within --read-timeout.
     pub fn body_timed_out(conn: Option<u64>) -> bool {
         let Some(ino) = conn else { return false };
@@ -3565,6 +3654,8 @@ mod http {
         session: &Arc<crate::sessions::Session>,
     ) {
         crate::observe::response_status(200);
+        let _watch =
+            (lifetime == Lifetime::Standing).then(|| watch_client(&inc, session, &attached));
         match open_sse(inc, headers, lifetime) {
             Ok(stream) => crate::sse::pump(stream, attached, session),
             Err(_) => session.detach(
@@ -3573,6 +3664,17 @@ mod http {
                 crate::sessions::Delivery::Partial,
             ),
         }
+    }
+
+    /// A standing stream's client that leaves is noticed within a second, without a
+    /// write failing first (`door::watch`): its connection leaves the stream.
+    pub fn watch_client(
+        inc: &Incoming,
+        session: &Arc<crate::sessions::Session>,
+        attached: &crate::sessions::Attached,
+    ) -> crate::door::Watch {
+        let (session, stream, conn) = (session.clone(), attached.stream, attached.conn_id);
+        crate::door::watch(inc.conn, move || session.client_left(stream, conn))
     }
 
     /// CORS on an actual (not preflight) response: who may read it and which of our
@@ -4475,6 +4577,7 @@ mod legacy {
             }
         };
         crate::observe::response_status(200);
+        let _watch = crate::http::watch_client(&inc, &session, &attached);
         let opened = crate::http::open_sse(inc, Vec::new(), crate::http::Lifetime::Standing);
         let endpoint = format!("{}?sessionId={}", crate::app().cfg.message_path, session.id);
         if let Ok(mut stream) = opened {
@@ -7896,6 +7999,25 @@ mod sessions {
                 crate::app().metrics.stream_cut("not_reading");
                 crate::log!(Warn, "stream_cut", session = self.tag; "stream {no}: the client is not reading (its socket took nothing while {} events waited); closing the connection, events stay in the replay buffer for a resume", link.queued.load(Ordering::Acquire));
             }
+        }
+
+        /// The client of a standing stream closed its connection (`door::watch`): the
+        /// connection leaves the stream at once, which ends its writer, and a reconnect
+        /// finds the stream free (no 409).
+        pub fn client_left(&self, stream: u64, conn_id: u64) {
+            let mut r = self.routing.locked();
+            let Some(s) = r.streams.get_mut(&stream) else {
+                return;
+            };
+            if !s.conn.as_ref().is_some_and(|c| c.id == conn_id) {
+                return;
+            }
+            if let Some(c) = s.conn.take() {
+                c.link.cut.store(true, Ordering::Release);
+            }
+            drop(r);
+            crate::app().metrics.stream_cut("client_gone");
+            crate::log!(Info, "client_gone", session = self.tag; "the client of stream {stream} closed its connection");
         }
 
         /// The writer of a connection is done with it. `Delivery::Whole`: it wrote the

@@ -1,0 +1,71 @@
+//! Clients that never say goodbye (issue 17): a standing stream whose client left is
+//! noticed within a second, without a write failing first (G-6, L-1; RB-8).
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// A legacy session and its child's pid: GET /sse, initialize, call `pid`.
+fn legacy_session(s: &Server) -> (SseReader, String, i32) {
+    let mut c = Conn::open(s);
+    c.send("GET", "/sse", &[("Accept", "text/event-stream")], b"");
+    let mut stream = SseReader::new(c);
+    let endpoint = stream.next_event().expect("endpoint event").data;
+    let post = |body: Value| {
+        let r = Conn::open(s).request("POST", &endpoint, &[JSON_CT], body.to_string().as_bytes());
+        assert_eq!(r.status, 202, "{}", r.text());
+    };
+    post(serde_json::from_str(&init_body("2024-11-05")).unwrap());
+    let _init = stream.next_message().unwrap();
+    post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    post(tool_call(1, "pid", json!({})));
+    let pid = result_text(&stream.next_message().unwrap())
+        .parse()
+        .unwrap();
+    (stream, endpoint, pid)
+}
+
+/// A legacy client that exits cleanly: its session and child are gone within a second,
+/// though the next keepalive write is 15 s away (issue 17's first observation).
+#[test]
+fn a_legacy_client_that_exits_takes_its_session_and_child_within_a_second() {
+    let s = Server::start(&["--keepalive", "15s"], &everything());
+    let (stream, endpoint, pid) = legacy_session(&s);
+    assert!(alive(pid));
+    let left = Instant::now();
+    drop(stream);
+    assert!(
+        gone_within(pid, Duration::from_secs(1)),
+        "child {pid} outlived its client by over a second"
+    );
+    s.wait_log("session ended (client_gone)");
+    assert!(left.elapsed() < Duration::from_secs(2));
+    let r = Conn::open(&s).request("POST", &endpoint, &[JSON_CT], b"{}");
+    assert_eq!(r.status, 404, "the session is gone: {}", r.text());
+    assert_eq!(
+        metric(
+            &s,
+            "stdio_sse_stream_connections_cut_total{reason=\"client_gone\"}"
+        ),
+        1.0
+    );
+}
+
+/// G-6: a client whose GET stream dropped reconnects at once and gets its stream, not
+/// 409 because the server still thinks the old connection holds it.
+#[test]
+fn a_get_stream_that_drops_frees_its_slot_for_the_reconnect() {
+    let s = Server::start(&["--keepalive", "15s"], &everything());
+    let sess = Session::open(&s);
+    let first = sess.get_stream();
+    assert_eq!(first.status, 200);
+    drop(first);
+    s.wait_log("client_gone");
+    let again = sess.get_stream();
+    assert_eq!(again.status, 200, "the reconnect was refused");
+    // The session lives on: a Streamable HTTP session is not its GET stream.
+    assert_eq!(
+        result_text(&sess.call(2, "echo", json!({"message": "still"})).messages()[0]),
+        "still"
+    );
+}
