@@ -72,6 +72,10 @@ mod config {
     pub const DEFAULT_MAX_SESSIONS: &str = "100";
     /// Clients that vanish without DELETE leave a child behind; this is when we reap it.
     pub const DEFAULT_SESSION_IDLE_TIMEOUT: &str = "30m";
+    /// At --max-sessions, a session unattended this long is ended for a new one rather
+    /// than the new one refused: long enough that a client between two calls of one task
+    /// keeps its session, short against --session-idle-timeout.
+    pub const DEFAULT_EVICT_IDLE_AFTER: &str = "60s";
     /// Below common proxy read timeouts (nginx 60 s) so idle streams survive them, and the
     /// write is how a vanished client is noticed.
     pub const DEFAULT_KEEPALIVE: &str = "15s";
@@ -305,6 +309,12 @@ mod config {
             "end a session idle this long (0 = never)",
         ),
         flag(
+            "evict-idle-after",
+            "DURATION",
+            DEFAULT_EVICT_IDLE_AFTER,
+            "at --max-sessions, end a session unattended this long for a new one (0 = refuse)",
+        ),
+        flag(
             "keepalive",
             "DURATION",
             DEFAULT_KEEPALIVE,
@@ -511,6 +521,7 @@ mod config {
         pub max_message: usize,
         pub max_sessions: usize,
         pub session_idle_timeout: Option<Duration>,
+        pub evict_idle_after: Option<Duration>,
         pub keepalive: Option<Duration>,
         pub shutdown_grace: Duration,
         /// (events, bytes)
@@ -923,6 +934,10 @@ mod config {
             session_idle_timeout: nonzero(parse_duration(
                 "session-idle-timeout",
                 &v.get("session-idle-timeout"),
+            )?),
+            evict_idle_after: nonzero(parse_duration(
+                "evict-idle-after",
+                &v.get("evict-idle-after"),
             )?),
             keepalive: nonzero(parse_duration("keepalive", &v.get("keepalive"))?),
             shutdown_grace: parse_duration("shutdown-grace", &v.get("shutdown-grace"))?,
@@ -5373,6 +5388,12 @@ mod modern {
     }
 
     impl Carrier {
+        /// Serving nothing: no call, no listener, not leased (eviction may end it).
+        pub fn unused(&self) -> bool {
+            let st = self.state.locked();
+            !st.leased && st.calls.is_empty() && st.listeners == 0 && st.subscriptions.is_empty()
+        }
+
         /// Session mode: a carrier with no call (and nothing draining) goes back to the
         /// pool.
         fn release_if_idle_locked(st: &mut CarrierState) {
@@ -7554,6 +7575,8 @@ mod sessions {
         ClientGone,
         InitializeFailed,
         Shutdown,
+        /// Ended for a new session at --max-sessions (`evict_one`).
+        Evicted,
     }
 
     impl EndReason {
@@ -7565,6 +7588,7 @@ mod sessions {
                 EndReason::ClientGone => "client_gone",
                 EndReason::InitializeFailed => "initialize_failed",
                 EndReason::Shutdown => "shutdown",
+                EndReason::Evicted => "evicted",
             }
         }
     }
@@ -7643,7 +7667,7 @@ mod sessions {
             app.metrics.rejected(refusal.reason());
             CreateError::Refused(refusal.into())
         };
-        if app.sessions.len() >= app.cfg.max_sessions {
+        if app.sessions.len() >= app.cfg.max_sessions && !evict_one() {
             return Err(full());
         }
         let id = crate::random_uuid()
@@ -7999,6 +8023,25 @@ mod sessions {
                 crate::app().metrics.stream_cut("not_reading");
                 crate::log!(Warn, "stream_cut", session = self.tag; "stream {no}: the client is not reading (its socket took nothing while {} events waited); closing the connection, events stay in the replay buffer for a resume", link.queued.load(Ordering::Acquire));
             }
+        }
+
+        /// How long the session has been unattended: no request in flight, no stream
+        /// with a connection, no 2026-07-28 call or listener on a carrier. None while
+        /// it is attended.
+        pub fn unattended_for(&self) -> Option<Duration> {
+            {
+                let r = self.routing.locked();
+                if r.closed
+                    || !r.in_flight.is_empty()
+                    || r.streams.values().any(|s| s.conn.is_some())
+                {
+                    return None;
+                }
+            }
+            if self.carrier.as_ref().is_some_and(|c| !c.unused()) {
+                return None;
+            }
+            Some(self.idle_for())
         }
 
         /// The client of a standing stream closed its connection (`door::watch`): the
@@ -8373,6 +8416,31 @@ mod sessions {
         }
     }
 
+    /// At --max-sessions, a new session ends the one unattended longest (no request in
+    /// flight, no open stream, idle at least --evict-idle-after) rather than be refused:
+    /// clients that never send DELETE (the TypeScript SDK's, the Inspector's) would
+    /// otherwise lock everyone out until --session-idle-timeout. The evicted client gets
+    /// 404 and initializes again. True when one was ended (its child with it).
+    fn evict_one() -> bool {
+        let app = crate::app();
+        let Some(floor) = app.cfg.evict_idle_after else {
+            return false;
+        };
+        let oldest = app
+            .sessions
+            .all()
+            .into_iter()
+            .filter_map(|s| s.unattended_for().map(|d| (d, s)))
+            .filter(|(d, _)| *d >= floor)
+            .max_by_key(|(d, _)| *d);
+        let Some((idle, s)) = oldest else {
+            return false;
+        };
+        crate::log!(Info, "session_evicted", session = s.tag; "--max-sessions reached: ending the session unattended longest ({idle:?}) for a new one");
+        end(&s, EndReason::Evicted);
+        true
+    }
+
     pub fn end_in_background(session: Arc<Session>, reason: EndReason) {
         crate::spawn_thread("end-session", move || end(&session, reason));
     }
@@ -8434,6 +8502,12 @@ mod sessions {
                 None,
             ),
             EndReason::Shutdown => (-32000, "Server is shutting down".to_string(), None),
+            EndReason::Evicted => (
+                -32000,
+                "Session ended to make room for a new one (--max-sessions, --evict-idle-after)"
+                    .to_string(),
+                None,
+            ),
         };
         if session.carrier.is_some() {
             crate::modern::carrier_ended(session, code, &message, data.clone());

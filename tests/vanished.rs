@@ -69,3 +69,104 @@ fn a_get_stream_that_drops_frees_its_slot_for_the_reconnect() {
         "still"
     );
 }
+
+/// Evict instead of refuse: with --max-sessions 3, five clients in turn that never send
+/// DELETE are all served; the sessions unattended longest were ended for them (404
+/// afterwards), and there were never more than three children.
+#[test]
+fn at_max_sessions_the_longest_unattended_session_makes_room() {
+    let s = Server::start(
+        &["--max-sessions", "3", "--evict-idle-after", "300ms"],
+        &everything(),
+    );
+    let try_open = || {
+        let r = Conn::open(&s).request(
+            "POST",
+            "/mcp",
+            &[JSON_CT, ACCEPT_BOTH],
+            init_body("2025-11-25").as_bytes(),
+        );
+        (r.status == 200).then(|| r.header("Mcp-Session-Id").unwrap().to_string())
+    };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let mut id = None;
+        // A full server makes room once a session has been unattended for the floor.
+        eventually(&format!("client {i} to get a session"), || {
+            id = try_open();
+            id.is_some()
+        });
+        let id = id.unwrap();
+        let r = Conn::open(&s).request(
+            "POST",
+            "/mcp",
+            &[JSON_CT, ACCEPT_BOTH, ("Mcp-Session-Id", &id)],
+            tool_call(1, "echo", json!({"message": format!("client {i}")}))
+                .to_string()
+                .as_bytes(),
+        );
+        assert_eq!(result_text(&r.messages()[0]), format!("client {i}"));
+        assert!(
+            metric(&s, "stdio_sse_children_active") <= 3.0,
+            "more children than --max-sessions"
+        );
+        ids.push(id);
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let r = Conn::open(&s).request(
+            "POST",
+            "/mcp",
+            &[JSON_CT, ACCEPT_BOTH, ("Mcp-Session-Id", id)],
+            tool_call(2, "echo", json!({"message": "again"}))
+                .to_string()
+                .as_bytes(),
+        );
+        let want = if i < 2 { 404 } else { 200 };
+        assert_eq!(r.status, want, "client {i}: {}", r.text());
+    }
+    assert_eq!(
+        metric(
+            &s,
+            "stdio_sse_sessions_closed_total{transport=\"streamable_http\",reason=\"evicted\"}"
+        ),
+        2.0
+    );
+}
+
+/// A session with a request in flight or an open stream is never evicted: the new one is
+/// refused (503) instead.
+#[test]
+fn an_attended_session_is_not_evicted() {
+    let s = Server::start(
+        &["--max-sessions", "1", "--evict-idle-after", "100ms"],
+        &everything(),
+    );
+    let sess = Session::open(&s);
+    let mut stream = sess.get_stream();
+    assert_eq!(stream.status, 200);
+    // Past the floor, with its GET stream open: attended.
+    let idle_since = std::time::Instant::now();
+    while idle_since.elapsed() < Duration::from_millis(300) {
+        let r = Conn::open(&s).request(
+            "POST",
+            "/mcp",
+            &[JSON_CT, ACCEPT_BOTH],
+            init_body("2025-11-25").as_bytes(),
+        );
+        assert_eq!(r.status, 503, "{}", r.text());
+    }
+    drop(stream);
+    s.wait_log("client_gone");
+    // Its stream gone and idle past the floor: now it makes room.
+    eventually("the unattended session to make room", || {
+        Conn::open(&s)
+            .request(
+                "POST",
+                "/mcp",
+                &[JSON_CT, ACCEPT_BOTH],
+                init_body("2025-11-25").as_bytes(),
+            )
+            .status
+            == 200
+    });
+}
