@@ -142,7 +142,7 @@ fn an_attended_session_is_not_evicted() {
         &everything(),
     );
     let sess = Session::open(&s);
-    let mut stream = sess.get_stream();
+    let stream = sess.get_stream();
     assert_eq!(stream.status, 200);
     // Past the floor, with its GET stream open: attended.
     let idle_since = std::time::Instant::now();

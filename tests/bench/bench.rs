@@ -966,8 +966,16 @@ fn main() {
             // The 2025 load with as many children: 64 sessions, a child each.
             let sessions: Vec<String> = (0..64).map(|_| open_session(b.port)).collect();
             let l = streamable_load(b.port, &sessions, 64, secs);
-            record("64 sessions (own child each) c=64 req/s".into(), "req/s", l.rps);
-            record("64 sessions (own child each) c=64 p50".into(), "µs", l.p50_us);
+            record(
+                "64 sessions (own child each) c=64 req/s".into(),
+                "req/s",
+                l.rps,
+            );
+            record(
+                "64 sessions (own child each) c=64 p50".into(),
+                "µs",
+                l.p50_us,
+            );
             drop(b);
             let b = bridge(&bin, &["--mode", "shared"]);
             let l = modern_load(b.port, 1, secs);
