@@ -72,6 +72,10 @@ mod config {
     pub const DEFAULT_MAX_SESSIONS: &str = "100";
     /// Clients that vanish without DELETE leave a child behind; this is when we reap it.
     pub const DEFAULT_SESSION_IDLE_TIMEOUT: &str = "30m";
+    /// A child's request for a client with no stream open waits this long for one (a
+    /// client that dropped its GET stream reconnects within its retry, a second or two);
+    /// then the child gets an error, rather than wait on a client that may be gone.
+    pub const DEFAULT_CLIENT_REQUEST_TIMEOUT: &str = "10s";
     /// At --max-sessions, a session unattended this long is ended for a new one rather
     /// than the new one refused: long enough that a client between two calls of one task
     /// keeps its session, short against --session-idle-timeout.
@@ -309,6 +313,12 @@ mod config {
             "end a session idle this long (0 = never)",
         ),
         flag(
+            "client-request-timeout",
+            "DURATION",
+            DEFAULT_CLIENT_REQUEST_TIMEOUT,
+            "a child's request waits this long for a client stream to open, then gets an error",
+        ),
+        flag(
             "evict-idle-after",
             "DURATION",
             DEFAULT_EVICT_IDLE_AFTER,
@@ -522,6 +532,7 @@ mod config {
         pub max_sessions: usize,
         pub session_idle_timeout: Option<Duration>,
         pub evict_idle_after: Option<Duration>,
+        pub client_request_timeout: Duration,
         pub keepalive: Option<Duration>,
         pub shutdown_grace: Duration,
         /// (events, bytes)
@@ -935,6 +946,10 @@ mod config {
                 "session-idle-timeout",
                 &v.get("session-idle-timeout"),
             )?),
+            client_request_timeout: parse_duration(
+                "client-request-timeout",
+                &v.get("client-request-timeout"),
+            )?,
             evict_idle_after: nonzero(parse_duration(
                 "evict-idle-after",
                 &v.get("evict-idle-after"),
@@ -5388,6 +5403,15 @@ mod modern {
     }
 
     impl Carrier {
+        /// A call is waiting on its client that could carry the child's question.
+        pub fn can_receive(&self) -> bool {
+            self.state
+                .locked()
+                .calls
+                .values()
+                .any(|c| MAY_ASK.contains(&c.method.as_str()) && c.st.locked().sink.is_some())
+        }
+
         /// Serving nothing: no call, no listener, not leased (eviction may end it).
         pub fn unused(&self) -> bool {
             let st = self.state.locked();
@@ -7538,6 +7562,10 @@ mod sessions {
         resumable: bool,
         /// Ids of the server's requests sent to this client and not yet answered.
         awaiting_answer: HashSet<String>,
+        /// The child's requests waiting in the replay buffer for a stream to open:
+        /// (stream, id key, the child's id, since). Answered with an error by the bridge
+        /// after --client-request-timeout (`expire_unsent`).
+        unsent: Vec<(u64, String, Value, Instant)>,
         version: Option<String>,
         initialize_id: Option<String>,
         lost_logged: bool,
@@ -8025,6 +8053,36 @@ mod sessions {
             }
         }
 
+        /// The child's requests that waited longer than `timeout` for a stream to open:
+        /// no longer awaited from the client; their ids, for the bridge's error answer.
+        pub fn expire_unsent(&self, timeout: Duration) -> Vec<Value> {
+            let mut r = self.routing.locked();
+            if r.unsent.is_empty() {
+                return Vec::new();
+            }
+            let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut r.unsent)
+                .into_iter()
+                .partition(|(.., since)| since.elapsed() >= timeout);
+            r.unsent = keep;
+            old.into_iter()
+                .filter(|(_, key, ..)| r.awaiting_answer.remove(key))
+                .map(|(_, _, id, _)| id)
+                .collect()
+        }
+
+        /// A stream of this session has a connection on it (a client that can receive);
+        /// for a carrier, a 2026-07-28 call is waiting that could carry a question.
+        pub fn has_open_stream(&self) -> bool {
+            if let Some(c) = &self.carrier {
+                return c.can_receive();
+            }
+            self.routing
+                .locked()
+                .streams
+                .values()
+                .any(|s| s.conn.is_some())
+        }
+
         /// How long the session has been unattended: no request in flight, no stream
         /// with a connection, no 2026-07-28 call or listener on a carrier. None while
         /// it is attended.
@@ -8143,6 +8201,8 @@ mod sessions {
             let (tx, rx) = crossbeam_channel::unbounded();
             let link = Arc::new(Link::default());
             let id = crate::next_id();
+            // What waited for a connection on this stream goes out on this one.
+            self.unsent.retain(|(s, ..)| *s != no);
             let stream = self.streams.get_mut(&no).expect("stream exists");
             stream.conn = Some(Conn {
                 id,
@@ -8393,14 +8453,18 @@ mod sessions {
                     );
                     return;
                 }
-                if let Kind::Request { id, .. } = classify(value) {
-                    r.awaiting_answer.insert(id_key(id));
-                }
                 let stream = if aside {
                     r.listener_stream()
                 } else {
                     r.target_stream(method, value)
                 };
+                if let Kind::Request { id, .. } = classify(value) {
+                    let key = id_key(id);
+                    r.awaiting_answer.insert(key.clone());
+                    if r.streams.get(&stream).is_some_and(|s| s.conn.is_none()) {
+                        r.unsent.push((stream, key, id.clone(), Instant::now()));
+                    }
+                }
                 let congested = r.emit(tag, stream, json.into(), false);
                 drop(r);
                 session.make_room(congested);
@@ -8414,6 +8478,22 @@ mod sessions {
                 );
             }
         }
+    }
+
+    /// The child's requests no client will answer get an error answer from the bridge,
+    /// so the child never waits on a client that is gone; logged and counted.
+    pub fn answer_unanswerable(session: &Arc<Session>, ids: Vec<Value>, why: &str) {
+        let app = crate::app();
+        let answers: Vec<Value> = ids
+            .into_iter()
+            .map(|id| {
+                app.metrics.client_request_unanswered();
+                serde_json::json!({"jsonrpc": "2.0", "id": id,
+                    "error": {"code": -32000, "message": format!("The client cannot answer: {why}")}})
+            })
+            .collect();
+        crate::log!(Info, "client_request_unanswered", session = session.tag; "{} request(s) of the child answered with an error: {why}", answers.len());
+        let _ = session.upstream.send_answers(&answers);
     }
 
     /// At --max-sessions, a new session ends the one unattended longest (no request in
@@ -8540,13 +8620,25 @@ mod sessions {
     /// closes does not count, so a client that vanished is reaped on time.
     pub fn run_idle_reaper() {
         let app = crate::app();
-        let Some(timeout) = app.cfg.session_idle_timeout else {
-            return;
-        };
-        let tick = (timeout / 4).clamp(REAPER_TICK_MIN, REAPER_TICK_MAX);
+        let timeout = app.cfg.session_idle_timeout;
+        let tick = [timeout, Some(app.cfg.client_request_timeout)]
+            .into_iter()
+            .flatten()
+            .map(|t| (t / 4).clamp(REAPER_TICK_MIN, REAPER_TICK_MAX))
+            .min()
+            .unwrap_or(REAPER_TICK_MAX);
         loop {
             std::thread::sleep(tick);
             for s in app.sessions.all() {
+                let unsent = s.expire_unsent(app.cfg.client_request_timeout);
+                if !unsent.is_empty() {
+                    answer_unanswerable(
+                        &s,
+                        unsent,
+                        "no stream was open to carry it within --client-request-timeout",
+                    );
+                }
+                let Some(timeout) = timeout else { continue };
                 if s.upstream.stdout_closed() {
                     // Its child is gone (the router ends such sessions; this is the
                     // backstop): keepalives must not keep it alive.
@@ -8701,6 +8793,17 @@ mod upstream {
             Ok(())
         }
 
+        /// The bridge's answers to the child's own requests (ids are the child's).
+        pub fn send_answers(&self, answers: &[Value]) -> std::io::Result<()> {
+            for a in answers {
+                self.child.send_message(a)?;
+                crate::app()
+                    .metrics
+                    .message(crate::observe::Way::ToChild, a);
+            }
+            Ok(())
+        }
+
         /// A session is done with this child. Its own child is ended (and reaped before
         /// this returns); on a shared child its requests are cancelled, its subscriptions
         /// released, and requests waiting for its answer get an error, so the child is
@@ -8713,6 +8816,16 @@ mod upstream {
                 st.members.retain(|m| !Arc::ptr_eq(m, session));
                 if !self.shared {
                     drop(st);
+                    // Its questions to the client are answered first: a child waiting for
+                    // one (server-filesystem's roots) ignores stdin EOF and would take the
+                    // whole grace to end.
+                    if !awaiting.is_empty() {
+                        let ids = awaiting
+                            .iter()
+                            .map(|k| serde_json::from_str(k).unwrap_or(Value::Null))
+                            .collect();
+                        sessions::answer_unanswerable(session, ids, "its session has ended");
+                    }
                     self.child.terminate(grace);
                     return;
                 }
@@ -8751,6 +8864,7 @@ mod upstream {
                 }
                 for key in awaiting {
                     let id: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
+                    crate::app().metrics.client_request_unanswered();
                     to_child.push(json!({"jsonrpc": "2.0", "id": id,
                         "error": {"code": -32000, "message": "The client's session ended before it answered"}}));
                 }
@@ -8760,13 +8874,20 @@ mod upstream {
             }
         }
 
-        /// The session a shared child's own request goes to: the one session with work
-        /// in flight on the child, when there is exactly one; otherwise the most
-        /// recently active session.
+        /// The session a shared child's own request goes to, among those with a stream
+        /// open to carry it: the one session with work in flight on the child, when
+        /// there is exactly one; otherwise the most recently active. None when no session
+        /// can receive it now: the child gets an error at once rather than wait on a
+        /// client that is gone.
         fn server_request_target(&self) -> Option<Arc<Session>> {
             let st = self.state.locked();
-            st.sole_busy()
-                .or_else(|| st.members.iter().max_by_key(|s| s.last_request()).cloned())
+            st.sole_busy().filter(|s| s.has_open_stream()).or_else(|| {
+                st.members
+                    .iter()
+                    .filter(|s| s.has_open_stream())
+                    .max_by_key(|s| s.last_request())
+                    .cloned()
+            })
         }
     }
 
@@ -9000,10 +9121,11 @@ mod upstream {
                 Some(s) => sessions::route_value(&s, json, &value, false),
                 None => {
                     app.metrics.dropped("no_session");
+                    app.metrics.client_request_unanswered();
                     crate::log!(
                         Warn,
                         "message_dropped",
-                        session = tag; "child sent {method} but no session is open; answering it with an error"
+                        session = tag; "child sent {method} but no session has a stream open to receive it; answering it with an error"
                     );
                     let answer = json!({"jsonrpc": "2.0", "id": id,
                         "error": {"code": -32000, "message": "No client is connected to answer this request"}});
@@ -11305,6 +11427,8 @@ mod observe {
         panics: AtomicU64,
         dropped: Mutex<Vec<(&'static str, u64)>>,
         rejected: Mutex<Vec<(&'static str, u64)>>,
+        /// The child's requests the bridge answered because no client could.
+        client_requests_unanswered: AtomicU64,
         /// POSTs to the MCP endpoint by era ("2025", "2026").
         eras: Mutex<Vec<(&'static str, u64)>>,
         /// 2026-07-28 calls by outcome (complete, error, parked, resumed, cancelled,
@@ -11336,6 +11460,7 @@ mod observe {
                 rejected: Default::default(),
                 eras: Default::default(),
                 modern_calls: Default::default(),
+                client_requests_unanswered: Default::default(),
                 stream_cuts: Default::default(),
                 latency_buckets: Default::default(),
                 latency_count: Default::default(),
@@ -11456,6 +11581,10 @@ mod observe {
         }
         pub fn rejected(&self, reason: &'static str) {
             bump(&self.rejected, reason);
+        }
+        pub fn client_request_unanswered(&self) {
+            self.client_requests_unanswered
+                .fetch_add(1, Ordering::Relaxed);
         }
         pub fn era_request(&self, era: &'static str) {
             bump(&self.eras, era);
@@ -11699,6 +11828,12 @@ mod observe {
                     "Messages that could not be delivered, by reason.",
                     "counter",
                     by("reason", &self.dropped),
+                ),
+                (
+                    "stdio_sse_client_requests_unanswered_total",
+                    "The child's requests (roots, sampling, elicitation, ping) answered with an error by the bridge because no client could: its session ended, or no stream opened within --client-request-timeout.",
+                    "counter",
+                    one(load(&self.client_requests_unanswered)),
                 ),
                 (
                     "stdio_sse_mcp_requests_total",

@@ -170,3 +170,78 @@ fn an_attended_session_is_not_evicted() {
             == 200
     });
 }
+
+/// A child's request for a client with no stream open waits at most
+/// --client-request-timeout, then the child gets an error answer, never one made up.
+#[test]
+fn a_request_no_stream_carries_gets_an_error_within_the_bound() {
+    let s = Server::start_env(
+        &["--client-request-timeout", "500ms"],
+        &everything(),
+        &[("EVERYTHING_ASK_ROOTS", "1")],
+    );
+    // No GET stream: the child's roots/list waits for one, in vain.
+    let sess = Session::open(&s);
+    s.wait_log("client_request_unanswered");
+    eventually("the child to have the bridge's error", || {
+        result_text(&sess.call(3, "cached_roots", json!({})).messages()[0])
+            .contains("cannot answer")
+    });
+    assert_eq!(
+        metric(&s, "stdio_sse_client_requests_unanswered_total"),
+        1.0
+    );
+}
+
+/// When a session ends, the child's requests still open towards it are answered with an
+/// error first: a child that will not exit while one is open (server-filesystem's roots)
+/// then ends on stdin EOF, without waiting out --shutdown-grace.
+#[test]
+fn a_session_ending_answers_the_childs_open_requests_first() {
+    let s = Server::start_env(
+        &["--client-request-timeout", "60s", "--shutdown-grace", "10s"],
+        &everything(),
+        &[
+            ("EVERYTHING_ASK_ROOTS", "1"),
+            ("EVERYTHING_WAIT_PENDING_ON_EOF", "1"),
+        ],
+    );
+    let sess = Session::open(&s);
+    let pid = child_pid(&sess);
+    eventually("the child's roots/list to reach the bridge", || {
+        metric(
+            &s,
+            "stdio_sse_messages_total{direction=\"to_client\",kind=\"request\"}",
+        ) >= 1.0
+    });
+    let asked = Instant::now();
+    assert_eq!(sess.delete().status, 200);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "ending the session took {:?}: the child waited out the grace",
+        asked.elapsed()
+    );
+    assert!(gone_within(pid, Duration::from_secs(1)));
+    s.wait_log("nothing pending; exiting");
+}
+
+/// Shared mode: a child's request when no session has a stream open gets its error at
+/// once, not after a wait on the most recent session's client.
+#[test]
+fn shared_mode_answers_a_request_nobody_can_receive_at_once() {
+    let s = Server::start_env(
+        &["--mode", "shared"],
+        &everything(),
+        &[("EVERYTHING_ASK_ROOTS", "1")],
+    );
+    s.wait_log("shared child 0 started");
+    let sess = Session::open(&s);
+    s.wait_log("no session has a stream open to receive it");
+    eventually("the child to have the bridge's error", || {
+        result_text(&sess.call(3, "cached_roots", json!({})).messages()[0]).contains("error")
+    });
+    assert_eq!(
+        metric(&s, "stdio_sse_client_requests_unanswered_total"),
+        1.0
+    );
+}
