@@ -4572,13 +4572,32 @@ mod streamable {
 }
 
 // ======================================================================================
-/// Legacy HTTP+SSE (2024-11-05): GET on the SSE path opens a session whose whole life is
-/// that one stream; POSTs to the message path feed it (rules L-1..L-5).
+/// Legacy HTTP+SSE (2024-11-05): GET on the SSE path announces a session whose whole
+/// life is that one stream; its first POST to the message path starts the session and its
+/// child (a stream that only probes costs a socket), later ones feed it (rules L-1..L-5).
 /// Owns: the legacy endpoint's rules. Touches: `sessions` only, `http` for replies and
 /// the stream.
 mod legacy {
+    use super::*;
     use crate::http::{respond, Incoming, Refusal, Reply, Wanted};
-    use crate::sessions::{self, Transport};
+    use crate::sessions::{self, Session, Transport};
+    use crossbeam_channel::{RecvTimeoutError, Sender};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// A stream that announced its endpoint and waits for its first message, which
+    /// starts the session and its child: a client that only probes (mcp-remote opens
+    /// two such connections per run) costs a socket and nothing more.
+    struct Announced {
+        ctx: crate::auth::Context,
+        to_stream: Sender<Arc<Session>>,
+    }
+
+    static ANNOUNCED: Mutex<Option<HashMap<String, Announced>>> = Mutex::new(None);
+
+    fn forget(id: &str) -> Option<Announced> {
+        ANNOUNCED.locked().as_mut().and_then(|m| m.remove(id))
+    }
 
     pub fn open(inc: Incoming) {
         if let Err(reply) = crate::http::require_accept(&inc, Wanted::EventStream) {
@@ -4591,30 +4610,72 @@ mod legacy {
             Ok(ctx) => ctx,
             Err(reply) => return respond(inc, reply),
         };
-        let session = match sessions::create(Transport::Legacy, ctx) {
-            Ok(s) => s,
-            Err(sessions::CreateError::Refused(reply)) => return respond(inc, reply),
-            Err(sessions::CreateError::Spawn(msg)) => {
-                return respond(inc, Refusal::ChildNotStarted(msg).into())
+        if let Some(refusal) = sessions::full() {
+            return respond(inc, refusal.into());
+        }
+        let id = match crate::random_uuid() {
+            Ok(id) => id,
+            Err(e) => {
+                return respond(
+                    inc,
+                    Refusal::ChildNotStarted(format!("cannot make a session id: {e}")).into(),
+                )
             }
         };
-        let attached = match session.attach_get(None) {
-            Ok(a) => a,
-            Err(reply) => {
-                // The session ended as it opened (its child died at once).
-                sessions::end(&session, sessions::EndReason::ChildGone);
-                return respond(inc, reply);
-            }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        ANNOUNCED
+            .locked()
+            .get_or_insert_with(HashMap::new)
+            .insert(id.clone(), Announced { ctx, to_stream: tx });
+        let conn = inc.conn;
+        // A client that leaves before its first message: forgotten, which ends the wait.
+        let gone = {
+            let id = id.clone();
+            crate::door::watch(conn, move || {
+                forget(&id);
+            })
         };
         crate::observe::response_status(200);
-        let _watch = crate::http::watch_client(&inc, &session, &attached);
         let opened = crate::http::open_sse(inc, Vec::new(), crate::http::Lifetime::Standing);
-        let endpoint = format!("{}?sessionId={}", crate::app().cfg.message_path, session.id);
-        if let Ok(mut stream) = opened {
-            if stream.event(Some("endpoint"), &endpoint).is_ok() {
-                crate::sse::pump(stream, attached, &session);
-            }
+        let endpoint = format!("{}?sessionId={id}", crate::app().cfg.message_path);
+        let Ok(mut stream) = opened else {
+            forget(&id);
+            return;
+        };
+        if stream.event(Some("endpoint"), &endpoint).is_err() {
+            forget(&id);
+            return;
         }
+        let keepalive = crate::app()
+            .cfg
+            .keepalive
+            .unwrap_or(config::KEEPALIVE_OFF_WAKE);
+        let session = loop {
+            match rx.recv_timeout(keepalive) {
+                Ok(session) => break session,
+                Err(RecvTimeoutError::Timeout) => {
+                    if stream.comment("keepalive").is_err() {
+                        forget(&id);
+                        return;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        drop(gone);
+        let attached = match session.attach_get(None) {
+            Ok(a) => a,
+            Err(_) => {
+                // The session ended as it opened (its child died at once).
+                sessions::end(&session, sessions::EndReason::ChildGone);
+                return;
+            }
+        };
+        let _watch = {
+            let (s, no, c) = (session.clone(), attached.stream, attached.conn_id);
+            crate::door::watch(conn, move || s.client_left(no, c))
+        };
+        crate::sse::pump(stream, attached, &session);
         // The stream is the session: when it ends, so does the child.
         sessions::end(&session, sessions::EndReason::ClientGone);
     }
@@ -4626,22 +4687,68 @@ mod legacy {
         else {
             return respond(inc, Refusal::SessionQueryRequired.into());
         };
-        let Some(session) = crate::app()
-            .sessions
-            .get(&id, Transport::Legacy, &inc.token)
-        else {
+        let app = crate::app();
+        let existing = app.sessions.get(&id, Transport::Legacy, &inc.token);
+        if existing.is_none() && !announced(&id, &inc.token) {
             return respond(inc, Reply::from(Refusal::SessionNotFound));
-        };
+        }
         let messages = match crate::http::read_jsonrpc_body(&mut inc) {
             Ok((m, _)) => m,
             Err(reply) => return respond(inc, reply),
+        };
+        let session = match existing {
+            Some(s) => s,
+            None => match start(&id, &inc) {
+                Ok(s) => s,
+                Err(reply) => return respond(inc, reply),
+            },
         };
         session.mark_request();
         let listener = session.listener_stream();
         if let Err(reply) = session.accept_on(&messages, Some(listener)) {
             return respond(inc, reply);
         }
-        respond(inc, Reply::text(202, "text/plain", "Accepted"));
+        respond(inc, Reply::text(202, "text/plain", "Accepted"))
+    }
+
+    /// A stream announced this id to this token and waits for its first message.
+    fn announced(id: &str, token: &Option<Arc<str>>) -> bool {
+        ANNOUNCED
+            .locked()
+            .as_ref()
+            .and_then(|m| m.get(id))
+            .is_some_and(|a| crate::auth::owns(&a.ctx.owner, token))
+    }
+
+    /// The first message of an announced stream: its session, and so its child, start
+    /// now (a warm child taken now), and the stream is handed the session.
+    fn start(id: &str, inc: &Incoming) -> Result<Arc<Session>, Reply> {
+        let announced = {
+            let mut guard = ANNOUNCED.locked();
+            let map = guard.as_mut();
+            match map.and_then(|m| m.get(id)) {
+                Some(a) if crate::auth::owns(&a.ctx.owner, &inc.token) => {
+                    guard.as_mut().and_then(|m| m.remove(id))
+                }
+                _ => None,
+            }
+        };
+        let Some(announced) = announced else {
+            return Err(Refusal::SessionNotFound.into());
+        };
+        match sessions::create_with_id(Transport::Legacy, announced.ctx, id.to_string()) {
+            Ok(session) => {
+                if announced.to_stream.send(session.clone()).is_err() {
+                    // The stream ended meanwhile: so does the session.
+                    sessions::end(&session, sessions::EndReason::ClientGone);
+                    return Err(Refusal::SessionNotFound.into());
+                }
+                Ok(session)
+            }
+            // Dropping `announced` ends the waiting stream: its client reconnects.
+            Err(sessions::CreateError::Refused(reply)) => Err(reply),
+            Err(sessions::CreateError::Spawn(msg)) => Err(Refusal::ChildNotStarted(msg).into()),
+        }
     }
 }
 
@@ -7687,6 +7794,18 @@ mod sessions {
         transport: Transport,
         ctx: crate::auth::Context,
     ) -> Result<Arc<Session>, CreateError> {
+        let id = crate::random_uuid()
+            .map_err(|e| CreateError::Spawn(format!("cannot make a session id: {e}")))?;
+        create_with_id(transport, ctx, id)
+    }
+
+    /// `create` under an id minted earlier (a legacy stream announces its id before its
+    /// session, and so its child, exists).
+    pub fn create_with_id(
+        transport: Transport,
+        ctx: crate::auth::Context,
+        id: String,
+    ) -> Result<Arc<Session>, CreateError> {
         let app = crate::app();
         let full = || {
             let refusal = Refusal::TooManySessions {
@@ -7698,9 +7817,7 @@ mod sessions {
         if app.sessions.len() >= app.cfg.max_sessions && !evict_one() {
             return Err(full());
         }
-        let id = crate::random_uuid()
-            .map_err(|e| CreateError::Spawn(format!("cannot make a session id: {e}")))?;
-        let tag = id[..8].to_string();
+        let tag = id.chars().take(8).collect::<String>();
         // A shared child can end between being picked and being joined: its sessions
         // were ended then, so this one would wait for ever. It picks again (the restarted
         // child, or a 503 once the restart takes too long).
@@ -8502,23 +8619,37 @@ mod sessions {
     /// otherwise lock everyone out until --session-idle-timeout. The evicted client gets
     /// 404 and initializes again. True when one was ended (its child with it).
     fn evict_one() -> bool {
-        let app = crate::app();
-        let Some(floor) = app.cfg.evict_idle_after else {
-            return false;
-        };
-        let oldest = app
-            .sessions
-            .all()
-            .into_iter()
-            .filter_map(|s| s.unattended_for().map(|d| (d, s)))
-            .filter(|(d, _)| *d >= floor)
-            .max_by_key(|(d, _)| *d);
-        let Some((idle, s)) = oldest else {
+        let Some((idle, s)) = evictable() else {
             return false;
         };
         crate::log!(Info, "session_evicted", session = s.tag; "--max-sessions reached: ending the session unattended longest ({idle:?}) for a new one");
         end(&s, EndReason::Evicted);
         true
+    }
+
+    /// The session unattended longest, if eviction may end it.
+    fn evictable() -> Option<(Duration, Arc<Session>)> {
+        let app = crate::app();
+        let floor = app.cfg.evict_idle_after?;
+        app.sessions
+            .all()
+            .into_iter()
+            .filter_map(|s| s.unattended_for().map(|d| (d, s)))
+            .filter(|(d, _)| *d >= floor)
+            .max_by_key(|(d, _)| *d)
+    }
+
+    /// A new session would be refused now: --max-sessions reached and none evictable.
+    /// (A legacy stream asks before it announces its endpoint; it evicts nothing yet.)
+    pub fn full() -> Option<Refusal> {
+        let app = crate::app();
+        (app.sessions.len() >= app.cfg.max_sessions && evictable().is_none()).then(|| {
+            let refusal = Refusal::TooManySessions {
+                limit: app.cfg.max_sessions,
+            };
+            app.metrics.rejected(refusal.reason());
+            refusal
+        })
     }
 
     pub fn end_in_background(session: Arc<Session>, reason: EndReason) {
@@ -8791,6 +8922,11 @@ mod upstream {
                 app.metrics.message(crate::observe::Way::ToChild, m);
             }
             Ok(())
+        }
+
+        /// The child's pid when it is this session's alone (session mode).
+        pub fn own_child_pid(&self) -> Option<i32> {
+            (!self.shared).then_some(self.child.pid)
         }
 
         /// The bridge's answers to the child's own requests (ids are the child's).
@@ -10689,7 +10825,21 @@ mod teardown {
                 sessions::end(&s, sessions::EndReason::Shutdown)
             }));
         }
-        let others: Vec<_> = app.children.locked().values().cloned().collect();
+        // Children of sessions are ended by their session (which answers the child's
+        // open requests first); the rest (shared, warm, one-shot) here.
+        let owned: std::collections::HashSet<i32> = app
+            .sessions
+            .all()
+            .iter()
+            .filter_map(|s| s.upstream.own_child_pid())
+            .collect();
+        let others: Vec<_> = app
+            .children
+            .locked()
+            .values()
+            .filter(|c| !owned.contains(&c.pid))
+            .cloned()
+            .collect();
         for c in others {
             let grace = app.cfg.shutdown_grace;
             run(Box::new(move || {

@@ -391,9 +391,11 @@ fn metrics_move_with_traffic() {
         ),
         1.0
     );
+    // A legacy stream that has sent nothing yet is no session (issue 17: a probe costs
+    // a socket and nothing more).
     assert_eq!(
         sample(&mid, r#"stdio_sse_sessions_active{transport="sse"}"#),
-        1.0
+        0.0
     );
     drop(legacy);
     assert_eq!(sess.delete().status, 200);

@@ -405,7 +405,17 @@ fn standing_streams_cost_one_thread_and_one_descriptor_each() {
                 let mut c = Conn::open(&s);
                 c.send("GET", "/sse", &[("Accept", "text/event-stream")], b"");
                 let mut r = SseReader::new(c);
-                assert_eq!(r.next_event().unwrap().event.as_deref(), Some("endpoint"));
+                let endpoint = r.next_event().unwrap();
+                assert_eq!(endpoint.event.as_deref(), Some("endpoint"));
+                // Its first message makes it a session (a stream that only probes is none).
+                let post = Conn::open(&s).request(
+                    "POST",
+                    &endpoint.data,
+                    &[JSON_CT],
+                    init_body("2024-11-05").as_bytes(),
+                );
+                assert_eq!(post.status, 202);
+                assert!(r.next_message().unwrap()["result"].is_object());
                 r
             } else {
                 Session::open(&s).get_stream()

@@ -207,7 +207,14 @@ fn a_session_ending_answers_the_childs_open_requests_first() {
         ],
     );
     let sess = Session::open(&s);
-    let pid = child_pid(&sess);
+    // The child's roots/list may come on this call's stream: the pid is the answer's.
+    let r = sess.call(7, "pid", json!({}));
+    let answer = r
+        .messages()
+        .into_iter()
+        .find(|m| m["id"] == 7)
+        .expect("the pid answer");
+    let pid: i32 = result_text(&answer).parse().unwrap();
     eventually("the child's roots/list to reach the bridge", || {
         metric(
             &s,
@@ -242,6 +249,44 @@ fn shared_mode_answers_a_request_nobody_can_receive_at_once() {
     });
     assert_eq!(
         metric(&s, "stdio_sse_client_requests_unanswered_total"),
+        1.0
+    );
+}
+
+/// No child for a probe: legacy streams that never POST start no child (mcp-remote opens
+/// two such probes per run); the first message starts the session, and with --warm it
+/// is then that the warm child is taken.
+#[test]
+fn probing_legacy_streams_start_no_child() {
+    let s = Server::start(&["--warm", "1"], &everything());
+    s.wait_log("warm child");
+    let spawned = || metric(&s, "stdio_sse_children_spawned_total");
+    let warm_only = spawned();
+    let probes: Vec<SseReader> = (0..3)
+        .map(|_| {
+            let mut c = Conn::open(&s);
+            c.send("GET", "/sse", &[("Accept", "text/event-stream")], b"");
+            let mut r = SseReader::new(c);
+            assert_eq!(r.next_event().unwrap().event.as_deref(), Some("endpoint"));
+            r
+        })
+        .collect();
+    assert_eq!(spawned(), warm_only, "a probe started a child");
+    assert_eq!(
+        metric(&s, "stdio_sse_sessions_active{transport=\"sse\"}"),
+        0.0
+    );
+    assert!(
+        !s.log_text().contains("warm_take"),
+        "a probe took the warm child"
+    );
+    drop(probes);
+    // A real client: its first message starts the session, on the warm child.
+    let (_stream, _endpoint, pid) = legacy_session(&s);
+    assert!(alive(pid));
+    s.wait_log("warm_take");
+    assert_eq!(
+        metric(&s, "stdio_sse_sessions_active{transport=\"sse\"}"),
         1.0
     );
 }
