@@ -1919,9 +1919,12 @@ mod refusal {
 /// libc's; every other caller passes straight through. Here we see every byte a client
 /// sends, in order, and follow HTTP/1.1 framing (heads, Content-Length and chunked
 /// bodies), so each head is checked whole before tiny_http acts on it.
+/// It also watches the sockets of standing streams for a client that left (`watch`),
+/// and tells a waiting 2026-07-28 call whether its client hung up (`hung_up`).
 /// Owns: the connection table, --max-connections, --read-timeout, --max-header-size,
-/// --max-headers, and the early refusals (503, 408, 413, 431) written on the raw socket.
-/// Touches: raw sockets, the config limits it is given, metrics and the log.
+/// --max-headers, the early refusals (503, 408, 413, 431) written on the raw socket, and
+/// the stream watcher. Touches: raw sockets, the config limits it is given, metrics and
+/// the log.
 mod door {
     use crate::refusal::Refusal;
     use crate::Locked;
