@@ -552,14 +552,14 @@ fn all_receive(streams: &mut [BufReader<TcpStream>], needle: &[u8], within: Dura
 /// many streams it actually held (fewer when a limit of this machine stops it first),
 /// and how long a server-wide notification takes to reach every one of them.
 fn idle_streams(bin: &str, wanted: usize) -> Idle {
-    // stdio-sse holds one descriptor per stream: stay under its open-files limit so the
-    // broadcast's own session can still connect.
+    // stdio-sse holds two descriptors per stream (the writer's and the watcher's): stay
+    // under its open-files limit so the broadcast's own session can still connect.
     let hard = unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         lim.rlim_max as usize
     };
-    let n = wanted.min(hard.saturating_sub(256));
+    let n = wanted.min(hard.saturating_sub(256) / 2);
     if n < wanted {
         eprintln!("bench: {wanted} streams need more than the open-files limit ({hard}) allows; holding {n}");
     }
@@ -576,6 +576,8 @@ fn idle_streams(bin: &str, wanted: usize) -> Idle {
         ],
     );
     let mut held = Vec::with_capacity(n);
+    // A legacy stream becomes a session with its first message: each gets initialize.
+    let mut poster = Conn::at(b.port);
     for i in 0..n {
         // Fallible all the way: the release profile aborts on panic.
         let opened = (|| {
@@ -588,7 +590,26 @@ fn idle_streams(bin: &str, wanted: usize) -> Idle {
                 .ok()?;
             let mut line = String::new();
             r.read_line(&mut line).ok()?;
-            line.starts_with("HTTP/1.1 200").then_some(r)
+            if !line.starts_with("HTTP/1.1 200") {
+                return None;
+            }
+            let endpoint = loop {
+                line.clear();
+                if r.read_line(&mut line).ok()? == 0 {
+                    return None;
+                }
+                if let Some(e) = line.trim().strip_prefix("data: ") {
+                    break e.to_string();
+                }
+            };
+            let body = wire::init_body("2024-11-05");
+            let posted = poster.request(
+                "POST",
+                &endpoint,
+                &[("Content-Type", "application/json")],
+                body.as_bytes(),
+            );
+            (posted.status == 202).then_some(r)
         })();
         match opened {
             Some(c) => held.push(c),
