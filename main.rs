@@ -3067,13 +3067,7 @@ mod door {
         let Some(ino) = conn else { return false };
         with_table(|t| {
             let held = t.conns.get(&ino).and_then(|c| c.hold(ino))?;
-            let mut p = libc::pollfd {
-                fd: held.0,
-                events: libc::POLLRDHUP,
-                revents: 0,
-            };
-            let n = unsafe { libc::poll(&mut p, 1, 0) };
-            Some(n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+            Some(peer_left(held.0))
         })
         .flatten()
         .unwrap_or(true)
@@ -5004,7 +4998,7 @@ mod modern {
             return fail(r);
         }
         if let Some((_, field)) = NAMED.iter().find(|(m, _)| *m == method) {
-            let Some(name) = params.get(*field).and_then(Value::as_str) else {
+            let Some(name) = name_of(&method, &params) else {
                 return fail(Refusal::ModernEnvelope(format!(
                     "params.{field} is required for {method}"
                 )));
@@ -5029,6 +5023,16 @@ mod modern {
             params,
             log_level,
         })
+    }
+
+    /// What `Mcp-Name` mirrors for this method (N-6): the tool's or prompt's name, the
+    /// resource's URI; None for other methods or when the body lacks it.
+    fn name_of<'a>(method: &str, params: &'a Value) -> Option<&'a str> {
+        NAMED
+            .iter()
+            .find(|(m, _)| *m == method)
+            .and_then(|(_, f)| params.get(*f))
+            .and_then(Value::as_str)
     }
 
     /// A header value, with the `=?base64?...?=` form decoded (N-6); None when that form
@@ -5297,33 +5301,9 @@ mod modern {
         if child_era() == ChildEra::Modern {
             return call(inc, request);
         }
-        let known = DISCOVERED.locked().clone();
-        let init = match known {
-            Some(d) => d,
-            None => {
-                // No carrier has initialized a child yet: one does now, and waits.
-                match Pool::lease(&inc) {
-                    Ok(c) => {
-                        c.release_if_idle();
-                        let known = DISCOVERED.locked().clone();
-                        match known {
-                            Some(d) => d,
-                            None => {
-                                return respond(
-                                    inc,
-                                    Reply::answering(
-                                        &request.id,
-                                        Refusal::ChildNotStarted(
-                                            "the server process gave no initialize result".into(),
-                                        ),
-                                    ),
-                                )
-                            }
-                        }
-                    }
-                    Err(reply) => return respond(inc, reply),
-                }
-            }
+        let init = match initialize_result(&inc) {
+            Ok(init) => init,
+            Err(refusal) => return respond(inc, Reply::answering(&request.id, refusal)),
         };
         let mut result = json!({
             "supportedVersions": VERSIONS,
@@ -5335,6 +5315,21 @@ mod modern {
         decorate("server/discover", &mut result);
         let answer = json!({"jsonrpc": "2.0", "id": request.id, "result": result});
         respond(inc, Reply::json(200, answer))
+    }
+
+    /// The child's InitializeResult: known once any carrier has initialized a child,
+    /// else a carrier starts one now.
+    fn initialize_result(inc: &Incoming) -> Result<Arc<Value>, Refusal> {
+        let known = DISCOVERED.locked().clone();
+        if let Some(init) = known {
+            return Ok(init);
+        }
+        let carrier = Pool::lease(inc).map_err(refusal_of)?;
+        release_if_idle(&carrier);
+        let known = DISCOVERED.locked().clone();
+        known.ok_or_else(|| {
+            Refusal::ChildNotStarted("the server process gave no initialize result".into())
+        })
     }
 
     // ---- carriers and their pool ------------------------------------------------------
@@ -5487,18 +5482,8 @@ mod modern {
         let id = crate::next_id();
         message["id"] = id.into();
         let method = message["method"].as_str().unwrap_or("").to_string();
-        let call = Call::new(
-            id,
-            method,
-            None,
-            &session.owner,
-            json!({}),
-            None,
-            Value::Null,
-            None,
-        );
+        let call = Call::internal(id, method);
         call.st.locked().sink = Some(tx);
-        call.internal.store(true, Ordering::Release);
         carrier_of(session).state.locked().calls.insert(id, call);
         if session.submit(&[message]).is_err() {
             return None;
@@ -5531,10 +5516,7 @@ mod modern {
         /// Session mode: a carrier with no call (and nothing draining) goes back to the
         /// pool.
         fn release_if_idle_locked(st: &mut CarrierState) {
-            if st
-                .calls
-                .values()
-                .all(|c| c.internal.load(Ordering::Acquire) || c.background)
+            if st.calls.values().all(|c| c.kind != CallKind::Client)
                 && st.draining.is_none()
                 && crate::app().cfg.mode != config::Mode::Shared
             {
@@ -5544,13 +5526,8 @@ mod modern {
         }
     }
 
-    trait Release {
-        fn release_if_idle(&self);
-    }
-    impl Release for Arc<Session> {
-        fn release_if_idle(&self) {
-            Carrier::release_if_idle_locked(&mut carrier_of(self).state.locked());
-        }
+    fn release_if_idle(carrier: &Session) {
+        Carrier::release_if_idle_locked(&mut carrier_of(carrier).state.locked());
     }
 
     // ---- calls ------------------------------------------------------------------------
@@ -5574,12 +5551,22 @@ mod modern {
         owner: Option<Arc<str>>,
         caps: Value,
         log_level: Option<usize>,
-        /// The bridge's own request (a carrier's initialize): answered raw.
-        internal: AtomicBool,
-        /// A modern child's listen: long-lived, it does not keep its carrier from
-        /// other calls (nor count as the one call a log line belongs to).
-        background: bool,
+        kind: CallKind,
         st: Mutex<CallState>,
+    }
+
+    /// Whose a call is, which decides how its answer goes and what it holds.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum CallKind {
+        /// A client's call: answered decorated, under the client's id; it holds its
+        /// carrier (session mode) and is the call a log line belongs to.
+        Client,
+        /// The bridge's own request (a carrier's initialize, a subscription): its answer
+        /// goes back raw, or nowhere.
+        Internal,
+        /// A modern child's listen: long-lived, it neither holds its carrier from other
+        /// calls nor counts as the one call a log line belongs to.
+        Listen,
     }
 
     struct CallState {
@@ -5617,6 +5604,13 @@ mod modern {
     }
 
     impl Call {
+        /// A request of the bridge's own, `method`, under `id` on the child.
+        fn internal(id: u64, method: String) -> Arc<Call> {
+            let mut call = Call::new(id, method, None, &None, json!({}), None, Value::Null, None);
+            Arc::get_mut(&mut call).expect("not shared yet").kind = CallKind::Internal;
+            call
+        }
+
         #[allow(clippy::too_many_arguments)]
         fn new(
             id: u64,
@@ -5628,16 +5622,19 @@ mod modern {
             client_id: Value,
             token: Option<Value>,
         ) -> Arc<Call> {
-            let background = method == "subscriptions/listen";
+            let kind = if method == "subscriptions/listen" {
+                CallKind::Listen
+            } else {
+                CallKind::Client
+            };
             Arc::new(Call {
                 id,
-                background,
+                kind,
                 method,
                 name,
                 owner: owner.clone(),
                 caps,
                 log_level,
-                internal: AtomicBool::new(false),
                 st: Mutex::new(CallState {
                     client_id,
                     token,
@@ -5688,6 +5685,7 @@ mod modern {
                 st.buffered.push(out);
             } else {
                 crate::app().metrics.dropped("parked_overflow");
+                crate::log!(Debug, "message_dropped", "a notification for a parked call is dropped: {PARKED_NOTES_MAX} already wait for its retry");
             }
         }
     }
@@ -5744,12 +5742,7 @@ mod modern {
         };
         let id = crate::next_id();
         let token = token_of(&request.params);
-        let name = NAMED
-            .iter()
-            .find(|(m, _)| *m == request.method)
-            .and_then(|(_, f)| request.params.get(*f))
-            .and_then(Value::as_str)
-            .map(String::from);
+        let name = name_of(&request.method, &request.params).map(String::from);
         let Request {
             id: client_id,
             method,
@@ -5802,9 +5795,9 @@ mod modern {
             carrier_of(&carrier).state.locked().calls.remove(&id);
             return respond(inc, Reply::answering(&client_id, r));
         }
-        if call.background {
+        if call.kind == CallKind::Listen {
             crate::app().metrics.modern_call("listen");
-            carrier.release_if_idle();
+            release_if_idle(&carrier);
         }
         wait_for_call(inc, call, rx);
     }
@@ -5948,7 +5941,7 @@ mod modern {
                 let mut st = carrier_of(&carrier).state.locked();
                 if st.calls.remove(&call.id).is_some()
                     && app.cfg.mode != config::Mode::Shared
-                    && !call.background
+                    && call.kind != CallKind::Listen
                 {
                     st.draining = Some((call.id, Instant::now()));
                 }
@@ -6157,11 +6150,7 @@ mod modern {
         let Some(call) = PARKED.locked().as_ref().and_then(|m| m.get(&id).cloned()) else {
             return refuse(inc, "names no parked call (the call completed, was cancelled, or waited past --input-ttl)".into());
         };
-        let name = NAMED
-            .iter()
-            .find(|(m, _)| *m == request.method)
-            .and_then(|(_, f)| request.params.get(*f))
-            .and_then(Value::as_str);
+        let name = name_of(&request.method, &request.params);
         if !crate::auth::owns(&call.owner, &inc.token)
             || call.method != request.method
             || call.name.as_deref() != name
@@ -6411,7 +6400,7 @@ mod modern {
                     crate::log!(Debug, "message_dropped", session = session.tag; "answer to call {cid}, which was cancelled or ended");
                     return;
                 };
-                if call.internal.load(Ordering::Acquire) {
+                if call.kind == CallKind::Internal {
                     return call.deliver(Out::Final { json, status: 200 });
                 }
                 let mut cs = call.st.locked();
@@ -6534,10 +6523,7 @@ mod modern {
             }
             "notifications/message" => {
                 // Tied to a call only when it is the one thing in flight (M-9).
-                let mut foreground = st
-                    .calls
-                    .values()
-                    .filter(|c| !c.background && !c.internal.load(Ordering::Acquire));
+                let mut foreground = st.calls.values().filter(|c| c.kind == CallKind::Client);
                 let sole = match (foreground.next(), foreground.next()) {
                     (Some(c), None) if !aside && st.draining.is_none() => Some(c.clone()),
                     _ => None,
@@ -6647,7 +6633,7 @@ mod modern {
         };
         // The listener keeps the carrier's child running; calls may still use it.
         carrier_of(&carrier).state.locked().listeners += 1;
-        carrier.release_if_idle();
+        release_if_idle(&carrier);
         let caps = carrier_of(&carrier).state.locked().capabilities.clone();
         let modern_child = child_era() == ChildEra::Modern;
         let wants = request
@@ -6777,18 +6763,7 @@ mod modern {
                 }
                 if send {
                     let id = crate::next_id();
-                    let discard = Call::new(
-                        id,
-                        method.into(),
-                        None,
-                        &None,
-                        json!({}),
-                        None,
-                        Value::Null,
-                        None,
-                    );
-                    discard.internal.store(true, Ordering::Release);
-                    st.calls.insert(id, discard);
+                    st.calls.insert(id, Call::internal(id, method.into()));
                     to_child.push(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": {"uri": uri}}));
                 }
             }
@@ -8949,22 +8924,22 @@ mod upstream {
         /// not left waiting.
         pub fn release(&self, session: &Arc<Session>, awaiting: Vec<String>) {
             let grace = crate::app().cfg.shutdown_grace;
+            // The child's questions to this client are answered first, in either mode: a
+            // child waiting for one (server-filesystem's roots) ignores stdin EOF and
+            // would take the whole grace to end; a shared one would wait for ever.
+            if !awaiting.is_empty() {
+                let ids = awaiting
+                    .iter()
+                    .map(|k| serde_json::from_str(k).unwrap_or(Value::Null))
+                    .collect();
+                sessions::answer_unanswerable(session, ids, "its session has ended");
+            }
             let mut to_child = Vec::new();
             {
                 let mut st = self.state.locked();
                 st.members.retain(|m| !Arc::ptr_eq(m, session));
                 if !self.shared {
                     drop(st);
-                    // Its questions to the client are answered first: a child waiting for
-                    // one (server-filesystem's roots) ignores stdin EOF and would take the
-                    // whole grace to end.
-                    if !awaiting.is_empty() {
-                        let ids = awaiting
-                            .iter()
-                            .map(|k| serde_json::from_str(k).unwrap_or(Value::Null))
-                            .collect();
-                        sessions::answer_unanswerable(session, ids, "its session has ended");
-                    }
                     self.child.terminate(grace);
                     return;
                 }
@@ -9000,12 +8975,6 @@ mod upstream {
                     let cid = st.next_id();
                     st.pending.insert(cid, Pending::Discard);
                     to_child.push(json!({"jsonrpc": "2.0", "id": cid, "method": "resources/unsubscribe", "params": {"uri": uri}}));
-                }
-                for key in awaiting {
-                    let id: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
-                    crate::app().metrics.client_request_unanswered();
-                    to_child.push(json!({"jsonrpc": "2.0", "id": id,
-                        "error": {"code": -32000, "message": "The client's session ended before it answered"}}));
                 }
             }
             for m in to_child {
