@@ -16,6 +16,7 @@
 //! | `door` | the connection layer below HTTP: accept, framing, deadlines, early refusals |
 //! | `http` | the listener, workers, routing, Host/Origin/CORS, bodies, replies |
 //! | `auth` | bearer tokens and what a session inherits from its first request |
+//! | `servers` | the servers behind the port (COMMAND's, or --config's), their paths, reload |
 //! | `streamable` | Streamable HTTP (2025-03-26 .. 2025-11-25): POST, GET, DELETE |
 //! | `legacy` | HTTP+SSE (2024-11-05): the `/sse` stream and its message endpoint |
 //! | `modern` | 2026-07-28 (stateless) on `/mcp`: validation, discover, carriers, MRTR, listen |
@@ -265,6 +266,18 @@ mod config {
             "PATH",
             DEFAULT_MESSAGE_PATH,
             "legacy HTTP+SSE message endpoint",
+        ),
+        flag(
+            "config",
+            "FILE",
+            "",
+            "serve every stdio server of this mcpServers file (Claude Desktop / Cursor format) instead of a COMMAND",
+        ),
+        flag(
+            "tool-separator",
+            "TEXT",
+            DEFAULT_TOOL_SEPARATOR,
+            "joins server and tool names on the merged endpoint (NAME__tool)",
         ),
         flag(
             "cwd",
@@ -570,6 +583,15 @@ mod config {
         /// Program and arguments of the child; for the demo server, ourselves.
         pub command: Vec<String>,
         pub demo: bool,
+        /// --config: the mcpServers file, re-read on SIGHUP.
+        pub config_file: Option<PathBuf>,
+        pub tool_separator: String,
+        /// What the flags say every server gets unless its entry says otherwise.
+        pub server_defaults: ServerSpec,
+        /// The servers to run: the COMMAND's (or the demo's) alone, or the file's.
+        pub servers: Vec<ServerSpec>,
+        /// Entries of the file that are not run, and why (logged at start).
+        pub skipped: Vec<String>,
     }
 
     #[derive(Debug, Default)]
@@ -615,6 +637,492 @@ mod config {
             ));
         }
         Ok(tokens)
+    }
+
+    // ---- servers: the one of a COMMAND, or the mcpServers of --config ----------------
+
+    /// What `NAME__tool` joins on the merged endpoint (--tool-separator).
+    pub const DEFAULT_TOOL_SEPARATOR: &str = "__";
+    /// Longest server name: it is a URL path segment, a metric label and a tool prefix.
+    pub const MAX_SERVER_NAME: usize = 64;
+    /// The name of the server a COMMAND (or the demo) runs: /servers shows it.
+    pub const SOLE_SERVER: &str = "default";
+
+    /// A tool filter: a tool is served when it matches an `allow` entry (or there is
+    /// none) and no `deny` entry. Entries are names, `*` standing for any run of
+    /// characters.
+    #[derive(Clone, Debug, Default, PartialEq)]
+    pub struct ToolFilter {
+        pub allow: Vec<String>,
+        pub deny: Vec<String>,
+    }
+
+    impl ToolFilter {
+        pub fn is_open(&self) -> bool {
+            self.allow.is_empty() && self.deny.is_empty()
+        }
+        pub fn admits(&self, tool: &str) -> bool {
+            (self.allow.is_empty() || self.allow.iter().any(|p| glob(p, tool)))
+                && !self.deny.iter().any(|p| glob(p, tool))
+        }
+    }
+
+    /// `*` matches any run of characters (none included); nothing else is special.
+    fn glob(pattern: &str, text: &str) -> bool {
+        let mut parts = pattern.split('*');
+        let first = parts.next().unwrap_or("");
+        let Some(mut rest) = text.strip_prefix(first) else {
+            return false;
+        };
+        let parts: Vec<&str> = parts.collect();
+        let Some((last, middle)) = parts.split_last() else {
+            return rest.is_empty();
+        };
+        for p in middle {
+            match rest.find(p) {
+                Some(i) => rest = &rest[i + p.len()..],
+                None => return false,
+            }
+        }
+        rest.len() >= last.len() && rest.ends_with(last)
+    }
+
+    /// One server: what runs it and how it is served. Flags give every field's default;
+    /// an entry of --config may set its own.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct ServerSpec {
+        pub name: String,
+        /// Program and arguments; for the demo server, ourselves.
+        pub command: Vec<String>,
+        /// --env first, then the entry's `env` (which wins).
+        pub env: Vec<(String, String)>,
+        pub cwd: Option<PathBuf>,
+        pub mode: Mode,
+        pub warm: usize,
+        pub children: usize,
+        pub max_sessions: usize,
+        pub session_idle_timeout: Option<Duration>,
+        pub child_protocol: crate::modern::ChildEra,
+        /// (lowercase header name, environment variable)
+        pub pass_headers: Vec<(String, String)>,
+        pub tools: ToolFilter,
+        pub disabled: bool,
+    }
+
+    /// What --config holds: the servers to run, and why others are not run.
+    #[derive(Debug)]
+    pub struct ServersFile {
+        pub servers: Vec<ServerSpec>,
+        /// An entry that is not a stdio server (a `url`, `type: http`): skipped, and why.
+        pub skipped: Vec<String>,
+    }
+
+    /// Keys of ours in an entry besides the four every client knows.
+    const OUR_KEYS: &[&str] = &[
+        "mode",
+        "warm",
+        "children",
+        "maxSessions",
+        "sessionIdleTimeout",
+        "childProtocol",
+        "passHeader",
+        "tools",
+        "disabled",
+    ];
+    /// Keys other clients keep in the same file (Cline, Cursor, Claude Desktop
+    /// extensions) that say nothing about how to run the server: ignored.
+    const OTHER_CLIENTS_KEYS: &[&str] = &[
+        "type",
+        "autoApprove",
+        "alwaysAllow",
+        "timeout",
+        "description",
+        "disabledTools",
+    ];
+
+    /// Reads and checks a `mcpServers` file; `defaults` is what the flags say. Every
+    /// error names the file and, where it can, the server, the key and the line.
+    pub fn read_servers_file(
+        path: &std::path::Path,
+        defaults: &ServerSpec,
+        separator: &str,
+    ) -> Result<ServersFile, String> {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--config {shown}: cannot read it: {e}"))?;
+        servers_of(&text, defaults, separator).map_err(|e| format!("--config {shown}: {e}"))
+    }
+
+    /// The checks of `read_servers_file`, on the text.
+    pub fn servers_of(
+        text: &str,
+        defaults: &ServerSpec,
+        separator: &str,
+    ) -> Result<ServersFile, String> {
+        let doc: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "not valid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            )
+        })?;
+        let Some(entries) = doc.get("mcpServers") else {
+            return Err("has no \"mcpServers\" object (the format Claude Desktop and Cursor use: {\"mcpServers\": {\"NAME\": {\"command\": ..., \"args\": [...]}}})".into());
+        };
+        let Some(entries) = entries.as_object() else {
+            return Err("\"mcpServers\" is not an object of servers by name".into());
+        };
+        if let Some(name) = duplicate_server_name(text) {
+            return Err(format!(
+                "server {name:?} is defined twice in \"mcpServers\" (line {})",
+                line_of(text, &format!("\"{name}\""), 2)
+            ));
+        }
+        let mut file = ServersFile {
+            servers: Vec::new(),
+            skipped: Vec::new(),
+        };
+        // serde_json keeps keys sorted; the file's order decides who wins a resource
+        // URI two servers list, so entries are taken in the order they appear.
+        let mut names: Vec<&String> = entries.keys().collect();
+        names.sort_by_key(|n| text.find(&format!("\"{n}\"")).unwrap_or(usize::MAX));
+        for name in names {
+            let entry = &entries[name.as_str()];
+            check_server_name(name, separator)?;
+            let at = || {
+                format!(
+                    "server {name:?} (line {})",
+                    line_of(text, &format!("\"{name}\""), 1)
+                )
+            };
+            let Some(obj) = entry.as_object() else {
+                return Err(format!("{}: not an object", at()));
+            };
+            if let Some(why) = not_stdio(obj) {
+                file.skipped.push(format!("server {name:?} skipped: {why}"));
+                continue;
+            }
+            file.servers
+                .push(server_of(name, obj, defaults).map_err(|e| format!("{}: {e}", at()))?);
+        }
+        let mut lower: Vec<String> = Vec::new();
+        for s in &file.servers {
+            let l = s.name.to_ascii_lowercase();
+            if lower.contains(&l) {
+                return Err(format!("server {:?}: another server differs from its name only in case (names are paths and metric labels: keep them apart)", s.name));
+            }
+            lower.push(l);
+        }
+        Ok(file)
+    }
+
+    /// Names become a path segment, a label and a tool prefix: letters, digits, `-`,
+    /// `_`, `.`; not `.` or `..`; without the tool separator, so `NAME__tool` splits
+    /// one way only and no two servers' tools can collide after prefixing.
+    fn check_server_name(name: &str, separator: &str) -> Result<(), String> {
+        let safe = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+        if name.is_empty() || name.len() > MAX_SERVER_NAME || !name.chars().all(safe) {
+            return Err(format!("server name {name:?} is not URL-safe: use 1 to {MAX_SERVER_NAME} letters, digits, '-', '_' or '.'"));
+        }
+        if name == "." || name == ".." {
+            return Err(format!("server name {name:?} is not a usable path segment"));
+        }
+        if !separator.is_empty() && name.contains(separator) {
+            return Err(format!("server name {name:?} contains the tool separator {separator:?}: its tools could collide with another server's after prefixing (rename it, or set --tool-separator)"));
+        }
+        Ok(())
+    }
+
+    /// Why an entry is not a stdio server, if it is not.
+    fn not_stdio(obj: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+        let ty = obj.get("type").and_then(|t| t.as_str());
+        if let Some(t) = ty.filter(|t| *t != "stdio") {
+            return Some(format!(
+                "type {t:?} is a remote server, not a stdio one (point the client at it directly)"
+            ));
+        }
+        if obj.contains_key("url") || obj.contains_key("serverUrl") {
+            return Some(
+                "it has a url: a remote server, not a stdio one (point the client at it directly)"
+                    .into(),
+            );
+        }
+        None
+    }
+
+    /// One entry over the defaults.
+    fn server_of(
+        name: &str,
+        obj: &serde_json::Map<String, serde_json::Value>,
+        defaults: &ServerSpec,
+    ) -> Result<ServerSpec, String> {
+        use serde_json::Value;
+        for key in obj.keys() {
+            let known = ["command", "args", "env", "cwd"].contains(&key.as_str())
+                || OUR_KEYS.contains(&key.as_str())
+                || OTHER_CLIENTS_KEYS.contains(&key.as_str());
+            if !known {
+                return Err(format!(
+                    "unknown key {key:?} (known: command, args, env, cwd, {})",
+                    OUR_KEYS.join(", ")
+                ));
+            }
+        }
+        let text = |key: &str| -> Result<Option<String>, String> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(format!("{key:?} must be a string")),
+            }
+        };
+        let strings = |key: &str| -> Result<Vec<String>, String> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::String(s)) => Ok(vec![s.clone()]),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|v| v.as_str().map(String::from))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| format!("{key:?} must be a list of strings")),
+                Some(_) => Err(format!("{key:?} must be a list of strings")),
+            }
+        };
+        let count = |key: &str, default: usize| -> Result<usize, String> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| format!("{key:?} must be a whole number")),
+            }
+        };
+        let mut spec = defaults.clone();
+        spec.name = name.to_string();
+        let Some(command) = text("command")?.filter(|c| !c.trim().is_empty()) else {
+            return Err("has no \"command\" (a stdio server needs the program to run)".into());
+        };
+        spec.command = std::iter::once(command).chain(strings("args")?).collect();
+        match obj.get("env") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    let v = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        Value::Bool(b) => b.to_string(),
+                        _ => return Err(format!("\"env\": {k:?} must be a string")),
+                    };
+                    if k.is_empty() || k.contains('=') || k.contains('\0') {
+                        return Err(format!("\"env\": {k:?} is not a variable name"));
+                    }
+                    spec.env.retain(|(have, _)| have != k);
+                    spec.env.push((k.clone(), v));
+                }
+            }
+            Some(_) => return Err("\"env\" must be an object of strings".into()),
+        }
+        if let Some(cwd) = text("cwd")? {
+            spec.cwd = Some(PathBuf::from(cwd));
+        }
+        if let Some(mode) = text("mode")? {
+            spec.mode = mode_of(&mode).map_err(|e| format!("\"mode\": {e}"))?;
+        }
+        spec.warm = count(
+            "warm",
+            if spec.mode == Mode::Session {
+                defaults.warm
+            } else {
+                0
+            },
+        )?;
+        spec.children = count(
+            "children",
+            if spec.mode == Mode::Shared {
+                defaults.children
+            } else {
+                1
+            },
+        )?;
+        spec.max_sessions = count("maxSessions", defaults.max_sessions)?;
+        match obj.get("sessionIdleTimeout") {
+            None | Some(Value::Null) => {}
+            Some(Value::Number(n)) => {
+                let d = parse_duration("sessionIdleTimeout", &n.to_string())?;
+                spec.session_idle_timeout = nonzero(d);
+            }
+            Some(Value::String(s)) => {
+                spec.session_idle_timeout = nonzero(parse_duration("sessionIdleTimeout", s)?)
+            }
+            Some(_) => {
+                return Err(
+                    "\"sessionIdleTimeout\" must be a duration like \"30m\" or seconds".into(),
+                )
+            }
+        }
+        if let Some(era) = text("childProtocol")? {
+            spec.child_protocol = era_of(&era).map_err(|e| format!("\"childProtocol\": {e}"))?;
+        }
+        if obj.contains_key("passHeader") {
+            spec.pass_headers = pass_headers_from(&strings("passHeader")?)
+                .map_err(|e| e.replace("--pass-header", "\"passHeader\""))?;
+        }
+        match obj.get("tools") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                if let Some(k) = m.keys().find(|k| *k != "allow" && *k != "deny") {
+                    return Err(format!("\"tools\": unknown key {k:?} (allow, deny)"));
+                }
+                let list = |key: &str| -> Result<Vec<String>, String> {
+                    match m.get(key) {
+                        None | Some(Value::Null) => Ok(Vec::new()),
+                        Some(Value::Array(a)) => a
+                            .iter()
+                            .map(|v| v.as_str().filter(|s| !s.is_empty()).map(String::from))
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| {
+                                format!("\"tools\".{key} must be a list of tool names or patterns")
+                            }),
+                        Some(_) => Err(format!(
+                            "\"tools\".{key} must be a list of tool names or patterns"
+                        )),
+                    }
+                };
+                spec.tools = ToolFilter {
+                    allow: list("allow")?,
+                    deny: list("deny")?,
+                };
+            }
+            Some(_) => {
+                return Err(
+                    "\"tools\" must be an object: {\"allow\": [...], \"deny\": [...]}".into(),
+                )
+            }
+        }
+        spec.disabled = match obj.get("disabled") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err("\"disabled\" must be true or false".into()),
+        };
+        check_server(&spec)?;
+        Ok(spec)
+    }
+
+    /// What cannot work together, for a server of the file or of the command line.
+    fn check_server(spec: &ServerSpec) -> Result<(), String> {
+        if spec.children == 0 {
+            return Err("children must be at least 1".into());
+        }
+        if spec.children != 1 && spec.mode != Mode::Shared {
+            return Err("children applies to mode shared only".into());
+        }
+        if spec.warm != 0 && spec.mode != Mode::Session {
+            return Err(
+                "warm applies to mode session only (a shared child is always running)".into(),
+            );
+        }
+        if !spec.pass_headers.is_empty() && spec.mode == Mode::Shared {
+            return Err("passHeader cannot work in mode shared: one child serves every client, so no one client's header can become its environment".into());
+        }
+        Ok(())
+    }
+
+    fn mode_of(s: &str) -> Result<Mode, String> {
+        match s {
+            "session" => Ok(Mode::Session),
+            "shared" => Ok(Mode::Shared),
+            "oneshot" | "one-shot" => Ok(Mode::Oneshot),
+            other => Err(format!("must be session, shared or oneshot, not {other:?}")),
+        }
+    }
+
+    fn era_of(s: &str) -> Result<crate::modern::ChildEra, String> {
+        match s {
+            "legacy" => Ok(crate::modern::ChildEra::Legacy),
+            "modern" => Ok(crate::modern::ChildEra::Modern),
+            "auto" => Ok(crate::modern::ChildEra::Auto),
+            other => Err(format!("must be legacy, modern or auto, not {other:?}")),
+        }
+    }
+
+    /// The 1-based line of the `nth` occurrence of `needle`, for messages.
+    fn line_of(text: &str, needle: &str, nth: usize) -> usize {
+        let mut from = 0;
+        let mut at = 0;
+        for _ in 0..nth.max(1) {
+            match text[from..].find(needle) {
+                Some(i) => {
+                    at = from + i;
+                    from = at + needle.len();
+                }
+                None => break,
+            }
+        }
+        text[..at].matches('\n').count() + 1
+    }
+
+    /// serde_json keeps the last of two equal keys; two servers of one name are a
+    /// mistake to report. The text is valid JSON here: this walks the `mcpServers`
+    /// object's own keys.
+    fn duplicate_server_name(text: &str) -> Option<String> {
+        #[derive(PartialEq)]
+        enum Where {
+            Before,
+            Inside,
+            After,
+        }
+        let b = text.as_bytes();
+        let mut depth = 0usize;
+        let mut at = Where::Before;
+        let mut key_at_top: Option<String> = None;
+        let mut seen: Vec<String> = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'"' => {
+                    let start = i;
+                    i += 1;
+                    while i < b.len() && b[i] != b'"' {
+                        i += if b[i] == b'\\' { 2 } else { 1 };
+                    }
+                    let s: String = serde_json::from_str(&text[start..(i + 1).min(b.len())])
+                        .unwrap_or_default();
+                    let next = b
+                        .get(i + 1..)
+                        .unwrap_or(&[])
+                        .iter()
+                        .find(|c| !c.is_ascii_whitespace());
+                    if next == Some(&b':') {
+                        if depth == 1 {
+                            key_at_top = Some(s);
+                        } else if depth == 2 && at == Where::Inside {
+                            if seen.contains(&s) {
+                                return Some(s);
+                            }
+                            seen.push(s);
+                        }
+                    }
+                }
+                b'{' | b'[' => {
+                    depth += 1;
+                    if b[i] == b'{'
+                        && depth == 2
+                        && at == Where::Before
+                        && key_at_top.as_deref() == Some("mcpServers")
+                    {
+                        at = Where::Inside;
+                    }
+                }
+                b'}' | b']' => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 1 && at == Where::Inside {
+                        at = Where::After;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        None
     }
 
     pub enum Parsed {
@@ -818,9 +1326,9 @@ mod config {
     }
 
     /// --pass-header NAME[=ENVVAR]: a header name and an environment variable name.
-    fn pass_headers_of(v: &Values) -> Result<Vec<(String, String)>, String> {
+    fn pass_headers_from(specs: &[String]) -> Result<Vec<(String, String)>, String> {
         let mut pass_headers = Vec::new();
-        for spec in v.list("pass-header") {
+        for spec in specs {
             let (name, var) = match spec.split_once('=') {
                 Some((n, v)) => (n.trim().to_string(), v.trim().to_string()),
                 None => {
@@ -905,7 +1413,7 @@ mod config {
         }
         let auth = auth_of(&v)?;
         let tls = tls_of(&v)?;
-        let pass_headers = pass_headers_of(&v)?;
+        let pass_headers = pass_headers_from(&v.list("pass-header"))?;
         if !pass_headers.is_empty() && mode == Mode::Shared {
             return Err("--pass-header cannot work in --mode shared: one child serves every client, so no one client's header can become its environment".into());
         }
@@ -916,6 +1424,7 @@ mod config {
             .collect();
         let demo = v.command.is_empty();
         let cwd = v.get("cwd");
+        let (tool_separator, config_file) = (v.get("tool-separator"), v.get("config"));
         let cfg = Config {
             host: v.get("host"),
             port: v
@@ -1006,7 +1515,70 @@ mod config {
             max_json_depth: parse_count("max-json-depth", &v.get("max-json-depth"))?.clamp(1, 100),
             command: v.command,
             demo,
+            config_file: None,
+            tool_separator,
+            server_defaults: ServerSpec {
+                name: SOLE_SERVER.to_string(),
+                command: Vec::new(),
+                env: Vec::new(),
+                cwd: None,
+                mode,
+                warm,
+                children,
+                max_sessions: 0,
+                session_idle_timeout: None,
+                child_protocol: crate::modern::ChildEra::Legacy,
+                pass_headers: Vec::new(),
+                tools: ToolFilter::default(),
+                disabled: false,
+            },
+            servers: Vec::new(),
+            skipped: Vec::new(),
         };
+        with_servers(cfg, config_file)
+    }
+
+    /// The server defaults from the flags, then the servers: the file's, or the one of
+    /// COMMAND (the demo when there is neither).
+    fn with_servers(mut cfg: Config, config_file: String) -> Result<Config, String> {
+        let d = &mut cfg.server_defaults;
+        d.command = cfg.command.clone();
+        d.env = cfg.env.clone();
+        d.cwd = cfg.cwd.clone();
+        d.max_sessions = cfg.max_sessions;
+        d.session_idle_timeout = cfg.session_idle_timeout;
+        d.child_protocol = cfg.child_protocol;
+        d.pass_headers = cfg.pass_headers.clone();
+        if config_file.is_empty() {
+            cfg.servers = vec![cfg.server_defaults.clone()];
+            return Ok(cfg);
+        }
+        if !cfg.command.is_empty() {
+            return Err(format!(
+                "give a COMMAND or --config, not both (COMMAND: {:?}; --config: {config_file})",
+                cfg.command.join(" ")
+            ));
+        }
+        if cfg.mode == Mode::Oneshot {
+            return Err("--mode oneshot is not a default for --config servers: set \"mode\": \"oneshot\" on the ones that want it".into());
+        }
+        if cfg.tool_separator.is_empty()
+            || cfg
+                .tool_separator
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "--tool-separator must be non-empty text without spaces, got {:?}",
+                cfg.tool_separator
+            ));
+        }
+        cfg.demo = false;
+        let path = PathBuf::from(&config_file);
+        let file = read_servers_file(&path, &cfg.server_defaults, &cfg.tool_separator)?;
+        cfg.config_file = Some(path);
+        cfg.servers = file.servers;
+        cfg.skipped = file.skipped;
         Ok(cfg)
     }
 
@@ -3477,9 +4049,19 @@ mod http {
         /// The authority of an absolute-form target (`GET http://host:port/path`): it
         /// stands for the Host header (RFC 9112 §3.2.2).
         pub target_host: Option<String>,
+        /// The server its path names (set for the MCP endpoints), and by which door.
+        pub server: Option<Arc<crate::servers::Server>>,
+        pub door: crate::servers::Door,
     }
 
     impl Incoming {
+        /// The server an MCP endpoint's request is for: the router sets it before any
+        /// transport sees the request.
+        pub fn server(&self) -> &Arc<crate::servers::Server> {
+            self.server
+                .as_ref()
+                .expect("an MCP endpoint's request is routed to a server")
+        }
         pub fn header(&self, name: &str) -> Option<&str> {
             self.rq
                 .headers()
@@ -3841,6 +4423,8 @@ mod http {
             token: None,
             cors: None,
             target_host,
+            server: None,
+            door: crate::servers::Door::Front,
         };
         if inc.rq.secure() && inc.header("Transfer-Encoding").is_some() {
             // The door sees only ciphertext, so it cannot bound chunk framing, and
@@ -3860,7 +4444,12 @@ mod http {
         if app.shutting_down.load(Ordering::Acquire) {
             return respond(inc, Refusal::ShuttingDown.into());
         }
-        let open_route = matches!(inc.path.as_str(), "/healthz" | "/readyz") && !cfg.auth.health;
+        let route = crate::servers::resolve(&inc.path);
+        let readiness = route
+            .as_ref()
+            .is_some_and(|r| r.endpoint == crate::servers::Endpoint::Readyz);
+        let open_route =
+            (readiness || matches!(inc.path.as_str(), "/healthz" | "/readyz")) && !cfg.auth.health;
         if !open_route {
             match crate::auth::check(inc.header("Authorization")) {
                 Ok(token) => inc.token = token,
@@ -3870,66 +4459,106 @@ mod http {
         let path = inc.path.as_str();
         let method = inc.method().clone();
         let allow = |allow: &'static str| Reply::from(Refusal::MethodNotAllowed { allow });
-        match (path, cfg.mode) {
-            ("/healthz", _) => match method {
+        use crate::servers::Endpoint;
+        match path {
+            "/healthz" => match method {
                 Method::Get => respond(inc, Reply::json(200, serde_json::json!({"status": "ok"}))),
                 _ => respond(inc, allow("GET")),
             },
-            ("/readyz", _) => match method {
-                Method::Get => respond(inc, readyz()),
+            "/readyz" => match method {
+                Method::Get => respond(inc, readyz(None)),
                 _ => respond(inc, allow("GET")),
             },
-            ("/metrics", _) => match method {
+            "/metrics" => match method {
                 Method::Get => respond(
                     inc,
                     Reply::text(200, "text/plain; version=0.0.4", app.metrics.render()),
                 ),
                 _ => respond(inc, allow("GET")),
             },
-            (p, Mode::Session | Mode::Shared) if p == cfg.mcp_path => match method {
-                Method::Post => crate::streamable::post(inc),
-                Method::Get => crate::streamable::get(inc),
-                Method::Delete => crate::streamable::delete(inc),
-                _ => respond(inc, allow("GET, POST, DELETE")),
-            },
-            (p, Mode::Oneshot) if p == cfg.mcp_path => match method {
-                Method::Post => crate::oneshot::post(inc),
-                Method::Get => crate::oneshot::get(inc),
-                _ => respond(inc, allow("GET, POST")),
-            },
-            (p, Mode::Session | Mode::Shared) if p == cfg.sse_path => match method {
-                Method::Get => crate::legacy::open(inc),
+            "/servers" => match method {
+                Method::Get => respond(inc, Reply::json(200, crate::servers::list())),
                 _ => respond(inc, allow("GET")),
             },
-            (p, Mode::Session | Mode::Shared) if p == cfg.message_path => match method {
-                Method::Post => crate::legacy::post(inc),
-                _ => respond(inc, allow("POST")),
-            },
             _ => {
-                let refusal = Refusal::NotFound(path.to_string());
-                respond(inc, refusal.into())
+                let Some(route) = route else {
+                    let refusal = Refusal::NotFound(path.to_string());
+                    return respond(inc, refusal.into());
+                };
+                let mode = route.server.spec.mode;
+                inc.door = route.door;
+                inc.server = Some(route.server);
+                match (route.endpoint, mode) {
+                    (Endpoint::Readyz, _) => match method {
+                        Method::Get => {
+                            let reply = readyz(inc.server.as_deref());
+                            respond(inc, reply)
+                        }
+                        _ => respond(inc, allow("GET")),
+                    },
+                    (Endpoint::Mcp, Mode::Session | Mode::Shared) => match method {
+                        Method::Post => crate::streamable::post(inc),
+                        Method::Get => crate::streamable::get(inc),
+                        Method::Delete => crate::streamable::delete(inc),
+                        _ => respond(inc, allow("GET, POST, DELETE")),
+                    },
+                    (Endpoint::Mcp, Mode::Oneshot) => match method {
+                        Method::Post => crate::oneshot::post(inc),
+                        Method::Get => crate::oneshot::get(inc),
+                        _ => respond(inc, allow("GET, POST")),
+                    },
+                    (Endpoint::Sse, Mode::Session | Mode::Shared) => match method {
+                        Method::Get => crate::legacy::open(inc),
+                        _ => respond(inc, allow("GET")),
+                    },
+                    (Endpoint::Message, Mode::Session | Mode::Shared) => match method {
+                        Method::Post => crate::legacy::post(inc),
+                        _ => respond(inc, allow("POST")),
+                    },
+                    _ => {
+                        let refusal = Refusal::NotFound(inc.path.clone());
+                        respond(inc, refusal.into())
+                    }
+                }
             }
         }
     }
 
-    /// /readyz: 200 when a child can be started and the shared children are not
-    /// crash-looping, else 503 with the reason.
-    fn readyz() -> Reply {
+    /// /readyz (every server) and /servers/NAME/readyz (one): 200 when a child can be
+    /// started and no shared child is crash-looping, else 503 with the reason.
+    fn readyz(one: Option<&crate::servers::Server>) -> Reply {
         let not_ready = |reason: String| {
             Reply::json(
                 503,
                 serde_json::json!({"status": "not ready", "reason": reason}),
             )
         };
-        if let Some(reason) = crate::upstream::crash_loop() {
-            return not_ready(reason);
+        let all = crate::servers::all();
+        let one = one.or(match (all.as_slice(), &app().cfg.config_file) {
+            ([sole], None) => Some(&**sole),
+            _ => None,
+        });
+        if let Some(s) = one {
+            return match s.not_ready() {
+                Some(reason) => not_ready(reason),
+                None => match crate::child::startable(&s.spec) {
+                    Ok(path) => Reply::json(
+                        200,
+                        serde_json::json!({"status": "ready", "command": path.display().to_string()}),
+                    ),
+                    Err(reason) => not_ready(reason),
+                },
+            };
         }
-        match crate::child::startable() {
-            Ok(path) => Reply::json(
-                200,
-                serde_json::json!({"status": "ready", "command": path.display().to_string()}),
-            ),
-            Err(reason) => not_ready(reason),
+        match crate::servers::not_ready() {
+            Some(reason) => not_ready(reason),
+            None => {
+                let names: Vec<&str> = all.iter().map(|s| &*s.name).collect();
+                Reply::json(
+                    200,
+                    serde_json::json!({"status": "ready", "servers": names}),
+                )
+            }
         }
     }
 
@@ -4354,7 +4983,7 @@ mod auth {
 
     pub fn context(inc: &Incoming) -> Result<Context, Reply> {
         let mut env = Vec::new();
-        for (name, var) in &crate::app().cfg.pass_headers {
+        for (name, var) in &inc.server().spec.pass_headers {
             let Some(value) = inc.header(name) else {
                 continue;
             };
@@ -4377,6 +5006,317 @@ mod auth {
             (Some(o), Some(t)) => ct_eq(o.as_bytes(), t.as_bytes()),
             (Some(_), None) => false,
         }
+    }
+}
+
+// ======================================================================================
+/// The servers behind the port: the one of COMMAND (or the demo), or every stdio server
+/// of a --config file. Which server a path is for (`/servers/NAME/mcp`, or the front
+/// endpoints), each server's live state (its shared children, warm pool, 2026-07-28
+/// carriers), `/servers` and each server's readiness, and reload on SIGHUP: added servers
+/// start, removed ones drain, changed ones serve new sessions with their new settings
+/// while the sessions they have keep their child until they end.
+/// Owns: the server table, path resolution, reload, tool filters. Touches: `upstream`
+/// and `modern` (a server's children), `sessions` (draining a removed server).
+mod servers {
+    use super::*;
+    use crate::config::{Mode, ServerSpec};
+    use serde_json::{json, Value};
+    use std::sync::{Mutex, RwLock};
+
+    /// Every server's own endpoints are under this: /servers/NAME/mcp.
+    pub const PREFIX: &str = "/servers/";
+
+    pub struct Server {
+        pub name: Arc<str>,
+        pub spec: ServerSpec,
+        /// Removed or replaced by a reload: it takes no new session.
+        retired: AtomicBool,
+        pub children: crate::upstream::Children,
+        pub modern: crate::modern::PerServer,
+        /// One-shot children running now.
+        pub oneshot_active: AtomicUsize,
+        /// How many tools it lists (after its filter), once a list has been seen; -1 before.
+        tools_seen: std::sync::atomic::AtomicI64,
+        /// Why its last start failed, until one succeeds.
+        failure: Mutex<Option<String>>,
+    }
+
+    impl Server {
+        pub fn new(spec: ServerSpec) -> Arc<Server> {
+            Arc::new(Server {
+                name: spec.name.as_str().into(),
+                spec,
+                retired: AtomicBool::new(false),
+                children: Default::default(),
+                modern: Default::default(),
+                oneshot_active: AtomicUsize::new(0),
+                tools_seen: std::sync::atomic::AtomicI64::new(-1),
+                failure: Mutex::new(None),
+            })
+        }
+        pub fn retired(&self) -> bool {
+            self.retired.load(Ordering::Acquire)
+        }
+        /// Before a child's tag in logs: whose child it is, when there may be several.
+        pub fn tag_prefix(&self) -> String {
+            if crate::app().cfg.config_file.is_some() {
+                format!("{}/", self.name)
+            } else {
+                String::new()
+            }
+        }
+        /// A child of it started, or could not: /servers and /readyz say which.
+        pub fn started(&self, outcome: Result<(), &str>) {
+            let mut f = self.failure.locked();
+            match outcome {
+                Ok(()) => *f = None,
+                Err(why) => {
+                    if f.is_none() {
+                        crate::app().metrics.server_failed(&self.name);
+                    }
+                    *f = Some(why.to_string());
+                }
+            }
+        }
+        /// Why it cannot serve now, if it cannot.
+        pub fn not_ready(&self) -> Option<String> {
+            if let Some(reason) = crate::upstream::crash_loop(self) {
+                return Some(reason);
+            }
+            if let Err(reason) = crate::child::startable(&self.spec) {
+                return Some(reason);
+            }
+            self.failure.locked().clone()
+        }
+        pub fn saw_tools(&self, n: usize) {
+            self.tools_seen.store(n as i64, Ordering::Relaxed);
+        }
+        pub fn tools_known(&self) -> Option<usize> {
+            usize::try_from(self.tools_seen.load(Ordering::Relaxed)).ok()
+        }
+        /// What `/servers` says of it.
+        fn describe(&self) -> Value {
+            let app = crate::app();
+            let sessions = app
+                .sessions
+                .all()
+                .iter()
+                .filter(|s| s.server.name == self.name && !s.is_carrier())
+                .count();
+            let children = app
+                .children
+                .locked()
+                .values()
+                .filter(|c| c.server == self.name)
+                .count();
+            let (state, reason) = match self.not_ready() {
+                None if self.spec.mode == Mode::Shared && !crate::upstream::any_running(self) => {
+                    ("starting", None)
+                }
+                None => ("ready", None),
+                Some(r) if r.starts_with("crash loop") => ("crash_loop", Some(r)),
+                Some(r) => ("failed", Some(r)),
+            };
+            let tools = self.tools_known();
+            let mut v = json!({
+                "name": &*self.name,
+                "mode": mode_name(self.spec.mode),
+                "state": state,
+                "endpoints": endpoints(&self.name, self.spec.mode),
+                "sessions": sessions,
+                "children": children,
+                "tools": tools,
+            });
+            if let Some(r) = reason {
+                v["reason"] = r.into();
+            }
+            if !self.spec.tools.is_open() {
+                v["toolFilter"] =
+                    json!({"allow": self.spec.tools.allow, "deny": self.spec.tools.deny});
+            }
+            v
+        }
+    }
+
+    pub fn mode_name(mode: Mode) -> &'static str {
+        match mode {
+            Mode::Session => "session",
+            Mode::Shared => "shared",
+            Mode::Oneshot => "oneshot",
+        }
+    }
+
+    fn endpoints(name: &str, mode: Mode) -> Value {
+        let base = format!("{PREFIX}{name}");
+        match mode {
+            Mode::Oneshot => {
+                json!({"mcp": format!("{base}/mcp"), "readyz": format!("{base}/readyz")})
+            }
+            _ => json!({
+                "mcp": format!("{base}/mcp"),
+                "sse": format!("{base}/sse"),
+                "message": format!("{base}/message"),
+                "readyz": format!("{base}/readyz"),
+            }),
+        }
+    }
+
+    /// The servers serving now, in the file's order (retired ones are not here).
+    static TABLE: RwLock<Vec<Arc<Server>>> = RwLock::new(Vec::new());
+    /// Entries the file has but that do not run: disabled, or not stdio.
+    static IDLE_ENTRIES: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+    /// Retired servers whose sessions or children have not all ended yet.
+    static RETIRED: Mutex<Vec<Arc<Server>>> = Mutex::new(Vec::new());
+
+    pub fn all() -> Vec<Arc<Server>> {
+        TABLE
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Every server with state to look after: serving, and retired but not yet drained.
+    pub fn live() -> Vec<Arc<Server>> {
+        let mut v = all();
+        v.extend(RETIRED.locked().iter().cloned());
+        v
+    }
+
+    pub fn named(name: &str) -> Option<Arc<Server>> {
+        all().into_iter().find(|s| &*s.name == name)
+    }
+
+    /// Which endpoint of a server a request is for.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Endpoint {
+        Mcp,
+        Sse,
+        Message,
+        Readyz,
+    }
+
+    /// Whose endpoint: a server's own (`/servers/NAME/...`), or the front paths
+    /// (--mcp-path, --sse-path, --message-path), which serve the one server there is.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub enum Door {
+        Front,
+        Own,
+    }
+
+    pub struct Route {
+        pub server: Arc<Server>,
+        pub endpoint: Endpoint,
+        pub door: Door,
+    }
+
+    /// The server and endpoint a path names, if any.
+    pub fn resolve(path: &str) -> Option<Route> {
+        let cfg = &crate::app().cfg;
+        if let Some(rest) = path.strip_prefix(PREFIX) {
+            let (name, tail) = rest.split_once('/')?;
+            let endpoint = match tail {
+                "mcp" => Endpoint::Mcp,
+                "sse" => Endpoint::Sse,
+                "message" => Endpoint::Message,
+                "readyz" => Endpoint::Readyz,
+                _ => return None,
+            };
+            let server = named(name)?;
+            return Some(Route {
+                server,
+                endpoint,
+                door: Door::Own,
+            });
+        }
+        let endpoint = if path == cfg.mcp_path {
+            Endpoint::Mcp
+        } else if path == cfg.sse_path {
+            Endpoint::Sse
+        } else if path == cfg.message_path {
+            Endpoint::Message
+        } else {
+            return None;
+        };
+        let table = all();
+        let [server] = table.as_slice() else {
+            return None;
+        };
+        Some(Route {
+            server: server.clone(),
+            endpoint,
+            door: Door::Front,
+        })
+    }
+
+    /// Where a legacy stream's client posts its messages.
+    pub fn message_path(server: &Server, door: Door) -> String {
+        match door {
+            Door::Front => crate::app().cfg.message_path.clone(),
+            Door::Own => format!("{PREFIX}{}/message", server.name),
+        }
+    }
+
+    /// GET /servers.
+    pub fn list() -> Value {
+        let mut servers: Vec<Value> = all().iter().map(|s| s.describe()).collect();
+        servers.extend(IDLE_ENTRIES.locked().iter().cloned());
+        for s in RETIRED.locked().iter() {
+            let mut d = s.describe();
+            d["state"] = "draining".into();
+            servers.push(d);
+        }
+        json!({"servers": servers})
+    }
+
+    /// Why the whole instance is not ready: every enabled server that cannot serve.
+    pub fn not_ready() -> Option<String> {
+        let failing: Vec<String> = all()
+            .iter()
+            .filter_map(|s| s.not_ready().map(|r| format!("server {:?}: {r}", &*s.name)))
+            .collect();
+        (!failing.is_empty()).then(|| failing.join("; "))
+    }
+
+    /// Installs the servers of the configuration and starts each.
+    pub fn install(specs: &[ServerSpec], skipped: &[String]) {
+        let mut idle = Vec::new();
+        let mut table = Vec::new();
+        for spec in specs {
+            if spec.disabled {
+                crate::log!(Info, "server_disabled", server = spec.name; "server {:?} is disabled in the file: not started", spec.name);
+                idle.push(
+                    json!({"name": spec.name, "mode": mode_name(spec.mode), "state": "disabled"}),
+                );
+                continue;
+            }
+            table.push(Server::new(spec.clone()));
+        }
+        for why in skipped {
+            crate::log!(Warn, "server_skipped", "{why}");
+            idle.push(json!({"state": "skipped", "reason": why}));
+        }
+        *IDLE_ENTRIES.locked() = idle;
+        *TABLE
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = table.clone();
+        for s in &table {
+            start(s);
+        }
+    }
+
+    /// Starts what a server keeps running: its shared children or warm pool, and the
+    /// probe of what it speaks (--child-protocol auto).
+    fn start(server: &Arc<Server>) {
+        if crate::app().cfg.config_file.is_some() {
+            crate::log!(Info, "server_start", server = server.name; "server {:?}: {} ({} mode)", &*server.name, server.spec.command.join(" "), mode_name(server.spec.mode));
+        }
+        match server.spec.mode {
+            Mode::Shared => crate::upstream::start_shared(server),
+            Mode::Session => crate::upstream::start_warm_pool(server),
+            Mode::Oneshot => return,
+        }
+        crate::modern::probe_child_era(server);
     }
 }
 
@@ -4423,13 +5363,13 @@ mod streamable {
                 return respond(inc, Reply::from(Refusal::InitializeInBatch));
             }
             if let Some(id) = session_id {
-                return match app.sessions.get(&id, Transport::Streamable, &inc.token) {
+                return match app.sessions.get(&id, Transport::Streamable, &inc) {
                     Some(_) => respond(inc, Refusal::AlreadyInitialized.into()),
                     None => respond(inc, Reply::from(Refusal::SessionNotFound)),
                 };
             }
             let init = messages.into_iter().next().expect("one message");
-            if crate::modern::child_era() == crate::modern::ChildEra::Modern {
+            if crate::modern::child_era(inc.server()) == crate::modern::ChildEra::Modern {
                 let id = init.get("id").cloned().unwrap_or_default();
                 return respond(inc, Reply::answering(&id, Refusal::ChildModernOnly));
             }
@@ -4440,7 +5380,7 @@ mod streamable {
             // modern error code, so dual-era clients fall back to initialize (N-11).
             return respond(inc, Refusal::SessionIdRequired.into());
         };
-        let Some(session) = app.sessions.get(&id, Transport::Streamable, &inc.token) else {
+        let Some(session) = app.sessions.get(&id, Transport::Streamable, &inc) else {
             return respond(inc, Reply::from(Refusal::SessionNotFound));
         };
         if let Err(reply) = check_version(&inc) {
@@ -4481,7 +5421,7 @@ mod streamable {
             Ok(ctx) => ctx,
             Err(reply) => return respond(inc, reply),
         };
-        match sessions::create(Transport::Streamable, ctx) {
+        match sessions::create(&inc.server().clone(), Transport::Streamable, ctx) {
             Ok(session) => {
                 session.set_initialize(&init_id);
                 forward_and_stream(inc, &session, vec![init], Some(session.id.clone()));
@@ -4529,7 +5469,7 @@ mod streamable {
         let Some(id) = inc.header(SESSION_HEADER) else {
             return respond(inc, Refusal::SessionIdRequired.into());
         };
-        let Some(session) = app().sessions.get(id, Transport::Streamable, &inc.token) else {
+        let Some(session) = app().sessions.get(id, Transport::Streamable, &inc) else {
             return respond(inc, Reply::from(Refusal::SessionNotFound));
         };
         if let Err(reply) = check_version(&inc) {
@@ -4560,7 +5500,7 @@ mod streamable {
         let Some(id) = inc.header(SESSION_HEADER) else {
             return respond(inc, Refusal::SessionIdRequired.into());
         };
-        let Some(session) = app().sessions.get(id, Transport::Streamable, &inc.token) else {
+        let Some(session) = app().sessions.get(id, Transport::Streamable, &inc) else {
             return respond(inc, Reply::from(Refusal::SessionNotFound));
         };
         sessions::end(&session, sessions::EndReason::Deleted);
@@ -4586,6 +5526,7 @@ mod legacy {
     /// starts the session and its child: a client that only probes (mcp-remote opens
     /// two such connections per run) costs a socket and nothing more.
     struct Announced {
+        server: Arc<crate::servers::Server>,
         ctx: crate::auth::Context,
         to_stream: Sender<Arc<Session>>,
     }
@@ -4600,14 +5541,14 @@ mod legacy {
         if let Err(reply) = crate::http::require_accept(&inc, Wanted::EventStream) {
             return respond(inc, reply);
         }
-        if crate::modern::child_era() == crate::modern::ChildEra::Modern {
+        if crate::modern::child_era(inc.server()) == crate::modern::ChildEra::Modern {
             return respond(inc, Refusal::ChildModernOnly.into());
         }
         let ctx = match crate::auth::context(&inc) {
             Ok(ctx) => ctx,
             Err(reply) => return respond(inc, reply),
         };
-        if let Some(refusal) = sessions::full() {
+        if let Some(refusal) = sessions::full(inc.server()) {
             return respond(inc, refusal.into());
         }
         let id = match crate::random_uuid() {
@@ -4620,10 +5561,19 @@ mod legacy {
             }
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
-        ANNOUNCED
-            .locked()
-            .get_or_insert_with(HashMap::new)
-            .insert(id.clone(), Announced { ctx, to_stream: tx });
+        let server = inc.server().clone();
+        let endpoint = format!(
+            "{}?sessionId={id}",
+            crate::servers::message_path(&server, inc.door)
+        );
+        ANNOUNCED.locked().get_or_insert_with(HashMap::new).insert(
+            id.clone(),
+            Announced {
+                server,
+                ctx,
+                to_stream: tx,
+            },
+        );
         let conn = inc.conn;
         // A client that leaves before its first message: forgotten, which ends the wait.
         let gone = {
@@ -4634,7 +5584,6 @@ mod legacy {
         };
         crate::observe::response_status(200);
         let opened = crate::http::open_sse(inc, Vec::new(), crate::http::Lifetime::Standing);
-        let endpoint = format!("{}?sessionId={id}", crate::app().cfg.message_path);
         let Ok(mut stream) = opened else {
             forget(&id);
             return;
@@ -4685,8 +5634,8 @@ mod legacy {
             return respond(inc, Refusal::SessionQueryRequired.into());
         };
         let app = crate::app();
-        let existing = app.sessions.get(&id, Transport::Legacy, &inc.token);
-        if existing.is_none() && !announced(&id, &inc.token) {
+        let existing = app.sessions.get(&id, Transport::Legacy, &inc);
+        if existing.is_none() && !announced(&id, &inc) {
             return respond(inc, Reply::from(Refusal::SessionNotFound));
         }
         let messages = match crate::http::read_jsonrpc_body(&mut inc) {
@@ -4709,12 +5658,19 @@ mod legacy {
     }
 
     /// A stream announced this id to this token and waits for its first message.
-    fn announced(id: &str, token: &Option<Arc<str>>) -> bool {
+    fn announced(id: &str, inc: &Incoming) -> bool {
         ANNOUNCED
             .locked()
             .as_ref()
             .and_then(|m| m.get(id))
-            .is_some_and(|a| crate::auth::owns(&a.ctx.owner, token))
+            .is_some_and(|a| a.owned_by(inc))
+    }
+
+    impl Announced {
+        /// Its stream was opened with this request's token, on this request's server.
+        fn owned_by(&self, inc: &Incoming) -> bool {
+            self.server.name == inc.server().name && crate::auth::owns(&self.ctx.owner, &inc.token)
+        }
     }
 
     /// The first message of an announced stream: its session, and so its child, start
@@ -4724,16 +5680,15 @@ mod legacy {
             let mut guard = ANNOUNCED.locked();
             let map = guard.as_mut();
             match map.and_then(|m| m.get(id)) {
-                Some(a) if crate::auth::owns(&a.ctx.owner, &inc.token) => {
-                    guard.as_mut().and_then(|m| m.remove(id))
-                }
+                Some(a) if a.owned_by(inc) => guard.as_mut().and_then(|m| m.remove(id)),
                 _ => None,
             }
         };
         let Some(announced) = announced else {
             return Err(Refusal::SessionNotFound.into());
         };
-        match sessions::create_with_id(Transport::Legacy, announced.ctx, id.to_string()) {
+        let server = announced.server.clone();
+        match sessions::create_with_id(&server, Transport::Legacy, announced.ctx, id.to_string()) {
             Ok(session) => {
                 if announced.to_stream.send(session.clone()).is_err() {
                     // The stream ended meanwhile: so does the session.
@@ -4775,6 +5730,7 @@ mod modern {
     use super::*;
     use crate::http::{respond, Incoming, Lifetime, Refusal, Reply};
     use crate::message::{classify, id_key, Kind};
+    use crate::servers::Server;
     use crate::sessions::{self, EndReason, Session, Transport};
     use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
     use serde_json::{json, Value};
@@ -4879,10 +5835,27 @@ mod modern {
     }
 
     /// What --child-protocol auto found (or the flag said).
-    static CHILD_ERA: OnceLock<ChildEra> = OnceLock::new();
+    /// A server's 2026-07-28 state: what its child speaks, what it said of itself, its
+    /// carriers.
+    #[derive(Default)]
+    pub struct PerServer {
+        /// What --child-protocol auto found.
+        era: OnceLock<ChildEra>,
+        /// The child's InitializeResult (legacy) or discover result (modern), first seen.
+        discovered: Mutex<Option<Arc<Value>>>,
+        info: OnceLock<Value>,
+        info_text: OnceLock<Arc<str>>,
+        pool: Mutex<Pool>,
+        /// Shared mode: one carrier starts at a time.
+        shared_start: Mutex<()>,
+    }
 
-    pub fn child_era() -> ChildEra {
-        *CHILD_ERA.get().unwrap_or(&crate::app().cfg.child_protocol)
+    pub fn child_era(server: &Server) -> ChildEra {
+        *server
+            .modern
+            .era
+            .get()
+            .unwrap_or(&server.spec.child_protocol)
     }
 
     // ---- classification (M-1) --------------------------------------------------------
@@ -4945,7 +5918,7 @@ mod modern {
         match request.method.as_str() {
             "server/discover" => discover(inc, request),
             "subscriptions/listen" => listen(inc, request),
-            m if child_era() == ChildEra::Legacy && !FORWARDED.contains(&m) => {
+            m if child_era(inc.server()) == ChildEra::Legacy && !FORWARDED.contains(&m) => {
                 let refusal = Refusal::ModernUnknownMethod(request.method.clone());
                 respond(inc, Reply::answering(&request.id, refusal))
             }
@@ -5072,27 +6045,23 @@ mod modern {
 
     // ---- decoration (M-3, M-4) --------------------------------------------------------
 
-    /// The child's InitializeResult (legacy) or discover result (modern), first seen.
-    static DISCOVERED: Mutex<Option<Arc<Value>>> = Mutex::new(None);
-
     /// A request's progress token (in `params._meta`).
     fn token_of(params: &Value) -> Option<Value> {
         crate::message::at(params, &["_meta", "progressToken"]).cloned()
     }
 
     /// The child's serverInfo, once known; ours until then.
-    fn server_info() -> Value {
-        static KNOWN: OnceLock<Value> = OnceLock::new();
-        if let Some(v) = KNOWN.get() {
+    fn server_info(server: &Server) -> Value {
+        if let Some(v) = server.modern.info.get() {
             return v.clone();
         }
-        let found = DISCOVERED.locked().as_ref().and_then(|d| {
+        let found = server.modern.discovered.locked().as_ref().and_then(|d| {
             d.get("serverInfo")
                 .or_else(|| d.pointer(SERVER_INFO_POINTER))
                 .cloned()
         });
         match found {
-            Some(v) => KNOWN.get_or_init(|| v).clone(),
+            Some(v) => server.modern.info.get_or_init(|| v).clone(),
             None => json!({"name": "stdio-sse", "version": env!("CARGO_PKG_VERSION")}),
         }
     }
@@ -5107,14 +6076,15 @@ mod modern {
 
     /// Every result says what it is and who answered (M-4); lists, reads and discover
     /// say how long they may be kept.
-    fn decorate(method: &str, result: &mut Value) {
+    fn decorate(server: &Server, method: &str, result: &mut Value) {
         let Some(obj) = result.as_object_mut() else {
             return;
         };
         obj.entry("resultType").or_insert_with(|| json!("complete"));
         let meta = obj.entry("_meta").or_insert_with(|| json!({}));
         if let Some(m) = meta.as_object_mut() {
-            m.entry(META_SERVER_INFO).or_insert_with(server_info);
+            m.entry(META_SERVER_INFO)
+                .or_insert_with(|| server_info(server));
         }
         if CACHEABLE.contains(&method) || method == "server/discover" {
             obj.entry("ttlMs").or_insert_with(|| json!(CACHE_TTL_MS));
@@ -5128,6 +6098,7 @@ mod modern {
     /// put in front of the result's members. None unless the result is an object with
     /// none of the decoration's keys (then `decorate` does it on the parsed value).
     fn spliced_answer(
+        server: &Server,
         raw: &str,
         client_id: &Value,
         method: &str,
@@ -5139,7 +6110,7 @@ mod modern {
         }
         let (start, end) = json_text::member(raw, "result")?;
         let inner = raw[start..end].strip_prefix('{')?.strip_suffix('}')?;
-        let info = server_info_text();
+        let info = server_info_text(server);
         let mut out = String::with_capacity(raw.len() + info.len() + 160);
         out.push_str("{\"jsonrpc\":\"2.0\",\"id\":");
         out.push_str(&client_id.to_string());
@@ -5165,14 +6136,13 @@ mod modern {
     }
 
     /// `server_info()` as JSON text.
-    fn server_info_text() -> Arc<str> {
-        static KNOWN: OnceLock<Arc<str>> = OnceLock::new();
-        if let Some(t) = KNOWN.get() {
+    fn server_info_text(server: &Server) -> Arc<str> {
+        if let Some(t) = server.modern.info_text.get() {
             return t.clone();
         }
-        let text: Arc<str> = server_info().to_string().into();
-        if DISCOVERED.locked().is_some() {
-            return KNOWN.get_or_init(|| text).clone();
+        let text: Arc<str> = server_info(server).to_string().into();
+        if server.modern.discovered.locked().is_some() {
+            return server.modern.info_text.get_or_init(|| text).clone();
         }
         text
     }
@@ -5286,11 +6256,11 @@ mod modern {
 
     /// The HTTP status of a final answer sent as JSON: a method the child does not know
     /// is 404 (N-7); a modern child's envelope errors are 400 (M-10).
-    fn status_of(answer: &Value) -> u16 {
+    fn status_of(server: &Server, answer: &Value) -> u16 {
         match crate::message::at(answer, &["error", "code"]).and_then(Value::as_i64) {
             Some(-32601) => 404,
             Some(-32022..=-32020) => 400,
-            Some(-32602) if child_era() == ChildEra::Modern => 400,
+            Some(-32602) if child_era(server) == ChildEra::Modern => 400,
             _ => 200,
         }
     }
@@ -5298,7 +6268,7 @@ mod modern {
     // ---- server/discover (M-3) --------------------------------------------------------
 
     fn discover(inc: Incoming, request: Request) {
-        if child_era() == ChildEra::Modern {
+        if child_era(inc.server()) == ChildEra::Modern {
             return call(inc, request);
         }
         let init = match initialize_result(&inc) {
@@ -5312,7 +6282,7 @@ mod modern {
         if let Some(i) = init.get("instructions") {
             result["instructions"] = i.clone();
         }
-        decorate("server/discover", &mut result);
+        decorate(inc.server(), "server/discover", &mut result);
         let answer = json!({"jsonrpc": "2.0", "id": request.id, "result": result});
         respond(inc, Reply::json(200, answer))
     }
@@ -5320,13 +6290,14 @@ mod modern {
     /// The child's InitializeResult: known once any carrier has initialized a child,
     /// else a carrier starts one now.
     fn initialize_result(inc: &Incoming) -> Result<Arc<Value>, Refusal> {
-        let known = DISCOVERED.locked().clone();
+        let discovered = &inc.server().modern.discovered;
+        let known = discovered.locked().clone();
         if let Some(init) = known {
             return Ok(init);
         }
         let carrier = Pool::lease(inc).map_err(refusal_of)?;
         release_if_idle(&carrier);
-        let known = DISCOVERED.locked().clone();
+        let known = discovered.locked().clone();
         known.ok_or_else(|| {
             Refusal::ChildNotStarted("the server process gave no initialize result".into())
         })
@@ -5363,13 +6334,10 @@ mod modern {
 
     /// Every carrier, leased or idle, oldest first (an idle old one is taken first:
     /// the others grow idle and retire). Counted against --max-sessions as sessions.
+    #[derive(Default)]
     struct Pool {
         carriers: Vec<Arc<Session>>,
     }
-
-    static POOL: Mutex<Pool> = Mutex::new(Pool {
-        carriers: Vec::new(),
-    });
 
     fn carrier_of(s: &Session) -> &Carrier {
         s.carrier.as_deref().expect("a carrier session")
@@ -5381,19 +6349,19 @@ mod modern {
         /// is one, initialized now). Shared mode: the one carrier on the shared child.
         fn lease(inc: &Incoming) -> Result<Arc<Session>, Reply> {
             let ctx = crate::auth::context(inc)?;
-            let shared = crate::app().cfg.mode == config::Mode::Shared;
-            if let Some(s) = Pool::take(&ctx, shared) {
+            let server = inc.server();
+            let shared = server.spec.mode == config::Mode::Shared;
+            if let Some(s) = Pool::take(server, &ctx, shared) {
                 return Ok(s);
             }
             // Shared mode has one carrier: the first requests wait for it to start
             // rather than each start one.
-            static SHARED_START: Mutex<()> = Mutex::new(());
-            let _one_at_a_time = shared.then(|| SHARED_START.locked());
-            if let Some(s) = shared.then(|| Pool::take(&ctx, shared)).flatten() {
+            let _one_at_a_time = shared.then(|| server.modern.shared_start.locked());
+            if let Some(s) = shared.then(|| Pool::take(server, &ctx, shared)).flatten() {
                 return Ok(s);
             }
-            let s = start_carrier(ctx)?;
-            let mut pool = POOL.locked();
+            let s = start_carrier(server, ctx)?;
+            let mut pool = server.modern.pool.locked();
             let mut st = carrier_of(&s).state.locked();
             if st.ended {
                 // Its child ended as it started (`carrier_ended` ran before this).
@@ -5411,8 +6379,8 @@ mod modern {
         }
 
         /// An idle carrier of this token and --pass-header values (shared: the one).
-        fn take(ctx: &crate::auth::Context, shared: bool) -> Option<Arc<Session>> {
-            let pool = POOL.locked();
+        fn take(server: &Server, ctx: &crate::auth::Context, shared: bool) -> Option<Arc<Session>> {
+            let pool = server.modern.pool.locked();
             for s in &pool.carriers {
                 if !crate::auth::owns(&s.owner, &ctx.owner) || s.env != ctx.env {
                     continue;
@@ -5430,15 +6398,18 @@ mod modern {
         }
     }
 
-    fn start_carrier(ctx: crate::auth::Context) -> Result<Arc<Session>, Reply> {
-        let session = match sessions::create(Transport::Modern, ctx) {
+    fn start_carrier(
+        server: &Arc<Server>,
+        ctx: crate::auth::Context,
+    ) -> Result<Arc<Session>, Reply> {
+        let session = match sessions::create(server, Transport::Modern, ctx) {
             Ok(s) => s,
             Err(sessions::CreateError::Refused(reply)) => return Err(reply),
             Err(sessions::CreateError::Spawn(msg)) => {
                 return Err(Refusal::ChildNotStarted(msg).into())
             }
         };
-        if child_era() == ChildEra::Modern {
+        if child_era(server) == ChildEra::Modern {
             return Ok(session);
         }
         let init = json!({"jsonrpc": "2.0", "method": "initialize", "params": {
@@ -5450,7 +6421,11 @@ mod modern {
                 let result = answer["result"].clone();
                 carrier_of(&session).state.locked().capabilities =
                     result.get("capabilities").cloned().unwrap_or(json!({}));
-                DISCOVERED.locked().get_or_insert_with(|| Arc::new(result));
+                server
+                    .modern
+                    .discovered
+                    .locked()
+                    .get_or_insert_with(|| Arc::new(result));
                 let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
                 if let Err(r) = session.submit(&[initialized]) {
                     return Err(r.into());
@@ -5731,7 +6706,7 @@ mod modern {
         if let Some(state) = request
             .params
             .get("requestState")
-            .filter(|_| child_era() == ChildEra::Legacy)
+            .filter(|_| child_era(inc.server()) == ChildEra::Legacy)
         {
             let state = state.as_str().unwrap_or("").to_string();
             return resume(inc, request, &state);
@@ -5760,7 +6735,7 @@ mod modern {
             client_id.clone(),
             token.clone(),
         );
-        if child_era() == ChildEra::Legacy {
+        if child_era(&carrier.server) == ChildEra::Legacy {
             strip_envelope(&mut params);
         }
         if token.is_some() {
@@ -5940,7 +6915,7 @@ mod modern {
             {
                 let mut st = carrier_of(&carrier).state.locked();
                 if st.calls.remove(&call.id).is_some()
-                    && app.cfg.mode != config::Mode::Shared
+                    && carrier.server.spec.mode != config::Mode::Shared
                     && call.kind != CallKind::Listen
                 {
                     st.draining = Some((call.id, Instant::now()));
@@ -6008,7 +6983,9 @@ mod modern {
             .collect();
         let mut result = json!({"resultType": "input_required", "inputRequests": requests,
             "requestState": request_state(call.id, cs.serial)});
-        decorate(&call.method, &mut result);
+        if let Some(carrier) = &cs.carrier {
+            decorate(&carrier.server, &call.method, &mut result);
+        }
         if let Some(r) = result.as_object_mut() {
             r.remove("ttlMs");
             r.remove("cacheScope");
@@ -6415,7 +7392,8 @@ mod modern {
                     .as_ref()
                     .zip(value.get("result"))
                     .and_then(|(tx, r)| {
-                        spliced_answer(&json, &cs.client_id, &call.method, r).map(|text| (tx, text))
+                        spliced_answer(&session.server, &json, &cs.client_id, &call.method, r)
+                            .map(|text| (tx, text))
                     });
                 if let Some((tx, text)) = spliced {
                     let _ = tx.send(Out::Final {
@@ -6434,7 +7412,7 @@ mod modern {
                     {
                         *sub = cs.client_id.clone();
                     }
-                    decorate(&call.method, r);
+                    decorate(&session.server, &call.method, r);
                 }
                 // -32000..-32019 mean something else in 2026-07-28 (M-2).
                 if let Some(code) = answer.get_mut("error").and_then(|e| e.get_mut("code")) {
@@ -6445,7 +7423,7 @@ mod modern {
                         *code = json!(-32603);
                     }
                 }
-                let status = status_of(&answer);
+                let status = status_of(&session.server, &answer);
                 app.metrics
                     .modern_call(if status == 200 { "complete" } else { "error" });
                 Call::answer(&mut cs, answer, status);
@@ -6461,7 +7439,7 @@ mod modern {
                     let _ = session.submit(&[json!({"jsonrpc": "2.0", "id": id, "result": {}})]);
                 }
                 "elicitation/create" | "sampling/createMessage" | "roots/list"
-                    if child_era() == ChildEra::Legacy =>
+                    if child_era(&session.server) == ChildEra::Legacy =>
                 {
                     child_asks(session, id, method, value)
                 }
@@ -6581,7 +7559,8 @@ mod modern {
             Call::answer(&mut cs, answer, 200);
             cs.sink = None;
         }
-        POOL.locked().carriers.retain(|s| !Arc::ptr_eq(s, session));
+        let pool = &session.server.modern.pool;
+        pool.locked().carriers.retain(|s| !Arc::ptr_eq(s, session));
         let mut listeners = LISTENERS.locked();
         listeners.retain(|l| {
             let mine = Arc::ptr_eq(&l.carrier, session);
@@ -6622,7 +7601,7 @@ mod modern {
     static LISTENING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
 
     fn listen(inc: Incoming, request: Request) {
-        if child_era() == ChildEra::Modern {
+        if child_era(inc.server()) == ChildEra::Modern {
             // The child keeps its own subscriptions: the listen passes through as a
             // call that does not hold its carrier.
             return call(inc, request);
@@ -6635,7 +7614,7 @@ mod modern {
         carrier_of(&carrier).state.locked().listeners += 1;
         release_if_idle(&carrier);
         let caps = carrier_of(&carrier).state.locked().capabilities.clone();
-        let modern_child = child_era() == ChildEra::Modern;
+        let modern_child = child_era(inc.server()) == ChildEra::Modern;
         let wants = request
             .params
             .get("notifications")
@@ -6776,9 +7755,12 @@ mod modern {
     fn to_listeners(session: &Arc<Session>, method: &str, value: &Value) {
         let uri = value.pointer("/params/uri").and_then(Value::as_str);
         let listeners: Vec<Arc<Listener>> = LISTENERS.locked().clone();
-        let shared = crate::app().cfg.mode == config::Mode::Shared;
+        let shared = session.server.spec.mode == config::Mode::Shared;
         let mut delivered = 0;
         for l in listeners {
+            if l.carrier.server.name != session.server.name {
+                continue;
+            }
             // Session mode: a change any child of this token reports (they run one
             // program); shared: the listener's own carrier (another carrier on the same
             // child would report the same change twice).
@@ -6887,7 +7869,18 @@ mod modern {
                     None => {}
                 }
             }
-            let carriers = POOL.locked().carriers.clone();
+            for server in crate::servers::live() {
+                tend_carriers(&server, ttl);
+            }
+        }
+    }
+
+    /// One server's carriers: stale held questions answered, drained and surplus idle
+    /// carriers retired (all of them once the server is retired).
+    fn tend_carriers(server: &Server, ttl: Duration) {
+        let app = crate::app();
+        {
+            let carriers = server.modern.pool.locked().carriers.clone();
             let mut idle = 0;
             for s in carriers.iter().rev() {
                 let (stale, retire) = {
@@ -6908,8 +7901,9 @@ mod modern {
                     }
                     let surplus = unused
                         && st.subscriptions.is_empty()
-                        && st.idle_since.is_some_and(|t| t.elapsed() > SURPLUS_IDLE)
-                        && idle > app.cfg.modern_pool;
+                        && (server.retired()
+                            || st.idle_since.is_some_and(|t| t.elapsed() > SURPLUS_IDLE)
+                                && idle > app.cfg.modern_pool);
                     // Decided and marked under the lock: `Pool::take` skips it from now on.
                     if surplus {
                         st.ended = true;
@@ -6936,27 +7930,28 @@ mod modern {
     /// Asks a throw-away child `server/discover` with the envelope: a result naming
     /// 2026-07-28 means a modern child; anything else (an error, silence, an exit)
     /// legacy. Run once at startup.
-    pub fn probe_child_era() {
-        if crate::app().cfg.child_protocol != ChildEra::Auto {
+    pub fn probe_child_era(server: &Arc<Server>) {
+        if server.spec.child_protocol != ChildEra::Auto {
             return;
         }
-        let era = probe().unwrap_or(ChildEra::Legacy);
+        let era = probe(server).unwrap_or(ChildEra::Legacy);
         crate::log!(
             Info,
             "child_protocol",
-            "--child-protocol auto: the server speaks {}",
+            server = server.name; "--child-protocol auto: the server speaks {}",
             if era == ChildEra::Modern {
                 "2026-07-28 (bodies pass through)"
             } else {
                 "2025 (modern clients are served by translation)"
             }
         );
-        let _ = CHILD_ERA.set(era);
+        let _ = server.modern.era.set(era);
     }
 
-    fn probe() -> Option<ChildEra> {
+    fn probe(server: &Arc<Server>) -> Option<ChildEra> {
         use std::io::BufRead;
-        let (child, stdout) = crate::child::spawn("probe", Vec::new()).ok()?;
+        let tag = format!("{}probe", server.tag_prefix());
+        let (child, stdout) = crate::child::spawn(server, &tag, Vec::new()).ok()?;
         let discover = json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": {
             META_VERSION: VERSIONS[0], META_CAPABILITIES: {}}}});
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -7054,7 +8049,6 @@ mod oneshot {
     use crate::http::{respond, Incoming, Refusal, Reply, Wanted};
     use crossbeam_channel::RecvTimeoutError;
 
-    static ACTIVE: AtomicUsize = AtomicUsize::new(0);
     static NEXT_TAG: AtomicU64 = AtomicU64::new(1);
 
     pub fn post(mut inc: Incoming) {
@@ -7096,21 +8090,21 @@ mod oneshot {
         };
         crate::observe::request_messages(std::slice::from_ref(&value));
         let app = app();
-        if ACTIVE.fetch_add(1, Ordering::AcqRel) >= app.cfg.max_sessions {
-            ACTIVE.fetch_sub(1, Ordering::AcqRel);
-            let refusal = Refusal::TooManyInFlight {
-                limit: app.cfg.max_sessions,
-            };
+        let server = inc.server().clone();
+        let limit = server.spec.max_sessions;
+        if server.oneshot_active.fetch_add(1, Ordering::AcqRel) >= limit {
+            server.oneshot_active.fetch_sub(1, Ordering::AcqRel);
+            let refusal = Refusal::TooManyInFlight { limit };
             app.metrics.rejected(refusal.reason());
             return respond(inc, refusal.into());
         }
-        struct Slot;
+        struct Slot(Arc<crate::servers::Server>);
         impl Drop for Slot {
             fn drop(&mut self) {
-                ACTIVE.fetch_sub(1, Ordering::AcqRel);
+                self.0.oneshot_active.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        let _slot = Slot;
+        let _slot = Slot(server.clone());
         let tag = format!("os-{}", NEXT_TAG.fetch_add(1, Ordering::Relaxed));
         crate::observe::request_session(&tag);
         let (tx, rx) = crossbeam_channel::bounded::<Option<String>>(app.cfg.stream_queue.0);
@@ -7124,7 +8118,7 @@ mod oneshot {
             Ok(ctx) => ctx.env,
             Err(reply) => return respond(inc, reply),
         };
-        let child = match crate::child::spawn(&tag, env) {
+        let child = match crate::child::spawn(&server, &tag, env) {
             Ok((c, stdout)) => {
                 // The reader's end drops the sender: the stream sees the channel close.
                 crate::child::start_reader(&c, stdout, Box::new(on_line), Box::new(|| {}));
@@ -7399,6 +8393,7 @@ mod sessions {
     use super::*;
     use crate::http::{Refusal, Reply};
     use crate::message::{classify, id_key, Kind};
+    use crate::servers::Server;
     use crate::upstream::Upstream;
     use crossbeam_channel::{Receiver, Sender};
     use serde_json::Value;
@@ -7666,6 +8661,8 @@ mod sessions {
         /// Short id for logs: full ids are bearer-like and never logged (S-10).
         pub tag: String,
         pub transport: Transport,
+        /// The server it was opened on (after a reload, perhaps one since replaced).
+        pub server: Arc<Server>,
         pub upstream: Arc<Upstream>,
         /// The token that created it; no other may use it.
         pub owner: Option<Arc<str>>,
@@ -7720,17 +8717,22 @@ mod sessions {
     }
 
     impl Registry {
-        /// The session, if it exists on this transport and answers to this token.
+        /// The session, if it exists on this transport and on the request's server (by
+        /// name: a reload replaces a server, its sessions stay), and answers to its token.
         pub fn get(
             &self,
             id: &str,
             transport: Transport,
-            token: &Option<Arc<str>>,
+            inc: &crate::http::Incoming,
         ) -> Option<Arc<Session>> {
             let map = self.map.locked();
             let found = map
                 .get(id)
-                .filter(|s| s.transport == transport && crate::auth::owns(&s.owner, token))
+                .filter(|s| {
+                    s.transport == transport
+                        && s.server.name == inc.server().name
+                        && crate::auth::owns(&s.owner, &inc.token)
+                })
                 .cloned();
             if let Some(s) = &found {
                 crate::observe::request_session(&s.tag);
@@ -7754,6 +8756,13 @@ mod sessions {
         pub fn len(&self) -> usize {
             self.map.locked().len()
         }
+        /// Sessions (carriers included) open on a server of this name.
+        pub fn count_for(&self, server: &Server) -> usize {
+            let map = self.map.locked();
+            map.values()
+                .filter(|s| s.server.name == server.name)
+                .count()
+        }
         fn remove(&self, id: &str) -> bool {
             self.map.locked().remove(id).is_some()
         }
@@ -7769,30 +8778,35 @@ mod sessions {
     /// there is one) or the least loaded shared child. The capacity check and the insert
     /// happen under one lock so concurrent initializes cannot overshoot --max-sessions.
     pub fn create(
+        server: &Arc<Server>,
         transport: Transport,
         ctx: crate::auth::Context,
     ) -> Result<Arc<Session>, CreateError> {
         let id = crate::random_uuid()
             .map_err(|e| CreateError::Spawn(format!("cannot make a session id: {e}")))?;
-        create_with_id(transport, ctx, id)
+        create_with_id(server, transport, ctx, id)
     }
 
     /// `create` under an id minted earlier (a legacy stream announces its id before its
     /// session, and so its child, exists).
     pub fn create_with_id(
+        server: &Arc<Server>,
         transport: Transport,
         ctx: crate::auth::Context,
         id: String,
     ) -> Result<Arc<Session>, CreateError> {
         let app = crate::app();
+        let limit = server.spec.max_sessions;
         let full = || {
-            let refusal = Refusal::TooManySessions {
-                limit: app.cfg.max_sessions,
-            };
+            let refusal = Refusal::TooManySessions { limit };
             app.metrics.rejected(refusal.reason());
             CreateError::Refused(refusal.into())
         };
-        if app.sessions.len() >= app.cfg.max_sessions && !evict_one() {
+        if server.retired() {
+            // Replaced by a reload between the route and here: the new one takes it.
+            return Err(CreateError::Refused(Refusal::Restarting.into()));
+        }
+        if app.sessions.count_for(server) >= limit && !evict_one(server) {
             return Err(full());
         }
         let tag = id.chars().take(8).collect::<String>();
@@ -7800,10 +8814,13 @@ mod sessions {
         // were ended then, so this one would wait for ever. It picks again (the restarted
         // child, or a 503 once the restart takes too long).
         let (session, upstream, stdout) = loop {
-            let (upstream, stdout) = if app.cfg.mode == config::Mode::Shared {
-                (crate::upstream::pick().map_err(CreateError::Refused)?, None)
+            let (upstream, stdout) = if server.spec.mode == config::Mode::Shared {
+                (
+                    crate::upstream::pick(server).map_err(CreateError::Refused)?,
+                    None,
+                )
             } else {
-                let (u, out) = crate::upstream::dedicated(&tag, ctx.env.clone())
+                let (u, out) = crate::upstream::dedicated(server, &tag, ctx.env.clone())
                     .map_err(CreateError::Spawn)?;
                 (u, Some(out))
             };
@@ -7811,6 +8828,7 @@ mod sessions {
                 id: id.clone(),
                 tag: tag.clone(),
                 transport,
+                server: server.clone(),
                 upstream: upstream.clone(),
                 owner: ctx.owner.clone(),
                 env: ctx.env.clone(),
@@ -7824,7 +8842,8 @@ mod sessions {
             });
             {
                 let mut map = app.sessions.map.locked();
-                if map.len() >= app.cfg.max_sessions {
+                let of_server = map.values().filter(|s| s.server.name == server.name);
+                if of_server.count() >= limit {
                     drop(map);
                     if stdout.is_some() {
                         upstream.child.terminate(Duration::ZERO);
@@ -7847,13 +8866,18 @@ mod sessions {
         crate::log!(
             Info,
             "session_open",
-            session = tag; "{transport:?} session opened on child pid {}",
+            session = tag, server = server.name; "{transport:?} session opened on child pid {}",
             upstream.child.pid
         );
         Ok(session)
     }
 
     impl Session {
+        /// A hidden session carrying 2026-07-28 calls, not a client's.
+        pub fn is_carrier(&self) -> bool {
+            self.transport == Transport::Modern
+        }
+
         pub fn touch(&self) {
             self.last_active_ms
                 .store(crate::now_ms(), Ordering::Relaxed);
@@ -8596,8 +9620,8 @@ mod sessions {
     /// clients that never send DELETE (the TypeScript SDK's, the Inspector's) would
     /// otherwise lock everyone out until --session-idle-timeout. The evicted client gets
     /// 404 and initializes again. True when one was ended (its child with it).
-    fn evict_one() -> bool {
-        let Some((idle, s)) = evictable() else {
+    fn evict_one(server: &Server) -> bool {
+        let Some((idle, s)) = evictable(server) else {
             return false;
         };
         crate::log!(Info, "session_evicted", session = s.tag; "--max-sessions reached: ending the session unattended longest ({idle:?}) for a new one");
@@ -8606,12 +9630,13 @@ mod sessions {
     }
 
     /// The session unattended longest, if eviction may end it.
-    fn evictable() -> Option<(Duration, Arc<Session>)> {
+    fn evictable(server: &Server) -> Option<(Duration, Arc<Session>)> {
         let app = crate::app();
         let floor = app.cfg.evict_idle_after?;
         app.sessions
             .all()
             .into_iter()
+            .filter(|s| s.server.name == server.name)
             .filter_map(|s| s.unattended_for().map(|d| (d, s)))
             .filter(|(d, _)| *d >= floor)
             .max_by_key(|(d, _)| *d)
@@ -8619,12 +9644,11 @@ mod sessions {
 
     /// A new session would be refused now: --max-sessions reached and none evictable.
     /// (A legacy stream asks before it announces its endpoint; it evicts nothing yet.)
-    pub fn full() -> Option<Refusal> {
+    pub fn full(server: &Server) -> Option<Refusal> {
         let app = crate::app();
-        (app.sessions.len() >= app.cfg.max_sessions && evictable().is_none()).then(|| {
-            let refusal = Refusal::TooManySessions {
-                limit: app.cfg.max_sessions,
-            };
+        let limit = server.spec.max_sessions;
+        (app.sessions.count_for(server) >= limit && evictable(server).is_none()).then(|| {
+            let refusal = Refusal::TooManySessions { limit };
             app.metrics.rejected(refusal.reason());
             refusal
         })
@@ -8781,6 +9805,7 @@ mod upstream {
     use crate::child::ChildProc;
     use crate::http::{Refusal, Reply};
     use crate::message::{classify, id_key, Kind};
+    use crate::servers::Server;
     use crate::sessions::{self, EndReason, Session};
 
     /// A new session waits for a pending restart at most --restart-delay-max and this
@@ -9141,10 +10166,15 @@ mod upstream {
     /// A child for one session. A warm child was started before any request, so it can
     /// serve only a session with no --pass-header value to give it.
     pub fn dedicated(
+        server: &Arc<Server>,
         tag: &str,
         env: Vec<(String, String)>,
     ) -> Result<(Arc<Upstream>, ChildStdout), String> {
-        let warm = if env.is_empty() { warm_take() } else { None };
+        let warm = if env.is_empty() {
+            warm_take(server)
+        } else {
+            None
+        };
         let (child, stdout) = match warm {
             Some((c, out)) => {
                 crate::log!(
@@ -9156,7 +10186,7 @@ mod upstream {
                 );
                 (c, out)
             }
-            None => crate::child::spawn(tag, env)?,
+            None => crate::child::spawn(server, tag, env)?,
         };
         Ok((Arc::new(Upstream::new(child, false)), stdout))
     }
@@ -9451,7 +10481,12 @@ mod upstream {
         changed: Condvar,
     }
 
-    static SLOTS: OnceLock<Slots> = OnceLock::new();
+    /// A server's children kept running: its shared slots, or its warm pool.
+    #[derive(Default)]
+    pub struct Children {
+        slots: OnceLock<Slots>,
+        warm: OnceLock<Warm>,
+    }
 
     /// Delay before the next start after `failures` fast failures in a row.
     fn backoff(failures: u32) -> Duration {
@@ -9462,14 +10497,15 @@ mod upstream {
             .map_or(cfg.restart_delay_max, |d| d.min(cfg.restart_delay_max))
     }
 
-    pub fn start_shared() {
-        let n = crate::app().cfg.children;
-        let _ = SLOTS.set(Slots {
+    pub fn start_shared(server: &Arc<Server>) {
+        let n = server.spec.children;
+        let _ = server.children.slots.set(Slots {
             slots: Mutex::new((0..n).map(|_| Slot::default()).collect()),
             changed: Condvar::new(),
         });
         for i in 0..n {
-            crate::spawn_thread("supervisor", move || supervise(i));
+            let server = server.clone();
+            crate::spawn_thread("supervisor", move || supervise(&server, i));
         }
     }
 
@@ -9477,9 +10513,9 @@ mod upstream {
     /// an exponential backoff. A child that lives past --crash-loop-window resets the
     /// count; --crash-loop-limit fast failures in a row mark the slot as crash-looping
     /// (it keeps retrying at the capped delay, and recovers by itself).
-    fn supervise(i: usize) {
+    fn supervise(server: &Arc<Server>, i: usize) {
         let app = crate::app();
-        let slots = SLOTS.get().expect("slots");
+        let slots = server.children.slots.get().expect("slots");
         let (window, limit) = (app.cfg.crash_loop_window, app.cfg.crash_loop_limit);
         let mut failures: u32 = 0;
         let mut generation: u64 = 0;
@@ -9488,8 +10524,8 @@ mod upstream {
                 return;
             }
             generation += 1;
-            let tag = format!("shared-{i}.{generation}");
-            let why = match crate::child::spawn(&tag, Vec::new()) {
+            let tag = format!("{}shared-{i}.{generation}", server.tag_prefix());
+            let why = match crate::child::spawn(server, &tag, Vec::new()) {
                 Ok((child, stdout)) => {
                     let up = Arc::new(Upstream::new(child.clone(), true));
                     start_router(&up, stdout);
@@ -9561,9 +10597,11 @@ mod upstream {
     /// The least loaded running shared child. While none is running (between a crash and
     /// its restart) this waits for one, for at most the longest restart delay; a slot
     /// that is crash-looping answers 503 at once.
-    pub fn pick() -> Result<Arc<Upstream>, Reply> {
+    pub fn pick(server: &Server) -> Result<Arc<Upstream>, Reply> {
         let app = crate::app();
-        let slots = SLOTS.get().expect("shared mode starts its slots");
+        let Some(slots) = server.children.slots.get() else {
+            return Err(Refusal::Restarting.into());
+        };
         let deadline = Instant::now() + app.cfg.restart_delay_max + RESTART_WAIT_SLACK;
         let mut g = slots.slots.locked();
         loop {
@@ -9592,10 +10630,19 @@ mod upstream {
     }
 
     /// Why /readyz should say no, in shared mode.
-    pub fn crash_loop() -> Option<String> {
-        let slots = SLOTS.get()?;
+    pub fn crash_loop(server: &Server) -> Option<String> {
+        let slots = server.children.slots.get()?;
         let g = slots.slots.locked();
         g.iter().find_map(|s| s.crash_loop.clone())
+    }
+
+    /// A shared server has a child up now.
+    pub fn any_running(server: &Server) -> bool {
+        server
+            .children
+            .slots
+            .get()
+            .is_some_and(|s| s.slots.locked().iter().any(|s| s.up.is_some()))
     }
 
     // ---- session mode: the warm pool -------------------------------------------------
@@ -9605,10 +10652,8 @@ mod upstream {
         wake: crossbeam_channel::Sender<()>,
     }
 
-    static WARM: OnceLock<Warm> = OnceLock::new();
-
-    fn warm_take() -> Option<(Arc<ChildProc>, ChildStdout)> {
-        let warm = WARM.get()?;
+    fn warm_take(server: &Server) -> Option<(Arc<ChildProc>, ChildStdout)> {
+        let warm = server.children.warm.get()?;
         let taken = {
             let mut ready = warm.ready.locked();
             loop {
@@ -9625,20 +10670,21 @@ mod upstream {
     /// Keeps --warm children started (not initialized) so a new session skips the cold
     /// start. A pooled child that dies is replaced; one that keeps dying fast is
     /// replaced with the supervisor's backoff.
-    pub fn start_warm_pool() {
+    pub fn start_warm_pool(server: &Arc<Server>) {
         let app = crate::app();
-        let want = app.cfg.warm;
+        let want = server.spec.warm;
         if want == 0 {
             return;
         }
         let (wake, rx) = crossbeam_channel::unbounded::<()>();
-        let _ = WARM.set(Warm {
+        let _ = server.children.warm.set(Warm {
             ready: Mutex::new(VecDeque::new()),
             wake: wake.clone(),
         });
         let _ = wake.send(());
+        let server = server.clone();
         crate::spawn_thread("warm-pool", move || {
-            let warm = WARM.get().expect("warm pool");
+            let warm = server.children.warm.get().expect("warm pool");
             let window = app.cfg.crash_loop_window;
             let mut failures = 0u32;
             let mut generation = 0u64;
@@ -9672,8 +10718,8 @@ mod upstream {
                         break;
                     }
                     generation += 1;
-                    let tag = format!("warm-{generation}");
-                    match crate::child::spawn(&tag, Vec::new()) {
+                    let tag = format!("{}warm-{generation}", server.tag_prefix());
+                    match crate::child::spawn(&server, &tag, Vec::new()) {
                         Ok((c, out)) => {
                             let wake = wake.clone();
                             c.on_exit(Box::new(move || {
@@ -9710,6 +10756,8 @@ mod upstream {
 /// ST-4, ST-5, ST-6.
 mod child {
     use super::*;
+    use crate::config::ServerSpec;
+    use crate::servers::Server;
     use std::collections::VecDeque;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -9728,6 +10776,8 @@ mod child {
     pub struct ChildProc {
         pub pid: i32,
         pub tag: String,
+        /// The server it runs.
+        pub server: Arc<str>,
         pub started: Instant,
         stdin: Mutex<Option<ChildStdin>>,
         life: Mutex<Life>,
@@ -9747,6 +10797,7 @@ mod child {
     }
 
     struct SpawnJob {
+        spec: Arc<Server>,
         tag: String,
         env: Vec<(String, String)>,
         reply: crossbeam_channel::Sender<Result<(std::process::Child, Arc<ChildProc>), String>>,
@@ -9761,13 +10812,12 @@ mod child {
         let _ = SPAWNER.set(tx);
         crate::spawn_thread("spawner", move || {
             for job in rx {
-                let _ = job.reply.send(spawn_here(&job.tag, &job.env));
+                let _ = job.reply.send(spawn_here(&job.spec, &job.tag, &job.env));
             }
         });
     }
 
-    fn command() -> Command {
-        let cfg = &crate::app().cfg;
+    fn command(cfg: &ServerSpec) -> Command {
         let mut cmd = Command::new(&cfg.command[0]);
         cmd.args(&cfg.command[1..]);
         // A --pass-header variable is the client's to give: never inherited from us, and
@@ -9783,11 +10833,12 @@ mod child {
     }
 
     fn spawn_here(
+        server: &Server,
         tag: &str,
         env: &[(String, String)],
     ) -> Result<(std::process::Child, Arc<ChildProc>), String> {
-        let cfg = &crate::app().cfg;
-        let mut cmd = command();
+        let cfg = &server.spec;
+        let mut cmd = command(cfg);
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -9834,6 +10885,7 @@ mod child {
         let proc_ = Arc::new(ChildProc {
             pid: child.id() as i32,
             tag: tag.to_string(),
+            server: server.name.clone(),
             started: Instant::now(),
             stdin: Mutex::new(None),
             life: Mutex::new(Life::default()),
@@ -9848,6 +10900,7 @@ mod child {
     /// its exit; the caller starts the stdout reader once it is ready to route what the
     /// child says.
     pub fn spawn(
+        server: &Arc<Server>,
         tag: &str,
         env: Vec<(String, String)>,
     ) -> Result<(Arc<ChildProc>, ChildStdout), String> {
@@ -9856,6 +10909,7 @@ mod child {
         let spawner = SPAWNER.get().ok_or("spawner not started")?;
         spawner
             .send(SpawnJob {
+                spec: server.clone(),
                 tag: tag.to_string(),
                 env,
                 reply,
@@ -9865,9 +10919,11 @@ mod child {
             .recv()
             .map_err(|_| "spawner gone".to_string())?
             .inspect_err(|e| {
-                crate::log!(Error, "spawn_failed", session = tag; "{e}");
+                crate::log!(Error, "spawn_failed", session = tag, server = server.name; "{e}");
                 app.metrics.spawn_failed();
+                server.started(Err(e));
             })?;
+        server.started(Ok(()));
         *proc_.stdin.locked() = child.stdin.take();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -10288,8 +11344,7 @@ mod child {
 
     /// Can a child be started? The command must resolve to an executable file (relative
     /// to --cwd, or on the child's PATH): its path, or why not.
-    pub fn startable() -> Result<std::path::PathBuf, String> {
-        let cfg = &crate::app().cfg;
+    pub fn startable(cfg: &ServerSpec) -> Result<std::path::PathBuf, String> {
         let program = &cfg.command[0];
         let path_var = cfg
             .env
@@ -11206,6 +12261,21 @@ mod observe {
             json_string(out, self);
         }
     }
+    /// A server's name: left out when it is the one server of a COMMAND, so logs of a
+    /// single-server instance read as before.
+    impl Field for Arc<str> {
+        fn text(&self, out: &mut String) {
+            text_value(out, self);
+        }
+        fn json(&self, out: &mut String) {
+            json_string(out, self);
+        }
+        fn present(&self) -> bool {
+            crate::APP
+                .get()
+                .is_some_and(|a| a.cfg.config_file.is_some())
+        }
+    }
     macro_rules! number_field {
         ($($t:ty),*) => {$(
             impl Field for $t {
@@ -11543,6 +12613,8 @@ mod observe {
         sessions_closed: Mutex<Vec<(&'static str, &'static str, u64)>>,
         children_spawned: AtomicU64,
         spawn_failures: AtomicU64,
+        /// Configured servers whose start failed, by name (names come from the file).
+        server_failures: Mutex<Vec<(Arc<str>, u64)>>,
         /// success, failure (non-zero status), signal
         children_exited: [AtomicU64; 3],
         children_restarted: AtomicU64,
@@ -11575,6 +12647,7 @@ mod observe {
                 sessions_closed: Default::default(),
                 children_spawned: Default::default(),
                 spawn_failures: Default::default(),
+                server_failures: Default::default(),
                 children_exited: Default::default(),
                 children_restarted: Default::default(),
                 panics: Default::default(),
@@ -11689,6 +12762,14 @@ mod observe {
         pub fn spawn_failed(&self) {
             self.spawn_failures.fetch_add(1, Ordering::Relaxed);
         }
+        /// A configured server could not start (it was serving, or new).
+        pub fn server_failed(&self, server: &str) {
+            let mut list = self.server_failures.locked();
+            match list.iter_mut().find(|(n, _)| **n == *server) {
+                Some((_, c)) => *c += 1,
+                None => list.push((server.into(), 1)),
+            }
+        }
         pub fn child_exited(&self, status: &std::process::ExitStatus) {
             let class = match status.code() {
                 Some(0) => 0,
@@ -11732,6 +12813,7 @@ mod observe {
             families.extend(self.session_families());
             families.extend(self.child_families());
             families.extend(self.bridge_families());
+            families.extend(self.server_families());
             families.extend(process_families(self.started_unix));
             let mut o = String::new();
             for (name, help, kind, samples) in families {
@@ -11743,10 +12825,79 @@ mod observe {
             o
         }
 
+        /// Each configured server (label `server`: names from the file, so bounded).
+        fn server_families(&self) -> Vec<Family> {
+            let app = crate::app();
+            let servers = crate::servers::all();
+            let sessions = app.sessions.all();
+            let children: Vec<Arc<str>> = app
+                .children
+                .locked()
+                .values()
+                .map(|c| c.server.clone())
+                .collect();
+            let (mut up, mut open, mut kids, mut tools) = (vec![], vec![], vec![], vec![]);
+            for s in &servers {
+                let l = label("server", &s.name);
+                up.push((l.clone(), if s.not_ready().is_none() { 1.0 } else { 0.0 }));
+                let n = sessions
+                    .iter()
+                    .filter(|x| x.server.name == s.name && !x.is_carrier())
+                    .count();
+                open.push((l.clone(), n as f64));
+                let c = children.iter().filter(|c| **c == s.name).count();
+                kids.push((l.clone(), c as f64));
+                if let Some(t) = s.tools_known() {
+                    tools.push((l, t as f64));
+                }
+            }
+            let failures = self
+                .server_failures
+                .locked()
+                .iter()
+                .map(|(n, c)| (label("server", n), *c as f64))
+                .collect();
+            vec![
+                (
+                    "stdio_sse_server_ready",
+                    "1 when the server can serve (its command starts, no crash loop).",
+                    "gauge",
+                    up,
+                ),
+                (
+                    "stdio_sse_server_sessions",
+                    "Client sessions open on the server.",
+                    "gauge",
+                    open,
+                ),
+                (
+                    "stdio_sse_server_children",
+                    "The server's child processes running.",
+                    "gauge",
+                    kids,
+                ),
+                (
+                    "stdio_sse_server_tools",
+                    "Tools the server lists after its filter (once a list was seen).",
+                    "gauge",
+                    tools,
+                ),
+                (
+                    "stdio_sse_server_start_failures_total",
+                    "Times the server's command could not be started.",
+                    "counter",
+                    failures,
+                ),
+            ]
+        }
+
         /// Build info, requests by route, method and class, and HTTP bytes.
         fn http_families(&self) -> Vec<Family> {
             let app = crate::app();
-            let mode = format!("{:?}", app.cfg.mode).to_lowercase();
+            let mode = match app.cfg.config_file {
+                Some(_) => "config".to_string(),
+                None => format!("{:?}", app.cfg.mode).to_lowercase(),
+            };
             let version = env!("CARGO_PKG_VERSION");
             let mut http = Vec::new();
             for (i, c) in self.http.iter().enumerate() {
@@ -12599,6 +13750,8 @@ fn main() {
     start_logging(&cfg);
     if cfg.demo {
         cfg.command = vec![demo_command(&args[0]), config::DEMO_ARG.to_string()];
+        cfg.server_defaults.command = cfg.command.clone();
+        cfg.servers = vec![cfg.server_defaults.clone()];
     }
     START.get_or_init(Instant::now);
     let sigset = teardown::block_signals();
@@ -12623,16 +13776,9 @@ fn main() {
     let server = start_http(listener, tls);
     child::start_spawner();
     announce(&format!("{scheme}://{addr}"));
-    match cfg.mode {
-        config::Mode::Shared => upstream::start_shared(),
-        config::Mode::Session => upstream::start_warm_pool(),
-        config::Mode::Oneshot => {}
-    }
+    servers::install(&cfg.servers, &cfg.skipped);
     spawn_thread("idle-reaper", sessions::run_idle_reaper);
-    if cfg.mode != config::Mode::Oneshot {
-        modern::probe_child_era();
-        spawn_thread("modern-housekeeper", modern::run_housekeeper);
-    }
+    spawn_thread("modern-housekeeper", modern::run_housekeeper);
     http::serve(server);
     teardown::handle_signals(sigset);
 }
@@ -12779,6 +13925,24 @@ fn start_http(
 fn announce(url: &str) {
     let cfg = &app().cfg;
     let mcp = &cfg.mcp_path;
+    if let Some(file) = &cfg.config_file {
+        let names: Vec<&str> = cfg
+            .servers
+            .iter()
+            .filter(|s| !s.disabled)
+            .map(|s| s.name.as_str())
+            .collect();
+        log!(
+            Info,
+            "listening",
+            "listening on {url} (servers of {}: {}; each on {}NAME/mcp and {}NAME/sse; GET /servers lists them)",
+            file.display(),
+            names.join(", "),
+            servers::PREFIX,
+            servers::PREFIX
+        );
+        return;
+    }
     match cfg.mode {
         config::Mode::Session | config::Mode::Shared => log!(
             Info,
