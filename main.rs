@@ -1935,6 +1935,10 @@ mod refusal {
         ChildModernOnly,
         /// No child for a modern call now (capacity, restarting): the reason says which.
         ModernUnavailable(String),
+        // ---- servers (module servers) ---------------------------------------------------
+        /// A tool its server's filter hides, or on the merged endpoint one no server
+        /// lists: the answer an unknown tool gets (in band: the HTTP exchange succeeds).
+        UnknownTool(String),
         // ---- one-shot ----------------------------------------------------------------
         OneShotQueryRequired,
         TooManyInFlight {
@@ -2000,6 +2004,7 @@ mod refusal {
                 | TooManyInFlight { .. }
                 | ModernUnavailable(_) => 503,
                 HttpVersion => 505,
+                UnknownTool(_) => 200,
             }
         }
 
@@ -2010,7 +2015,7 @@ mod refusal {
                 UnreadableBody(_) | NotJson(_) => -32700,
                 NotFound(_) | ModernUnknownMethod(_) => -32601,
                 Unauthorized(_) | SessionNotFound => -32001,
-                ModernEnvelope(_) | BadRequestState(_) => -32602,
+                ModernEnvelope(_) | BadRequestState(_) | UnknownTool(_) => -32602,
                 HeaderMismatch(_) => -32020,
                 MissingCapability { .. } => -32021,
                 ModernVersion { .. } => -32022,
@@ -2131,6 +2136,7 @@ mod refusal {
                 MissingCapability { method, .. } => format!("Missing capability: the server asked {method}, which this request's clientCapabilities do not declare"),
                 BadRequestState(why) => format!("Invalid params: requestState {why}"),
                 ModernUnavailable(why) => format!("Service unavailable for 2026-07-28 calls: {why}"),
+                UnknownTool(name) => format!("Unknown tool: {name}"),
                 ChildModernOnly => format!("Unsupported protocol version: the server behind this bridge speaks only {} (no initialize); connect with a 2026-07-28 client", crate::modern::VERSIONS.join(", ")),
                 OneShotQueryRequired => "Bad Request: the request query parameter is required (url-encoded JSON)".into(),
                 TooManyInFlight { limit } => format!("Too many requests in flight (--max-sessions {limit})"),
@@ -2215,6 +2221,7 @@ mod refusal {
                 MissingCapability { .. } => "missing_capability",
                 BadRequestState(_) => "bad_request_state",
                 ModernUnavailable(_) => "capacity",
+                UnknownTool(_) => "unknown_tool",
             }
         }
 
@@ -2331,6 +2338,7 @@ mod refusal {
                 BadRequestState(s()),
                 ChildModernOnly,
                 ModernUnavailable(s()),
+                UnknownTool(s()),
             ];
             for r in &all {
                 kind(r);
@@ -2402,7 +2410,8 @@ mod refusal {
                 | MissingCapability { .. }
                 | BadRequestState(_)
                 | ChildModernOnly
-                | ModernUnavailable(_) => {}
+                | ModernUnavailable(_)
+                | UnknownTool(_) => {}
             }
         }
 
@@ -2465,7 +2474,8 @@ mod refusal {
             for r in every() {
                 let m = r.message();
                 assert!(!m.is_empty() && !m.ends_with(' '), "{r:?}: {m:?}");
-                assert!((400..600).contains(&r.status()), "{r:?}");
+                let in_band = r.status() == 200 && r.code() == -32602;
+                assert!(in_band || (400..600).contains(&r.status()), "{r:?}");
                 assert!(!r.reason().is_empty(), "{r:?}");
                 let headers: Vec<&str> = r.headers().iter().map(|(k, _)| *k).collect();
                 match r.status() {
@@ -5021,6 +5031,7 @@ mod auth {
 mod servers {
     use super::*;
     use crate::config::{Mode, ServerSpec};
+    use crate::http::Refusal;
     use serde_json::{json, Value};
     use std::sync::{Mutex, RwLock};
 
@@ -5303,6 +5314,52 @@ mod servers {
         for s in &table {
             start(s);
         }
+    }
+
+    // ---- tool filters ------------------------------------------------------------------
+
+    /// A `tools/call` of a tool the server's filter hides gets what an unknown tool
+    /// gets: this answer, and the child never hears of it.
+    pub fn hidden_call(server: &Server, m: &Value) -> Option<Value> {
+        if server.spec.tools.is_open() || m.get("method")?.as_str()? != "tools/call" {
+            return None;
+        }
+        let name = m.pointer("/params/name")?.as_str()?;
+        if server.spec.tools.admits(name) {
+            return None;
+        }
+        let refusal = Refusal::UnknownTool(name.to_string());
+        crate::app().metrics.rejected(refusal.reason());
+        crate::log!(Info, "tool_hidden", server = server.name; "tools/call of {name:?}, which the server's tool filter hides: answered as an unknown tool");
+        let id = m.get("id").cloned().unwrap_or(Value::Null);
+        Some(json!({"jsonrpc": "2.0", "id": id,
+            "error": {"code": refusal.code(), "message": refusal.message()}}))
+    }
+
+    /// A `tools/list` answer with the hidden tools taken out (None when nothing was);
+    /// what is left is counted for /servers either way.
+    pub fn filter_tool_list(server: &Server, answer: &Value) -> Option<Value> {
+        let tools = answer.pointer("/result/tools")?.as_array()?;
+        let name = |t: &Value| {
+            t.get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
+        let kept: Vec<Value> = tools
+            .iter()
+            .filter(|t| server.spec.tools.admits(&name(t)))
+            .cloned()
+            .collect();
+        if answer.pointer("/result/nextCursor").is_none() {
+            server.saw_tools(kept.len());
+        }
+        if kept.len() == tools.len() {
+            return None;
+        }
+        let mut out = answer.clone();
+        out["result"]["tools"] = Value::Array(kept);
+        Some(out)
     }
 
     /// Starts what a server keeps running: its shared children or warm pool, and the
@@ -8628,6 +8685,8 @@ mod sessions {
     struct Routing {
         /// Client request id key -> the stream waiting for its answer.
         in_flight: HashMap<String, InFlight>,
+        /// Ids of `tools/list` requests in flight: their answers pass the tool filter.
+        tool_lists: HashSet<String>,
         next_seq: u64,
         /// progressToken key -> request id key (progress reaches its request's stream).
         progress: HashMap<String, String>,
@@ -9046,12 +9105,54 @@ mod sessions {
         /// ends the session (in the background): the refusal says so, and the requests
         /// are no longer waited for.
         pub fn submit(self: &Arc<Self>, messages: &[Value]) -> Result<(), Refusal> {
-            let Err(e) = self.upstream.send(self, messages) else {
+            let mut hidden = Vec::new();
+            let mut lists = Vec::new();
+            for m in messages {
+                if let Some(answer) = crate::servers::hidden_call(&self.server, m) {
+                    hidden.push(answer);
+                } else if let Kind::Request {
+                    id,
+                    method: "tools/list",
+                } = classify(m)
+                {
+                    lists.push(id_key(id));
+                }
+            }
+            if !lists.is_empty() {
+                self.routing.locked().tool_lists.extend(lists);
+            }
+            let sent = if hidden.is_empty() {
+                self.upstream.send(self, messages)
+            } else {
+                let rest: Vec<Value> = messages
+                    .iter()
+                    .filter(|m| crate::servers::hidden_call(&self.server, m).is_none())
+                    .cloned()
+                    .collect();
+                self.upstream.send(self, &rest)
+            };
+            for answer in hidden {
+                route_value(self, answer.to_string(), &answer, false);
+            }
+            let Err(e) = sent else {
                 return Ok(());
             };
             self.forget_requests(messages);
             end_in_background(self.clone(), EndReason::ChildGone);
             Err(Refusal::ChildNotAccepting(e.to_string()))
+        }
+
+        /// The answer to a `tools/list` of this session, filtered, when the server's
+        /// filter hid something (None: it goes as the child wrote it).
+        fn tools_listed(&self, value: &Value) -> Option<Value> {
+            let Kind::Response { id } = classify(value) else {
+                return None;
+            };
+            let key = id_key(id);
+            if !self.routing.locked().tool_lists.remove(&key) {
+                return None;
+            }
+            crate::servers::filter_tool_list(&self.server, value)
         }
 
         pub fn forget_requests(&self, messages: &[Value]) {
@@ -9505,6 +9606,11 @@ mod sessions {
     pub fn route_value(session: &Arc<Session>, json: String, value: &Value, aside: bool) {
         let app = crate::app();
         app.metrics.message(crate::observe::Way::ToClient, value);
+        let filtered = session.tools_listed(value);
+        let (json, value) = match &filtered {
+            Some(v) => (v.to_string(), v),
+            None => (json, value),
+        };
         if session.carrier.is_some() {
             return crate::modern::from_child(session, json, value, aside);
         }
