@@ -24,6 +24,7 @@
 //! | `message` | JSON-RPC shapes: classification, ids, error bodies, parsing limits |
 //! | `sessions` | sessions, streams, the replay buffer and routing to them |
 //! | `upstream` | a session's child: its own, a warm one, or a shared one with id rewriting |
+//! | `merged` | the merged endpoint: one MCP server made of every --config server |
 //! | `child` | spawning, reading stdout and stderr, reaping, readiness |
 //! | `ownership` | process groups, parent-death, the guardian, PID 1 duties |
 //! | `teardown` | how a child ends (the escalation table), signals, shutdown in order |
@@ -1939,6 +1940,12 @@ mod refusal {
         /// A tool its server's filter hides, or on the merged endpoint one no server
         /// lists: the answer an unknown tool gets (in band: the HTTP exchange succeeds).
         UnknownTool(String),
+        /// On the merged endpoint: a prompt no server lists.
+        UnknownPrompt(String),
+        /// On the merged endpoint: a resource URI no server listed or templates.
+        UnknownResource(String),
+        /// On the merged endpoint: a method none of its servers serve.
+        MergedUnknownMethod(String),
         // ---- one-shot ----------------------------------------------------------------
         OneShotQueryRequired,
         TooManyInFlight {
@@ -2004,7 +2011,9 @@ mod refusal {
                 | TooManyInFlight { .. }
                 | ModernUnavailable(_) => 503,
                 HttpVersion => 505,
-                UnknownTool(_) => 200,
+                UnknownTool(_) | UnknownPrompt(_) | UnknownResource(_) | MergedUnknownMethod(_) => {
+                    200
+                }
             }
         }
 
@@ -2015,7 +2024,11 @@ mod refusal {
                 UnreadableBody(_) | NotJson(_) => -32700,
                 NotFound(_) | ModernUnknownMethod(_) => -32601,
                 Unauthorized(_) | SessionNotFound => -32001,
-                ModernEnvelope(_) | BadRequestState(_) | UnknownTool(_) => -32602,
+                ModernEnvelope(_) | BadRequestState(_) | UnknownTool(_) | UnknownPrompt(_) => {
+                    -32602
+                }
+                UnknownResource(_) => -32002,
+                MergedUnknownMethod(_) => -32601,
                 HeaderMismatch(_) => -32020,
                 MissingCapability { .. } => -32021,
                 ModernVersion { .. } => -32022,
@@ -2137,6 +2150,9 @@ mod refusal {
                 BadRequestState(why) => format!("Invalid params: requestState {why}"),
                 ModernUnavailable(why) => format!("Service unavailable for 2026-07-28 calls: {why}"),
                 UnknownTool(name) => format!("Unknown tool: {name}"),
+                UnknownPrompt(name) => format!("Unknown prompt: {name}"),
+                UnknownResource(uri) => format!("Resource not found: {uri}"),
+                MergedUnknownMethod(m) => format!("Method not found: {m}"),
                 ChildModernOnly => format!("Unsupported protocol version: the server behind this bridge speaks only {} (no initialize); connect with a 2026-07-28 client", crate::modern::VERSIONS.join(", ")),
                 OneShotQueryRequired => "Bad Request: the request query parameter is required (url-encoded JSON)".into(),
                 TooManyInFlight { limit } => format!("Too many requests in flight (--max-sessions {limit})"),
@@ -2221,7 +2237,8 @@ mod refusal {
                 MissingCapability { .. } => "missing_capability",
                 BadRequestState(_) => "bad_request_state",
                 ModernUnavailable(_) => "capacity",
-                UnknownTool(_) => "unknown_tool",
+                UnknownTool(_) | UnknownPrompt(_) | UnknownResource(_) => "unknown_name",
+                MergedUnknownMethod(_) => "method_not_found",
             }
         }
 
@@ -2339,6 +2356,9 @@ mod refusal {
                 ChildModernOnly,
                 ModernUnavailable(s()),
                 UnknownTool(s()),
+                UnknownPrompt(s()),
+                UnknownResource(s()),
+                MergedUnknownMethod(s()),
             ];
             for r in &all {
                 kind(r);
@@ -2411,7 +2431,10 @@ mod refusal {
                 | BadRequestState(_)
                 | ChildModernOnly
                 | ModernUnavailable(_)
-                | UnknownTool(_) => {}
+                | UnknownTool(_)
+                | UnknownPrompt(_)
+                | UnknownResource(_)
+                | MergedUnknownMethod(_) => {}
             }
         }
 
@@ -2474,7 +2497,7 @@ mod refusal {
             for r in every() {
                 let m = r.message();
                 assert!(!m.is_empty() && !m.ends_with(' '), "{r:?}: {m:?}");
-                let in_band = r.status() == 200 && r.code() == -32602;
+                let in_band = r.status() == 200;
                 assert!(in_band || (400..600).contains(&r.status()), "{r:?}");
                 assert!(!r.reason().is_empty(), "{r:?}");
                 let headers: Vec<&str> = r.headers().iter().map(|(k, _)| *k).collect();
@@ -4984,7 +5007,7 @@ mod auth {
     }
 
     /// What a new session takes from the request that creates it.
-    #[derive(Default)]
+    #[derive(Default, Clone)]
     pub struct Context {
         pub owner: Option<Arc<str>>,
         /// --pass-header values present on the request, as (variable, value).
@@ -5051,7 +5074,21 @@ mod servers {
         tools_seen: std::sync::atomic::AtomicI64,
         /// Why its last start failed, until one succeeds.
         failure: Mutex<Option<String>>,
+        /// What its child answered to an initialize, once one did: the merged
+        /// endpoint's capabilities and instructions come from it.
+        hello: Mutex<Option<Value>>,
+        kind: Kind,
     }
+
+    /// A server of the file, or the merged endpoint made of them.
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Kind {
+        Command,
+        Merged,
+    }
+
+    /// The merged endpoint's name in logs and sessions: no file's name can be it.
+    pub const MERGED_NAME: &str = "*";
 
     impl Server {
         pub fn new(spec: ServerSpec) -> Arc<Server> {
@@ -5064,7 +5101,54 @@ mod servers {
                 oneshot_active: AtomicUsize::new(0),
                 tools_seen: std::sync::atomic::AtomicI64::new(-1),
                 failure: Mutex::new(None),
+                hello: Mutex::new(None),
+                kind: Kind::Command,
             })
+        }
+
+        /// The merged endpoint, over the servers now serving: a session-mode server of
+        /// its own, whose "child" is in-process (`merged`).
+        fn merged(servers: &[Arc<Server>]) -> Arc<Server> {
+            let cfg = &crate::app().cfg;
+            let mut spec = cfg.server_defaults.clone();
+            spec.name = MERGED_NAME.to_string();
+            spec.command = Vec::new();
+            spec.mode = Mode::Session;
+            spec.warm = 0;
+            spec.children = 1;
+            spec.child_protocol = crate::modern::ChildEra::Legacy;
+            spec.tools = crate::config::ToolFilter::default();
+            // A header any server passes on is taken; each server session gets its own.
+            spec.pass_headers = Vec::new();
+            for s in servers {
+                for h in &s.spec.pass_headers {
+                    if !spec.pass_headers.contains(h) {
+                        spec.pass_headers.push(h.clone());
+                    }
+                }
+            }
+            let mut server = Server::new(spec);
+            Arc::get_mut(&mut server).expect("not shared yet").kind = Kind::Merged;
+            server
+        }
+
+        pub fn is_merged(&self) -> bool {
+            self.kind == Kind::Merged
+        }
+
+        /// Its child's InitializeResult, once any session (or carrier) has seen one.
+        pub fn known_hello(&self) -> Option<Value> {
+            if let Some(h) = self.hello.locked().clone() {
+                return Some(h);
+            }
+            self.modern.discovered_result()
+        }
+
+        pub fn remember_hello(&self, result: &Value) {
+            let mut h = self.hello.locked();
+            if h.is_none() {
+                *h = Some(result.clone());
+            }
         }
         pub fn retired(&self) -> bool {
             self.retired.load(Ordering::Acquire)
@@ -5179,6 +5263,15 @@ mod servers {
     static IDLE_ENTRIES: Mutex<Vec<Value>> = Mutex::new(Vec::new());
     /// Retired servers whose sessions or children have not all ended yet.
     static RETIRED: Mutex<Vec<Arc<Server>>> = Mutex::new(Vec::new());
+    /// The merged endpoint, while more than one server serves.
+    static MERGED: RwLock<Option<Arc<Server>>> = RwLock::new(None);
+
+    fn merged() -> Option<Arc<Server>> {
+        MERGED
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 
     pub fn all() -> Vec<Arc<Server>> {
         TABLE
@@ -5250,11 +5343,12 @@ mod servers {
             return None;
         };
         let table = all();
-        let [server] = table.as_slice() else {
-            return None;
+        let server = match table.as_slice() {
+            [one] => one.clone(),
+            _ => merged()?,
         };
         Some(Route {
-            server: server.clone(),
+            server,
             endpoint,
             door: Door::Front,
         })
@@ -5277,7 +5371,20 @@ mod servers {
             d["state"] = "draining".into();
             servers.push(d);
         }
-        json!({"servers": servers})
+        let mut out = json!({"servers": servers});
+        if merged().is_some() {
+            let cfg = &crate::app().cfg;
+            let sessions = crate::app()
+                .sessions
+                .all()
+                .iter()
+                .filter(|s| s.server.is_merged() && !s.is_carrier())
+                .count();
+            out["merged"] = json!({"endpoints": {"mcp": cfg.mcp_path, "sse": cfg.sse_path,
+                "message": cfg.message_path}, "toolSeparator": cfg.tool_separator,
+                "sessions": sessions, "servers": all().iter().map(|s| s.name.to_string()).collect::<Vec<_>>()});
+        }
+        out
     }
 
     /// Why the whole instance is not ready: every enabled server that cannot serve.
@@ -5311,6 +5418,10 @@ mod servers {
         *TABLE
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = table.clone();
+        *MERGED
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            (table.len() > 1).then(|| Server::merged(&table));
         for s in &table {
             start(s);
         }
@@ -5360,6 +5471,176 @@ mod servers {
         let mut out = answer.clone();
         out["result"]["tools"] = Value::Array(kept);
         Some(out)
+    }
+
+    // ---- reload (SIGHUP) -----------------------------------------------------------------
+
+    /// Re-reads --config. Added servers start; removed (or now disabled) ones drain:
+    /// their sessions end and their children are stopped as on shutdown; changed ones
+    /// serve new sessions with the new settings while the sessions they have keep their
+    /// child until they end. A file that does not read or check keeps the running
+    /// configuration, and the log says what is wrong.
+    pub fn reload() {
+        let app = crate::app();
+        let Some(path) = &app.cfg.config_file else {
+            return;
+        };
+        let file = match crate::config::read_servers_file(
+            path,
+            &app.cfg.server_defaults,
+            &app.cfg.tool_separator,
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                app.metrics.config_reload("failed");
+                crate::log!(
+                    Error,
+                    "config_reload_failed",
+                    "{e}; keeping the configuration in force"
+                );
+                return;
+            }
+        };
+        let old = all();
+        let mut table = Vec::new();
+        let mut idle = Vec::new();
+        let (mut added, mut changed, mut kept) = (Vec::new(), Vec::new(), Vec::new());
+        for spec in &file.servers {
+            if spec.disabled {
+                idle.push(
+                    json!({"name": spec.name, "mode": mode_name(spec.mode), "state": "disabled"}),
+                );
+                continue;
+            }
+            match old.iter().find(|s| *s.name == *spec.name) {
+                Some(s) if s.spec == *spec => {
+                    kept.push(s.name.to_string());
+                    table.push(s.clone());
+                }
+                Some(_) => {
+                    changed.push(spec.name.clone());
+                    table.push(Server::new(spec.clone()));
+                }
+                None => {
+                    added.push(spec.name.clone());
+                    table.push(Server::new(spec.clone()));
+                }
+            }
+        }
+        for why in &file.skipped {
+            crate::log!(Warn, "server_skipped", "{why}");
+            idle.push(json!({"state": "skipped", "reason": why}));
+        }
+        let gone: Vec<Arc<Server>> = old
+            .iter()
+            .filter(|s| !table.iter().any(|t| Arc::ptr_eq(s, t)))
+            .cloned()
+            .collect();
+        let removed: Vec<Arc<Server>> = gone
+            .iter()
+            .filter(|s| !changed.iter().any(|c| **c == *s.name))
+            .cloned()
+            .collect();
+        let old_merged = merged();
+        *IDLE_ENTRIES.locked() = idle;
+        *TABLE
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = table.clone();
+        let new_merged = (table.len() > 1).then(|| {
+            // The same servers: the merged endpoint (and its carriers) stays.
+            match &old_merged {
+                Some(m) if gone.is_empty() && added.is_empty() => m.clone(),
+                _ => Server::merged(&table),
+            }
+        });
+        *MERGED
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new_merged.clone();
+        let mut retiring = gone.clone();
+        if let Some(m) =
+            old_merged.filter(|m| !new_merged.as_ref().is_some_and(|n| Arc::ptr_eq(m, n)))
+        {
+            retiring.push(m);
+        }
+        for s in &retiring {
+            s.retired.store(true, Ordering::Release);
+            RETIRED.locked().push(s.clone());
+        }
+        for s in table
+            .iter()
+            .filter(|s| !old.iter().any(|o| Arc::ptr_eq(o, s)))
+        {
+            start(s);
+        }
+        app.metrics.config_reload("applied");
+        crate::log!(
+            Info,
+            "config_reload",
+            "{} re-read: {} added ({}), {} changed ({}), {} removed ({}), {} unchanged",
+            path.display(),
+            added.len(),
+            added.join(", "),
+            changed.len(),
+            changed.join(", "),
+            removed.len(),
+            removed
+                .iter()
+                .map(|s| s.name.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            kept.len()
+        );
+        for s in retiring {
+            let how = removed_or_changed(&s, &removed);
+            crate::spawn_thread("retire-server", move || retire(&s, how));
+        }
+    }
+
+    /// Whether a retired server's sessions end now (removed) or run on (changed).
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum Retire {
+        Drain,
+        KeepSessions,
+    }
+
+    fn removed_or_changed(s: &Arc<Server>, removed: &[Arc<Server>]) -> Retire {
+        if removed.iter().any(|r| Arc::ptr_eq(r, s)) {
+            Retire::Drain
+        } else {
+            Retire::KeepSessions
+        }
+    }
+
+    /// A retired server: its warm children stop, a removed one's sessions end (their
+    /// children with them), and its shared children stop once no session is on them.
+    fn retire(server: &Arc<Server>, how: Retire) {
+        crate::upstream::retire_children(server);
+        if how == Retire::Drain {
+            let app = crate::app();
+            let mine: Vec<Arc<crate::sessions::Session>> = app
+                .sessions
+                .all()
+                .into_iter()
+                .filter(|s| Arc::ptr_eq(&s.server, server))
+                .collect();
+            crate::log!(Info, "server_removed", server = server.name; "server {:?} removed: ending its {} session(s)", &*server.name, mine.len());
+            for s in mine {
+                crate::sessions::end(&s, crate::sessions::EndReason::ServerRemoved);
+            }
+        }
+        crate::upstream::stop_idle_shared(server);
+    }
+
+    /// Forgets retired servers with nothing left running (the housekeeper calls it).
+    pub fn prune_retired() {
+        let app = crate::app();
+        let sessions = app.sessions.all();
+        let children = app.children.locked().len();
+        RETIRED.locked().retain(|r| {
+            let busy = sessions.iter().any(|s| Arc::ptr_eq(&s.server, r))
+                || (children > 0 && crate::upstream::any_running(r));
+            busy
+        });
     }
 
     /// Starts what a server keeps running: its shared children or warm pool, and the
@@ -5905,6 +6186,13 @@ mod modern {
         pool: Mutex<Pool>,
         /// Shared mode: one carrier starts at a time.
         shared_start: Mutex<()>,
+    }
+
+    impl PerServer {
+        /// The child's InitializeResult a carrier saw, if one has.
+        pub fn discovered_result(&self) -> Option<Value> {
+            self.discovered.locked().as_deref().cloned()
+        }
     }
 
     pub fn child_era(server: &Server) -> ChildEra {
@@ -7929,6 +8217,7 @@ mod modern {
             for server in crate::servers::live() {
                 tend_carriers(&server, ttl);
             }
+            crate::servers::prune_retired();
         }
     }
 
@@ -8470,6 +8759,9 @@ mod sessions {
         Legacy,
         /// A carrier: a child serving 2026-07-28 calls (`modern`); no client names it.
         Modern,
+        /// A merged-endpoint session's session on one of the servers (`merged`): its
+        /// messages come from and go to the merged server, never to a stream.
+        Member,
     }
 
     /// One event on its way to a connection. Its SSE id is `{stream}-{n}`: `n` counts
@@ -8729,6 +9021,8 @@ mod sessions {
         pub env: Vec<(String, String)>,
         /// A carrier's 2026-07-28 state (`Transport::Modern` only).
         pub carrier: Option<Arc<crate::modern::Carrier>>,
+        /// The merged server it serves (`Transport::Member` only).
+        pub member: Option<crate::merged::MemberLink>,
         routing: Mutex<Routing>,
         last_active_ms: AtomicU64,
         /// Orders sessions by their latest request (a sequence, not a clock, so two
@@ -8746,6 +9040,10 @@ mod sessions {
         Shutdown,
         /// Ended for a new session at --max-sessions (`evict_one`).
         Evicted,
+        /// A server session whose merged-endpoint session ended.
+        MergedEnded,
+        /// Its server was removed from --config by a reload.
+        ServerRemoved,
     }
 
     impl EndReason {
@@ -8758,6 +9056,8 @@ mod sessions {
                 EndReason::InitializeFailed => "initialize_failed",
                 EndReason::Shutdown => "shutdown",
                 EndReason::Evicted => "evicted",
+                EndReason::MergedEnded => "merged_session_ended",
+                EndReason::ServerRemoved => "server_removed",
             }
         }
     }
@@ -8770,7 +9070,7 @@ mod sessions {
     /// Sessions open now by transport, and what their replay buffers hold.
     #[derive(Default)]
     pub struct Stats {
-        pub active: [usize; 3],
+        pub active: [usize; 4],
         pub replay_events: usize,
         pub replay_bytes: usize,
     }
@@ -8819,7 +9119,7 @@ mod sessions {
         pub fn count_for(&self, server: &Server) -> usize {
             let map = self.map.locked();
             map.values()
-                .filter(|s| s.server.name == server.name)
+                .filter(|s| s.server.name == server.name && s.transport != Transport::Member)
                 .count()
         }
         fn remove(&self, id: &str) -> bool {
@@ -8854,6 +9154,30 @@ mod sessions {
         ctx: crate::auth::Context,
         id: String,
     ) -> Result<Arc<Session>, CreateError> {
+        open(server, transport, ctx, id, None)
+    }
+
+    /// A merged-endpoint session's session on one of its servers.
+    pub fn create_member(
+        server: &Arc<Server>,
+        ctx: crate::auth::Context,
+        link: crate::merged::MemberLink,
+    ) -> Result<Arc<Session>, String> {
+        let id = crate::random_uuid().map_err(|e| format!("cannot make a session id: {e}"))?;
+        match open(server, Transport::Member, ctx, id, Some(link)) {
+            Ok(s) => Ok(s),
+            Err(CreateError::Spawn(why)) => Err(why),
+            Err(CreateError::Refused(reply)) => Err(reply.message().unwrap_or_default()),
+        }
+    }
+
+    fn open(
+        server: &Arc<Server>,
+        transport: Transport,
+        ctx: crate::auth::Context,
+        id: String,
+        mut link: Option<crate::merged::MemberLink>,
+    ) -> Result<Arc<Session>, CreateError> {
         let app = crate::app();
         let limit = server.spec.max_sessions;
         let full = || {
@@ -8873,7 +9197,10 @@ mod sessions {
         // were ended then, so this one would wait for ever. It picks again (the restarted
         // child, or a 503 once the restart takes too long).
         let (session, upstream, stdout) = loop {
-            let (upstream, stdout) = if server.spec.mode == config::Mode::Shared {
+            let (upstream, stdout) = if server.is_merged() {
+                let merger = crate::merged::Merger::new(ctx.clone());
+                (Arc::new(Upstream::merged(merger)), None)
+            } else if server.spec.mode == config::Mode::Shared {
                 (
                     crate::upstream::pick(server).map_err(CreateError::Refused)?,
                     None,
@@ -8892,6 +9219,7 @@ mod sessions {
                 owner: ctx.owner.clone(),
                 env: ctx.env.clone(),
                 carrier: (transport == Transport::Modern).then(Arc::default),
+                member: link.take(),
                 routing: Mutex::new(Routing {
                     resumable: transport == Transport::Streamable,
                     ..Routing::default()
@@ -8905,7 +9233,7 @@ mod sessions {
                 if of_server.count() >= limit {
                     drop(map);
                     if stdout.is_some() {
-                        upstream.child.terminate(Duration::ZERO);
+                        upstream.end_own(Duration::ZERO);
                     }
                     return Err(full());
                 }
@@ -8920,13 +9248,19 @@ mod sessions {
         if let Some(stdout) = stdout {
             crate::upstream::start_router(&upstream, stdout);
         }
+        if let Some(merger) = upstream.merger() {
+            merger.attach(&session);
+        }
         app.metrics.session_opened(transport);
         crate::observe::request_session(&tag);
         crate::log!(
             Info,
             "session_open",
-            session = tag, server = server.name; "{transport:?} session opened on child pid {}",
-            upstream.child.pid
+            session = tag, server = server.name; "{transport:?} session opened on {}",
+            match upstream.process() {
+                Some(c) => format!("child pid {}", c.pid),
+                None => "the merged endpoint".into(),
+            }
         );
         Ok(session)
     }
@@ -9296,6 +9630,9 @@ mod sessions {
             if let Some(c) = &self.carrier {
                 return c.can_receive();
             }
+            if let Some(link) = &self.member {
+                return link.client_can_receive();
+            }
             self.routing
                 .locked()
                 .streams
@@ -9605,12 +9942,16 @@ mod sessions {
     /// to the GET stream when `aside` (a shared child's notification about other work).
     pub fn route_value(session: &Arc<Session>, json: String, value: &Value, aside: bool) {
         let app = crate::app();
-        app.metrics.message(crate::observe::Way::ToClient, value);
         let filtered = session.tools_listed(value);
         let (json, value) = match &filtered {
             Some(v) => (v.to_string(), v),
             None => (json, value),
         };
+        if let Some(link) = &session.member {
+            // Counted when it reaches the client through the merged session.
+            return crate::merged::from_member(link, session, value);
+        }
+        app.metrics.message(crate::observe::Way::ToClient, value);
         if session.carrier.is_some() {
             return crate::modern::from_child(session, json, value, aside);
         }
@@ -9650,7 +9991,10 @@ mod sessions {
                         .pointer("/result/protocolVersion")
                         .and_then(Value::as_str)
                     {
-                        Some(v) => r.version = Some(v.to_string()),
+                        Some(v) => {
+                            r.version = Some(v.to_string());
+                            session.server.remember_hello(&value["result"]);
+                        }
                         None => init_failed = true,
                     }
                 }
@@ -9781,9 +10125,17 @@ mod sessions {
         let awaiting: Vec<String> = r.awaiting_answer.drain().collect();
         drop(r);
         app.sessions.remove(&session.id);
+        if let Some(link) = &session.member {
+            crate::merged::member_ended(link, reason.label());
+        }
         let (code, message, data) = match reason {
+            EndReason::ChildGone | EndReason::InitializeFailed
+                if session.upstream.process().is_none() =>
+            {
+                (-32603, "A server of the merged endpoint ended".into(), None)
+            }
             EndReason::ChildGone | EndReason::InitializeFailed => {
-                let child = &session.upstream.child;
+                let child = session.upstream.process().expect("guarded above");
                 let status = child.wait_exit(Duration::ZERO);
                 let what = status
                     .as_ref()
@@ -9821,6 +10173,14 @@ mod sessions {
                 None,
             ),
             EndReason::Shutdown => (-32000, "Server is shutting down".to_string(), None),
+            EndReason::MergedEnded => {
+                (-32000, "Session ended with its merged session".into(), None)
+            }
+            EndReason::ServerRemoved => (
+                -32000,
+                "Session ended: its server was removed from the configuration".into(),
+                None,
+            ),
             EndReason::Evicted => (
                 -32000,
                 "Session ended to make room for a new one (--max-sessions, --evict-idle-after)"
@@ -9877,7 +10237,14 @@ mod sessions {
                         "no stream was open to carry it within --client-request-timeout",
                     );
                 }
-                let Some(timeout) = timeout else { continue };
+                // A server session of the merged endpoint lives as long as its
+                // merged session.
+                if s.transport == Transport::Member {
+                    continue;
+                }
+                let Some(timeout) = s.server.spec.session_idle_timeout.or(timeout) else {
+                    continue;
+                };
                 if s.upstream.stdout_closed() {
                     // Its child is gone (the router ends such sessions; this is the
                     // backstop): keepalives must not keep it alive.
@@ -9925,9 +10292,17 @@ mod upstream {
     use std::sync::{Condvar, Mutex, OnceLock};
 
     pub struct Upstream {
-        pub child: Arc<ChildProc>,
+        feed: Feed,
         shared: bool,
         state: Mutex<State>,
+    }
+
+    /// What takes a session's messages: a child process, or the merged endpoint's
+    /// in-process server (which reaches the servers' children through sessions of
+    /// their own).
+    pub enum Feed {
+        Process(Arc<ChildProc>),
+        Merged(Arc<crate::merged::Merger>),
     }
 
     #[derive(Default)]
@@ -9976,9 +10351,66 @@ mod upstream {
     impl Upstream {
         fn new(child: Arc<ChildProc>, shared: bool) -> Upstream {
             Upstream {
-                child,
+                feed: Feed::Process(child),
                 shared,
                 state: Mutex::new(State::default()),
+            }
+        }
+
+        /// A merged-endpoint session's upstream.
+        pub fn merged(merger: Arc<crate::merged::Merger>) -> Upstream {
+            Upstream {
+                feed: Feed::Merged(merger),
+                shared: false,
+                state: Mutex::new(State::default()),
+            }
+        }
+
+        /// The merged endpoint's server, when this is its session's upstream.
+        pub fn merger(&self) -> Option<&Arc<crate::merged::Merger>> {
+            match &self.feed {
+                Feed::Merged(m) => Some(m),
+                Feed::Process(_) => None,
+            }
+        }
+
+        /// Its child process (none on the merged endpoint).
+        pub fn process(&self) -> Option<&Arc<ChildProc>> {
+            match &self.feed {
+                Feed::Process(c) => Some(c),
+                Feed::Merged(_) => None,
+            }
+        }
+
+        /// For logs: the child's tag, or "merged".
+        pub fn tag(&self) -> &str {
+            match &self.feed {
+                Feed::Process(c) => &c.tag,
+                Feed::Merged(_) => "merged",
+            }
+        }
+
+        /// The child's pid, for logs (0 on the merged endpoint).
+        pub fn pid(&self) -> i32 {
+            self.process().map_or(0, |c| c.pid)
+        }
+
+        /// One message to the child (or the merged server), as one line.
+        fn write(&self, m: &Value) -> std::io::Result<()> {
+            match &self.feed {
+                Feed::Process(c) => c.send_message(m),
+                Feed::Merged(merger) => merger.hear_client(m),
+            }
+        }
+
+        /// Ends what is this session's alone: its child (reaped before this returns),
+        /// or the merged server with every server session it opened.
+        pub fn end_own(&self, grace: Duration) {
+            match &self.feed {
+                Feed::Process(c) => {
+                    c.terminate(grace);
+                }
+                Feed::Merged(merger) => merger.close(),
             }
         }
 
@@ -10010,7 +10442,7 @@ mod upstream {
             let app = crate::app();
             if !self.shared {
                 for m in messages {
-                    self.child.send_message(m)?;
+                    self.write(m)?;
                     app.metrics.message(crate::observe::Way::ToChild, m);
                 }
                 return Ok(());
@@ -10027,7 +10459,7 @@ mod upstream {
                 sessions::route_value(session, a.to_string(), &a, false);
             }
             for m in &to_child {
-                self.child.send_message(m)?;
+                self.write(m)?;
                 app.metrics.message(crate::observe::Way::ToChild, m);
             }
             Ok(())
@@ -10035,13 +10467,13 @@ mod upstream {
 
         /// The child's pid when it is this session's alone (session mode).
         pub fn own_child_pid(&self) -> Option<i32> {
-            (!self.shared).then_some(self.child.pid)
+            self.process().filter(|_| !self.shared).map(|c| c.pid)
         }
 
         /// The bridge's answers to the child's own requests (ids are the child's).
         pub fn send_answers(&self, answers: &[Value]) -> std::io::Result<()> {
             for a in answers {
-                self.child.send_message(a)?;
+                self.write(a)?;
                 crate::app()
                     .metrics
                     .message(crate::observe::Way::ToChild, a);
@@ -10071,7 +10503,7 @@ mod upstream {
                 st.members.retain(|m| !Arc::ptr_eq(m, session));
                 if !self.shared {
                     drop(st);
-                    self.child.terminate(grace);
+                    self.end_own(grace);
                     return;
                 }
                 for (cid, p) in st.pending.iter_mut() {
@@ -10090,6 +10522,15 @@ mod upstream {
                     }
                 }
                 st.tokens.retain(|_, (s, _)| !Arc::ptr_eq(s, session));
+                if st.members.is_empty() && session.server.retired() {
+                    // The last session on a replaced or removed server's shared child.
+                    let child = self.process().cloned();
+                    crate::spawn_thread("retire-shared", move || {
+                        if let Some(c) = child {
+                            c.terminate(crate::app().cfg.shutdown_grace);
+                        }
+                    });
+                }
                 if let Init::Running(waiters) = &mut st.init {
                     waiters.retain(|(s, _)| !Arc::ptr_eq(s, session));
                 }
@@ -10109,7 +10550,7 @@ mod upstream {
                 }
             }
             for m in to_child {
-                let _ = self.child.send_message(&m);
+                let _ = self.write(&m);
             }
         }
 
@@ -10301,7 +10742,7 @@ mod upstream {
     pub fn start_router(up: &Arc<Upstream>, stdout: ChildStdout) {
         let (lines, eof) = (up.clone(), up.clone());
         crate::child::start_reader(
-            &up.child,
+            up.process().expect("a router reads a child's stdout"),
             stdout,
             Box::new(move |line| route_line(&lines, line)),
             Box::new(move || child_gone(&eof)),
@@ -10321,7 +10762,7 @@ mod upstream {
                 crate::log!(
                     Warn,
                     "child_non_json",
-                    session = up.child.tag; "skipped a stdout line that is not JSON ({e}): {shown}");
+                    session = up.tag(); "skipped a stdout line that is not JSON ({e}): {shown}");
                 return;
             }
         };
@@ -10343,7 +10784,7 @@ mod upstream {
 
     fn route_one(up: &Arc<Upstream>, json: String, value: Value) {
         let app = crate::app();
-        let tag = up.child.tag.as_str();
+        let tag = up.tag();
         if !up.shared {
             let session = up.state.locked().members.first().cloned();
             match session {
@@ -10373,7 +10814,7 @@ mod upstream {
                     );
                     let answer = json!({"jsonrpc": "2.0", "id": id,
                         "error": {"code": -32000, "message": "No client is connected to answer this request"}});
-                    let _ = up.child.send_message(&answer);
+                    let _ = up.write(&answer);
                 }
             },
             Kind::Notification { method } => {
@@ -10468,7 +10909,7 @@ mod upstream {
     /// A shared child's response: back to the client's own id, to the client that asked.
     fn route_response(up: &Arc<Upstream>, cid: Option<u64>, mut value: Value) {
         let app = crate::app();
-        let tag = up.child.tag.as_str();
+        let tag = up.tag();
         let failed = value.get("error").is_some();
         let mut st = up.state.locked();
         match cid.and_then(|c| st.pending.remove(&c)) {
@@ -10553,14 +10994,16 @@ mod upstream {
         if members.is_empty() && !up.shared {
             return;
         }
-        let status = up
-            .child
+        let Some(child) = up.process() else {
+            return;
+        };
+        let status = child
             .wait_exit(grace)
-            .unwrap_or_else(|| up.child.terminate(grace));
+            .unwrap_or_else(|| child.terminate(grace));
         crate::log!(
             Warn,
             "child_exit",
-            session = up.child.tag; "server process {} with {} session(s) open",
+            session = child.tag; "server process {} with {} session(s) open",
             crate::child::describe(&status),
             members.len());
         for s in members {
@@ -10626,7 +11069,7 @@ mod upstream {
         let mut failures: u32 = 0;
         let mut generation: u64 = 0;
         loop {
-            if app.shutting_down.load(Ordering::Acquire) {
+            if app.shutting_down.load(Ordering::Acquire) || server.retired() {
                 return;
             }
             generation += 1;
@@ -10675,7 +11118,7 @@ mod upstream {
                 }
                 Err(msg) => msg,
             };
-            if app.shutting_down.load(Ordering::Acquire) {
+            if app.shutting_down.load(Ordering::Acquire) || server.retired() {
                 return;
             }
             // A child that stayed up past the window reset the count while it ran.
@@ -10742,6 +11185,41 @@ mod upstream {
         g.iter().find_map(|s| s.crash_loop.clone())
     }
 
+    /// A retired server's warm children: ended (no session will take them).
+    pub fn retire_children(server: &Server) {
+        let Some(warm) = server.children.warm.get() else {
+            return;
+        };
+        let ready: Vec<_> = warm.ready.locked().drain(..).collect();
+        let _ = warm.wake.send(());
+        let grace = crate::app().cfg.shutdown_grace;
+        for (c, _) in ready {
+            c.terminate(grace);
+        }
+    }
+
+    /// A retired server's shared children that no session is on: ended now (the
+    /// others end when their last session leaves, `Upstream::release`).
+    pub fn stop_idle_shared(server: &Server) {
+        let Some(slots) = server.children.slots.get() else {
+            return;
+        };
+        let idle: Vec<Arc<Upstream>> = slots
+            .slots
+            .locked()
+            .iter()
+            .filter_map(|s| s.up.clone())
+            .filter(|u| u.load() == 0)
+            .collect();
+        let grace = crate::app().cfg.shutdown_grace;
+        for u in idle {
+            if let Some(c) = u.process() {
+                crate::log!(Info, "shared_retired", session = c.tag; "the server was replaced or removed and no session is left on this child: ending it");
+                c.terminate(grace);
+            }
+        }
+    }
+
     /// A shared server has a child up now.
     pub fn any_running(server: &Server) -> bool {
         server
@@ -10797,7 +11275,7 @@ mod upstream {
             while rx.recv().is_ok() {
                 while rx.try_recv().is_ok() {}
                 loop {
-                    if app.shutting_down.load(Ordering::Acquire) {
+                    if app.shutting_down.load(Ordering::Acquire) || server.retired() {
                         return;
                     }
                     let mut died_fast = false;
@@ -10848,6 +11326,971 @@ mod upstream {
                 }
             }
         });
+    }
+}
+
+// ======================================================================================
+/// The merged endpoint: with more than one server in --config, the front paths (/mcp,
+/// /sse) serve one MCP server made of them all. It is in-process and speaks to its
+/// session as a 2025 child would (so both eras, resumption and the legacy transport
+/// serve it as they serve any child), and it reaches each server through a session of
+/// its own on that server (`Transport::Member`), opened the first time the server is
+/// needed: each server keeps its mode (a child per merged session in session mode, the
+/// shared child with id rewriting in shared mode), its tool filter and its limits.
+/// Tools and prompts are named `SERVER__name` (--tool-separator); resources keep their
+/// URIs and go to the server that listed them (the first in the file, when two do).
+/// Owns: the merged server of one session (`Merger`), name prefixes, URI routing,
+/// merged lists and capabilities. Touches: `sessions` (its own session and its server
+/// sessions), `servers` (what each server said at initialize). Rules: issue 18.
+mod merged {
+    use super::*;
+    use crate::http::Refusal;
+    use crate::message::{classify, id_key, Kind};
+    use crate::servers::Server;
+    use crate::sessions::{self, EndReason, Session};
+    use serde_json::{json, Value};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock, Weak};
+
+    /// A merged answer waits this long for servers started for it (their initialize, a
+    /// list): a slow or stuck server leaves its part out rather than hold the client.
+    pub const DEFAULT_MERGE_WAIT: Duration = Duration::from_secs(10);
+    /// Pages of one server's list followed for one merged list (ours has no cursor).
+    const MAX_LIST_PAGES: usize = 100;
+    /// The version the merged server answers when the client asks for one we do not
+    /// carry.
+    const LATEST: &str = "2025-11-25";
+
+    /// A server session's tie to the merged server it serves.
+    pub struct MemberLink {
+        merger: Weak<Merger>,
+        index: usize,
+    }
+
+    impl MemberLink {
+        /// A server's request can reach the client now (the merged session has a
+        /// stream open): what a shared child's request target is chosen by.
+        pub fn client_can_receive(&self) -> bool {
+            self.merger
+                .upgrade()
+                .and_then(|m| m.session.get().and_then(Weak::upgrade))
+                .is_some_and(|s| s.has_open_stream())
+        }
+    }
+
+    /// The merged server of one session (or one 2026-07-28 carrier).
+    pub struct Merger {
+        me: Weak<Merger>,
+        session: OnceLock<Weak<Session>>,
+        ctx: crate::auth::Context,
+        st: Mutex<State>,
+    }
+
+    struct State {
+        members: Vec<Member>,
+        /// The client's initialize params: each server is initialized with them.
+        hello: Option<Value>,
+        next: u64,
+        /// Our request id on a server -> what it is for.
+        pending: HashMap<u64, Pending>,
+        /// Our id for a server's request to the client -> (server, its id).
+        asks: HashMap<u64, (usize, Value)>,
+        /// Resource URI -> the server that listed it (the first, in file order).
+        uris: HashMap<String, usize>,
+        /// Resource template prefix (before its first `{`) -> the server.
+        templates: Vec<(String, usize)>,
+        closed: bool,
+    }
+
+    struct Member {
+        server: Arc<Server>,
+        session: Option<Arc<Session>>,
+        phase: Phase,
+        /// Its capabilities, from its initialize (or what the server said before).
+        caps: Value,
+    }
+
+    enum Phase {
+        /// Not started for this session yet.
+        Idle,
+        /// Initializing: what is for it waits here.
+        Starting(Vec<Value>),
+        Ready,
+        /// Cannot serve this session (start failed, removed by a reload): why.
+        Failed(String),
+    }
+
+    enum Pending {
+        /// A client request handed to one server: its answer goes back under `id`.
+        Pass { id: Value, member: usize },
+        /// One server's part of a merged answer.
+        Part { gather: Arc<Gather>, member: usize },
+        /// Our initialize of a server (and the merged initialize waiting for it).
+        Hello {
+            member: usize,
+            gather: Option<Arc<Gather>>,
+        },
+        /// Ours, its answer unwanted (logging/setLevel).
+        Discard,
+    }
+
+    /// A merged answer being put together from several servers.
+    struct Gather {
+        client_id: Value,
+        method: String,
+        st: Mutex<GatherState>,
+    }
+
+    #[derive(Default)]
+    struct GatherState {
+        waiting: usize,
+        pages: usize,
+        /// (server, its result) in arrival order; put in file order at the end.
+        parts: Vec<(usize, Value)>,
+        done: bool,
+    }
+
+    /// What a list method merges, and which capability a server needs for it.
+    fn list_kind(method: &str) -> Option<(&'static str, &'static str)> {
+        match method {
+            "tools/list" => Some(("tools", "tools")),
+            "prompts/list" => Some(("prompts", "prompts")),
+            "resources/list" => Some(("resources", "resources")),
+            "resources/templates/list" => Some(("resourceTemplates", "resources")),
+            _ => None,
+        }
+    }
+
+    impl Merger {
+        pub fn new(ctx: crate::auth::Context) -> Arc<Merger> {
+            let members = crate::servers::all()
+                .into_iter()
+                .filter(|s| s.spec.mode != crate::config::Mode::Oneshot)
+                .map(|server| Member {
+                    caps: server
+                        .known_hello()
+                        .and_then(|h| h.get("capabilities").cloned())
+                        .unwrap_or(Value::Null),
+                    server,
+                    session: None,
+                    phase: Phase::Idle,
+                })
+                .collect();
+            Arc::new_cyclic(|me| Merger {
+                me: me.clone(),
+                session: OnceLock::new(),
+                ctx,
+                st: Mutex::new(State {
+                    members,
+                    hello: None,
+                    next: 0,
+                    pending: HashMap::new(),
+                    asks: HashMap::new(),
+                    uris: HashMap::new(),
+                    templates: Vec::new(),
+                    closed: false,
+                }),
+            })
+        }
+
+        /// The merged session (or carrier) it serves.
+        pub fn attach(&self, session: &Arc<Session>) {
+            let _ = self.session.set(Arc::downgrade(session));
+        }
+
+        fn to_client(&self, value: Value) {
+            let Some(session) = self.session.get().and_then(Weak::upgrade) else {
+                return;
+            };
+            sessions::route_value(&session, value.to_string(), &value, false);
+        }
+
+        fn answer(&self, id: &Value, result: Value) {
+            self.to_client(json!({"jsonrpc": "2.0", "id": id, "result": result}));
+        }
+
+        fn refuse(&self, id: &Value, refusal: Refusal) {
+            crate::app().metrics.rejected(refusal.reason());
+            self.to_client(json!({"jsonrpc": "2.0", "id": id,
+                "error": {"code": refusal.code(), "message": refusal.message()}}));
+        }
+
+        fn error(&self, id: &Value, code: i64, message: &str) {
+            self.to_client(json!({"jsonrpc": "2.0", "id": id,
+                "error": {"code": code, "message": message}}));
+        }
+
+        /// A message from the merged session's client, as a child would read it.
+        pub fn hear_client(&self, m: &Value) -> std::io::Result<()> {
+            match classify(m) {
+                Kind::Request { id, method } => self.request(id, method, m),
+                Kind::Notification { method } => self.notification(method, m),
+                Kind::Response { id } => self.answer_to_server(id, m),
+                Kind::Invalid(_) => {}
+            }
+            Ok(())
+        }
+
+        fn request(&self, id: &Value, method: &str, m: &Value) {
+            let params = m.get("params").cloned().unwrap_or(json!({}));
+            match method {
+                "initialize" => self.initialize(id, params),
+                "ping" => self.answer(id, json!({})),
+                "logging/setLevel" => {
+                    self.to_every_ready(|next| {
+                        json!({"jsonrpc": "2.0", "id": next, "method": method, "params": params})
+                    });
+                    self.answer(id, json!({}));
+                }
+                m if list_kind(m).is_some() => self.list(id, method, params),
+                "tools/call" | "prompts/get" => {
+                    let name = params.get("name").and_then(Value::as_str).unwrap_or("");
+                    let sep = &crate::app().cfg.tool_separator;
+                    let found = name.split_once(sep.as_str()).and_then(|(server, inner)| {
+                        let st = self.st.locked();
+                        st.members
+                            .iter()
+                            .position(|x| &*x.server.name == server)
+                            .map(|i| (i, inner.to_string()))
+                    });
+                    let hidden = found.as_ref().is_some_and(|(i, inner)| {
+                        method == "tools/call"
+                            && !self.st.locked().members[*i].server.spec.tools.admits(inner)
+                    });
+                    let Some((member, inner)) = found.filter(|_| !hidden) else {
+                        let what = if method == "tools/call" {
+                            Refusal::UnknownTool(name.to_string())
+                        } else {
+                            Refusal::UnknownPrompt(name.to_string())
+                        };
+                        return self.refuse(id, what);
+                    };
+                    let mut params = params;
+                    params["name"] = inner.into();
+                    self.pass(member, id, method, params);
+                }
+                "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                    let uri = params.get("uri").and_then(Value::as_str).unwrap_or("");
+                    match self.owner_of(uri) {
+                        Some(member) => self.pass(member, id, method, params),
+                        None => self.refuse(id, Refusal::UnknownResource(uri.to_string())),
+                    }
+                }
+                "completion/complete" => {
+                    let r = params.get("ref").cloned().unwrap_or(json!({}));
+                    let sep = crate::app().cfg.tool_separator.clone();
+                    let target = match r.get("type").and_then(Value::as_str) {
+                        Some("ref/prompt") => r
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .and_then(|n| n.split_once(sep.as_str()))
+                            .and_then(|(server, inner)| {
+                                let st = self.st.locked();
+                                let i =
+                                    st.members.iter().position(|x| &*x.server.name == server)?;
+                                Some((i, Some(inner.to_string())))
+                            }),
+                        Some("ref/resource") => r
+                            .get("uri")
+                            .and_then(Value::as_str)
+                            .and_then(|u| self.owner_of(u))
+                            .map(|i| (i, None)),
+                        _ => None,
+                    };
+                    match target {
+                        Some((member, inner)) => {
+                            let mut params = params;
+                            if let Some(inner) = inner {
+                                params["ref"]["name"] = inner.into();
+                            }
+                            self.pass(member, id, method, params);
+                        }
+                        None => {
+                            self.answer(id, json!({"completion": {"values": [], "hasMore": false}}))
+                        }
+                    }
+                }
+                other => self.refuse(id, Refusal::MergedUnknownMethod(other.to_string())),
+            }
+        }
+
+        fn notification(&self, method: &str, m: &Value) {
+            match method {
+                // The servers were initialized by us, each when it was first needed.
+                "notifications/initialized" => {}
+                "notifications/cancelled" => {
+                    let wanted = m.pointer("/params/requestId").map(id_key);
+                    let found = {
+                        let st = self.st.locked();
+                        st.pending.iter().find_map(|(ours, p)| match p {
+                            Pending::Pass { id, member } if Some(id_key(id)) == wanted => {
+                                Some((*ours, *member))
+                            }
+                            _ => None,
+                        })
+                    };
+                    if let Some((ours, member)) = found {
+                        let mut out = m.clone();
+                        out["params"]["requestId"] = ours.into();
+                        self.send(member, out);
+                    }
+                }
+                _ => {
+                    let m = m.clone();
+                    self.to_every_ready(move |_| m.clone());
+                }
+            }
+        }
+
+        /// The client's answer to a server's request: back to that server, under its id.
+        fn answer_to_server(&self, id: &Value, m: &Value) {
+            let found = id.as_u64().and_then(|n| self.st.locked().asks.remove(&n));
+            let Some((member, their_id)) = found else {
+                crate::app().metrics.dropped("unknown_id");
+                crate::log!(
+                    Warn,
+                    "message_dropped",
+                    "merged endpoint: the client answered id {id}, which no server asked"
+                );
+                return;
+            };
+            let mut out = m.clone();
+            out["id"] = their_id;
+            self.send(member, out);
+        }
+
+        fn next_id(st: &mut State) -> u64 {
+            st.next += 1;
+            st.next
+        }
+
+        /// The server that serves a resource URI: the one that listed it, else the one
+        /// whose template it matches (the longest), else the only server with resources.
+        fn owner_of(&self, uri: &str) -> Option<usize> {
+            let st = self.st.locked();
+            if let Some(i) = st.uris.get(uri) {
+                return Some(*i);
+            }
+            if let Some((_, i)) = st
+                .templates
+                .iter()
+                .filter(|(prefix, _)| uri.starts_with(prefix.as_str()))
+                .max_by_key(|(prefix, _)| prefix.len())
+            {
+                return Some(*i);
+            }
+            let with: Vec<usize> = (0..st.members.len())
+                .filter(|i| st.members[*i].caps.get("resources").is_some())
+                .collect();
+            match with.as_slice() {
+                [one] => Some(*one),
+                _ => None,
+            }
+        }
+
+        fn initialize(&self, id: &Value, params: Value) {
+            let asked = params
+                .get("protocolVersion")
+                .and_then(Value::as_str)
+                .unwrap_or(LATEST)
+                .to_string();
+            let version = if crate::config::SUPPORTED_VERSIONS.contains(&asked.as_str()) {
+                asked
+            } else {
+                LATEST.to_string()
+            };
+            let gather = Arc::new(Gather {
+                client_id: id.clone(),
+                method: format!("initialize {version}"),
+                st: Mutex::new(GatherState::default()),
+            });
+            let to_start: Vec<usize> = {
+                let mut st = self.st.locked();
+                st.hello = Some(params);
+                (0..st.members.len())
+                    .filter(|i| st.members[*i].caps.is_null())
+                    .collect()
+            };
+            gather.st.locked().waiting = to_start.len();
+            for i in to_start {
+                self.start(i, Some(gather.clone()));
+            }
+            self.wait_then_finish(&gather);
+        }
+
+        /// Finishes a gather now if nothing is outstanding, else after MERGE_WAIT at
+        /// the latest.
+        fn wait_then_finish(&self, gather: &Arc<Gather>) {
+            if gather.st.locked().waiting == 0 {
+                return self.finish(gather);
+            }
+            let (me, g) = (self.me.clone(), gather.clone());
+            crate::spawn_thread("merged-wait", move || {
+                std::thread::sleep(DEFAULT_MERGE_WAIT);
+                if let Some(m) = me.upgrade() {
+                    if !g.st.locked().done {
+                        crate::log!(Warn, "merged_slow", "merged {}: a server did not answer within {DEFAULT_MERGE_WAIT:?}; answering without it", g.method);
+                    }
+                    m.finish(&g);
+                }
+            });
+        }
+
+        /// Starts a server for this session: its session, then our initialize.
+        fn start(&self, member: usize, gather: Option<Arc<Gather>>) {
+            let (server, hello) = {
+                let mut st = self.st.locked();
+                let m = &mut st.members[member];
+                if m.server.retired() {
+                    // A reload replaced it since this session began: the new one serves.
+                    match crate::servers::named(&m.server.name) {
+                        Some(now) => m.server = now,
+                        None => m.phase = Phase::Failed("removed from the configuration".into()),
+                    }
+                }
+                match m.phase {
+                    Phase::Idle => m.phase = Phase::Starting(Vec::new()),
+                    _ => {
+                        drop(st);
+                        if let Some(g) = gather {
+                            self.part_done(&g, None);
+                        }
+                        return;
+                    }
+                }
+                (m.server.clone(), st.hello.clone().unwrap_or(json!({})))
+            };
+            let mut ctx = self.ctx.clone();
+            ctx.env
+                .retain(|(k, _)| server.spec.pass_headers.iter().any(|(_, v)| v == k));
+            let link = MemberLink {
+                merger: self.me.clone(),
+                index: member,
+            };
+            let session = match sessions::create_member(&server, ctx, link) {
+                Ok(s) => s,
+                Err(why) => {
+                    crate::log!(Warn, "merged_server_failed", server = server.name; "merged endpoint: server {:?} cannot start: {why}; its tools are left out", &*server.name);
+                    self.failed(member, &why);
+                    if let Some(g) = gather {
+                        self.part_done(&g, None);
+                    }
+                    return;
+                }
+            };
+            let ours = {
+                let mut st = self.st.locked();
+                st.members[member].session = Some(session.clone());
+                let ours = Self::next_id(&mut st);
+                st.pending.insert(ours, Pending::Hello { member, gather });
+                ours
+            };
+            let init =
+                json!({"jsonrpc": "2.0", "id": ours, "method": "initialize", "params": hello});
+            if session.submit(&[init]).is_err() {
+                self.failed(member, "it does not take input");
+            }
+        }
+
+        /// A server that cannot serve this session: what waited for it gets an error.
+        fn failed(&self, member: usize, why: &str) {
+            let (queued, name) = {
+                let mut st = self.st.locked();
+                let m = &mut st.members[member];
+                let queued = match std::mem::replace(&mut m.phase, Phase::Failed(why.into())) {
+                    Phase::Starting(q) => q,
+                    _ => Vec::new(),
+                };
+                (queued, m.server.name.clone())
+            };
+            for q in queued {
+                if let Some(ours) = q.get("id").and_then(Value::as_u64) {
+                    self.server_answered(member, ours, &json!({"jsonrpc": "2.0", "id": ours,
+                        "error": {"code": -32603, "message": format!("server {name:?} cannot serve: {why}")}}));
+                }
+            }
+        }
+
+        /// A message for a server: now if it is ready, queued while it starts (and it is
+        /// started if it has not been).
+        fn send(&self, member: usize, m: Value) {
+            enum Then {
+                Submit(Arc<Session>),
+                Start,
+                Refuse(String),
+            }
+            // Twice at most: an idle server is started, then the message goes.
+            for _ in 0..2 {
+                let then = {
+                    let mut st = self.st.locked();
+                    let mm = &mut st.members[member];
+                    match &mut mm.phase {
+                        Phase::Starting(q) => {
+                            q.push(m);
+                            return;
+                        }
+                        Phase::Ready => match mm.session.clone() {
+                            Some(s) => Then::Submit(s),
+                            None => Then::Refuse("its session is gone".into()),
+                        },
+                        Phase::Idle => Then::Start,
+                        Phase::Failed(why) => Then::Refuse(why.clone()),
+                    }
+                };
+                match then {
+                    Then::Submit(s) => {
+                        let _ = s.submit(&[m]);
+                        return;
+                    }
+                    Then::Start => self.start(member, None),
+                    Then::Refuse(why) => {
+                        if let Some(ours) = m.get("id").and_then(Value::as_u64) {
+                            self.server_answered(member, ours, &json!({"jsonrpc": "2.0", "id": ours,
+                                "error": {"code": -32603, "message": format!("the server cannot serve: {why}")}}));
+                        }
+                        return;
+                    }
+                }
+            }
+        }
+
+        /// A client request for one server, under an id of ours.
+        fn pass(&self, member: usize, id: &Value, method: &str, params: Value) {
+            let ours = {
+                let mut st = self.st.locked();
+                let ours = Self::next_id(&mut st);
+                st.pending.insert(
+                    ours,
+                    Pending::Pass {
+                        id: id.clone(),
+                        member,
+                    },
+                );
+                ours
+            };
+            self.send(
+                member,
+                json!({"jsonrpc": "2.0", "id": ours, "method": method, "params": params}),
+            );
+        }
+
+        /// The same message to every server running for this session.
+        fn to_every_ready(&self, make: impl Fn(u64) -> Value) {
+            let targets: Vec<(Arc<Session>, u64)> = {
+                let mut st = self.st.locked();
+                let ready: Vec<Arc<Session>> = st
+                    .members
+                    .iter()
+                    .filter(|m| matches!(m.phase, Phase::Ready))
+                    .filter_map(|m| m.session.clone())
+                    .collect();
+                ready
+                    .into_iter()
+                    .map(|s| {
+                        let n = Self::next_id(&mut st);
+                        st.pending.insert(n, Pending::Discard);
+                        (s, n)
+                    })
+                    .collect()
+            };
+            for (s, n) in targets {
+                let m = make(n);
+                if m.get("id").is_none() {
+                    self.st.locked().pending.remove(&n);
+                }
+                let _ = s.submit(&[m]);
+            }
+        }
+
+        /// A merged list: every server that may have one is asked (started if it must
+        /// be); the answer comes when all have answered or MERGE_WAIT has passed.
+        fn list(&self, id: &Value, method: &str, params: Value) {
+            let (_, cap) = list_kind(method).expect("a list method");
+            let gather = Arc::new(Gather {
+                client_id: id.clone(),
+                method: method.to_string(),
+                st: Mutex::new(GatherState::default()),
+            });
+            let asked: Vec<usize> = {
+                let st = self.st.locked();
+                (0..st.members.len())
+                    .filter(|i| {
+                        let m = &st.members[*i];
+                        !matches!(m.phase, Phase::Failed(_))
+                            && (m.caps.is_null() || m.caps.get(cap).is_some())
+                    })
+                    .collect()
+            };
+            gather.st.locked().waiting = asked.len();
+            let mut params = params;
+            if let Some(p) = params.as_object_mut() {
+                p.remove("cursor");
+            }
+            for member in asked {
+                self.ask_part(member, &gather, method, params.clone());
+            }
+            self.wait_then_finish(&gather);
+        }
+
+        fn ask_part(&self, member: usize, gather: &Arc<Gather>, method: &str, params: Value) {
+            let ours = {
+                let mut st = self.st.locked();
+                let ours = Self::next_id(&mut st);
+                st.pending.insert(
+                    ours,
+                    Pending::Part {
+                        gather: gather.clone(),
+                        member,
+                    },
+                );
+                ours
+            };
+            self.send(
+                member,
+                json!({"jsonrpc": "2.0", "id": ours, "method": method, "params": params}),
+            );
+        }
+
+        /// One server's part is in (None: it had nothing to give).
+        fn part_done(&self, gather: &Arc<Gather>, part: Option<(usize, Value)>) {
+            let complete = {
+                let mut g = gather.st.locked();
+                if let Some(p) = part {
+                    g.parts.push(p);
+                }
+                g.waiting = g.waiting.saturating_sub(1);
+                g.waiting == 0
+            };
+            if complete {
+                self.finish(gather);
+            }
+        }
+
+        /// The merged answer, once.
+        fn finish(&self, gather: &Arc<Gather>) {
+            let mut parts = {
+                let mut g = gather.st.locked();
+                if std::mem::replace(&mut g.done, true) {
+                    return;
+                }
+                std::mem::take(&mut g.parts)
+            };
+            parts.sort_by_key(|(i, _)| *i);
+            let id = gather.client_id.clone();
+            if let Some(version) = gather.method.strip_prefix("initialize ") {
+                let result = self.initialize_result(version);
+                return self.answer(&id, result);
+            }
+            let (key, _) = list_kind(&gather.method).expect("a list gather");
+            let sep = crate::app().cfg.tool_separator.clone();
+            let mut items: Vec<Value> = Vec::new();
+            let mut st = self.st.locked();
+            for (member, result) in parts {
+                let name = st.members[member].server.name.clone();
+                let Some(list) = result.get(key).and_then(Value::as_array) else {
+                    continue;
+                };
+                for item in list {
+                    let mut item = item.clone();
+                    match key {
+                        "tools" | "prompts" => {
+                            let inner = item.get("name").and_then(Value::as_str).unwrap_or("");
+                            item["name"] = format!("{name}{sep}{inner}").into();
+                        }
+                        "resources" => {
+                            let uri = item.get("uri").and_then(Value::as_str).unwrap_or("");
+                            match st.uris.get(uri) {
+                                Some(first) if *first != member => {
+                                    let first = st.members[*first].server.name.clone();
+                                    crate::log!(Warn, "merged_uri_conflict", server = name; "resource {uri} is listed by {first:?} and {name:?}: {first:?} (first in the file) serves it");
+                                    continue;
+                                }
+                                _ => {
+                                    st.uris.insert(uri.to_string(), member);
+                                }
+                            }
+                        }
+                        _ => {
+                            let t = item
+                                .get("uriTemplate")
+                                .and_then(Value::as_str)
+                                .unwrap_or("");
+                            let prefix = t.split('{').next().unwrap_or("").to_string();
+                            if !prefix.is_empty() && !st.templates.iter().any(|(p, _)| *p == prefix)
+                            {
+                                st.templates.push((prefix, member));
+                            }
+                        }
+                    }
+                    items.push(item);
+                }
+            }
+            drop(st);
+            self.answer(&id, json!({ key: items }));
+        }
+
+        /// The merged InitializeResult: the union of the capabilities of every server
+        /// that could answer, their instructions under their names.
+        fn initialize_result(&self, version: &str) -> Value {
+            let st = self.st.locked();
+            let mut caps = serde_json::Map::new();
+            let mut instructions = Vec::new();
+            for m in &st.members {
+                let Some(c) = m.caps.as_object() else {
+                    continue;
+                };
+                for (k, v) in c {
+                    let entry = caps.entry(k.clone()).or_insert_with(|| json!({}));
+                    if let (Some(e), Some(v)) = (entry.as_object_mut(), v.as_object()) {
+                        for (kk, vv) in v {
+                            if vv.as_bool() == Some(true) || !e.contains_key(kk) {
+                                e.insert(kk.clone(), vv.clone());
+                            }
+                        }
+                    }
+                }
+                if let Some(text) = m.server.known_hello().and_then(|h| {
+                    h.get("instructions")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                }) {
+                    instructions.push(format!("## {}\n{text}", m.server.name));
+                }
+            }
+            // Any server's list may change for this session (one starts, one leaves).
+            for k in ["tools", "prompts", "resources"] {
+                if let Some(o) = caps.get_mut(k).and_then(Value::as_object_mut) {
+                    o.insert("listChanged".into(), json!(true));
+                }
+            }
+            let mut result = json!({
+                "protocolVersion": version,
+                "capabilities": caps,
+                "serverInfo": {"name": "stdio-sse", "title": "stdio-sse (merged)",
+                    "version": env!("CARGO_PKG_VERSION")},
+            });
+            if !instructions.is_empty() {
+                result["instructions"] = instructions.join("\n\n").into();
+            }
+            result
+        }
+
+        /// What a server said, on its session's reader thread.
+        fn hear_server(&self, member: usize, session: &Arc<Session>, value: &Value) {
+            match classify(value) {
+                Kind::Response { id } => {
+                    let Some(ours) = id.as_u64() else {
+                        crate::app().metrics.dropped("unknown_id");
+                        return;
+                    };
+                    self.server_answered(member, ours, value);
+                }
+                Kind::Request { id, method } => {
+                    if method == "ping" {
+                        let _ =
+                            session.submit(&[json!({"jsonrpc": "2.0", "id": id, "result": {}})]);
+                        return;
+                    }
+                    let ours = {
+                        let mut st = self.st.locked();
+                        let ours = Self::next_id(&mut st);
+                        st.asks.insert(ours, (member, id.clone()));
+                        ours
+                    };
+                    let mut out = value.clone();
+                    out["id"] = ours.into();
+                    self.to_client(out);
+                }
+                Kind::Notification { method } => {
+                    let mut out = value.clone();
+                    if method == "notifications/cancelled" {
+                        let theirs = value.pointer("/params/requestId").map(id_key);
+                        let ours = self.st.locked().asks.iter().find_map(|(o, (m, t))| {
+                            (*m == member && Some(id_key(t)) == theirs).then_some(*o)
+                        });
+                        match ours {
+                            Some(o) => out["params"]["requestId"] = o.into(),
+                            None => return,
+                        }
+                    }
+                    self.to_client(out);
+                }
+                Kind::Invalid(_) => {}
+            }
+        }
+
+        fn server_answered(&self, member: usize, ours: u64, value: &Value) {
+            let pending = self.st.locked().pending.remove(&ours);
+            match pending {
+                Some(Pending::Pass { id, .. }) => {
+                    let mut out = value.clone();
+                    out["id"] = id;
+                    self.to_client(out);
+                }
+                Some(Pending::Part { gather, member }) => {
+                    let Some(result) = value.get("result") else {
+                        return self.part_done(&gather, None);
+                    };
+                    let next = result.get("nextCursor").filter(|c| !c.is_null()).cloned();
+                    let more = next.is_some() && {
+                        let mut g = gather.st.locked();
+                        g.pages += 1;
+                        g.pages < MAX_LIST_PAGES
+                    };
+                    {
+                        let mut g = gather.st.locked();
+                        g.parts.push((member, result.clone()));
+                        if more {
+                            g.waiting += 1;
+                        }
+                    }
+                    if more {
+                        self.ask_part(member, &gather, &gather.method, json!({"cursor": next}));
+                    }
+                    self.part_done(&gather, None);
+                }
+                Some(Pending::Hello { gather, .. }) => {
+                    self.hello_answered(member, value);
+                    if let Some(g) = gather {
+                        self.part_done(&g, None);
+                    }
+                }
+                Some(Pending::Discard) => {}
+                None => {
+                    crate::app().metrics.dropped("unknown_id");
+                    crate::log!(
+                        Debug,
+                        "message_dropped",
+                        "merged endpoint: answer {ours} that nothing waits for"
+                    );
+                }
+            }
+        }
+
+        fn hello_answered(&self, member: usize, value: &Value) {
+            let Some(result) = value
+                .get("result")
+                .filter(|r| r.get("protocolVersion").is_some())
+            else {
+                let why = value
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no initialize result")
+                    .to_string();
+                crate::log!(
+                    Warn,
+                    "merged_server_failed",
+                    "merged endpoint: a server refused initialize: {why}"
+                );
+                return self.failed(member, &format!("initialize refused: {why}"));
+            };
+            let (session, queued) = {
+                let mut st = self.st.locked();
+                let m = &mut st.members[member];
+                m.server.remember_hello(result);
+                m.caps = result.get("capabilities").cloned().unwrap_or(json!({}));
+                let queued = match std::mem::replace(&mut m.phase, Phase::Ready) {
+                    Phase::Starting(q) => q,
+                    _ => Vec::new(),
+                };
+                (m.session.clone(), queued)
+            };
+            let Some(session) = session else { return };
+            let mut out = vec![json!({"jsonrpc": "2.0", "method": "notifications/initialized"})];
+            out.extend(queued);
+            let _ = session.submit(&out);
+        }
+
+        /// A server's session ended (its child exited, a reload removed it): what waited
+        /// on it gets an error, and the client hears its lists changed. A server still
+        /// configured starts again when next needed.
+        fn server_ended(&self, member: usize, why: &str) {
+            let (orphans, parts, name) = {
+                let mut st = self.st.locked();
+                if st.closed {
+                    return;
+                }
+                let m = &mut st.members[member];
+                m.session = None;
+                m.phase = if m.server.retired() {
+                    Phase::Failed(why.to_string())
+                } else {
+                    Phase::Idle
+                };
+                let name = m.server.name.clone();
+                let mine: Vec<u64> = st
+                    .pending
+                    .iter()
+                    .filter(|(_, p)| match p {
+                        Pending::Pass { member: x, .. } | Pending::Part { member: x, .. } => {
+                            *x == member
+                        }
+                        Pending::Hello { member: x, .. } => *x == member,
+                        Pending::Discard => false,
+                    })
+                    .map(|(k, _)| *k)
+                    .collect();
+                let mut orphans = Vec::new();
+                let mut parts = Vec::new();
+                for k in mine {
+                    match st.pending.remove(&k) {
+                        Some(Pending::Pass { id, .. }) => orphans.push(id),
+                        Some(Pending::Part { gather, .. }) => parts.push(gather),
+                        Some(Pending::Hello {
+                            gather: Some(g), ..
+                        }) => parts.push(g),
+                        _ => {}
+                    }
+                }
+                st.asks.retain(|_, (m, _)| *m != member);
+                st.uris.retain(|_, m| *m != member);
+                st.templates.retain(|(_, m)| *m != member);
+                (orphans, parts, name)
+            };
+            for id in orphans {
+                self.error(&id, -32603, &format!("server {name:?} ended: {why}"));
+            }
+            for g in parts {
+                self.part_done(&g, None);
+            }
+            for list in ["tools", "prompts", "resources"] {
+                self.to_client(json!({"jsonrpc": "2.0", "method": format!("notifications/{list}/list_changed")}));
+            }
+        }
+
+        /// The merged session ended: so does every server session it opened (their
+        /// children are ended as a session's are).
+        pub fn close(&self) {
+            let sessions: Vec<Arc<Session>> = {
+                let mut st = self.st.locked();
+                st.closed = true;
+                st.pending.clear();
+                st.members
+                    .iter_mut()
+                    .filter_map(|m| m.session.take())
+                    .collect()
+            };
+            for s in sessions {
+                sessions::end(&s, EndReason::MergedEnded);
+            }
+        }
+    }
+
+    /// A server session's output: to its merged server.
+    pub fn from_member(link: &MemberLink, session: &Arc<Session>, value: &Value) {
+        match link.merger.upgrade() {
+            Some(m) => m.hear_server(link.index, session, value),
+            None => {
+                crate::app().metrics.dropped("session_ended");
+            }
+        }
+    }
+
+    /// A server session ended.
+    pub fn member_ended(link: &MemberLink, why: &str) {
+        if let Some(m) = link.merger.upgrade() {
+            m.server_ended(link.index, why);
+        }
     }
 }
 
@@ -11910,7 +13353,10 @@ mod teardown {
             }
             let app = app();
             if sig == libc::SIGHUP {
-                auth::reload();
+                if app.cfg.auth.token_file.is_some() || app.cfg.config_file.is_none() {
+                    auth::reload();
+                }
+                crate::servers::reload();
                 continue;
             }
             if app.shutting_down.swap(true, Ordering::AcqRel) {
@@ -12715,12 +14161,13 @@ mod observe {
         /// [in, out] HTTP bytes; [to child, from child] pipe bytes.
         http_bytes: [AtomicU64; 2],
         child_bytes: [AtomicU64; 2],
-        sessions_opened: [AtomicU64; 3],
+        sessions_opened: [AtomicU64; 4],
         sessions_closed: Mutex<Vec<(&'static str, &'static str, u64)>>,
         children_spawned: AtomicU64,
         spawn_failures: AtomicU64,
         /// Configured servers whose start failed, by name (names come from the file).
         server_failures: Mutex<Vec<(Arc<str>, u64)>>,
+        config_reloads: Mutex<Vec<(&'static str, u64)>>,
         /// success, failure (non-zero status), signal
         children_exited: [AtomicU64; 3],
         children_restarted: AtomicU64,
@@ -12754,6 +14201,7 @@ mod observe {
                 children_spawned: Default::default(),
                 spawn_failures: Default::default(),
                 server_failures: Default::default(),
+                config_reloads: Default::default(),
                 children_exited: Default::default(),
                 children_restarted: Default::default(),
                 panics: Default::default(),
@@ -12790,6 +14238,7 @@ mod observe {
             crate::sessions::Transport::Streamable => "streamable_http",
             crate::sessions::Transport::Legacy => "sse",
             crate::sessions::Transport::Modern => "modern",
+            crate::sessions::Transport::Member => "member",
         }
     }
 
@@ -12901,6 +14350,10 @@ mod observe {
         pub fn modern_call(&self, outcome: &'static str) {
             bump(&self.modern_calls, outcome);
         }
+        /// A SIGHUP's re-read of --config: applied or failed.
+        pub fn config_reload(&self, outcome: &'static str) {
+            bump(&self.config_reloads, outcome);
+        }
         /// A connection detached from its stream (overflow, or resumed elsewhere).
         pub fn stream_cut(&self, reason: &'static str) {
             bump(&self.stream_cuts, reason);
@@ -12993,6 +14446,12 @@ mod observe {
                     "Times the server's command could not be started.",
                     "counter",
                     failures,
+                ),
+                (
+                    "stdio_sse_config_reloads_total",
+                    "Re-reads of --config on SIGHUP, by outcome (applied; failed: the running configuration stayed).",
+                    "counter",
+                    by("outcome", &self.config_reloads),
                 ),
             ]
         }
@@ -13099,7 +14558,7 @@ mod observe {
                     "stdio_sse_sessions_opened_total",
                     "Sessions opened, by transport.",
                     "counter",
-                    ["streamable_http", "sse", "modern"]
+                    ["streamable_http", "sse", "modern", "member"]
                         .iter()
                         .zip(&self.sessions_opened)
                         .map(|(t, c)| (label("transport", t), load(c)))
@@ -13125,6 +14584,7 @@ mod observe {
                         (label("transport", "streamable_http"), active[0]),
                         (label("transport", "sse"), active[1]),
                         (label("transport", "modern"), active[2]),
+                        (label("transport", "member"), active[3]),
                     ],
                 ),
             ]
