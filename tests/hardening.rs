@@ -1054,6 +1054,7 @@ fn shared_child_with_closed_stdout_does_not_swallow_requests() {
         id,
         addr: s.addr(),
         init: Value::Null,
+        path: "/mcp".into(),
     };
     let n = b.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     assert_eq!(n.status, 202, "{}", n.text());

@@ -263,6 +263,8 @@ pub struct Session {
     pub id: String,
     pub addr: String,
     pub init: Value,
+    /// The MCP endpoint it was opened on (/mcp, or a server's /servers/NAME/mcp).
+    pub path: String,
 }
 
 impl Session {
@@ -270,10 +272,14 @@ impl Session {
         Self::open_version(server, "2025-11-25")
     }
     pub fn open_version(server: &Server, version: &str) -> Session {
+        Self::open_at(server, "/mcp", version)
+    }
+    /// A session on another MCP endpoint (a --config server's /servers/NAME/mcp).
+    pub fn open_at(server: &Server, path: &str, version: &str) -> Session {
         let mut c = Conn::open(server);
         let r = c.request(
             "POST",
-            "/mcp",
+            path,
             &[JSON_CT, ACCEPT_BOTH],
             init_body(version).as_bytes(),
         );
@@ -284,6 +290,7 @@ impl Session {
             id,
             addr: server.addr(),
             init,
+            path: path.to_string(),
         };
         let n = s.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
         assert_eq!(n.status, 202);
@@ -300,7 +307,7 @@ impl Session {
     pub fn post(&self, body: &Value) -> Response {
         Conn::open_addr(&self.addr).request(
             "POST",
-            "/mcp",
+            &self.path,
             &self.headers(),
             body.to_string().as_bytes(),
         )
@@ -308,7 +315,12 @@ impl Session {
     /// POSTs and returns the open stream for incremental reading.
     pub fn post_stream(&self, body: &Value) -> SseReader {
         let mut c = Conn::open_addr(&self.addr);
-        c.send("POST", "/mcp", &self.headers(), body.to_string().as_bytes());
+        c.send(
+            "POST",
+            &self.path,
+            &self.headers(),
+            body.to_string().as_bytes(),
+        );
         SseReader::new(c)
     }
     pub fn call(&self, id: i64, tool: &str, args: Value) -> Response {
@@ -327,13 +339,13 @@ impl Session {
         if let Some(id) = last_event_id {
             headers.push(("Last-Event-ID", id));
         }
-        c.send("GET", "/mcp", &headers, b"");
+        c.send("GET", &self.path, &headers, b"");
         SseReader::new(c)
     }
     pub fn delete(&self) -> Response {
         Conn::open_addr(&self.addr).request(
             "DELETE",
-            "/mcp",
+            &self.path,
             &[("Mcp-Session-Id", self.id.as_str())],
             b"",
         )
