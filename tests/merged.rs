@@ -7,7 +7,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// A config file of its own for one test (removed when dropped).
 struct ConfigFile(std::path::PathBuf);
