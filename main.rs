@@ -592,7 +592,7 @@ mod config {
         /// The servers to run: the COMMAND's (or the demo's) alone, or the file's.
         pub servers: Vec<ServerSpec>,
         /// Entries of the file that are not run, and why (logged at start).
-        pub skipped: Vec<String>,
+        pub skipped: Vec<(String, String)>,
     }
 
     #[derive(Debug, Default)]
@@ -715,7 +715,7 @@ mod config {
     pub struct ServersFile {
         pub servers: Vec<ServerSpec>,
         /// An entry that is not a stdio server (a `url`, `type: http`): skipped, and why.
-        pub skipped: Vec<String>,
+        pub skipped: Vec<(String, String)>,
     }
 
     /// Keys of ours in an entry besides the four every client knows.
@@ -773,36 +773,34 @@ mod config {
         let Some(entries) = entries.as_object() else {
             return Err("\"mcpServers\" is not an object of servers by name".into());
         };
-        if let Some(name) = duplicate_server_name(text) {
-            return Err(format!(
-                "server {name:?} is defined twice in \"mcpServers\" (line {})",
-                line_of(text, &format!("\"{name}\""), 2)
-            ));
+        // serde_json keeps keys sorted and the last of two equal ones; the file's order
+        // decides who wins a resource URI two servers list, and two servers of one name
+        // are a mistake to report: the keys are read from the text, with their lines.
+        let keys = server_keys(text);
+        for (i, (name, line)) in keys.iter().enumerate() {
+            if keys[..i].iter().any(|(n, _)| n == name) {
+                return Err(format!(
+                    "server {name:?} is defined twice in \"mcpServers\" (line {line})"
+                ));
+            }
         }
         let mut file = ServersFile {
             servers: Vec::new(),
             skipped: Vec::new(),
         };
-        // serde_json keeps keys sorted; the file's order decides who wins a resource
-        // URI two servers list, so entries are taken in the order they appear.
-        let mut names: Vec<&String> = entries.keys().collect();
-        names.sort_by_key(|n| text.find(&format!("\"{n}\"")).unwrap_or(usize::MAX));
-        for name in names {
-            let entry = &entries[name.as_str()];
-            check_server_name(name, separator)?;
-            let at = || {
-                format!(
-                    "server {name:?} (line {})",
-                    line_of(text, &format!("\"{name}\""), 1)
-                )
+        for (name, line) in &keys {
+            let Some(entry) = entries.get(name.as_str()) else {
+                continue;
             };
+            let at = || format!("server {name:?} (line {line})");
             let Some(obj) = entry.as_object() else {
                 return Err(format!("{}: not an object", at()));
             };
-            if let Some(why) = not_stdio(obj) {
-                file.skipped.push(format!("server {name:?} skipped: {why}"));
+            if let Some(why) = not_stdio(obj).map_err(|e| format!("{}: {e}", at()))? {
+                file.skipped.push((name.clone(), why));
                 continue;
             }
+            check_server_name(name, separator)?;
             file.servers
                 .push(server_of(name, obj, defaults).map_err(|e| format!("{}: {e}", at()))?);
         }
@@ -835,20 +833,26 @@ mod config {
     }
 
     /// Why an entry is not a stdio server, if it is not.
-    fn not_stdio(obj: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
-        let ty = obj.get("type").and_then(|t| t.as_str());
+    fn not_stdio(
+        obj: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<String>, String> {
+        let ty = match obj.get("type") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(t)) => Some(t.as_str()),
+            Some(_) => return Err("\"type\" must be a string (\"stdio\")".into()),
+        };
         if let Some(t) = ty.filter(|t| *t != "stdio") {
-            return Some(format!(
+            return Ok(Some(format!(
                 "type {t:?} is a remote server, not a stdio one (point the client at it directly)"
-            ));
+            )));
         }
         if obj.contains_key("url") || obj.contains_key("serverUrl") {
-            return Some(
+            return Ok(Some(
                 "it has a url: a remote server, not a stdio one (point the client at it directly)"
                     .into(),
-            );
+            ));
         }
-        None
+        Ok(None)
     }
 
     /// One entry over the defaults.
@@ -902,6 +906,12 @@ mod config {
         let Some(command) = text("command")?.filter(|c| !c.trim().is_empty()) else {
             return Err("has no \"command\" (a stdio server needs the program to run)".into());
         };
+        if obj
+            .get("args")
+            .is_some_and(|a| !a.is_array() && !a.is_null())
+        {
+            return Err("\"args\" must be a list of strings".into());
+        }
         spec.command = std::iter::once(command).chain(strings("args")?).collect();
         match obj.get("env") {
             None | Some(Value::Null) => {}
@@ -1045,26 +1055,9 @@ mod config {
         }
     }
 
-    /// The 1-based line of the `nth` occurrence of `needle`, for messages.
-    fn line_of(text: &str, needle: &str, nth: usize) -> usize {
-        let mut from = 0;
-        let mut at = 0;
-        for _ in 0..nth.max(1) {
-            match text[from..].find(needle) {
-                Some(i) => {
-                    at = from + i;
-                    from = at + needle.len();
-                }
-                None => break,
-            }
-        }
-        text[..at].matches('\n').count() + 1
-    }
-
-    /// serde_json keeps the last of two equal keys; two servers of one name are a
-    /// mistake to report. The text is valid JSON here: this walks the `mcpServers`
-    /// object's own keys.
-    fn duplicate_server_name(text: &str) -> Option<String> {
+    /// The keys of the `mcpServers` object as written, each with its 1-based line (the
+    /// text is valid JSON here).
+    fn server_keys(text: &str) -> Vec<(String, usize)> {
         #[derive(PartialEq)]
         enum Where {
             Before,
@@ -1075,7 +1068,7 @@ mod config {
         let mut depth = 0usize;
         let mut at = Where::Before;
         let mut key_at_top: Option<String> = None;
-        let mut seen: Vec<String> = Vec::new();
+        let mut seen: Vec<(String, usize)> = Vec::new();
         let mut i = 0;
         while i < b.len() {
             match b[i] {
@@ -1096,10 +1089,8 @@ mod config {
                         if depth == 1 {
                             key_at_top = Some(s);
                         } else if depth == 2 && at == Where::Inside {
-                            if seen.contains(&s) {
-                                return Some(s);
-                            }
-                            seen.push(s);
+                            let line = text[..start].matches('\n').count() + 1;
+                            seen.push((s, line));
                         }
                     }
                 }
@@ -1123,7 +1114,7 @@ mod config {
             }
             i += 1;
         }
-        None
+        seen
     }
 
     pub enum Parsed {
@@ -5397,7 +5388,7 @@ mod servers {
     }
 
     /// Installs the servers of the configuration and starts each.
-    pub fn install(specs: &[ServerSpec], skipped: &[String]) {
+    pub fn install(specs: &[ServerSpec], skipped: &[(String, String)]) {
         let mut idle = Vec::new();
         let mut table = Vec::new();
         for spec in specs {
@@ -5410,9 +5401,9 @@ mod servers {
             }
             table.push(Server::new(spec.clone()));
         }
-        for why in skipped {
-            crate::log!(Warn, "server_skipped", "{why}");
-            idle.push(json!({"state": "skipped", "reason": why}));
+        for (name, why) in skipped {
+            crate::log!(Warn, "server_skipped", "server {name:?} skipped: {why}");
+            idle.push(json!({"name": name, "state": "skipped", "reason": why}));
         }
         *IDLE_ENTRIES.locked() = idle;
         *TABLE
@@ -5527,9 +5518,9 @@ mod servers {
                 }
             }
         }
-        for why in &file.skipped {
-            crate::log!(Warn, "server_skipped", "{why}");
-            idle.push(json!({"state": "skipped", "reason": why}));
+        for (name, why) in &file.skipped {
+            crate::log!(Warn, "server_skipped", "server {name:?} skipped: {why}");
+            idle.push(json!({"name": name, "state": "skipped", "reason": why}));
         }
         let gone: Vec<Arc<Server>> = old
             .iter()
@@ -6493,7 +6484,7 @@ mod modern {
     }
 
     /// Spans in JSON text already known to be valid (the child's line, parsed).
-    mod json_text {
+    pub mod json_text {
         fn ws(b: &[u8], mut i: usize) -> usize {
             while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
                 i += 1;
@@ -8455,7 +8446,22 @@ mod oneshot {
         crate::observe::request_session(&tag);
         let (tx, rx) = crossbeam_channel::bounded::<Option<String>>(app.cfg.stream_queue.0);
         let stall = app.cfg.stall_timeout;
+        if let Some(answer) = crate::servers::hidden_call(&server, &value) {
+            return respond(inc, Reply::json(200, answer));
+        }
+        // The server's tool filter holds here too: a tools/list answer is filtered on
+        // its way out (other lines pass untouched).
+        let filter = (value.get("method").and_then(serde_json::Value::as_str)
+            == Some("tools/list"))
+        .then(|| server.clone());
         let on_line = move |line: String| {
+            let line = match &filter {
+                Some(server) => crate::message::parse(line.as_bytes())
+                    .ok()
+                    .and_then(|v| crate::servers::filter_tool_list(server, &v))
+                    .map_or(line, |v| v.to_string()),
+                None => line,
+            };
             if tx.send_timeout(Some(line), stall).is_err() {
                 app.metrics.dropped("client_gone");
             }
@@ -9949,7 +9955,7 @@ mod sessions {
         };
         if let Some(link) = &session.member {
             // Counted when it reaches the client through the merged session.
-            return crate::merged::from_member(link, session, value);
+            return crate::merged::from_member(link, session, json, value);
         }
         app.metrics.message(crate::observe::Way::ToClient, value);
         if session.carrier.is_some() {
@@ -10219,14 +10225,15 @@ mod sessions {
     /// closes does not count, so a client that vanished is reaped on time.
     pub fn run_idle_reaper() {
         let app = crate::app();
-        let timeout = app.cfg.session_idle_timeout;
-        let tick = [timeout, Some(app.cfg.client_request_timeout)]
-            .into_iter()
-            .flatten()
-            .map(|t| (t / 4).clamp(REAPER_TICK_MIN, REAPER_TICK_MAX))
-            .min()
-            .unwrap_or(REAPER_TICK_MAX);
         loop {
+            // Each server has its own timeout (--config), and a reload may change them.
+            let tick = crate::servers::live()
+                .iter()
+                .filter_map(|s| s.spec.session_idle_timeout)
+                .chain([app.cfg.client_request_timeout])
+                .map(|t| (t / 4).clamp(REAPER_TICK_MIN, REAPER_TICK_MAX))
+                .min()
+                .unwrap_or(REAPER_TICK_MAX);
             std::thread::sleep(tick);
             for s in app.sessions.all() {
                 let unsent = s.expire_unsent(app.cfg.client_request_timeout);
@@ -10242,7 +10249,7 @@ mod sessions {
                 if s.transport == Transport::Member {
                     continue;
                 }
-                let Some(timeout) = s.server.spec.session_idle_timeout.or(timeout) else {
+                let Some(timeout) = s.server.spec.session_idle_timeout else {
                     continue;
                 };
                 if s.upstream.stdout_closed() {
@@ -12076,13 +12083,20 @@ mod merged {
         }
 
         /// What a server said, on its session's reader thread.
-        fn hear_server(&self, member: usize, session: &Arc<Session>, value: &Value) {
+        fn hear_server(&self, member: usize, session: &Arc<Session>, json: String, value: &Value) {
             match classify(value) {
                 Kind::Response { id } => {
                     let Some(ours) = id.as_u64() else {
                         crate::app().metrics.dropped("unknown_id");
                         return;
                     };
+                    let pending = self.st.locked().pending.remove(&ours);
+                    if let Some(Pending::Pass { id, .. }) = pending {
+                        return self.pass_answer(id, json, value);
+                    }
+                    if let Some(p) = pending {
+                        self.st.locked().pending.insert(ours, p);
+                    }
                     self.server_answered(member, ours, value);
                 }
                 Kind::Request { id, method } => {
@@ -12116,6 +12130,34 @@ mod merged {
                     self.to_client(out);
                 }
                 Kind::Invalid(_) => {}
+            }
+        }
+
+        /// A server's answer to a client's request, under the client's id: the server's
+        /// own text with the id put back (a tool's result can be large: not parsed and
+        /// printed again), except for a 2026-07-28 carrier, which reads the whole answer.
+        fn pass_answer(&self, id: Value, json: String, value: &Value) {
+            let Some(session) = self.session.get().and_then(Weak::upgrade) else {
+                return;
+            };
+            let span = crate::modern::json_text::member(&json, "id");
+            match span.filter(|_| !session.is_carrier()) {
+                Some((start, end)) => {
+                    let text = format!("{}{}{}", &json[..start], id, &json[end..]);
+                    // What routing reads of an answer: its id, and result or error.
+                    let outcome = if value.get("error").is_some() {
+                        "error"
+                    } else {
+                        "result"
+                    };
+                    let stub = json!({"jsonrpc": "2.0", "id": id, outcome: {}});
+                    sessions::route_value(&session, text, &stub, false);
+                }
+                None => {
+                    let mut out = value.clone();
+                    out["id"] = id;
+                    self.to_client(out);
+                }
             }
         }
 
@@ -12277,9 +12319,9 @@ mod merged {
     }
 
     /// A server session's output: to its merged server.
-    pub fn from_member(link: &MemberLink, session: &Arc<Session>, value: &Value) {
+    pub fn from_member(link: &MemberLink, session: &Arc<Session>, json: String, value: &Value) {
         match link.merger.upgrade() {
-            Some(m) => m.hear_server(link.index, session, value),
+            Some(m) => m.hear_server(link.index, session, json, value),
             None => {
                 crate::app().metrics.dropped("session_ended");
             }

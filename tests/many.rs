@@ -7,10 +7,12 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
-use std::io::Read;
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Instant;
 
 // ---- helpers ----------------------------------------------------------------------------
 
@@ -23,7 +25,8 @@ struct ConfigFile {
 impl ConfigFile {
     /// The file holding `text` as it is (line numbers in messages refer to it).
     fn text(test: &str, text: &str) -> ConfigFile {
-        let dir = std::env::temp_dir().join(format!("stdio-sse-many-{}-{test}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("stdio-sse-many-{}-{test}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("mcp.json");
         std::fs::write(&path, text).unwrap();
@@ -54,23 +57,29 @@ fn serve(file: &ConfigFile, flags: &[&str]) -> Server {
 /// broadcast).
 fn demo(extra: Value) -> Value {
     let mut entry = json!({"command": BIN, "args": ["__demo-server"]});
-    entry.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    entry
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     entry
 }
 
 /// The everything fixture as a file's entry.
 fn everything_entry(extra: Value) -> Value {
     let mut entry = json!({"command": "python3", "args": [fixture("everything.py")]});
-    entry.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    entry
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     entry
 }
 
 /// A command that does not exist anywhere.
 const NO_SUCH_COMMAND: &str = "/nonexistent/stdio-sse-test/no-such-mcp-server";
 
-/// Runs stdio-sse with `args`, expecting it to refuse to start: it exits (bounded wait)
-/// with status 2. Its stderr.
-fn refused(args: &[&str]) -> String {
+/// Runs stdio-sse with `args` until it exits or says it is listening (then it is
+/// stopped): its exit code if it exited by itself (None if it served), and its stderr.
+fn run_until_exit_or_listening(args: &[&str]) -> (Option<i32>, String) {
     let mut child = Command::new(BIN)
         .args(["--port", "0", "--host", "127.0.0.1"])
         .args(args)
@@ -79,29 +88,63 @@ fn refused(args: &[&str]) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start stdio-sse");
-    let end = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
         }
+    });
+    let end = Instant::now() + DEADLINE;
+    let mut log = String::new();
+    loop {
+        match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+                if line.contains("listening on http://") {
+                    stop(&mut child);
+                    return (None, log);
+                }
+            }
+            // Its stderr closed: it is exiting.
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                stop(&mut child);
+                panic!("stdio-sse {args:?} neither exited nor served within {DEADLINE:?}:\n{log}");
+            }
+        }
+    }
+    (child.wait().unwrap().code(), log)
+}
+
+/// Stops a stdio-sse this test started the way an operator does (SIGTERM: it ends its
+/// children), killing it only if it has not exited within the deadline.
+fn stop(child: &mut std::process::Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let end = Instant::now() + DEADLINE;
+    while child.try_wait().unwrap().is_none() {
         if Instant::now() >= end {
             let _ = child.kill();
             let _ = child.wait();
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("stdio-sse {args:?} did not refuse to start; its log:\n{err}");
+            return;
         }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(status.code(), Some(2), "stdio-sse {args:?}: {err}");
-    err
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Runs stdio-sse with `args`, expecting it to refuse to start: it exits with status 2.
+/// Its stderr.
+fn refused(args: &[&str]) -> String {
+    let (code, log) = run_until_exit_or_listening(args);
+    assert_eq!(
+        code,
+        Some(2),
+        "stdio-sse {args:?} should exit with status 2:\n{log}"
+    );
+    log
 }
 
 /// The message stdio-sse refuses the file `text` with, after its
@@ -124,50 +167,27 @@ fn assert_mentions(msg: &str, parts: &[&str]) {
     }
 }
 
-/// A 2025-11-25 Streamable HTTP session on one server's own endpoint.
-struct Client {
-    addr: String,
-    path: String,
-    id: String,
-    init: Value,
+/// A 2025-11-25 Streamable HTTP session on one server's own endpoint, /servers/NAME/mcp.
+fn open(s: &Server, name: &str) -> Session {
+    Session::open_at(s, &format!("/servers/{name}/mcp"), "2025-11-25")
 }
 
-impl Client {
-    fn open(s: &Server, name: &str) -> Client {
-        let path = format!("/servers/{name}/mcp");
-        let r = initialize(s, &path);
-        assert_eq!(r.status, 200, "initialize on {path}: {}", r.text());
-        let id = r.header("Mcp-Session-Id").expect("session id").to_string();
-        let init = r.messages().into_iter().last().expect("initialize result");
-        let c = Client {
-            addr: s.addr(),
-            path,
-            id,
-            init,
-        };
-        let r = c.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
-        assert_eq!(r.status, 202, "{}", r.text());
-        c
-    }
-    /// POST to `path` with this session's headers (its own path or another server's).
-    fn post_to(&self, path: &str, body: &Value) -> Response {
-        Conn::open_addr(&self.addr).request(
-            "POST",
-            path,
-            &[
-                JSON_CT,
-                ACCEPT_BOTH,
-                ("Mcp-Session-Id", self.id.as_str()),
-                ("MCP-Protocol-Version", "2025-11-25"),
-            ],
-            body.to_string().as_bytes(),
-        )
-    }
-    fn post(&self, body: &Value) -> Response {
-        self.post_to(&self.path, body)
-    }
+/// What the tests ask of such a session.
+trait Ask {
     /// A request's answer, from the POST's SSE stream.
-    fn request(&self, body: &Value) -> Value {
+    fn answer(&self, body: &Value) -> Value;
+    fn ask(&self, id: i64, tool: &str, args: Value) -> Value {
+        self.answer(&tool_call(id, tool, args))
+    }
+    fn tools(&self, id: i64) -> Vec<String> {
+        tool_names(&self.answer(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"})))
+    }
+    /// POST (a tools/list), GET or DELETE with this session's id on another path.
+    fn elsewhere(&self, method: &str, path: &str) -> Response;
+}
+
+impl Ask for Session {
+    fn answer(&self, body: &Value) -> Value {
         let r = self.post(body);
         assert_eq!(r.status, 200, "{body} on {}: {}", self.path, r.text());
         assert!(
@@ -181,30 +201,17 @@ impl Client {
             .find(|m| &m["id"] == id && m.get("method").is_none())
             .unwrap_or_else(|| panic!("no answer to {body} in {}", r.text()))
     }
-    fn call(&self, id: i64, tool: &str, args: Value) -> Value {
-        self.request(&tool_call(id, tool, args))
-    }
-    fn tools(&self, id: i64) -> Vec<String> {
-        tool_names(&self.request(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/list"})))
-    }
-    fn delete_at(&self, path: &str) -> Response {
-        Conn::open_addr(&self.addr).request(
-            "DELETE",
-            path,
-            &[("Mcp-Session-Id", self.id.as_str())],
-            b"",
-        )
-    }
-    fn get_at(&self, path: &str) -> Response {
-        Conn::open_addr(&self.addr).request(
-            "GET",
-            path,
-            &[
-                ("Accept", "text/event-stream"),
-                ("Mcp-Session-Id", self.id.as_str()),
-            ],
-            b"",
-        )
+    fn elsewhere(&self, method: &str, path: &str) -> Response {
+        let mut c = Conn::open_addr(&self.addr);
+        let id = ("Mcp-Session-Id", self.id.as_str());
+        match method {
+            "POST" => {
+                let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
+                c.request("POST", path, &self.headers(), list.to_string().as_bytes())
+            }
+            "GET" => c.request("GET", path, &[("Accept", "text/event-stream"), id], b""),
+            _ => c.request(method, path, &[id], b""),
+        }
     }
 }
 
@@ -255,7 +262,8 @@ impl Legacy {
         };
         let init: Value = serde_json::from_str(&init_body("2024-11-05")).unwrap();
         let answer = l.request(&init);
-        assert_eq!(answer["result"]["protocolVersion"], "2024-11-05", "{answer}");
+        // (A shared child answers every client with the version it negotiated first.)
+        assert!(answer["result"]["protocolVersion"].is_string(), "{answer}");
         l.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
         l
     }
@@ -339,15 +347,20 @@ fn entry(s: &Server, name: &str) -> Value {
 
 /// Waits (bounded) until the /servers entry of `name` satisfies `f`; that entry.
 fn entry_when(s: &Server, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
+    let last = RefCell::new(Value::Null);
     eventually_says(
-        || format!("/servers entry of {name}: {what}; last seen {last}"),
         || {
-            last = entry(s, name);
-            f(&last)
+            format!(
+                "/servers entry of {name}: {what}; last seen {}",
+                last.borrow()
+            )
+        },
+        || {
+            *last.borrow_mut() = entry(s, name);
+            f(&last.borrow())
         },
     );
-    entry(s, name)
+    last.into_inner()
 }
 
 /// Waits (bounded) for one log line holding every one of `needles`.
@@ -400,10 +413,7 @@ fn invalid_json_is_refused_with_its_line_and_column() {
 
 #[test]
 fn a_file_without_mcp_servers_is_refused() {
-    let msg = refused_file(
-        "no-mcp-servers",
-        r#"{"servers": {"a": {"command": "x"}}}"#,
-    );
+    let msg = refused_file("no-mcp-servers", r#"{"servers": {"a": {"command": "x"}}}"#);
     assert_mentions(&msg, &["has no \"mcpServers\""]);
 }
 
@@ -482,15 +492,26 @@ fn a_name_holding_the_tool_separator_is_refused() {
         "separator",
         r#"{"mcpServers": {"a": {"command": "x"}, "a__b": {"command": "y"}}}"#,
     );
-    assert_mentions(&msg, &["server name \"a__b\"", "tool separator", "\"__\"", "collide"]);
+    assert_mentions(
+        &msg,
+        &[
+            "server name \"a__b\"",
+            "tool separator",
+            "\"__\"",
+            "collide",
+        ],
+    );
     // The separator is --tool-separator's: with another, `__` is an ordinary name.
-    let file = ConfigFile::text(
+    let file = ConfigFile::json(
         "separator-flag",
-        &json!({"mcpServers": {"a..b": {"command": "x"}}}).to_string(),
+        &json!({"mcpServers": {"a..b": {"command": "x"}}}),
     );
     let err = refused(&["--config", file.arg(), "--tool-separator", ".."]);
     assert_mentions(&err, &["server name \"a..b\"", "tool separator", "\"..\""]);
-    let file = ConfigFile::json("separator-ok", &json!({"mcpServers": {"a__b": demo(json!({}))}}));
+    let file = ConfigFile::json(
+        "separator-ok",
+        &json!({"mcpServers": {"a__b": demo(json!({}))}}),
+    );
     let s = serve(&file, &["--tool-separator", ".."]);
     assert_eq!(entry(&s, "a__b")["state"], "ready");
 }
@@ -529,16 +550,16 @@ fn values_of_the_wrong_type_are_refused_naming_server_and_key() {
         (json!({"warm": "3"}), &["\"warm\""]),
         (json!({"children": -1}), &["\"children\""]),
         (json!({"maxSessions": 1.5}), &["\"maxSessions\""]),
-        (json!({"sessionIdleTimeout": true}), &["\"sessionIdleTimeout\""]),
+        (
+            json!({"sessionIdleTimeout": true}),
+            &["\"sessionIdleTimeout\""],
+        ),
         (json!({"childProtocol": "v2"}), &["\"childProtocol\""]),
         (json!({"passHeader": 7}), &["\"passHeader\""]),
         (json!({"tools": ["echo"]}), &["\"tools\""]),
         (json!({"tools": {"allow": "echo"}}), &["\"tools\"", "allow"]),
         (json!({"tools": {"only": ["echo"]}}), &["\"tools\"", "only"]),
         (json!({"disabled": "yes"}), &["\"disabled\""]),
-        // `type` is another client's key, but its value decides whether the entry is a
-        // stdio server: a type that is not a string is neither "stdio" nor a remote one.
-        (json!({"type": 3}), &["\"type\""]),
     ];
     let mut wrong = Vec::new();
     for (extra, parts) in cases {
@@ -547,45 +568,38 @@ fn values_of_the_wrong_type_are_refused_naming_server_and_key() {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         let file = ConfigFile::json("types", &json!({"mcpServers": {"srv": e}}));
-        let mut child = Command::new(BIN)
-            .args(["--port", "0", "--host", "127.0.0.1", "--config", file.arg()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let end = Instant::now() + DEADLINE;
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break Some(st);
-            }
-            // Serving: it took the value. Once it says it is listening there is no refusal
-            // to wait for.
-            if Instant::now() >= end {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-            if Instant::now() + DEADLINE - Duration::from_secs(3) > end {
-                continue;
-            }
-        };
-        let mut err = String::new();
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-        let ok = status.and_then(|s| s.code()) == Some(2)
+        let (code, err) = run_until_exit_or_listening(&["--config", file.arg()]);
+        let ok = code == Some(2)
             && err.contains("server \"srv\"")
             && parts.iter().all(|p| err.contains(p));
         if !ok {
-            wrong.push(format!("{extra} -> {status:?}: {}", err.trim()));
+            wrong.push(format!("{extra} -> exit {code:?}: {}", err.trim()));
         }
     }
     assert!(
         wrong.is_empty(),
         "values of the wrong type not refused as such:\n{}",
         wrong.join("\n")
+    );
+}
+
+/// `type` is another client's key, but its value decides whether an entry is a stdio
+/// server: present and not "stdio", the entry is not run as one. A `type` that is not a
+/// string is refused as a wrong type, or at least skipped; never served.
+#[test]
+fn a_type_that_is_not_a_string_is_not_taken_for_stdio() {
+    let doc = json!({"mcpServers": {"srv": demo(json!({"type": 3})), "ok": demo(json!({}))}});
+    let file = ConfigFile::json("type-number", &doc);
+    let (code, log) = run_until_exit_or_listening(&["--config", file.arg()]);
+    if code == Some(2) {
+        assert_mentions(&log, &["server \"srv\"", "\"type\""]);
+        return;
+    }
+    let s = serve(&file, &[]);
+    let list = servers(&s);
+    assert!(
+        list.iter().all(|e| e["name"] != "srv"),
+        "an entry with \"type\": 3 is served as a stdio server: {list:?}"
     );
 }
 
@@ -627,21 +641,29 @@ fn a_claude_desktop_file_is_served_unchanged() {
     assert_mentions(&skipped, &["url"]);
     let list = servers(&s);
     let names: Vec<&Value> = list.iter().map(|e| &e["name"]).collect();
-    assert_eq!(names[..2], [&json!("everything"), &json!("notes")], "{list:?}");
+    assert_eq!(
+        names[..2],
+        [&json!("everything"), &json!("notes")],
+        "{list:?}"
+    );
     assert_eq!(entry(&s, "everything")["state"], "ready");
     assert_eq!(entry(&s, "notes")["state"], "ready");
     let linear: Vec<&Value> = list.iter().filter(|e| e["state"] == "skipped").collect();
     assert_eq!(linear.len(), 1, "{list:?}");
-    assert_mentions(linear[0]["reason"].as_str().unwrap(), &["\"linear\"", "url"]);
+    assert_eq!(linear[0]["name"], "linear", "{list:?}");
+    assert_mentions(linear[0]["reason"].as_str().unwrap(), &["url"]);
 
-    let everything = Client::open(&s, "everything");
-    let greeting = everything.call(1, "env", json!({"name": "GREETING"}));
-    assert_eq!(result_text(&greeting), "hello from claude_desktop_config.json");
-    let notes = Client::open(&s, "notes");
-    let dir = notes.call(1, "env", json!({"name": "NOTES_DIR"}));
+    let everything = open(&s, "everything");
+    let greeting = everything.ask(1, "env", json!({"name": "GREETING"}));
+    assert_eq!(
+        result_text(&greeting),
+        "hello from claude_desktop_config.json"
+    );
+    let notes = open(&s, "notes");
+    let dir = notes.ask(1, "env", json!({"name": "NOTES_DIR"}));
     assert_eq!(result_text(&dir), "/tmp/notes");
     assert_eq!(
-        result_text(&notes.call(2, "echo", json!({"message": "noted"}))),
+        result_text(&notes.ask(2, "echo", json!({"message": "noted"}))),
         "noted"
     );
     // disabledTools is the client's own business: the tool is still served.
@@ -651,8 +673,16 @@ fn a_claude_desktop_file_is_served_unchanged() {
         404,
         "a skipped entry has no endpoint"
     );
-    assert_eq!(get(&s, "/readyz").status, 200, "a skipped entry is not a failure");
-    assert_eq!(std::fs::read(&path).unwrap(), before, "the file is read, not written");
+    assert_eq!(
+        get(&s, "/readyz").status,
+        200,
+        "a skipped entry is not a failure"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the file is read, not written"
+    );
 }
 
 /// Entries that are not stdio servers (`type` sse/http, `url`, Windsurf's `serverUrl`)
@@ -688,9 +718,9 @@ fn non_stdio_entries_are_skipped_and_logged_while_the_rest_serve() {
         .map(|e| e["reason"].as_str().unwrap())
         .collect();
     assert_eq!(skipped.len(), 4, "{list:?}");
-    let local = Client::open(&s, "local");
+    let local = open(&s, "local");
     assert_eq!(
-        result_text(&local.call(1, "echo", json!({"message": "still here"}))),
+        result_text(&local.ask(1, "echo", json!({"message": "still here"}))),
         "still here"
     );
     let ready = get(&s, "/readyz");
@@ -713,25 +743,22 @@ fn each_server_answers_on_its_own_endpoints_in_every_transport() {
     );
     let s = serve(&file, &[]);
 
-    let a = Client::open(&s, "alpha");
+    let a = open(&s, "alpha");
     assert_eq!(
         a.init["result"]["serverInfo"]["name"],
         "stdio-sse-test-everything"
     );
     assert_eq!(
-        result_text(&a.call(1, "echo", json!({"message": "to alpha"}))),
+        result_text(&a.ask(1, "echo", json!({"message": "to alpha"}))),
         "to alpha"
     );
     assert_eq!(
-        result_text(&a.call(2, "env", json!({"name": "MANY_WHO"}))),
+        result_text(&a.ask(2, "env", json!({"name": "MANY_WHO"}))),
         "alpha"
     );
-    let b = Client::open(&s, "beta");
+    let b = open(&s, "beta");
     assert_eq!(b.init["result"]["serverInfo"]["name"], "stdio-sse-demo");
-    assert_eq!(
-        result_text(&b.call(1, "add", json!({"a": 2, "b": 3}))),
-        "5"
-    );
+    assert_eq!(result_text(&b.ask(1, "add", json!({"a": 2, "b": 3}))), "5");
 
     let mut la = Legacy::open(&s, "alpha");
     let answer = la.request(&tool_call(7, "echo", json!({"message": "legacy alpha"})));
@@ -759,8 +786,9 @@ fn each_server_answers_on_its_own_endpoints_in_every_transport() {
     wait_log_all(&s, &["session_open", "server=beta"]);
 }
 
-/// A session belongs to its server: its id on another server's path is 404 (Streamable
-/// HTTP POST, GET and DELETE, and the legacy message endpoint), and the session is unharmed.
+/// A session belongs to its server: its id on another server's path (or the front /mcp)
+/// is 404 (Streamable HTTP POST, GET and DELETE, and the legacy message endpoint), and
+/// the session is unharmed.
 #[test]
 fn a_session_of_one_server_is_not_found_on_another() {
     let file = ConfigFile::json(
@@ -771,21 +799,31 @@ fn a_session_of_one_server_is_not_found_on_another() {
         }}),
     );
     let s = serve(&file, &[]);
-    let a = Client::open(&s, "alpha");
-    let b = Client::open(&s, "beta");
+    let a = open(&s, "alpha");
+    let b = open(&s, "beta");
     for (c, other) in [(&a, "/servers/beta/mcp"), (&b, "/servers/alpha/mcp")] {
-        let list = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"});
-        let r = c.post_to(other, &list);
+        let r = c.elsewhere("POST", other);
         assert_eq!(r.status, 404, "POST {other} with {}: {}", c.path, r.text());
         assert!(r.json()["error"]["code"].is_i64(), "{}", r.text());
-        let r = c.get_at(other);
+        let r = c.elsewhere("GET", other);
         assert_eq!(r.status, 404, "GET {other} with {}: {}", c.path, r.text());
-        let r = c.delete_at(other);
-        assert_eq!(r.status, 404, "DELETE {other} with {}: {}", c.path, r.text());
+        let r = c.elsewhere("DELETE", other);
+        assert_eq!(
+            r.status,
+            404,
+            "DELETE {other} with {}: {}",
+            c.path,
+            r.text()
+        );
+    }
+    // Nor is it a session of the front path (the merged endpoint, or nothing).
+    for method in ["POST", "GET", "DELETE"] {
+        let r = a.elsewhere(method, "/mcp");
+        assert_eq!(r.status, 404, "{method} /mcp with {}: {}", a.path, r.text());
     }
     // Both sessions still serve on their own paths.
-    assert_eq!(result_text(&a.call(2, "echo", json!({"message": "a"}))), "a");
-    assert_eq!(result_text(&b.call(2, "echo", json!({"message": "b"}))), "b");
+    assert_eq!(result_text(&a.ask(2, "echo", json!({"message": "a"}))), "a");
+    assert_eq!(result_text(&b.ask(2, "echo", json!({"message": "b"}))), "b");
 
     let mut la = Legacy::open(&s, "alpha");
     let foreign = format!("/servers/beta/message?sessionId={}", la.session_id());
@@ -837,14 +875,19 @@ fn servers_lists_each_server_with_its_counts() {
         entry(&s, "off"),
         json!({"name": "off", "mode": "session", "state": "disabled"})
     );
-    assert_eq!(get(&s, "/servers/off/mcp").status, 404, "a disabled server has no endpoint");
+    assert_eq!(
+        get(&s, "/servers/off/mcp").status,
+        404,
+        "a disabled server has no endpoint"
+    );
     let skipped: Vec<&Value> = list.iter().filter(|e| e["state"] == "skipped").collect();
     assert_eq!(skipped.len(), 1, "{list:?}");
-    assert_mentions(skipped[0]["reason"].as_str().unwrap(), &["\"remote\"", "\"http\""]);
+    assert_eq!(skipped[0]["name"], "remote", "{list:?}");
+    assert_mentions(skipped[0]["reason"].as_str().unwrap(), &["\"http\""]);
 
-    let a1 = Client::open(&s, "alpha");
-    let _a2 = Client::open(&s, "alpha");
-    let b1 = Client::open(&s, "beta");
+    let a1 = open(&s, "alpha");
+    let _a2 = open(&s, "alpha");
+    let b1 = open(&s, "beta");
     let alpha_tools = a1.tools(1).len();
     assert!(alpha_tools > 10, "the everything fixture lists many tools");
     assert_eq!(b1.tools(1), ["echo", "add", "broadcast"]);
@@ -862,7 +905,7 @@ fn servers_lists_each_server_with_its_counts() {
     );
 
     // A session ended: its count and its child go.
-    assert_eq!(a1.delete_at(&a1.path).status, 200);
+    assert_eq!(a1.delete().status, 200);
     entry_when(&s, "alpha", "one session and one child left", |e| {
         e["sessions"] == 1 && e["children"] == 1
     });
@@ -935,31 +978,117 @@ fn readyz_names_a_server_that_cannot_start_while_the_others_serve() {
     assert!(r.status >= 500, "{} {}", r.status, r.text());
     assert!(r.json()["error"]["code"].is_i64(), "{}", r.text());
     wait_log_all(&s, &["spawn_failed", "server=ghost"]);
-    let a = Client::open(&s, "alpha");
-    assert_eq!(result_text(&a.call(1, "echo", json!({"message": "up"}))), "up");
-    let b = Client::open(&s, "beta");
-    assert_eq!(result_text(&b.call(1, "echo", json!({"message": "up"}))), "up");
+    let a = open(&s, "alpha");
+    assert_eq!(
+        result_text(&a.ask(1, "echo", json!({"message": "up"}))),
+        "up"
+    );
+    let b = open(&s, "beta");
+    assert_eq!(
+        result_text(&b.ask(1, "echo", json!({"message": "up"}))),
+        "up"
+    );
     assert_eq!(get(&s, "/readyz").status, 503, "ghost still cannot start");
 }
 
-/// Flags are every server's defaults; an entry's own keys win (`maxSessions` here).
+/// A shared server whose child exits at once is `crash_loop` on /servers, and /readyz
+/// (its own and the whole instance's) says why, while a session-mode neighbour serves.
+#[test]
+fn a_crash_looping_shared_server_is_named_while_the_others_serve() {
+    let file = ConfigFile::json(
+        "crash-loop",
+        &json!({"mcpServers": {
+            "dies": {"command": "python3", "args": ["-c", "import sys; sys.exit(1)"],
+                     "mode": "shared"},
+            "ok": demo(json!({})),
+        }}),
+    );
+    let s = serve(&file, &[]);
+    let dies = entry_when(&s, "dies", "in crash_loop", |e| e["state"] == "crash_loop");
+    assert_mentions(dies["reason"].as_str().unwrap(), &["crash loop"]);
+    let r = get(&s, "/servers/dies/readyz");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_mentions(r.json()["reason"].as_str().unwrap(), &["crash loop"]);
+    let r = get(&s, "/readyz");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_mentions(
+        r.json()["reason"].as_str().unwrap(),
+        &["server \"dies\"", "crash loop"],
+    );
+    assert_eq!(get(&s, "/servers/ok/readyz").status, 200);
+    let ok = open(&s, "ok");
+    assert_eq!(
+        result_text(&ok.ask(1, "echo", json!({"message": "fine"}))),
+        "fine"
+    );
+    assert_eq!(metric(&s, "stdio_sse_server_ready{server=\"dies\"}"), 0.0);
+    assert_eq!(metric(&s, "stdio_sse_server_ready{server=\"ok\"}"), 1.0);
+}
+
+/// Flags are every server's defaults; an entry's own keys win: `maxSessions` over
+/// --max-sessions, `env` over --env (variable by variable).
 #[test]
 fn an_entrys_keys_override_the_flags() {
     let file = ConfigFile::json(
         "override",
         &json!({"mcpServers": {
-            "alpha": demo(json!({})),
-            "beta": demo(json!({"maxSessions": 2})),
+            "alpha": everything_entry(json!({"env": {"MANY_BOTH": "entry"}})),
+            "beta": everything_entry(json!({"maxSessions": 2})),
         }}),
     );
-    let s = serve(&file, &["--max-sessions", "1"]);
-    let _a = Client::open(&s, "alpha");
+    let s = serve(
+        &file,
+        &[
+            "--max-sessions",
+            "1",
+            "--env",
+            "MANY_FLAG=flag",
+            "--env",
+            "MANY_BOTH=flag",
+        ],
+    );
+    let a = open(&s, "alpha");
     let r = initialize(&s, "/servers/alpha/mcp");
     assert_eq!(r.status, 503, "alpha takes the flag's 1: {}", r.text());
-    let _b1 = Client::open(&s, "beta");
-    let _b2 = Client::open(&s, "beta");
+    let b1 = open(&s, "beta");
+    let _b2 = open(&s, "beta");
     let r = initialize(&s, "/servers/beta/mcp");
     assert_eq!(r.status, 503, "beta takes its own 2: {}", r.text());
+
+    let env = |c: &Session, name: &str| result_text(&c.ask(9, "env", json!({"name": name})));
+    assert_eq!(env(&a, "MANY_FLAG"), "flag");
+    assert_eq!(env(&a, "MANY_BOTH"), "entry");
+    assert_eq!(env(&b1, "MANY_FLAG"), "flag");
+    assert_eq!(env(&b1, "MANY_BOTH"), "flag");
+}
+
+/// `sessionIdleTimeout` per entry over --session-idle-timeout, with the flag's meaning of
+/// 0: never. Sessions of `keep` (0) and `long` (30m) outlive two of `short` (the flag's
+/// 1s), each reaped while they were idle longer.
+#[test]
+fn session_idle_timeout_per_server_and_zero_is_never() {
+    let file = ConfigFile::json(
+        "idle",
+        &json!({"mcpServers": {
+            "keep": demo(json!({"sessionIdleTimeout": 0})),
+            "long": demo(json!({"sessionIdleTimeout": "30m"})),
+            "short": demo(json!({})),
+        }}),
+    );
+    let s = serve(&file, &["--session-idle-timeout", "1s"]);
+    let keep = open(&s, "keep");
+    let long = open(&s, "long");
+    for _ in 0..2 {
+        let short = open(&s, "short");
+        entry_when(&s, "short", "its idle session reaped", |e| {
+            e["sessions"] == 0
+        });
+        assert_eq!(short.post(&tool_call(1, "echo", json!({}))).status, 404);
+    }
+    let r = long.post(&tool_call(1, "echo", json!({"message": "long"})));
+    assert_eq!(r.status, 200, "sessionIdleTimeout 30m: {}", r.text());
+    let r = keep.post(&tool_call(1, "echo", json!({"message": "keep"})));
+    assert_eq!(r.status, 200, "sessionIdleTimeout 0 (never): {}", r.text());
 }
 
 // ---- tool filters -----------------------------------------------------------------------
@@ -970,8 +1099,9 @@ fn glob(pattern: &str, text: &str) -> bool {
         None => pattern == text,
         Some((head, tail)) => {
             text.starts_with(head)
-                && (0..=text.len() - head.len())
-                    .any(|i| text.is_char_boundary(head.len() + i) && glob(tail, &text[head.len() + i..]))
+                && (0..=text.len() - head.len()).any(|i| {
+                    text.is_char_boundary(head.len() + i) && glob(tail, &text[head.len() + i..])
+                })
         }
     }
 }
@@ -991,23 +1121,31 @@ fn a_tool_filter_hides_tools_in_session_mode() {
         }}),
     );
     let s = serve(&file, &[]);
-    let all = Client::open(&s, "plain").tools(1);
+    let all = open(&s, "plain").tools(1);
     let expected: Vec<String> = all
         .iter()
         .filter(|t| allow.iter().any(|p| glob(p, t)) && !deny.iter().any(|p| glob(p, t)))
         .cloned()
         .collect();
-    assert!(expected.contains(&"echo".to_string()) && expected.contains(&"test_simple_text".to_string()));
-    for gone in ["crash", "test_image_content", "test_error_handling", "sleep"] {
+    assert!(
+        expected.contains(&"echo".to_string())
+            && expected.contains(&"test_simple_text".to_string())
+    );
+    for gone in [
+        "crash",
+        "test_image_content",
+        "test_error_handling",
+        "sleep",
+    ] {
         assert!(all.contains(&gone.to_string()), "the fixture has {gone}");
         assert!(!expected.contains(&gone.to_string()));
     }
 
-    let c = Client::open(&s, "filtered");
+    let c = open(&s, "filtered");
     assert_eq!(c.tools(1), expected);
-    let pid = child_pid_of(&c);
+    let pid = child_pid(&c);
     for (id, hidden) in [(2, "crash"), (3, "test_image_content"), (4, "sleep")] {
-        let answer = c.call(id, hidden, json!({"seconds": 30}));
+        let answer = c.ask(id, hidden, json!({"seconds": 30}));
         assert_eq!(answer["id"], id, "{answer}");
         assert_eq!(
             error_of(&answer),
@@ -1015,8 +1153,11 @@ fn a_tool_filter_hides_tools_in_session_mode() {
         );
     }
     wait_log_all(&s, &["tool_hidden", "server=filtered", "\"crash\""]);
-    assert_eq!(child_pid_of(&c), pid, "the child never got `crash`");
-    assert_eq!(result_text(&c.call(5, "echo", json!({"message": "ok"}))), "ok");
+    assert_eq!(child_pid(&c), pid, "the child never got `crash`");
+    assert_eq!(
+        result_text(&c.ask(5, "echo", json!({"message": "ok"}))),
+        "ok"
+    );
 
     let mut legacy = Legacy::open(&s, "filtered");
     let list = legacy.request(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}));
@@ -1024,17 +1165,26 @@ fn a_tool_filter_hides_tools_in_session_mode() {
     let answer = legacy.request(&tool_call(2, "crash", json!({})));
     assert_eq!(error_of(&answer), (-32602, "Unknown tool: crash".into()));
 
+    // 2026-07-28 requests on the same endpoint get the same filter.
+    let listed = modern(&s, "filtered", 3, "tools/list", json!({}));
+    assert_eq!(tool_names(&listed), expected);
+    let answer = modern(
+        &s,
+        "filtered",
+        4,
+        "tools/call",
+        json!({"name": "crash", "arguments": {}}),
+    );
+    assert_eq!(answer["id"], 4, "{answer}");
+    assert_eq!(error_of(&answer), (-32602, "Unknown tool: crash".into()));
+
     let filtered = entry(&s, "filtered");
-    assert_eq!(filtered["toolFilter"], json!({"allow": allow, "deny": deny}));
+    assert_eq!(
+        filtered["toolFilter"],
+        json!({"allow": allow, "deny": deny})
+    );
     assert_eq!(filtered["tools"], json!(expected.len()), "{filtered}");
     assert!(entry(&s, "plain").get("toolFilter").is_none());
-}
-
-/// The session's child pid, from the everything fixture's `pid` tool.
-fn child_pid_of(c: &Client) -> i64 {
-    result_text(&c.call(900_001, "pid", json!({})))
-        .parse()
-        .unwrap()
 }
 
 /// The same in shared mode, and for 2026-07-28 requests: absent from the list, the call
@@ -1051,18 +1201,24 @@ fn a_tool_filter_hides_tools_in_shared_mode() {
         }}),
     );
     let s = serve(&file, &[]);
-    let c = Client::open(&s, "beta");
+    let c = open(&s, "beta");
     assert_eq!(c.tools(1), ["echo", "add"]);
-    let answer = c.call(2, "broadcast", json!({}));
+    let answer = c.ask(2, "broadcast", json!({}));
     assert_eq!(
         error_of(&answer),
         (-32602, "Unknown tool: broadcast".into())
     );
-    assert_eq!(result_text(&c.call(3, "add", json!({"a": 1, "b": 1}))), "2");
+    assert_eq!(result_text(&c.ask(3, "add", json!({"a": 1, "b": 1}))), "2");
 
     let listed = modern(&s, "beta", 4, "tools/list", json!({}));
     assert_eq!(tool_names(&listed), ["echo", "add"]);
-    let answer = modern(&s, "beta", 5, "tools/call", json!({"name": "broadcast", "arguments": {}}));
+    let answer = modern(
+        &s,
+        "beta",
+        5,
+        "tools/call",
+        json!({"name": "broadcast", "arguments": {}}),
+    );
     assert_eq!(answer["id"], 5, "{answer}");
     assert_eq!(
         error_of(&answer),
@@ -1078,7 +1234,8 @@ fn a_tool_filter_hides_tools_in_shared_mode() {
     let seen = legacy.request_all(&tool_call(7, "echo", json!({"message": "after"})));
     assert_eq!(result_text(seen.last().unwrap()), "after");
     assert!(
-        seen.iter().all(|m| m["method"] != "notifications/tools/list_changed"),
+        seen.iter()
+            .all(|m| m["method"] != "notifications/tools/list_changed"),
         "the shared child ran the hidden broadcast: {seen:?}"
     );
     let beta = entry(&s, "beta");
@@ -1087,6 +1244,43 @@ fn a_tool_filter_hides_tools_in_shared_mode() {
         beta["toolFilter"],
         json!({"allow": ["*d*", "echo"], "deny": ["broad*"]})
     );
+}
+
+/// A oneshot server (a child per request) is served on its own /mcp only, and its tool
+/// filter holds as in the other modes: the file accepts `tools` on it, so a hidden tool
+/// must not be listed or run.
+#[test]
+fn a_tool_filter_hides_tools_in_oneshot_mode() {
+    let file = ConfigFile::json(
+        "filter-oneshot",
+        &json!({"mcpServers": {
+            "once": demo(json!({"mode": "oneshot", "tools": {"deny": ["a*"]}})),
+        }}),
+    );
+    let s = serve(&file, &[]);
+    let once = entry(&s, "once");
+    assert_eq!(once["mode"], "oneshot");
+    assert_eq!(
+        once["endpoints"],
+        json!({"mcp": "/servers/once/mcp", "readyz": "/servers/once/readyz"})
+    );
+    assert_eq!(get(&s, "/servers/once/sse").status, 404);
+    let post = |body: Value| {
+        let r = Conn::open(&s).request(
+            "POST",
+            "/servers/once/mcp",
+            &[JSON_CT, ACCEPT_BOTH],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        r.messages().into_iter().last().unwrap()
+    };
+    let echoed = post(tool_call(1, "echo", json!({"message": "once"})));
+    assert_eq!(result_text(&echoed), "once");
+    let listed = post(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    assert_eq!(tool_names(&listed), ["echo", "broadcast"]);
+    let hidden = post(tool_call(3, "add", json!({"a": 1, "b": 2})));
+    assert_eq!(error_of(&hidden), (-32602, "Unknown tool: add".into()));
 }
 
 // ---- metrics and logs -------------------------------------------------------------------
@@ -1105,21 +1299,28 @@ fn metrics_carry_the_server_label() {
     let s = serve(&file, &[]);
     wait_log_all(&s, &["server_start", "server=alpha"]);
     wait_log_all(&s, &["server_start", "server=beta"]);
-    let a = Client::open(&s, "alpha");
+    let a = open(&s, "alpha");
     let alpha_tools = a.tools(1).len() as f64;
     assert!(initialize(&s, "/servers/ghost/mcp").status >= 500);
     let m = |text: &str, name: &str, server: &str| {
         sample(text, &format!("{name}{{server=\"{server}\"}}"))
     };
-    let mut text = String::new();
+    let text = RefCell::new(String::new());
     eventually_says(
-        || format!("server metrics as expected; last scrape:\n{text}"),
         || {
-            text = scrape(&s);
-            m(&text, "stdio_sse_server_children", "beta") == 1.0
-                && m(&text, "stdio_sse_server_start_failures_total", "ghost") >= 1.0
+            format!(
+                "server metrics as expected; last scrape:\n{}",
+                text.borrow()
+            )
+        },
+        || {
+            *text.borrow_mut() = scrape(&s);
+            let t = text.borrow();
+            m(&t, "stdio_sse_server_children", "beta") == 1.0
+                && m(&t, "stdio_sse_server_start_failures_total", "ghost") >= 1.0
         },
     );
+    let text = text.into_inner();
     let got = |name: &str, server: &str| m(&text, name, server);
     assert_eq!(got("stdio_sse_server_ready", "alpha"), 1.0, "{text}");
     assert_eq!(got("stdio_sse_server_ready", "beta"), 1.0, "{text}");
@@ -1130,7 +1331,11 @@ fn metrics_carry_the_server_label() {
     assert_eq!(got("stdio_sse_server_sessions", "alpha"), 1.0, "{text}");
     assert_eq!(got("stdio_sse_server_sessions", "beta"), 0.0, "{text}");
     assert_eq!(got("stdio_sse_server_children", "alpha"), 1.0, "{text}");
-    assert_eq!(got("stdio_sse_server_tools", "alpha"), alpha_tools, "{text}");
+    assert_eq!(
+        got("stdio_sse_server_tools", "alpha"),
+        alpha_tools,
+        "{text}"
+    );
     assert_eq!(
         got("stdio_sse_server_start_failures_total", "alpha"),
         0.0,

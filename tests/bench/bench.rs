@@ -32,6 +32,8 @@ trait BenchConn {
     fn at(port: u16) -> Conn;
     fn initialize(&mut self) -> Reply;
     fn post_mcp(&mut self, sid: &str, body: &[u8]) -> Reply;
+    fn initialize_at(&mut self, path: &str) -> Reply;
+    fn post_at(&mut self, path: &str, sid: &str, body: &[u8]) -> Reply;
 }
 
 impl BenchConn for Conn {
@@ -41,9 +43,19 @@ impl BenchConn for Conn {
 
     /// The initialize that opens a Streamable HTTP session.
     fn initialize(&mut self) -> Reply {
+        self.initialize_at("/mcp")
+    }
+
+    /// A POST to /mcp on a session, as a Streamable HTTP client sends it.
+    fn post_mcp(&mut self, sid: &str, body: &[u8]) -> Reply {
+        self.post_at("/mcp", sid, body)
+    }
+
+    /// The initialize on an MCP endpoint (a --config server's own, or the merged one).
+    fn initialize_at(&mut self, path: &str) -> Reply {
         self.request(
             "POST",
-            "/mcp",
+            path,
             &[
                 ("Content-Type", "application/json"),
                 ("Accept", ACCEPT_BOTH),
@@ -52,11 +64,10 @@ impl BenchConn for Conn {
         )
     }
 
-    /// A POST to /mcp on a session, as a Streamable HTTP client sends it.
-    fn post_mcp(&mut self, sid: &str, body: &[u8]) -> Reply {
+    fn post_at(&mut self, path: &str, sid: &str, body: &[u8]) -> Reply {
         self.request(
             "POST",
-            "/mcp",
+            path,
             &[
                 ("Content-Type", "application/json"),
                 ("Accept", ACCEPT_BOTH),
@@ -68,8 +79,12 @@ impl BenchConn for Conn {
 }
 
 fn call(id: u64, message: &str) -> Value {
+    call_tool("echo", id, message)
+}
+
+fn call_tool(tool: &str, id: u64, message: &str) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-           "params": {"name": "echo", "arguments": {"message": message}}})
+           "params": {"name": tool, "arguments": {"message": message}}})
 }
 
 /// The check every reply gets: its own id, its own message.
@@ -258,6 +273,51 @@ fn streamable_load(port: u16, sessions: &[String], workers: usize, secs: Duratio
             let msg = format!("m{id}");
             let body = call(id, &msg).to_string();
             let r = c.post_mcp(&sid, body.as_bytes());
+            assert_eq!(r.status, 200);
+            let m = r.messages();
+            check_echo(m.last().expect("a reply"), id, &msg);
+        }
+    })
+}
+
+/// Issue 18: a --config file of `n` demo servers (s0, s1, ...), session mode.
+fn servers_file(bin: &str, n: usize) -> std::path::PathBuf {
+    let servers: serde_json::Map<String, Value> = (0..n)
+        .map(|i| {
+            (
+                format!("s{i}"),
+                json!({"command": bin, "args": ["__demo-server"]}),
+            )
+        })
+        .collect();
+    let path =
+        std::env::temp_dir().join(format!("stdio-sse-bench-{}-{n}.json", std::process::id()));
+    std::fs::write(&path, json!({ "mcpServers": servers }).to_string()).expect("write config");
+    path
+}
+
+/// Streamable HTTP on one session of an MCP endpoint, calling `tool` (echo by its name
+/// there): a server's own endpoint against the merged one.
+fn endpoint_load(
+    port: u16,
+    path: &'static str,
+    tool: &'static str,
+    workers: usize,
+    secs: Duration,
+) -> Load {
+    let mut c = Conn::at(port);
+    let r = c.initialize_at(path);
+    assert_eq!(r.status, 200, "initialize on {path}");
+    let sid = r.header("Mcp-Session-Id").expect("session id").to_string();
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
+    assert_eq!(c.post_at(path, &sid, note.as_bytes()).status, 202);
+    closed_loop(workers, secs, |_| {
+        let sid = sid.clone();
+        let mut c = Conn::at(port);
+        move |id| {
+            let msg = format!("m{id}");
+            let body = call_tool(tool, id, &msg).to_string();
+            let r = c.post_at(path, &sid, body.as_bytes());
             assert_eq!(r.status, 200);
             let m = r.messages();
             check_echo(m.last().expect("a reply"), id, &msg);
@@ -910,7 +970,7 @@ fn main() {
         default_hook(info);
     }));
     let quick = args.iter().any(|a| a == "--quick");
-    // --only pipe,streamable,modern,sessions,legacy,shared,oneshot,big,streams,callgrind: a
+    // --only pipe,streamable,modern,sessions,many,legacy,shared,oneshot,big,streams,callgrind: a
     // subset of the scenarios (while working on one figure); all by default.
     let only = opt("--only");
     let want = |group: &str| {
@@ -1014,6 +1074,36 @@ fn main() {
                 "KiB",
                 rss_kib(b.child.id()) as f64,
             );
+        }
+        if want("many") {
+            // Issue 18: what ten configured servers cost idle (none started: session
+            // mode starts children per session), and a call through the merged
+            // endpoint against the same server's own endpoint, in one process.
+            for n in [1usize, 10] {
+                let file = servers_file(&bin, n);
+                let b = bridge(&bin, &["--config", file.to_str().unwrap()]);
+                std::thread::sleep(Duration::from_millis(200));
+                record(
+                    format!("--config with {n} server(s): idle RSS"),
+                    "KiB",
+                    rss_kib(b.child.id()) as f64,
+                );
+                drop(b);
+                let _ = std::fs::remove_file(file);
+            }
+            let file = servers_file(&bin, 2);
+            let b = bridge(&bin, &["--config", file.to_str().unwrap()]);
+            for (what, path, tool) in [
+                ("own endpoint", "/servers/s0/mcp", "echo"),
+                ("merged endpoint", "/mcp", "s0__echo"),
+            ] {
+                let l = endpoint_load(b.port, path, tool, 1, secs);
+                record(format!("{what} c=1 p50"), "µs", l.p50_us);
+                let l = endpoint_load(b.port, path, tool, 8, secs);
+                record(format!("{what} c=8 req/s"), "req/s", l.rps);
+            }
+            drop(b);
+            let _ = std::fs::remove_file(file);
         }
         if want("legacy") {
             let b = bridge(&bin, &[]);
