@@ -1713,6 +1713,88 @@ mod config {
         }
 
         #[test]
+        fn a_tool_pattern_star_matches_any_run_and_deny_wins() {
+            assert!(glob("get_*", "get_file") && glob("get_*", "get_"));
+            assert!(glob("*_issue", "create_issue") && glob("a*b*c", "aXbYc"));
+            assert!(!glob("get_*", "list_files") && !glob("a*b", "ab_"));
+            assert!(glob("exact", "exact") && !glob("exact", "exactly"));
+            let f = ToolFilter {
+                allow: vec!["get_*".into(), "list".into()],
+                deny: vec!["get_secret*".into()],
+            };
+            assert!(f.admits("get_file") && f.admits("list"));
+            assert!(!f.admits("get_secret_key") && !f.admits("delete"));
+            assert!(ToolFilter::default().admits("anything"));
+        }
+
+        #[test]
+        fn servers_come_in_the_files_order_with_their_own_lines() {
+            let text = "{\"mcpServers\": {\n  \"zeta\": {\"command\": \"alpha\"},\n  \"alpha\": {\"command\": \"zeta\", \"env\": {\"zeta\": \"1\"}}\n}}";
+            let keys = server_keys(text);
+            assert_eq!(keys, [("zeta".to_string(), 2), ("alpha".to_string(), 3)]);
+            let d = run(&["--", "x"]).unwrap().server_defaults;
+            let file = servers_of(text, &d, "__").unwrap();
+            let names: Vec<&str> = file.servers.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["zeta", "alpha"]);
+            assert_eq!(file.servers[1].env, [("zeta".to_string(), "1".to_string())]);
+        }
+
+        #[test]
+        fn a_server_entry_is_checked_key_by_key() {
+            let d = run(&["--warm", "2", "--", "x"]).unwrap().server_defaults;
+            let of = |entry: &str| {
+                servers_of(&format!("{{\"mcpServers\": {{\"s\": {entry}}}}}"), &d, "__")
+            };
+            let s = &of("{\"command\": \"c\", \"args\": [\"a\"]}")
+                .unwrap()
+                .servers[0];
+            assert_eq!((s.command.len(), s.warm, s.mode), (2, 2, Mode::Session));
+            let shared = &of("{\"command\": \"c\", \"mode\": \"shared\"}")
+                .unwrap()
+                .servers[0];
+            assert_eq!((shared.warm, shared.children), (0, 1));
+            for (entry, says) in [
+                ("{\"args\": []}", "no \"command\""),
+                (
+                    "{\"command\": \"c\", \"bogus\": 1}",
+                    "unknown key \"bogus\"",
+                ),
+                (
+                    "{\"command\": \"c\", \"args\": \"a b\"}",
+                    "\"args\" must be a list",
+                ),
+                (
+                    "{\"command\": \"c\", \"type\": 3}",
+                    "\"type\" must be a string",
+                ),
+                ("{\"command\": \"c\", \"mode\": \"x\"}", "\"mode\""),
+                (
+                    "{\"command\": \"c\", \"warm\": 1, \"mode\": \"shared\"}",
+                    "warm applies",
+                ),
+                (
+                    "{\"command\": \"c\", \"tools\": {\"only\": []}}",
+                    "unknown key \"only\"",
+                ),
+            ] {
+                let e = of(entry).unwrap_err();
+                assert!(
+                    e.contains(says) && e.contains("server \"s\""),
+                    "{entry}: {e}"
+                );
+            }
+            let skipped = of("{\"url\": \"https://x\"}").unwrap();
+            assert!(skipped.servers.is_empty() && skipped.skipped[0].0 == "s");
+            assert!(servers_of(
+                "{\"mcpServers\": {\"a__b\": {\"command\": \"c\"}}}",
+                &d,
+                "__"
+            )
+            .unwrap_err()
+            .contains("tool separator"));
+        }
+
+        #[test]
         fn sizes_are_binary_whatever_their_spelling() {
             assert_eq!(parse_size("x", "512"), Ok(512));
             assert_eq!(parse_size("x", "4MiB"), Ok(4 << 20));
@@ -9445,17 +9527,18 @@ mod sessions {
         /// ends the session (in the background): the refusal says so, and the requests
         /// are no longer waited for.
         pub fn submit(self: &Arc<Self>, messages: &[Value]) -> Result<(), Refusal> {
-            let mut hidden = Vec::new();
+            // Calls of tools the server's filter hides (by position), and their answers.
+            let mut hidden: Vec<(usize, Value)> = Vec::new();
             let mut lists = Vec::new();
-            for m in messages {
-                if let Some(answer) = crate::servers::hidden_call(&self.server, m) {
-                    hidden.push(answer);
-                } else if let Kind::Request {
-                    id,
-                    method: "tools/list",
-                } = classify(m)
-                {
-                    lists.push(id_key(id));
+            for (i, m) in messages.iter().enumerate() {
+                match m.get("method").and_then(Value::as_str) {
+                    Some("tools/call") => {
+                        if let Some(answer) = crate::servers::hidden_call(&self.server, m) {
+                            hidden.push((i, answer));
+                        }
+                    }
+                    Some("tools/list") => lists.extend(m.get("id").map(id_key)),
+                    _ => {}
                 }
             }
             if !lists.is_empty() {
@@ -9466,12 +9549,13 @@ mod sessions {
             } else {
                 let rest: Vec<Value> = messages
                     .iter()
-                    .filter(|m| crate::servers::hidden_call(&self.server, m).is_none())
-                    .cloned()
+                    .enumerate()
+                    .filter(|(i, _)| !hidden.iter().any(|(h, _)| h == i))
+                    .map(|(_, m)| m.clone())
                     .collect();
                 self.upstream.send(self, &rest)
             };
-            for answer in hidden {
+            for (_, answer) in hidden {
                 route_value(self, answer.to_string(), &answer, false);
             }
             let Err(e) = sent else {
@@ -9485,6 +9569,8 @@ mod sessions {
         /// The answer to a `tools/list` of this session, filtered, when the server's
         /// filter hid something (None: it goes as the child wrote it).
         fn tools_listed(&self, value: &Value) -> Option<Value> {
+            // Only an answer carrying a tool list can be one (the common answer is not).
+            value.get("result")?.get("tools")?;
             let Kind::Response { id } = classify(value) else {
                 return None;
             };

@@ -367,6 +367,10 @@ enum Era {
     Sessions,
     /// A 2026-07-28 tools/call (a carrier's child).
     Modern,
+    /// Issue 18: a 2025 session on a --config server's own endpoint, /servers/s0/mcp.
+    OwnEndpoint,
+    /// ... and through the merged endpoint, /mcp, the same server's `s0__echo`.
+    MergedEndpoint,
 }
 
 type Waiters = Arc<Mutex<HashMap<u64, crossbeam_channel::Sender<Value>>>>;
@@ -866,6 +870,16 @@ fn soak(bin: &str, total: Duration) -> (u64, u64, u64, f64) {
 /// Instructions stdio-sse executes per round trip (callgrind: the same count on a busy
 /// machine), from two runs that differ only in the number of round trips.
 fn instructions_per_round_trip(bin: &str, era: Era) -> Option<f64> {
+    let (path, tool) = match era {
+        Era::OwnEndpoint => ("/servers/s0/mcp", "echo"),
+        Era::MergedEndpoint => ("/mcp", "s0__echo"),
+        Era::Sessions | Era::Modern => ("/mcp", "echo"),
+    };
+    let file = matches!(era, Era::OwnEndpoint | Era::MergedEndpoint).then(|| servers_file(bin, 2));
+    let config: Vec<String> = match &file {
+        Some(f) => vec!["--config".into(), f.display().to_string()],
+        None => Vec::new(),
+    };
     let total = |n: u64| -> Option<f64> {
         let port = free_port();
         // `%p`: processes stdio-sse forks (its guardian) write their own counts, which
@@ -884,6 +898,7 @@ fn instructions_per_round_trip(bin: &str, era: Era) -> Option<f64> {
                 "warn",
                 "--access-log=false",
             ])
+            .args(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -897,13 +912,16 @@ fn instructions_per_round_trip(bin: &str, era: Era) -> Option<f64> {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let sid = open_session(port);
         let mut c = Conn::at(port);
+        let r = c.initialize_at(path);
+        let sid = r.header("Mcp-Session-Id")?.to_string();
+        let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
+        c.post_at(path, &sid, note.as_bytes());
         for id in 1..=n {
             let msg = format!("m{id}");
             let r = match era {
-                Era::Sessions => c.post_mcp(&sid, call(id, &msg).to_string().as_bytes()),
                 Era::Modern => modern_call(&mut c, id, &msg),
+                _ => c.post_at(path, &sid, call_tool(tool, id, &msg).to_string().as_bytes()),
             };
             check_echo(r.messages().last()?, id, &msg);
         }
@@ -925,7 +943,11 @@ fn instructions_per_round_trip(bin: &str, era: Era) -> Option<f64> {
             .and_then(|v| v.trim().parse().ok())
     };
     let (small, large) = (100, 1100);
-    Some((total(large)? - total(small)?) / (large - small) as f64)
+    let per = (|| Some((total(large)? - total(small)?) / (large - small) as f64))();
+    if let Some(f) = file {
+        let _ = std::fs::remove_file(f);
+    }
+    per
 }
 
 // ---- the run ---------------------------------------------------------------------------
@@ -1174,6 +1196,18 @@ fn main() {
                 "",
                 i,
             );
+        }
+        for (era, what) in [
+            (Era::OwnEndpoint, "a --config server's own endpoint"),
+            (Era::MergedEndpoint, "the merged endpoint, same server"),
+        ] {
+            if let Some(i) = instructions_per_round_trip(&bin, era) {
+                record(
+                    format!("instructions per round trip, {what} (callgrind)"),
+                    "",
+                    i,
+                );
+            }
         }
     }
     // --soak SECS: the memory-flatness run (the budget says 600 s), on its own.
