@@ -11492,6 +11492,9 @@ mod merged {
         uris: HashMap<String, usize>,
         /// Resource template prefix (before its first `{`) -> the server.
         templates: Vec<(String, usize)>,
+        /// The resource lists have been read for this session (a URI no list named
+        /// reads them once before it is refused); a server's list_changed clears it.
+        uris_learnt: bool,
         closed: bool,
     }
 
@@ -11532,7 +11535,15 @@ mod merged {
         client_id: Value,
         method: String,
         st: Mutex<GatherState>,
+        /// The bridge's own gather (the resource lists, learnt on a URI it cannot
+        /// route): no answer goes out; this runs instead.
+        then: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     }
+
+    /// Capabilities the merged endpoint routes: a server's others (tasks,
+    /// experimental) are not offered, since no method of theirs would reach it.
+    const ROUTED_CAPABILITIES: &[&str] =
+        &["tools", "prompts", "resources", "logging", "completions"];
 
     #[derive(Default)]
     struct GatherState {
@@ -11581,6 +11592,7 @@ mod merged {
                     asks: HashMap::new(),
                     uris: HashMap::new(),
                     templates: Vec::new(),
+                    uris_learnt: false,
                     closed: false,
                 }),
             })
@@ -11666,6 +11678,18 @@ mod merged {
                     let uri = params.get("uri").and_then(Value::as_str).unwrap_or("");
                     match self.owner_of(uri) {
                         Some(member) => self.pass(member, id, method, params),
+                        None if !self.st.locked().uris_learnt => {
+                            // A URI from a tool's result (a resource link), before the
+                            // client listed anything: the lists are read, then it is
+                            // routed (or refused) as if they had been.
+                            let (me, id, m) = (self.me.clone(), id.clone(), m.clone());
+                            self.learn_uris(Box::new(move || {
+                                if let Some(me) = me.upgrade() {
+                                    let method = m["method"].as_str().unwrap_or("").to_string();
+                                    me.request(&id, &method, &m);
+                                }
+                            }));
+                        }
                         None => self.refuse(id, Refusal::UnknownResource(uri.to_string())),
                     }
                 }
@@ -11796,6 +11820,7 @@ mod merged {
                 client_id: id.clone(),
                 method: format!("initialize {version}"),
                 st: Mutex::new(GatherState::default()),
+                then: Mutex::new(None),
             });
             let to_start: Vec<usize> = {
                 let mut st = self.st.locked();
@@ -11995,14 +12020,47 @@ mod merged {
             }
         }
 
+        /// Reads every server's resources and templates for this session, then runs
+        /// `then`.
+        fn learn_uris(&self, then: Box<dyn FnOnce() + Send>) {
+            self.st.locked().uris_learnt = true;
+            let me = self.me.clone();
+            self.gather(
+                Value::Null,
+                "resources/list",
+                json!({}),
+                Some(Box::new(move || {
+                    if let Some(m) = me.upgrade() {
+                        m.gather(
+                            Value::Null,
+                            "resources/templates/list",
+                            json!({}),
+                            Some(then),
+                        );
+                    }
+                })),
+            );
+        }
+
         /// A merged list: every server that may have one is asked (started if it must
         /// be); the answer comes when all have answered or MERGE_WAIT has passed.
         fn list(&self, id: &Value, method: &str, params: Value) {
+            self.gather(id.clone(), method, params, None);
+        }
+
+        fn gather(
+            &self,
+            client_id: Value,
+            method: &str,
+            params: Value,
+            then: Option<Box<dyn FnOnce() + Send>>,
+        ) {
             let (_, cap) = list_kind(method).expect("a list method");
             let gather = Arc::new(Gather {
-                client_id: id.clone(),
+                client_id,
                 method: method.to_string(),
                 st: Mutex::new(GatherState::default()),
+                then: Mutex::new(then),
             });
             let asked: Vec<usize> = {
                 let st = self.st.locked();
@@ -12119,6 +12177,9 @@ mod merged {
                 }
             }
             drop(st);
+            if let Some(then) = gather.then.locked().take() {
+                return then();
+            }
             self.answer(&id, json!({ key: items }));
         }
 
@@ -12132,7 +12193,10 @@ mod merged {
                 let Some(c) = m.caps.as_object() else {
                     continue;
                 };
-                for (k, v) in c {
+                for (k, v) in c
+                    .iter()
+                    .filter(|(k, _)| ROUTED_CAPABILITIES.contains(&k.as_str()))
+                {
                     let entry = caps.entry(k.clone()).or_insert_with(|| json!({}));
                     if let (Some(e), Some(v)) = (entry.as_object_mut(), v.as_object()) {
                         for (kk, vv) in v {
@@ -12202,6 +12266,9 @@ mod merged {
                     self.to_client(out);
                 }
                 Kind::Notification { method } => {
+                    if method == "notifications/resources/list_changed" {
+                        self.st.locked().uris_learnt = false;
+                    }
                     let mut out = value.clone();
                     if method == "notifications/cancelled" {
                         let theirs = value.pointer("/params/requestId").map(id_key);

@@ -144,6 +144,14 @@ fn prompts_and_resources_are_routed_by_name_and_by_uri() {
     let file =
         ConfigFile::new(json!({"demo": demo(), "fx": fixture_server(), "fx2": fixture_server()}));
     let server = Server::start(&["--config", file.arg()], &[]);
+    // A URI straight from a tool's result (a resource link), before any list: the
+    // bridge reads the lists, then routes it.
+    let fresh = Session::open(&server);
+    let linked = only(&fresh.post(
+        &json!({"jsonrpc": "2.0", "id": 2, "method": "resources/read",
+        "params": {"uri": "test://template/3/data"}}),
+    ));
+    assert!(linked["result"]["contents"].is_array(), "{linked}");
     let s = Session::open(&server);
     let prompts = names(&list(&s, 2, "prompts/list"), "prompts");
     assert!(

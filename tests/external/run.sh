@@ -13,7 +13,10 @@
 #   - /metrics parsed by prometheus_client while traffic moves its numbers;
 #   - the deployment recipes: the bare binary in an empty root as PID 1, the Dockerfile
 #     and compose file (and their health checks, run), the systemd unit through
-#     systemd-analyze, and real nginx in front with idle streams outliving its timeout.
+#     systemd-analyze, and real nginx in front with idle streams outliving its timeout;
+#   - many servers behind one port (--config FILE): both SDK clients on each server's
+#     endpoint and the merged one, the conformance suite through /servers/NAME/mcp, and a
+#     Claude Desktop file served unchanged (EXTERNAL_ONLY=many runs only these).
 # Installs what it needs (pinned) into .cache/tools, and Debian's chromium, nginx and
 # systemd when missing.
 # Writes pass/fail counts to .cache/.
@@ -45,6 +48,7 @@ install_tools() {
     [ -x /usr/bin/chromium ] || debs+=(chromium)
     command -v nginx >/dev/null || debs+=(nginx)
     command -v systemd-analyze >/dev/null || debs+=(systemd)
+    [ "${EXTERNAL_ONLY:-}" = many ] && debs=()  # one section alone (EXTERNAL_ONLY=many) needs none of them
     if [ ${#debs[@]} -gt 0 ]; then
         say "installing Debian packages: ${debs[*]} (browser, reverse-proxy and systemd checks)"
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}"; } >/dev/null 2>&1 \
@@ -97,6 +101,144 @@ if ! install_tools; then
     fail "installing the external tools"
     echo "$PASSED" > .cache/external-passed; echo "$FAILED" > .cache/external-failed
     exit 1
+fi
+
+# 7. Many servers behind one port (--config FILE, issue 18); defined here, run last, and
+#    alone with EXTERNAL_ONLY=many. One instance serves a file of three stdio servers:
+#    server-everything (a child per session), mcp-server-time ("mode": "shared") and the
+#    project's everything fixture with a tool filter ({"deny": ["echo",
+#    "test_elicitation*"]}). The Python SDK client (Streamable HTTP and legacy SSE) and the
+#    TypeScript SDK client (both transports) on each server's own endpoint
+#    (/servers/NAME/mcp, /servers/NAME/sse) and on the merged one (/mcp, /sse: every
+#    server's tools as NAME__tool, calls routed, filtered names refused with -32602; its
+#    prompts and resources; what its initialize advertises served; a tool's resource link
+#    read on a session that listed nothing); the conformance suite (0.1.16, every server scenario) through /servers/NAME/mcp, a child
+#    per session and shared; and a Claude Desktop file served as a user keeps it (a
+#    top-level "globalShortcut", "env", a remote "url" entry skipped and listed so).
+many_servers() {
+    local dir=$ROOT/.cache/many many conf claude kind scenarios=() sc mode out p pids=()
+    local CONF="$NODE22 $NM/@modelcontextprotocol/conformance/dist/index.js"
+    mkdir -p "$dir"
+    cat > "$dir/three.json" <<JSON
+{"mcpServers": {
+  "everything": {"command": "$NODE22", "args": ["$NM/@modelcontextprotocol/server-everything/dist/index.js", "stdio"]},
+  "time": {"command": "$TOOLS/venv/bin/mcp-server-time", "mode": "shared"},
+  "fixture": {"command": "python3", "args": ["$ROOT/tests/fixtures/everything.py"],
+              "tools": {"deny": ["echo", "test_elicitation*"]}}
+}}
+JSON
+    start_server many --config "$dir/three.json" || { fail "many: stdio-sse --config (three servers) starts" "$ROOT/.cache/logs/many.log"; return 1; }
+    many=http://127.0.0.1:$PORT
+    for kind in streamable sse; do
+        check "many: python-sdk $kind on each /servers/NAME endpoint (3 servers, one shared, one filtered)" 60 \
+            "$PY" tests/external/many_check.py servers "$kind" "$many"
+    done
+    for kind in streamable sse; do
+        check "many: python-sdk $kind on the merged endpoint: NAME__tool of every server, calls routed, filtered refused" 60 \
+            "$PY" tests/external/many_check.py merged "$kind" "$many"
+        check "many: python-sdk $kind on the merged endpoint: prompts by NAME__prompt, resources by URI" 60 \
+            "$PY" tests/external/many_check.py merged-extras "$kind" "$many"
+        check "many: python-sdk $kind on the merged endpoint: what initialize advertises is served" 60 \
+            "$PY" tests/external/many_check.py merged-advertised "$kind" "$many"
+        check "many: python-sdk $kind on the merged endpoint: a tool's resource link read without listing first" 60 \
+            "$PY" tests/external/many_check.py merged-links "$kind" "$many"
+    done
+    cp "$ROOT/tests/external/many_ts.mjs" "$TOOLS/node/"
+    check "many: typescript-sdk streamable and sse on /servers/fixture (filtered)" 60 "$NODE22" "$TOOLS/node/many_ts.mjs" fixture "$many"
+    check "many: typescript-sdk streamable and sse on the merged endpoint" 60 "$NODE22" "$TOOLS/node/many_ts.mjs" merged "$many"
+
+    # The conformance suite through /servers/NAME/mcp: every server scenario (--suite all,
+    # the 32 `list --server` names), a child per session and shared, both at once; each
+    # scenario's checks.json judged as section 1 judges a scenario (a check passed, none
+    # failed, no WARNING).
+    cat > "$dir/conformance.json" <<JSON
+{"mcpServers": {
+  "conf-session": {"command": "python3", "args": ["$ROOT/tests/fixtures/everything.py"]},
+  "conf-shared": {"command": "python3", "args": ["$ROOT/tests/fixtures/everything.py"], "mode": "shared"}
+}}
+JSON
+    mapfile -t scenarios < <($CONF list --server | sed -n 's/^  - \([a-z0-9-]*\).*/\1/p')
+    [ "${#scenarios[@]}" -eq 32 ] && pass "many: conformance lists 32 server scenarios" || fail "many: conformance lists ${#scenarios[@]} server scenarios, expected 32"
+    start_server many-conformance --config "$dir/conformance.json" || { fail "many: stdio-sse --config (conformance) starts" "$ROOT/.cache/logs/many-conformance.log"; return 1; }
+    conf=$PORT
+    for mode in session shared; do
+        rm -rf "$dir/conformance-$mode"
+        timeout 120 $CONF server --url "http://localhost:$conf/servers/conf-$mode/mcp" --suite all -o "$dir/conformance-$mode" \
+            >"$ROOT/.cache/logs/many-conformance-$mode.log" 2>&1 &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    # Each scenario's verdict into its log (and .rc), all in one interpreter.
+    python3 - "$dir" "$ROOT/.cache/logs" "${scenarios[@]}" <<'PY'
+import glob, json, sys
+results, logs, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+for mode in ("session", "shared"):
+    for sc in names:
+        out, rc = f"{logs}/many-conformance-{mode}-{sc}.log", 1
+        with open(out, "w") as f:
+            found = glob.glob(f"{results}/conformance-{mode}/server-{sc}-2*/checks.json")
+            if len(found) != 1:
+                print(f"{len(found)} results for {sc} (see many-conformance-{mode}.log)", file=f)
+            else:
+                checks = json.load(open(found[0]))
+                n = {s: sum(c["status"] == s for c in checks) for s in ("SUCCESS", "FAILURE", "WARNING")}
+                for c in checks:
+                    if c["status"] != "SUCCESS":
+                        print(c["status"], c["name"], c.get("errorMessage") or c.get("description"),
+                              json.dumps(c.get("details"))[:300], file=f)
+                print(f"{n['SUCCESS']} passed, {n['FAILURE']} failed, {n['WARNING']} warnings", file=f)
+                rc = 0 if n["SUCCESS"] and not n["FAILURE"] and not n["WARNING"] else 1
+        open(out + ".rc", "w").write(f"{rc}\n")
+PY
+    for mode in session shared; do
+        for sc in "${scenarios[@]}"; do
+            out=$ROOT/.cache/logs/many-conformance-$mode-$sc.log
+            if [ "$(cat "$out.rc" 2>/dev/null)" = 0 ]; then
+                pass "many: conformance via /servers/conf-$mode/mcp $sc"
+            else
+                fail "many: conformance via /servers/conf-$mode/mcp $sc" "$out"
+            fi
+        done
+    done
+
+    # A Claude Desktop file as a user keeps it, served unchanged.
+    cat > "$dir/claude_desktop_config.json" <<JSON
+{
+  "globalShortcut": "Alt+Ctrl+Space",
+  "mcpServers": {
+    "everything": {
+      "command": "$NODE22",
+      "args": ["$NM/@modelcontextprotocol/server-everything/dist/index.js", "stdio"],
+      "env": {
+        "MANY_DEMO_TOKEN": "demo-token-from-claude-config"
+      }
+    },
+    "time": {
+      "command": "$TOOLS/venv/bin/mcp-server-time",
+      "args": ["--local-timezone=Europe/Paris"],
+      "env": {
+        "PYTHONUNBUFFERED": "1"
+      }
+    },
+    "remote-notes": {
+      "url": "https://notes.example.com/mcp"
+    }
+  }
+}
+JSON
+    start_server many-claude --config "$dir/claude_desktop_config.json" || { fail "many: stdio-sse --config (Claude Desktop file) starts" "$ROOT/.cache/logs/many-claude.log"; return 1; }
+    claude=http://127.0.0.1:$PORT
+    for kind in streamable sse; do
+        check "many: Claude Desktop file, python-sdk $kind: stdio servers answer (env passed), the url entry listed as skipped" 60 \
+            "$PY" tests/external/many_check.py claude "$kind" "$claude"
+        check "many: Claude Desktop file, python-sdk $kind on the merged endpoint" 60 \
+            "$PY" tests/external/many_check.py claude-merged "$kind" "$claude"
+    done
+}
+if [ "${EXTERNAL_ONLY:-}" = many ]; then
+    many_servers
+    say "external checks (many servers only): $PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]; exit
 fi
 
 # 1. Conformance: every server scenario against the project's everything fixture, with
@@ -393,6 +535,9 @@ else
     check "nginx: Streamable HTTP and legacy sessions idle past the proxy timeout" 120 nginx_front 1s ""
     check "nginx: without keepalive comments the proxy cuts an idle stream (control)" 60 nginx_front 0 --expect-cut
 fi
+
+# 7. Many servers behind one port (defined after the tools are installed).
+many_servers
 
 echo "$PASSED" > "$ROOT/.cache/external-passed"
 echo "$FAILED" > "$ROOT/.cache/external-failed"
