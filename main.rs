@@ -826,8 +826,11 @@ mod config {
         if name == "." || name == ".." {
             return Err(format!("server name {name:?} is not a usable path segment"));
         }
-        if !separator.is_empty() && name.contains(separator) {
-            return Err(format!("server name {name:?} contains the tool separator {separator:?}: its tools could collide with another server's after prefixing (rename it, or set --tool-separator)"));
+        let ends_in_part = (1..separator.len())
+            .filter(|n| separator.is_char_boundary(*n))
+            .any(|n| name.ends_with(&separator[..n]));
+        if !separator.is_empty() && (name.contains(separator) || ends_in_part) {
+            return Err(format!("server name {name:?} holds or ends in part of the tool separator {separator:?}: its tools could collide with another server's after prefixing (rename it, or set --tool-separator)"));
         }
         Ok(())
     }
@@ -1792,6 +1795,15 @@ mod config {
             )
             .unwrap_err()
             .contains("tool separator"));
+            // `a_` with `__`: its tool `x` would be `a___x`, read as server `a`, tool `_x`.
+            for name in ["a_", "x__y"] {
+                let text = format!("{{\"mcpServers\": {{\"{name}\": {{\"command\": \"c\"}}}}}}");
+                let e = servers_of(&text, &d, "__").unwrap_err();
+                assert!(e.contains("tool separator"), "{name}: {e}");
+            }
+            assert!(
+                servers_of("{\"mcpServers\": {\"_a\": {\"command\": \"c\"}}}", &d, "__").is_ok()
+            );
         }
 
         #[test]
@@ -5085,6 +5097,8 @@ mod auth {
         pub owner: Option<Arc<str>>,
         /// --pass-header values present on the request, as (variable, value).
         pub env: Vec<(String, String)>,
+        /// By which door the session came: its later requests may come by the same.
+        pub door: crate::servers::Door,
     }
 
     pub fn context(inc: &Incoming) -> Result<Context, Reply> {
@@ -5101,6 +5115,7 @@ mod auth {
         Ok(Context {
             owner: inc.token.clone(),
             env,
+            door: inc.door,
         })
     }
 
@@ -5249,6 +5264,9 @@ mod servers {
         }
         /// Why it cannot serve now, if it cannot.
         pub fn not_ready(&self) -> Option<String> {
+            if self.is_merged() {
+                return None;
+            }
             if let Some(reason) = crate::upstream::crash_loop(self) {
                 return Some(reason);
             }
@@ -5375,10 +5393,22 @@ mod servers {
 
     /// Whose endpoint: a server's own (`/servers/NAME/...`), or the front paths
     /// (--mcp-path, --sse-path, --message-path), which serve the one server there is.
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
     pub enum Door {
+        #[default]
         Front,
         Own,
+    }
+
+    /// A session opened on `(server, door)` may be used by a request routed to
+    /// `(to, by)`: on its server's own paths, or on the front paths whatever they lead
+    /// to now (a reload that turns one server into several, or back, changes what the
+    /// front paths serve; a session opened there stays reachable there).
+    pub fn same_place(server: &Server, door: Door, to: &Server, by: Door) -> bool {
+        match (door, by) {
+            (Door::Front, Door::Front) => true,
+            _ => server.name == to.name,
+        }
     }
 
     pub struct Route {
@@ -5439,7 +5469,7 @@ mod servers {
     pub fn list() -> Value {
         let mut servers: Vec<Value> = all().iter().map(|s| s.describe()).collect();
         servers.extend(IDLE_ENTRIES.locked().iter().cloned());
-        for s in RETIRED.locked().iter() {
+        for s in RETIRED.locked().iter().filter(|s| !s.is_merged()) {
             let mut d = s.describe();
             d["state"] = "draining".into();
             servers.push(d);
@@ -6080,7 +6110,8 @@ mod legacy {
     impl Announced {
         /// Its stream was opened with this request's token, on this request's server.
         fn owned_by(&self, inc: &Incoming) -> bool {
-            self.server.name == inc.server().name && crate::auth::owns(&self.ctx.owner, &inc.token)
+            crate::servers::same_place(&self.server, self.ctx.door, inc.server(), inc.door)
+                && crate::auth::owns(&self.ctx.owner, &inc.token)
         }
     }
 
@@ -9107,6 +9138,8 @@ mod sessions {
         pub owner: Option<Arc<str>>,
         /// The --pass-header values its child was started with.
         pub env: Vec<(String, String)>,
+        /// By which door it was opened (the front paths, or its server's own).
+        pub door: crate::servers::Door,
         /// A carrier's 2026-07-28 state (`Transport::Modern` only).
         pub carrier: Option<Arc<crate::modern::Carrier>>,
         /// The merged server it serves (`Transport::Member` only).
@@ -9177,7 +9210,7 @@ mod sessions {
                 .get(id)
                 .filter(|s| {
                     s.transport == transport
-                        && s.server.name == inc.server().name
+                        && crate::servers::same_place(&s.server, s.door, inc.server(), inc.door)
                         && crate::auth::owns(&s.owner, &inc.token)
                 })
                 .cloned();
@@ -9207,7 +9240,7 @@ mod sessions {
         pub fn count_for(&self, server: &Server) -> usize {
             let map = self.map.locked();
             map.values()
-                .filter(|s| s.server.name == server.name && s.transport != Transport::Member)
+                .filter(|s| s.server.name == server.name)
                 .count()
         }
         fn remove(&self, id: &str) -> bool {
@@ -9306,6 +9339,7 @@ mod sessions {
                 upstream: upstream.clone(),
                 owner: ctx.owner.clone(),
                 env: ctx.env.clone(),
+                door: ctx.door,
                 carrier: (transport == Transport::Modern).then(Arc::default),
                 member: link.take(),
                 routing: Mutex::new(Routing {
@@ -9326,6 +9360,15 @@ mod sessions {
                     return Err(full());
                 }
                 map.insert(id.clone(), session.clone());
+            }
+            if server.retired() {
+                // A reload retired the server while this session opened (its drain
+                // may not have seen it): it ends now, as the drain would have ended it.
+                app.sessions.remove(&id);
+                if stdout.is_some() {
+                    upstream.end_own(Duration::ZERO);
+                }
+                return Err(CreateError::Refused(Refusal::Restarting.into()));
             }
             if upstream.join(&session) {
                 break (session, upstream, stdout);
@@ -9569,8 +9612,11 @@ mod sessions {
         /// The answer to a `tools/list` of this session, filtered, when the server's
         /// filter hid something (None: it goes as the child wrote it).
         fn tools_listed(&self, value: &Value) -> Option<Value> {
-            // Only an answer carrying a tool list can be one (the common answer is not).
-            value.get("result")?.get("tools")?;
+            // Only an answer carrying a tool list (or an error) can be one: the common
+            // answer is not.
+            if value.get("error").is_none() {
+                value.get("result")?.get("tools")?;
+            }
             let Kind::Response { id } = classify(value) else {
                 return None;
             };
@@ -10178,7 +10224,8 @@ mod sessions {
         app.sessions
             .all()
             .into_iter()
-            .filter(|s| s.server.name == server.name)
+            // A merged session's session on this server ends with it, never alone.
+            .filter(|s| s.server.name == server.name && s.transport != Transport::Member)
             .filter_map(|s| s.unattended_for().map(|d| (d, s)))
             .filter(|(d, _)| *d >= floor)
             .max_by_key(|(d, _)| *d)
@@ -10331,8 +10378,11 @@ mod sessions {
                     );
                 }
                 // A server session of the merged endpoint lives as long as its
-                // merged session.
-                if s.transport == Transport::Member {
+                // merged session (one left behind by a race is ended here).
+                if let Some(link) = &s.member {
+                    if !link.serving() {
+                        end_in_background(s, EndReason::MergedEnded);
+                    }
                     continue;
                 }
                 let Some(timeout) = s.server.spec.session_idle_timeout else {
@@ -11448,6 +11498,9 @@ mod merged {
     /// A merged answer waits this long for servers started for it (their initialize, a
     /// list): a slow or stuck server leaves its part out rather than hold the client.
     pub const DEFAULT_MERGE_WAIT: Duration = Duration::from_secs(10);
+    /// A server that could not start for a session is tried again after this (a
+    /// shared child restarting, capacity): not at every request, not never.
+    const MEMBER_RETRY: Duration = Duration::from_secs(5);
     /// Pages of one server's list followed for one merged list (ours has no cursor).
     const MAX_LIST_PAGES: usize = 100;
     /// The version the merged server answers when the client asks for one we do not
@@ -11461,6 +11514,11 @@ mod merged {
     }
 
     impl MemberLink {
+        /// Its merged server is still open.
+        pub fn serving(&self) -> bool {
+            self.merger.upgrade().is_some_and(|m| !m.st.locked().closed)
+        }
+
         /// A server's request can reach the client now (the merged session has a
         /// stream open): what a shared child's request target is chosen by.
         pub fn client_can_receive(&self) -> bool {
@@ -11512,8 +11570,15 @@ mod merged {
         /// Initializing: what is for it waits here.
         Starting(Vec<Value>),
         Ready,
-        /// Cannot serve this session (start failed, removed by a reload): why.
-        Failed(String),
+        /// Cannot serve this session (start failed, removed by a reload): why, since.
+        Failed(String, Instant),
+    }
+
+    impl Phase {
+        /// Worth asking: not a failure younger than MEMBER_RETRY.
+        fn usable(&self) -> bool {
+            !matches!(self, Phase::Failed(_, since) if since.elapsed() < MEMBER_RETRY)
+        }
     }
 
     enum Pending {
@@ -11535,6 +11600,8 @@ mod merged {
         client_id: Value,
         method: String,
         st: Mutex<GatherState>,
+        /// Wakes the MERGE_WAIT timer when the answer has gone.
+        finished: std::sync::Condvar,
         /// The bridge's own gather (the resource lists, learnt on a URI it cannot
         /// route): no answer goes out; this runs instead.
         then: Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -11747,6 +11814,8 @@ mod merged {
                         })
                     };
                     if let Some((ours, member)) = found {
+                        // Its answer, if one still comes, has no one to go to.
+                        self.st.locked().pending.remove(&ours);
                         let mut out = m.clone();
                         out["params"]["requestId"] = ours.into();
                         self.send(member, out);
@@ -11820,6 +11889,7 @@ mod merged {
                 client_id: id.clone(),
                 method: format!("initialize {version}"),
                 st: Mutex::new(GatherState::default()),
+                finished: std::sync::Condvar::new(),
                 then: Mutex::new(None),
             });
             let to_start: Vec<usize> = {
@@ -11844,11 +11914,23 @@ mod merged {
             }
             let (me, g) = (self.me.clone(), gather.clone());
             crate::spawn_thread("merged-wait", move || {
-                std::thread::sleep(DEFAULT_MERGE_WAIT);
-                if let Some(m) = me.upgrade() {
-                    if !g.st.locked().done {
-                        crate::log!(Warn, "merged_slow", "merged {}: a server did not answer within {DEFAULT_MERGE_WAIT:?}; answering without it", g.method);
+                let deadline = Instant::now() + DEFAULT_MERGE_WAIT;
+                let mut st = g.st.locked();
+                while !st.done {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
                     }
+                    st = g
+                        .finished
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+                let late = !st.done;
+                drop(st);
+                if let (true, Some(m)) = (late, me.upgrade()) {
+                    crate::log!(Warn, "merged_slow", "merged {}: a server did not answer within {DEFAULT_MERGE_WAIT:?}; answering without it", g.method);
                     m.finish(&g);
                 }
             });
@@ -11858,26 +11940,68 @@ mod merged {
         fn start(&self, member: usize, gather: Option<Arc<Gather>>) {
             let (server, hello) = {
                 let mut st = self.st.locked();
+                let closed = st.closed;
                 let m = &mut st.members[member];
                 if m.server.retired() {
                     // A reload replaced it since this session began: the new one serves.
                     match crate::servers::named(&m.server.name) {
                         Some(now) => m.server = now,
-                        None => m.phase = Phase::Failed("removed from the configuration".into()),
-                    }
-                }
-                match m.phase {
-                    Phase::Idle => m.phase = Phase::Starting(Vec::new()),
-                    _ => {
-                        drop(st);
-                        if let Some(g) = gather {
-                            self.part_done(&g, None);
+                        None => {
+                            m.phase = Phase::Failed(
+                                "removed from the configuration".into(),
+                                Instant::now(),
+                            )
                         }
-                        return;
                     }
                 }
+                let startable = match m.phase {
+                    Phase::Idle => true,
+                    Phase::Failed(..) => m.phase.usable(),
+                    Phase::Starting(_) | Phase::Ready => false,
+                };
+                if closed || !startable {
+                    drop(st);
+                    if let Some(g) = gather {
+                        self.part_done(&g, None);
+                    }
+                    return;
+                }
+                m.phase = Phase::Starting(Vec::new());
                 (m.server.clone(), st.hello.clone().unwrap_or(json!({})))
             };
+            // On a thread of its own: a spawn, or a shared child's restart (up to
+            // --restart-delay-max), holds up neither the client's request nor the
+            // other servers; what is for this one waits in its queue.
+            let me = self.me.clone();
+            let g = gather.clone();
+            let started = crate::spawn_thread("merged-start", move || {
+                if let Some(m) = me.upgrade() {
+                    m.open_member(member, server, hello, g);
+                }
+            });
+            if !started {
+                self.failed(member, "no thread to start it");
+                if let Some(g) = gather {
+                    self.part_done(&g, None);
+                }
+            }
+        }
+
+        /// A server's session for this merged session, and our initialize on it.
+        fn open_member(
+            &self,
+            member: usize,
+            server: Arc<Server>,
+            hello: Value,
+            gather: Option<Arc<Gather>>,
+        ) {
+            let tag = self
+                .session
+                .get()
+                .and_then(Weak::upgrade)
+                .map(|s| s.tag.clone())
+                .unwrap_or_default();
+            crate::log!(Info, "merged_start", session = tag, server = server.name; "merged session needs server {:?}: opening its session there", &*server.name);
             let mut ctx = self.ctx.clone();
             ctx.env
                 .retain(|(k, _)| server.spec.pass_headers.iter().any(|(_, v)| v == k));
@@ -11898,6 +12022,17 @@ mod merged {
             };
             let ours = {
                 let mut st = self.st.locked();
+                // Closed, or the session ended, while it opened: it is not wanted.
+                let overtaken =
+                    st.closed || !matches!(st.members[member].phase, Phase::Starting(_));
+                if overtaken {
+                    drop(st);
+                    sessions::end(&session, EndReason::MergedEnded);
+                    if let Some(g) = gather {
+                        self.part_done(&g, None);
+                    }
+                    return;
+                }
                 st.members[member].session = Some(session.clone());
                 let ours = Self::next_id(&mut st);
                 st.pending.insert(ours, Pending::Hello { member, gather });
@@ -11915,7 +12050,8 @@ mod merged {
             let (queued, name) = {
                 let mut st = self.st.locked();
                 let m = &mut st.members[member];
-                let queued = match std::mem::replace(&mut m.phase, Phase::Failed(why.into())) {
+                let failed = Phase::Failed(why.into(), Instant::now());
+                let queued = match std::mem::replace(&mut m.phase, failed) {
                     Phase::Starting(q) => q,
                     _ => Vec::new(),
                 };
@@ -11942,6 +12078,7 @@ mod merged {
                 let then = {
                     let mut st = self.st.locked();
                     let mm = &mut st.members[member];
+                    let usable = mm.phase.usable();
                     match &mut mm.phase {
                         Phase::Starting(q) => {
                             q.push(m);
@@ -11952,7 +12089,8 @@ mod merged {
                             None => Then::Refuse("its session is gone".into()),
                         },
                         Phase::Idle => Then::Start,
-                        Phase::Failed(why) => Then::Refuse(why.clone()),
+                        Phase::Failed(..) if usable => Then::Start,
+                        Phase::Failed(why, _) => Then::Refuse(why.clone()),
                     }
                 };
                 match then {
@@ -11961,14 +12099,18 @@ mod merged {
                         return;
                     }
                     Then::Start => self.start(member, None),
-                    Then::Refuse(why) => {
-                        if let Some(ours) = m.get("id").and_then(Value::as_u64) {
-                            self.server_answered(member, ours, &json!({"jsonrpc": "2.0", "id": ours,
-                                "error": {"code": -32603, "message": format!("the server cannot serve: {why}")}}));
-                        }
-                        return;
-                    }
+                    Then::Refuse(why) => return self.unsendable(member, &m, &why),
                 }
+            }
+            // Not started (the merged session is closing): a request still gets its answer.
+            self.unsendable(member, &m, "it could not be started");
+        }
+
+        /// A message that cannot reach its server: a request is answered with an error.
+        fn unsendable(&self, member: usize, m: &Value, why: &str) {
+            if let Some(ours) = m.get("id").and_then(Value::as_u64) {
+                self.server_answered(member, ours, &json!({"jsonrpc": "2.0", "id": ours,
+                    "error": {"code": -32603, "message": format!("the server cannot serve: {why}")}}));
             }
         }
 
@@ -12060,6 +12202,7 @@ mod merged {
                 client_id,
                 method: method.to_string(),
                 st: Mutex::new(GatherState::default()),
+                finished: std::sync::Condvar::new(),
                 then: Mutex::new(then),
             });
             let asked: Vec<usize> = {
@@ -12067,8 +12210,7 @@ mod merged {
                 (0..st.members.len())
                     .filter(|i| {
                         let m = &st.members[*i];
-                        !matches!(m.phase, Phase::Failed(_))
-                            && (m.caps.is_null() || m.caps.get(cap).is_some())
+                        m.phase.usable() && (m.caps.is_null() || m.caps.get(cap).is_some())
                     })
                     .collect()
             };
@@ -12124,6 +12266,7 @@ mod merged {
                 if std::mem::replace(&mut g.done, true) {
                     return;
                 }
+                gather.finished.notify_all();
                 std::mem::take(&mut g.parts)
             };
             parts.sort_by_key(|(i, _)| *i);
@@ -12142,6 +12285,10 @@ mod merged {
                     continue;
                 };
                 for item in list {
+                    // A server's list entry that is not an object is its bug: left out.
+                    if !item.is_object() {
+                        continue;
+                    }
                     let mut item = item.clone();
                     match key {
                         "tools" | "prompts" => {
@@ -12240,14 +12387,21 @@ mod merged {
                         crate::app().metrics.dropped("unknown_id");
                         return;
                     };
-                    let pending = self.st.locked().pending.remove(&ours);
-                    if let Some(Pending::Pass { id, .. }) = pending {
-                        return self.pass_answer(id, json, value);
+                    let pass = {
+                        let mut st = self.st.locked();
+                        match st.pending.remove(&ours) {
+                            Some(Pending::Pass { id, member: m }) if m == member => Some(id),
+                            Some(p) => {
+                                st.pending.insert(ours, p);
+                                None
+                            }
+                            None => None,
+                        }
+                    };
+                    match pass {
+                        Some(id) => self.pass_answer(id, json, value),
+                        None => self.server_answered(member, ours, value),
                     }
-                    if let Some(p) = pending {
-                        self.st.locked().pending.insert(ours, p);
-                    }
-                    self.server_answered(member, ours, value);
                 }
                 Kind::Request { id, method } => {
                     if method == "ping" {
@@ -12315,7 +12469,21 @@ mod merged {
         }
 
         fn server_answered(&self, member: usize, ours: u64, value: &Value) {
-            let pending = self.st.locked().pending.remove(&ours);
+            // Only an answer from the server it was sent to (ids are ours, one count for
+            // every server: another server's answer under it is that server's bug).
+            let pending = {
+                let mut st = self.st.locked();
+                let from = |p: &Pending| match p {
+                    Pending::Pass { member: m, .. }
+                    | Pending::Part { member: m, .. }
+                    | Pending::Hello { member: m, .. } => *m == member,
+                    Pending::Discard => true,
+                };
+                match st.pending.get(&ours) {
+                    Some(p) if from(p) => st.pending.remove(&ours),
+                    _ => None,
+                }
+            };
             match pending {
                 Some(Pending::Pass { id, .. }) => {
                     let mut out = value.clone();
@@ -12379,21 +12547,37 @@ mod merged {
                 );
                 return self.failed(member, &format!("initialize refused: {why}"));
             };
-            let (session, queued) = {
+            // What waited goes after `initialized`, in order, before anything sent later:
+            // the phase stays Starting (so later messages queue) until the queue is empty.
+            let (session, mut batch) = {
                 let mut st = self.st.locked();
                 let m = &mut st.members[member];
                 m.server.remember_hello(result);
                 m.caps = result.get("capabilities").cloned().unwrap_or(json!({}));
-                let queued = match std::mem::replace(&mut m.phase, Phase::Ready) {
-                    Phase::Starting(q) => q,
+                let queued = match &mut m.phase {
+                    Phase::Starting(q) => std::mem::take(q),
                     _ => Vec::new(),
                 };
                 (m.session.clone(), queued)
             };
             let Some(session) = session else { return };
-            let mut out = vec![json!({"jsonrpc": "2.0", "method": "notifications/initialized"})];
-            out.extend(queued);
-            let _ = session.submit(&out);
+            batch.insert(
+                0,
+                json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            );
+            loop {
+                let _ = session.submit(&batch);
+                let mut st = self.st.locked();
+                let m = &mut st.members[member];
+                match &mut m.phase {
+                    Phase::Starting(q) if !q.is_empty() => batch = std::mem::take(q),
+                    Phase::Starting(_) => {
+                        m.phase = Phase::Ready;
+                        return;
+                    }
+                    _ => return,
+                }
+            }
         }
 
         /// A server's session ended (its child exited, a reload removed it): what waited
@@ -12407,11 +12591,14 @@ mod merged {
                 }
                 let m = &mut st.members[member];
                 m.session = None;
-                m.phase = if m.server.retired() {
-                    Phase::Failed(why.to_string())
+                let next = if m.server.retired() {
+                    Phase::Failed(why.to_string(), Instant::now())
                 } else {
                     Phase::Idle
                 };
+                // Requests that waited for it to start are among its pending entries,
+                // answered below with the rest.
+                m.phase = next;
                 let name = m.server.name.clone();
                 let mine: Vec<u64> = st
                     .pending
@@ -12845,7 +13032,16 @@ mod child {
                                 let body = crate::observe::body_excerpt(&line);
                                 crate::log!(Debug, "message", session = tag, direction = "from_child"; "{body}");
                             }
-                            on_line(line)
+                            // A routing bug (a panic, logged and counted by the hook)
+                            // loses this line, not the reader: a reader that died would
+                            // leave the child's sessions waiting for ever.
+                            let routed =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    on_line(line)
+                                }));
+                            if routed.is_err() {
+                                crate::app().metrics.dropped("routing_panic");
+                            }
                         }
                         Err(_) => {
                             crate::app().metrics.dropped("non_utf8");
@@ -13089,7 +13285,9 @@ mod child {
     /// Can a child be started? The command must resolve to an executable file (relative
     /// to --cwd, or on the child's PATH): its path, or why not.
     pub fn startable(cfg: &ServerSpec) -> Result<std::path::PathBuf, String> {
-        let program = &cfg.command[0];
+        let Some(program) = cfg.command.first() else {
+            return Err("no command".into());
+        };
         let path_var = cfg
             .env
             .iter()

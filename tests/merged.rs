@@ -465,3 +465,139 @@ fn a_reload_with_a_broken_file_keeps_the_running_servers_and_says_where() {
         2.0
     );
 }
+
+// ---- the review's findings (issue 18), each seen failing before its fix -----------------
+
+#[test]
+fn a_server_listing_entries_that_are_not_objects_leaves_them_out_and_keeps_serving() {
+    let file = ConfigFile::new(json!({
+        "demo": demo(),
+        "odd": {"command": "python3", "args": [fixture("odd_lists.py")], "mode": "shared"},
+    }));
+    let server = Server::start(&["--config", file.arg()], &[]);
+    let s = Session::open(&server);
+    let tools = names(&list(&s, 2, "tools/list"), "tools");
+    assert!(
+        tools.contains(&"odd__ok".to_string()) && tools.contains(&"demo__echo".to_string()),
+        "{tools:?}"
+    );
+    let prompts = names(&list(&s, 3, "prompts/list"), "prompts");
+    assert_eq!(prompts, ["odd__p"]);
+    // The shared child's reader is alive: its answers still come, to this session and
+    // to another one.
+    assert_eq!(result_text(&only(&s.call(4, "odd__ok", json!({})))), "ok");
+    let other = Session::open_at(&server, "/servers/odd/mcp", "2025-11-25");
+    assert_eq!(result_text(&only(&other.call(2, "ok", json!({})))), "ok");
+    assert_eq!(metric(&server, "stdio_sse_panics_total"), 0.0);
+}
+
+#[test]
+fn a_server_session_opening_as_its_merged_session_ends_is_ended_too() {
+    let file = ConfigFile::new(json!({
+        "demo": demo(),
+        "sh": {"command": "python3", "args": [fixture("everything.py")], "mode": "shared"},
+    }));
+    let server = Server::start(&["--config", file.arg(), "--restart-delay", "2s"], &[]);
+    let s = Session::open(&server);
+    assert!(only(&s.call(2, "sh__pid", json!({})))["result"].is_object());
+    // The shared child exits: its restart takes --restart-delay, and the merged
+    // session's next call to it waits for it while the client deletes the session.
+    let from = server.log_len();
+    let _ = s.call(3, "sh__crash", json!({}));
+    let (from, _) = server.wait_log_after("child_restart", from);
+    let mut waiting = Conn::open(&server);
+    let call = tool_call(4, "sh__pid", json!({})).to_string();
+    waiting.send("POST", "/mcp", &s.headers(), call.as_bytes());
+    server.wait_log_after("merged_start", from);
+    assert_eq!(s.delete().status, 200);
+    let _ = SseReader::new(waiting).rest();
+    server.wait_log_after("shared child 0 started, pid", from);
+    eventually("no server session outlives its merged session", || {
+        metric(&server, "stdio_sse_sessions_active{transport=\"member\"}") == 0.0
+    });
+}
+
+#[test]
+fn servers_answers_after_a_reload_replaced_the_merged_endpoint_under_an_open_session() {
+    let file = ConfigFile::new(json!({"a": demo(), "b": demo()}));
+    let server = Server::start(&["--config", file.arg()], &[]);
+    let s = Session::open(&server);
+    assert_eq!(
+        result_text(&only(&s.call(2, "a__add", json!({"a": 1, "b": 1})))),
+        "2"
+    );
+    file.write(json!({"a": demo(), "b": demo(), "c": demo()}));
+    let from = server.log_len();
+    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
+    server.wait_log_after("config_reload:", from);
+    let (status, servers) = get_json(&server, "/servers");
+    assert_eq!(status, 200, "{servers}");
+    assert_eq!(servers["servers"].as_array().unwrap().len(), 3, "{servers}");
+    // The session opened before the reload goes on, on the endpoint it knew.
+    assert_eq!(
+        result_text(&only(&s.call(3, "b__add", json!({"a": 2, "b": 2})))),
+        "4"
+    );
+    assert_eq!(metric(&server, "stdio_sse_panics_total"), 0.0);
+}
+
+#[test]
+fn a_front_path_session_survives_a_reload_from_one_server_to_several() {
+    let file = ConfigFile::new(json!({"a": demo()}));
+    let server = Server::start(&["--config", file.arg()], &[]);
+    let s = Session::open(&server);
+    assert_eq!(
+        result_text(&only(&s.call(2, "add", json!({"a": 1, "b": 2})))),
+        "3"
+    );
+    file.write(json!({"a": demo(), "b": demo()}));
+    let from = server.log_len();
+    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
+    server.wait_log_after("config_reload:", from);
+    // /mcp is now the merged endpoint; the session opened there still reaches its child.
+    assert_eq!(
+        result_text(&only(&s.call(3, "add", json!({"a": 2, "b": 2})))),
+        "4"
+    );
+    let merged = Session::open(&server);
+    assert_eq!(
+        result_text(&only(&merged.call(2, "b__add", json!({"a": 5, "b": 5})))),
+        "10"
+    );
+}
+
+#[test]
+fn a_merged_sessions_server_session_counts_against_that_servers_max_sessions() {
+    let file = ConfigFile::new(json!({
+        "a": {"command": BIN, "args": ["__demo-server"], "maxSessions": 1},
+        "b": demo(),
+    }));
+    let server = Server::start(&["--config", file.arg()], &[]);
+    let s = Session::open(&server);
+    assert_eq!(
+        result_text(&only(&s.call(2, "a__add", json!({"a": 1, "b": 1})))),
+        "2"
+    );
+    let (_, servers) = get_json(&server, "/servers");
+    let a = servers["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "a")
+        .unwrap()
+        .clone();
+    assert_eq!(a["sessions"], 1, "{servers}");
+    let spawned = metric(&server, "stdio_sse_children_spawned_total");
+    let r = Conn::open(&server).request(
+        "POST",
+        "/servers/a/mcp",
+        &[JSON_CT, ACCEPT_BOTH],
+        init_body("2025-11-25").as_bytes(),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        metric(&server, "stdio_sse_children_spawned_total"),
+        spawned,
+        "a child was started for a refused session"
+    );
+}
