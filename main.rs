@@ -10584,9 +10584,14 @@ mod upstream {
         pub fn send(&self, session: &Arc<Session>, messages: &[Value]) -> std::io::Result<()> {
             let app = crate::app();
             if !self.shared {
+                // The merged server's own writes to its servers' children are counted
+                // there: a message is counted once, when it reaches a child.
+                let counted = self.process().is_some();
                 for m in messages {
                     self.write(m)?;
-                    app.metrics.message(crate::observe::Way::ToChild, m);
+                    if counted {
+                        app.metrics.message(crate::observe::Way::ToChild, m);
+                    }
                 }
                 return Ok(());
             }
@@ -11718,18 +11723,15 @@ mod merged {
                 "tools/call" | "prompts/get" => {
                     let name = params.get("name").and_then(Value::as_str).unwrap_or("");
                     let sep = &crate::app().cfg.tool_separator;
+                    // The server by its prefix, unless its filter hides the tool.
                     let found = name.split_once(sep.as_str()).and_then(|(server, inner)| {
                         let st = self.st.locked();
-                        st.members
-                            .iter()
-                            .position(|x| &*x.server.name == server)
-                            .map(|i| (i, inner.to_string()))
+                        let i = st.members.iter().position(|x| &*x.server.name == server)?;
+                        let tools = &st.members[i].server.spec.tools;
+                        let hidden = method == "tools/call" && !tools.admits(inner);
+                        (!hidden).then(|| (i, inner.to_string()))
                     });
-                    let hidden = found.as_ref().is_some_and(|(i, inner)| {
-                        method == "tools/call"
-                            && !self.st.locked().members[*i].server.spec.tools.admits(inner)
-                    });
-                    let Some((member, inner)) = found.filter(|_| !hidden) else {
+                    let Some((member, inner)) = found else {
                         let what = if method == "tools/call" {
                             Refusal::UnknownTool(name.to_string())
                         } else {
