@@ -11626,6 +11626,17 @@ mod merged {
         done: bool,
     }
 
+    /// A request to a server under our id. Built member by member: `json!` would copy
+    /// `params` through the serializer (a tool's arguments can be large).
+    fn request_to(ours: u64, method: &str, params: Value) -> Value {
+        let mut m = serde_json::Map::with_capacity(4);
+        m.insert("jsonrpc".into(), Value::from("2.0"));
+        m.insert("id".into(), Value::from(ours));
+        m.insert("method".into(), Value::from(method));
+        m.insert("params".into(), params);
+        Value::Object(m)
+    }
+
     /// What a list method merges, and which capability a server needs for it.
     fn list_kind(method: &str) -> Option<(&'static str, &'static str)> {
         match method {
@@ -12130,10 +12141,7 @@ mod merged {
                 );
                 ours
             };
-            self.send(
-                member,
-                json!({"jsonrpc": "2.0", "id": ours, "method": method, "params": params}),
-            );
+            self.send(member, request_to(ours, method, params));
         }
 
         /// The same message to every server running for this session.
@@ -12240,10 +12248,7 @@ mod merged {
                 );
                 ours
             };
-            self.send(
-                member,
-                json!({"jsonrpc": "2.0", "id": ours, "method": method, "params": params}),
-            );
+            self.send(member, request_to(ours, method, params));
         }
 
         /// One server's part is in (None: it had nothing to give).
@@ -12452,15 +12457,22 @@ mod merged {
             let span = crate::modern::json_text::member(&json, "id");
             match span.filter(|_| !session.is_carrier()) {
                 Some((start, end)) => {
-                    let text = format!("{}{}{}", &json[..start], id, &json[end..]);
+                    let id_text = id.to_string();
+                    let mut text = String::with_capacity(json.len() + id_text.len());
+                    text.push_str(&json[..start]);
+                    text.push_str(&id_text);
+                    text.push_str(&json[end..]);
                     // What routing reads of an answer: its id, and result or error.
                     let outcome = if value.get("error").is_some() {
                         "error"
                     } else {
                         "result"
                     };
-                    let stub = json!({"jsonrpc": "2.0", "id": id, outcome: {}});
-                    sessions::route_value(&session, text, &stub, false);
+                    let mut stub = serde_json::Map::with_capacity(3);
+                    stub.insert("jsonrpc".into(), Value::from("2.0"));
+                    stub.insert("id".into(), id);
+                    stub.insert(outcome.into(), Value::Object(serde_json::Map::new()));
+                    sessions::route_value(&session, text, &Value::Object(stub), false);
                 }
                 None => {
                     let mut out = value.clone();
