@@ -269,6 +269,12 @@ mod config {
             "legacy HTTP+SSE message endpoint",
         ),
         flag(
+            "instance-id",
+            "ID",
+            "",
+            "prefix of every session id (ID_…) so a balancer can route by it; default the host name (a StatefulSet pod's name); none: no prefix",
+        ),
+        flag(
             "config",
             "FILE",
             "",
@@ -586,6 +592,9 @@ mod config {
         pub demo: bool,
         /// --config: the mcpServers file, re-read on SIGHUP.
         pub config_file: Option<PathBuf>,
+        /// --instance-id: what every session id this instance mints starts with (and
+        /// INSTANCE_SEPARATOR); None: no prefix.
+        pub instance_id: Option<String>,
         pub tool_separator: String,
         /// What the flags say every server gets unless its entry says otherwise.
         pub server_defaults: ServerSpec,
@@ -641,6 +650,13 @@ mod config {
     }
 
     // ---- servers: the one of a COMMAND, or the mcpServers of --config ----------------
+
+    /// Between an instance id and the random part of a session id it mints. Host names
+    /// and Kubernetes pod names never hold it (RFC 952, DNS-1123), so a balancer splits
+    /// `web-0_4f1c…` at the first one.
+    pub const INSTANCE_SEPARATOR: char = '_';
+    /// --instance-id's longest value: a DNS label.
+    pub const MAX_INSTANCE_ID: usize = 63;
 
     /// What `NAME__tool` joins on the merged endpoint (--tool-separator).
     pub const DEFAULT_TOOL_SEPARATOR: &str = "__";
@@ -1420,6 +1436,7 @@ mod config {
         let demo = v.command.is_empty();
         let cwd = v.get("cwd");
         let (tool_separator, config_file) = (v.get("tool-separator"), v.get("config"));
+        let instance_id = instance_id_of(&v.get("instance-id"), host_name)?;
         let cfg = Config {
             host: v.get("host"),
             port: v
@@ -1511,6 +1528,7 @@ mod config {
             command: v.command,
             demo,
             config_file: None,
+            instance_id,
             tool_separator,
             server_defaults: ServerSpec {
                 name: SOLE_SERVER.to_string(),
@@ -1531,6 +1549,29 @@ mod config {
             skipped: Vec::new(),
         };
         with_servers(cfg, config_file)
+    }
+
+    /// --instance-id: given (checked), `none`, or the host name made fit (a letter,
+    /// digit, `-` or `.` each; anything else becomes `-`; none when it is empty).
+    fn instance_id_of(given: &str, host: fn() -> Option<String>) -> Result<Option<String>, String> {
+        let fit = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
+        match given.trim() {
+            "none" => Ok(None),
+            "" => Ok(host()
+                .map(|h| h.chars().map(|c| if fit(c) { c } else { '-' }).collect::<String>())
+                .map(|h| h.chars().take(MAX_INSTANCE_ID).collect::<String>())
+                .filter(|h| !h.is_empty())),
+            id if id.len() <= MAX_INSTANCE_ID && id.chars().all(fit) => Ok(Some(id.to_string())),
+            id => Err(format!("--instance-id {id:?}: use 1 to {MAX_INSTANCE_ID} letters, digits, '-' or '.' (it prefixes session ids, before a '{INSTANCE_SEPARATOR}'), or none")),
+        }
+    }
+
+    /// This machine's host name (the pod's name in a Kubernetes StatefulSet).
+    fn host_name() -> Option<String> {
+        let mut buf = [0u8; 256];
+        let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        ok.then(|| String::from_utf8_lossy(&buf[..end]).into_owned())
     }
 
     /// The server defaults from the flags, then the servers: the file's, or the one of
@@ -5992,7 +6033,7 @@ mod legacy {
         if let Some(refusal) = sessions::full(inc.server()) {
             return respond(inc, refusal.into());
         }
-        let id = match crate::random_uuid() {
+        let id = match crate::new_session_id() {
             Ok(id) => id,
             Err(e) => {
                 return respond(
@@ -9262,7 +9303,7 @@ mod sessions {
         transport: Transport,
         ctx: crate::auth::Context,
     ) -> Result<Arc<Session>, CreateError> {
-        let id = crate::random_uuid()
+        let id = crate::new_session_id()
             .map_err(|e| CreateError::Spawn(format!("cannot make a session id: {e}")))?;
         create_with_id(server, transport, ctx, id)
     }
@@ -9284,7 +9325,7 @@ mod sessions {
         ctx: crate::auth::Context,
         link: crate::merged::MemberLink,
     ) -> Result<Arc<Session>, String> {
-        let id = crate::random_uuid().map_err(|e| format!("cannot make a session id: {e}"))?;
+        let id = crate::new_session_id().map_err(|e| format!("cannot make a session id: {e}"))?;
         match open(server, Transport::Member, ctx, id, Some(link)) {
             Ok(s) => Ok(s),
             Err(CreateError::Spawn(why)) => Err(why),
@@ -9313,7 +9354,7 @@ mod sessions {
         if app.sessions.count_for(server) >= limit && !evict_one(server) {
             return Err(full());
         }
-        let tag = id.chars().take(8).collect::<String>();
+        let tag = crate::session_tag(&id);
         // A shared child can end between being picked and being joined: its sessions
         // were ended then, so this one would wait for ever. It picks again (the restarted
         // child, or a 503 once the restart takes too long).
@@ -14477,6 +14518,7 @@ mod observe {
                 rpc_method = a.rpc_method, rpc_id = a.rpc_id, messages = messages,
                 era = a.era, mrtr = a.mrtr,
                 bytes_in = a.bytes_in, bytes_out = a.bytes_out, peer = peer,
+                instance = crate::app().cfg.instance_id.as_deref(),
                 error = a.error; "");
         }
     }
@@ -14891,7 +14933,13 @@ mod observe {
                     "stdio_sse_build_info",
                     "Version and mode of this stdio-sse.",
                     "gauge",
-                    vec![(format!("{{version=\"{version}\",mode=\"{mode}\"}}"), 1.0)],
+                    vec![(
+                        format!(
+                            "{{version=\"{version}\",mode=\"{mode}\",instance=\"{}\"}}",
+                            app.cfg.instance_id.as_deref().unwrap_or("")
+                        ),
+                        1.0,
+                    )],
                 ),
                 (
                     "stdio_sse_http_requests_total",
@@ -15589,6 +15637,23 @@ pub fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) -> bool {
     }
 }
 
+/// A new session id: `INSTANCE_<uuid>` (--instance-id) so a balancer can route it to
+/// this instance by its prefix, or the UUID alone.
+pub fn new_session_id() -> std::io::Result<String> {
+    let uuid = random_uuid()?;
+    Ok(match &app().cfg.instance_id {
+        Some(i) => format!("{i}{}{uuid}", config::INSTANCE_SEPARATOR),
+        None => uuid,
+    })
+}
+
+/// A session's short name in logs: the start of its random part (never the whole id,
+/// which is bearer-like; never the instance prefix, which all share).
+pub fn session_tag(id: &str) -> String {
+    let random = id.rsplit(config::INSTANCE_SEPARATOR).next().unwrap_or(id);
+    random.chars().take(8).collect()
+}
+
 /// A version-4 UUID from the kernel's random source (S-2: unguessable session ids).
 pub fn random_uuid() -> std::io::Result<String> {
     let mut b = [0u8; 16];
@@ -15897,6 +15962,14 @@ fn start_http(
 /// The "listening" line, and what runs behind it.
 fn announce(url: &str) {
     let cfg = &app().cfg;
+    if let Some(i) = &cfg.instance_id {
+        log!(
+            Info,
+            "instance",
+            "instance id {i}: session ids start with {i}{}",
+            config::INSTANCE_SEPARATOR
+        );
+    }
     let mcp = &cfg.mcp_path;
     if let Some(file) = &cfg.config_file {
         let names: Vec<&str> = cfg

@@ -261,7 +261,8 @@ fn json_logs_carry_fields_and_no_secrets() {
     );
     assert_eq!(r.status, 200);
     let sid = r.header("Mcp-Session-Id").unwrap().to_string();
-    let tag = &sid[..8];
+    let tag = tag_of(&sid);
+    let tag = tag.as_str();
     let hdrs = [
         JSON_CT,
         ACCEPT_BOTH,

@@ -351,7 +351,7 @@ fn stderr_is_logged_and_non_json_stdout_is_skipped() {
     );
     let line = s.wait_log("noise on stderr: not protocol");
     assert!(
-        line.contains(&format!("[{}]", &sess.id[..8])),
+        line.contains(&format!("[{}]", tag_of(&sess.id))),
         "tagged: {line}"
     );
     assert!(

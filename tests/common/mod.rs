@@ -352,6 +352,12 @@ impl Session {
     }
 }
 
+/// How the log names a session: the first 8 characters of its id's random part (after
+/// the instance prefix, `--instance-id`, when there is one).
+pub fn tag_of(session_id: &str) -> String {
+    session_id.rsplit('_').next().unwrap_or(session_id)[..8].to_string()
+}
+
 pub fn tool_call(id: i64, tool: &str, args: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": args}})
 }
