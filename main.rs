@@ -275,6 +275,18 @@ mod config {
             "prefix of every session id (ID_…) so a balancer can route by it; default the host name (a StatefulSet pod's name); none: no prefix",
         ),
         flag(
+            "drain-timeout",
+            "DURATION",
+            DEFAULT_DRAIN_TIMEOUT,
+            "on --drain-signal: refuse new sessions (503), serve the open ones this long at most, then shut down (0: shut down at once)",
+        ),
+        flag(
+            "drain-signal",
+            "SIGNAL",
+            DEFAULT_DRAIN_SIGNAL,
+            "the signal that drains: TERM, USR1 or USR2 (SIGINT always shuts down at once)",
+        ),
+        flag(
             "config",
             "FILE",
             "",
@@ -595,6 +607,9 @@ mod config {
         /// --instance-id: what every session id this instance mints starts with (and
         /// INSTANCE_SEPARATOR); None: no prefix.
         pub instance_id: Option<String>,
+        /// --drain-timeout (None: no drain) and --drain-signal.
+        pub drain_timeout: Option<Duration>,
+        pub drain_signal: libc::c_int,
         pub tool_separator: String,
         /// What the flags say every server gets unless its entry says otherwise.
         pub server_defaults: ServerSpec,
@@ -650,6 +665,14 @@ mod config {
     }
 
     // ---- servers: the one of a COMMAND, or the mcpServers of --config ----------------
+
+    /// Off by default: a SIGTERM ends the sessions at once, as it always has. Behind a
+    /// balancer, set it under the orchestrator's grace period (Kubernetes
+    /// terminationGracePeriodSeconds, systemd TimeoutStopSec, compose stop_grace_period)
+    /// less twice --shutdown-grace, which the shutdown after it takes at most.
+    pub const DEFAULT_DRAIN_TIMEOUT: &str = "0";
+    /// What orchestrators send to stop a process.
+    pub const DEFAULT_DRAIN_SIGNAL: &str = "TERM";
 
     /// Between an instance id and the random part of a session id it mints. Host names
     /// and Kubernetes pod names never hold it (RFC 952, DNS-1123), so a balancer splits
@@ -1437,6 +1460,17 @@ mod config {
         let cwd = v.get("cwd");
         let (tool_separator, config_file) = (v.get("tool-separator"), v.get("config"));
         let instance_id = instance_id_of(&v.get("instance-id"), host_name)?;
+        let drain_timeout = nonzero(parse_duration("drain-timeout", &v.get("drain-timeout"))?);
+        let drain_signal = match v.get("drain-signal").trim_start_matches("SIG") {
+            "TERM" => libc::SIGTERM,
+            "USR1" => libc::SIGUSR1,
+            "USR2" => libc::SIGUSR2,
+            other => {
+                return Err(format!(
+                    "--drain-signal must be TERM, USR1 or USR2, not {other:?}"
+                ))
+            }
+        };
         let cfg = Config {
             host: v.get("host"),
             port: v
@@ -1529,6 +1563,8 @@ mod config {
             demo,
             config_file: None,
             instance_id,
+            drain_timeout,
+            drain_signal,
             tool_separator,
             server_defaults: ServerSpec {
                 name: SOLE_SERVER.to_string(),
@@ -1971,6 +2007,9 @@ mod refusal {
         LengthRequired,
         // ---- any endpoint (module http) ----------------------------------------------
         ShuttingDown,
+        /// A new session while the instance drains (--drain-signal): a balancer retries
+        /// it on another instance.
+        Draining,
         /// No bearer token, or one not configured.
         Unauthorized(TokenFault),
         /// DNS-rebinding protection (O-1, O-2).
@@ -2130,6 +2169,7 @@ mod refusal {
                 ChildNotAccepting(_) | ChildNotStarted(_) => 502,
                 TooManyConnections { .. }
                 | ShuttingDown
+                | Draining
                 | TooManySessions { .. }
                 | ParseBudget { .. }
                 | Restarting
@@ -2188,6 +2228,7 @@ mod refusal {
                 | HeadTimeout
                 | BodyTimeout
                 | ShuttingDown
+                | Draining
                 | ForeignHost(_)
                 | ForeignOrigin(_)
                 | CorsOrigin(_)
@@ -2230,6 +2271,7 @@ mod refusal {
                 BodyTimeout => "Request timeout: the body did not arrive within --read-timeout".into(),
                 LengthRequired => "Length Required: over TLS a request body needs Content-Length".into(),
                 ShuttingDown => "Server is shutting down".into(),
+                Draining => "Service Unavailable: this instance is draining (it serves its open sessions, then stops); open the session on another instance".into(),
                 Unauthorized(TokenFault::Missing) => "Unauthorized: send Authorization: Bearer <token>".into(),
                 Unauthorized(TokenFault::Invalid) => "Unauthorized: the bearer token is not valid".into(),
                 ForeignHost(host) => format!("Forbidden: Host {host:?} is not allowed (see --allowed-host)"),
@@ -2298,7 +2340,7 @@ mod refusal {
                     "WWW-Authenticate",
                     "Bearer realm=\"stdio-sse\", error=\"invalid_token\"".into(),
                 )],
-                ShuttingDown | Restarting | TooManyInFlight { .. } => retry(RETRY_SOON),
+                ShuttingDown | Draining | Restarting | TooManyInFlight { .. } => retry(RETRY_SOON),
                 ModernUnavailable(_) => retry(RETRY_LATER),
                 TooManySessions { .. } | CrashLoop(_) => retry(RETRY_LATER),
                 ParseBudget { .. } => retry(RETRY_SOON),
@@ -2326,6 +2368,7 @@ mod refusal {
                 HeadTimeout | BodyTimeout => "read_timeout",
                 LengthRequired => "length_required",
                 ShuttingDown => "shutting_down",
+                Draining => "draining",
                 Unauthorized(_) => "unauthorized",
                 ForeignHost(_) => "foreign_host",
                 ForeignOrigin(_) => "foreign_origin",
@@ -2418,6 +2461,7 @@ mod refusal {
                 BodyTimeout,
                 LengthRequired,
                 ShuttingDown,
+                Draining,
                 Unauthorized(TokenFault::Missing),
                 Unauthorized(TokenFault::Invalid),
                 ForeignHost(s()),
@@ -2511,6 +2555,7 @@ mod refusal {
                 | BodyTimeout
                 | LengthRequired
                 | ShuttingDown
+                | Draining
                 | Unauthorized(_)
                 | ForeignHost(_)
                 | ForeignOrigin(_)
@@ -4692,6 +4737,12 @@ mod http {
                 serde_json::json!({"status": "not ready", "reason": reason}),
             )
         };
+        if crate::teardown::DRAINING.load(Ordering::Acquire) {
+            return Reply::json(
+                503,
+                serde_json::json!({"status": "draining", "reason": "this instance is draining: it takes no new session"}),
+            );
+        }
         let all = crate::servers::all();
         let one = one.or(match (all.as_slice(), &app().cfg.config_file) {
             ([sole], None) => Some(&**sole),
@@ -6030,6 +6081,10 @@ mod legacy {
             Ok(ctx) => ctx,
             Err(reply) => return respond(inc, reply),
         };
+        if crate::teardown::DRAINING.load(Ordering::Acquire) {
+            app().metrics.rejected(Refusal::Draining.reason());
+            return respond(inc, Refusal::Draining.into());
+        }
         if let Some(refusal) = sessions::full(inc.server()) {
             return respond(inc, refusal.into());
         }
@@ -9350,6 +9405,11 @@ mod sessions {
         if server.retired() {
             // Replaced by a reload between the route and here: the new one takes it.
             return Err(CreateError::Refused(Refusal::Restarting.into()));
+        }
+        let client = matches!(transport, Transport::Streamable | Transport::Legacy);
+        if client && crate::teardown::DRAINING.load(Ordering::Acquire) {
+            app.metrics.rejected(Refusal::Draining.reason());
+            return Err(CreateError::Refused(Refusal::Draining.into()));
         }
         if app.sessions.count_for(server) >= limit && !evict_one(server) {
             return Err(full());
@@ -13783,7 +13843,13 @@ mod teardown {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            for s in [
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGUSR1,
+                libc::SIGUSR2,
+            ] {
                 libc::sigaddset(&mut set, s);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -13807,6 +13873,23 @@ mod teardown {
                 crate::servers::reload();
                 continue;
             }
+            let drains = sig == app.cfg.drain_signal && app.cfg.drain_timeout.is_some();
+            if sig != libc::SIGINT && sig != libc::SIGTERM && !drains {
+                if sig == app.cfg.drain_signal {
+                    log!(
+                        Info,
+                        "signal",
+                        "signal {sig} received: --drain-timeout is 0; shutting down"
+                    );
+                } else {
+                    log!(Info, "signal", "signal {sig} ignored (not --drain-signal)");
+                    continue;
+                }
+            }
+            if drains && !DRAINING.swap(true, Ordering::AcqRel) {
+                spawn_thread("drain", drain);
+                continue;
+            }
             if app.shutting_down.swap(true, Ordering::AcqRel) {
                 log!(Warn, "signal", "second signal: killing every child now");
                 for c in app.children.locked().values() {
@@ -13823,6 +13906,65 @@ mod teardown {
             spawn_thread("shutdown", shutdown);
         }
     }
+
+    /// Draining: the instance is on its way out (--drain-signal); /readyz says so.
+    pub static DRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// Sessions a drain waits for: clients' own (carriers serve 2026-07-28 calls, which
+    /// are still served; a merged session's server sessions end with it).
+    fn client_sessions() -> usize {
+        app()
+            .sessions
+            .all()
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.transport,
+                    crate::sessions::Transport::Streamable | crate::sessions::Transport::Legacy
+                )
+            })
+            .count()
+    }
+
+    /// A drain: /readyz turns 503 and new sessions are refused with 503 and
+    /// Retry-After (a balancer retries elsewhere) while the open ones, and 2026-07-28
+    /// calls, are served until the last session ends or --drain-timeout passes; then the
+    /// usual shutdown.
+    fn drain() {
+        let app = app();
+        let timeout = app.cfg.drain_timeout.unwrap_or_default();
+        log!(
+            Info,
+            "drain",
+            "draining: /readyz 503, new sessions refused; {} session(s) open, served for {timeout:?} at most",
+            client_sessions()
+        );
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let open = client_sessions();
+            if open == 0 {
+                log!(Info, "drain", "drained: no session left; shutting down");
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                log!(
+                    Info,
+                    "drain",
+                    "--drain-timeout passed with {open} session(s) open; shutting down"
+                );
+                break;
+            }
+            std::thread::sleep(
+                DRAIN_TICK.min(deadline.saturating_duration_since(std::time::Instant::now())),
+            );
+        }
+        if !app.shutting_down.swap(true, Ordering::AcqRel) {
+            shutdown();
+        }
+    }
+
+    /// How often a drain looks at what is left.
+    const DRAIN_TICK: Duration = Duration::from_millis(100);
 
     fn shutdown() {
         let app = app();

@@ -108,3 +108,101 @@ fn an_instance_id_that_could_not_be_split_off_again_is_refused() {
         assert!(err.contains("--instance-id"), "{bad}: {err}");
     }
 }
+
+/// Waits (bounded) for the server to exit on its own; its exit status.
+fn exit_status(server: &mut Server) -> std::process::ExitStatus {
+    let mut status = None;
+    eventually("stdio-sse exits", || {
+        status = server.child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}
+
+fn modern_echo(server: &Server, message: &str) -> Response {
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": message},
+        "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                  "io.modelcontextprotocol/clientCapabilities": {}}}});
+    Conn::open(server).request(
+        "POST",
+        "/mcp",
+        &[
+            JSON_CT,
+            ACCEPT_BOTH,
+            ("MCP-Protocol-Version", "2026-07-28"),
+            ("Mcp-Method", "tools/call"),
+            ("Mcp-Name", "echo"),
+        ],
+        body.to_string().as_bytes(),
+    )
+}
+
+#[test]
+fn a_drain_refuses_new_sessions_serves_the_open_ones_and_exits_when_the_last_ends() {
+    let mut server = Server::start(&["--drain-timeout", "60s"], &everything());
+    let open = Session::open(&server);
+    let child = child_pid(&open);
+    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    server.wait_log("draining:");
+    // A balancer's health check sees it at once.
+    let ready = Conn::open(&server).request("GET", "/readyz", &[], b"");
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_eq!(ready.json()["status"], "draining");
+    // A new session is refused, with a Retry-After the balancer honours elsewhere.
+    let refused = initialize(&server);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.header("Retry-After").is_some());
+    assert_eq!(refused.json()["error"]["code"], -32000);
+    let mut c = Conn::open(&server);
+    let sse = c.request("GET", "/sse", &[("Accept", "text/event-stream")], b"");
+    assert_eq!(sse.status, 503);
+    // The open session, and 2026-07-28 calls, are served.
+    let echo = open.call(2, "echo", json!({"message": "still served"}));
+    assert_eq!(result_text(&echo.messages()[0]), "still served");
+    let modern = modern_echo(&server, "modern too");
+    assert_eq!(modern.status, 200, "{}", modern.text());
+    assert_eq!(result_text(&modern.json()), "modern too");
+    // The last session ends: the instance goes without waiting for --drain-timeout.
+    assert_eq!(open.delete().status, 200);
+    let status = exit_status(&mut server);
+    assert_eq!(status.code(), Some(0));
+    server.wait_log("drained: no session left");
+    assert_gone(child, "the drained session's child");
+}
+
+#[test]
+fn a_drain_that_times_out_ends_what_is_left_as_a_shutdown_does() {
+    let mut server = Server::start(&["--drain-timeout", "1s"], &everything());
+    let open = Session::open(&server);
+    let child = child_pid(&open);
+    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    server.wait_log("draining:");
+    let status = exit_status(&mut server);
+    assert_eq!(status.code(), Some(0));
+    server.wait_log("--drain-timeout passed with 1 session(s) open");
+    assert_gone(child, "a session's child after the drain timed out");
+}
+
+#[test]
+fn sigint_or_a_second_sigterm_during_a_drain_shuts_down_at_once() {
+    for second in [libc::SIGINT, libc::SIGTERM] {
+        let mut server = Server::start(&["--drain-timeout", "60s"], &[]);
+        let open = Session::open(&server);
+        unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+        server.wait_log("draining:");
+        unsafe { libc::kill(server.pid(), second) };
+        assert_eq!(exit_status(&mut server).code(), Some(0));
+        server.wait_log("ending 1 sessions");
+        drop(open);
+    }
+}
+
+#[test]
+fn without_a_drain_timeout_sigterm_shuts_down_at_once_as_before() {
+    let mut server = Server::start(&[], &[]);
+    let _open = Session::open(&server);
+    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    assert_eq!(exit_status(&mut server).code(), Some(0));
+    assert!(!server.log_text().contains("draining:"));
+}
