@@ -7392,6 +7392,11 @@ mod modern {
                     return;
                 }
                 Ok(Out::Note(json)) => {
+                    // A call whose child keeps talking (progress every 100 ms) may never
+                    // reach the quiet branch below: its carrier is busy, not idle.
+                    if let Some(c) = &carrier {
+                        c.touch();
+                    }
                     if stream.is_none() {
                         let Some(i) = inc.take() else { return };
                         crate::observe::response_status(200);
