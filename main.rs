@@ -6066,6 +6066,12 @@ mod legacy {
 
     static ANNOUNCED: Mutex<Option<HashMap<String, Announced>>> = Mutex::new(None);
 
+    /// Streams that announced a session id and wait for its first message: a drain
+    /// waits for them as for open sessions.
+    pub fn announced_count() -> usize {
+        ANNOUNCED.locked().as_ref().map_or(0, |m| m.len())
+    }
+
     fn forget(id: &str) -> Option<Announced> {
         ANNOUNCED.locked().as_mut().and_then(|m| m.remove(id))
     }
@@ -9411,7 +9417,10 @@ mod sessions {
             // Replaced by a reload between the route and here: the new one takes it.
             return Err(CreateError::Refused(Refusal::Restarting.into()));
         }
-        let client = matches!(transport, Transport::Streamable | Transport::Legacy);
+        // A legacy session is created by the first message of a stream that announced
+        // its id before the drain (a new stream is refused in `legacy::open`): it is
+        // served, as an open session is.
+        let client = transport == Transport::Streamable;
         if client && crate::teardown::DRAINING.load(Ordering::Acquire) {
             app.metrics.rejected(Refusal::Draining.reason());
             return Err(CreateError::Refused(Refusal::Draining.into()));
@@ -13929,6 +13938,7 @@ mod teardown {
                 )
             })
             .count()
+            + crate::legacy::announced_count()
     }
 
     /// A drain: /readyz turns 503 and new sessions are refused with 503 and

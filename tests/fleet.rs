@@ -206,3 +206,23 @@ fn without_a_drain_timeout_sigterm_shuts_down_at_once_as_before() {
     assert_eq!(exit_status(&mut server).code(), Some(0));
     assert!(!server.log_text().contains("draining:"));
 }
+
+#[test]
+fn a_legacy_stream_announced_before_a_drain_is_served_and_waited_for() {
+    let mut server = Server::start(&["--drain-timeout", "60s"], &[]);
+    let mut c = Conn::open(&server);
+    c.send("GET", "/sse", &[("Accept", "text/event-stream")], b"");
+    let mut sse = SseReader::new(c);
+    let ev = sse.next_event().expect("endpoint event");
+    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    server.wait_log("draining: /readyz 503, new sessions refused; 1 session(s) open");
+    let post =
+        |body: String| Conn::open(&server).request("POST", &ev.data, &[JSON_CT], body.as_bytes());
+    assert_eq!(post(init_body("2024-11-05")).status, 202);
+    assert!(sse.next_message().unwrap()["result"].is_object());
+    let call = tool_call(2, "echo", json!({"message": "late"})).to_string();
+    assert_eq!(post(call).status, 202);
+    assert_eq!(result_text(&sse.next_message().unwrap()), "late");
+    drop(sse);
+    assert_eq!(exit_status(&mut server).code(), Some(0));
+}

