@@ -5591,25 +5591,31 @@ mod servers {
         (!failing.is_empty()).then(|| failing.join("; "))
     }
 
-    /// Installs the servers of the configuration and starts each.
-    pub fn install(specs: &[ServerSpec], skipped: &[(String, String)]) {
+    /// The file's entries that do not run (disabled, or not stdio), each logged, as
+    /// /servers lists them.
+    fn idle_entries(specs: &[ServerSpec], skipped: &[(String, String)]) -> Vec<Value> {
         let mut idle = Vec::new();
-        let mut table = Vec::new();
-        for spec in specs {
-            if spec.disabled {
-                crate::log!(Info, "server_disabled", server = spec.name; "server {:?} is disabled in the file: not started", spec.name);
-                idle.push(
-                    json!({"name": spec.name, "mode": mode_name(spec.mode), "state": "disabled"}),
-                );
-                continue;
-            }
-            table.push(Server::new(spec.clone()));
+        for spec in specs.iter().filter(|s| s.disabled) {
+            crate::log!(Info, "server_disabled", server = spec.name; "server {:?} is disabled in the file: not started", spec.name);
+            idle.push(
+                json!({"name": spec.name, "mode": mode_name(spec.mode), "state": "disabled"}),
+            );
         }
         for (name, why) in skipped {
             crate::log!(Warn, "server_skipped", "server {name:?} skipped: {why}");
             idle.push(json!({"name": name, "state": "skipped", "reason": why}));
         }
-        *IDLE_ENTRIES.locked() = idle;
+        idle
+    }
+
+    /// Installs the servers of the configuration and starts each.
+    pub fn install(specs: &[ServerSpec], skipped: &[(String, String)]) {
+        *IDLE_ENTRIES.locked() = idle_entries(specs, skipped);
+        let table: Vec<Arc<Server>> = specs
+            .iter()
+            .filter(|s| !s.disabled)
+            .map(|s| Server::new(s.clone()))
+            .collect();
         *TABLE
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = table.clone();
@@ -5698,15 +5704,9 @@ mod servers {
         };
         let old = all();
         let mut table = Vec::new();
-        let mut idle = Vec::new();
         let (mut added, mut changed, mut kept) = (Vec::new(), Vec::new(), Vec::new());
-        for spec in &file.servers {
-            if spec.disabled {
-                idle.push(
-                    json!({"name": spec.name, "mode": mode_name(spec.mode), "state": "disabled"}),
-                );
-                continue;
-            }
+        let idle = idle_entries(&file.servers, &file.skipped);
+        for spec in file.servers.iter().filter(|s| !s.disabled) {
             match old.iter().find(|s| *s.name == *spec.name) {
                 Some(s) if s.spec == *spec => {
                     kept.push(s.name.to_string());
@@ -5721,10 +5721,6 @@ mod servers {
                     table.push(Server::new(spec.clone()));
                 }
             }
-        }
-        for (name, why) in &file.skipped {
-            crate::log!(Warn, "server_skipped", "server {name:?} skipped: {why}");
-            idle.push(json!({"name": name, "state": "skipped", "reason": why}));
         }
         let gone: Vec<Arc<Server>> = old
             .iter()
@@ -5830,11 +5826,8 @@ mod servers {
     pub fn prune_retired() {
         let app = crate::app();
         let sessions = app.sessions.all();
-        let children = app.children.locked().len();
         RETIRED.locked().retain(|r| {
-            let busy = sessions.iter().any(|s| Arc::ptr_eq(&s.server, r))
-                || (children > 0 && crate::upstream::any_running(r));
-            busy
+            sessions.iter().any(|s| Arc::ptr_eq(&s.server, r)) || crate::upstream::any_running(r)
         });
     }
 
@@ -11802,10 +11795,25 @@ mod merged {
         }
 
         fn to_client(&self, value: Value) {
-            let Some(session) = self.session.get().and_then(Weak::upgrade) else {
+            let Some(session) = self.client_session() else {
                 return;
             };
             sessions::route_value(&session, value.to_string(), &value, false);
+        }
+
+        /// The merged session, while it exists; a message for it after its end is
+        /// counted and logged, as a child's message after its session's end is.
+        fn client_session(&self) -> Option<Arc<Session>> {
+            let session = self.session.get().and_then(Weak::upgrade);
+            if session.is_none() {
+                crate::app().metrics.dropped("session_ended");
+                crate::log!(
+                    Info,
+                    "message_dropped",
+                    "merged endpoint: a server's message after its merged session ended"
+                );
+            }
+            session
         }
 
         fn answer(&self, id: &Value, result: Value) {
@@ -11840,9 +11848,7 @@ mod merged {
                 "initialize" => self.initialize(id, params),
                 "ping" => self.answer(id, json!({})),
                 "logging/setLevel" => {
-                    self.to_every_ready(|next| {
-                        json!({"jsonrpc": "2.0", "id": next, "method": method, "params": params})
-                    });
+                    self.to_every_ready(Some(method), &params);
                     self.answer(id, json!({}));
                 }
                 m if list_kind(m).is_some() => self.list(id, method, params),
@@ -11949,10 +11955,7 @@ mod merged {
                         self.send(member, out);
                     }
                 }
-                _ => {
-                    let m = m.clone();
-                    self.to_every_ready(move |_| m.clone());
-                }
+                _ => self.to_every_ready(None, m),
             }
         }
 
@@ -12175,21 +12178,16 @@ mod merged {
 
         /// A server that cannot serve this session: what waited for it gets an error.
         fn failed(&self, member: usize, why: &str) {
-            let (queued, name) = {
+            let queued = {
                 let mut st = self.st.locked();
-                let m = &mut st.members[member];
                 let failed = Phase::Failed(why.into(), Instant::now());
-                let queued = match std::mem::replace(&mut m.phase, failed) {
+                match std::mem::replace(&mut st.members[member].phase, failed) {
                     Phase::Starting(q) => q,
                     _ => Vec::new(),
-                };
-                (queued, m.server.name.clone())
+                }
             };
             for q in queued {
-                if let Some(ours) = q.get("id").and_then(Value::as_u64) {
-                    self.server_answered(member, ours, &json!({"jsonrpc": "2.0", "id": ours,
-                        "error": {"code": -32603, "message": format!("server {name:?} cannot serve: {why}")}}));
-                }
+                self.unsendable(member, &q, why);
             }
         }
 
@@ -12237,8 +12235,9 @@ mod merged {
         /// A message that cannot reach its server: a request is answered with an error.
         fn unsendable(&self, member: usize, m: &Value, why: &str) {
             if let Some(ours) = m.get("id").and_then(Value::as_u64) {
+                let name = self.st.locked().members[member].server.name.clone();
                 self.server_answered(member, ours, &json!({"jsonrpc": "2.0", "id": ours,
-                    "error": {"code": -32603, "message": format!("the server cannot serve: {why}")}}));
+                    "error": {"code": -32603, "message": format!("server {name:?} cannot serve: {why}")}}));
             }
         }
 
@@ -12260,8 +12259,11 @@ mod merged {
         }
 
         /// The same message to every server running for this session.
-        fn to_every_ready(&self, make: impl Fn(u64) -> Value) {
-            let targets: Vec<(Arc<Session>, u64)> = {
+        /// `request`: a request of that method with `message` as its params, under an
+        /// id of ours each (its answer unwanted); None: `message` is a notification,
+        /// passed as it is.
+        fn to_every_ready(&self, request: Option<&str>, message: &Value) {
+            let targets: Vec<(Arc<Session>, Value)> = {
                 let mut st = self.st.locked();
                 let ready: Vec<Arc<Session>> = st
                     .members
@@ -12271,18 +12273,17 @@ mod merged {
                     .collect();
                 ready
                     .into_iter()
-                    .map(|s| {
-                        let n = Self::next_id(&mut st);
-                        st.pending.insert(n, Pending::Discard);
-                        (s, n)
+                    .map(|s| match request {
+                        Some(method) => {
+                            let n = Self::next_id(&mut st);
+                            st.pending.insert(n, Pending::Discard);
+                            (s, request_to(n, method, message.clone()))
+                        }
+                        None => (s, message.clone()),
                     })
                     .collect()
             };
-            for (s, n) in targets {
-                let m = make(n);
-                if m.get("id").is_none() {
-                    self.st.locked().pending.remove(&n);
-                }
+            for (s, m) in targets {
                 let _ = s.submit(&[m]);
             }
         }
@@ -12566,7 +12567,7 @@ mod merged {
         /// own text with the id put back (a tool's result can be large: not parsed and
         /// printed again), except for a 2026-07-28 carrier, which reads the whole answer.
         fn pass_answer(&self, id: Value, json: String, value: &Value) {
-            let Some(session) = self.session.get().and_then(Weak::upgrade) else {
+            let Some(session) = self.client_session() else {
                 return;
             };
             let span = crate::modern::json_text::member(&json, "id");

@@ -109,6 +109,12 @@ fn an_instance_id_that_could_not_be_split_off_again_is_refused() {
     }
 }
 
+/// SIGTERM, and the drain it starts (--drain-timeout set).
+fn start_drain(server: &Server) {
+    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
+    server.wait_log("draining:");
+}
+
 /// Waits (bounded) for the server to exit on its own; its exit status.
 fn exit_status(server: &mut Server) -> std::process::ExitStatus {
     let mut status = None;
@@ -143,8 +149,7 @@ fn a_drain_refuses_new_sessions_serves_the_open_ones_and_exits_when_the_last_end
     let mut server = Server::start(&["--drain-timeout", "60s"], &everything());
     let open = Session::open(&server);
     let child = child_pid(&open);
-    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
-    server.wait_log("draining:");
+    start_drain(&server);
     // A balancer's health check sees it at once.
     let ready = Conn::open(&server).request("GET", "/readyz", &[], b"");
     assert_eq!(ready.status, 503, "{}", ready.text());
@@ -176,8 +181,7 @@ fn a_drain_that_times_out_ends_what_is_left_as_a_shutdown_does() {
     let mut server = Server::start(&["--drain-timeout", "1s"], &everything());
     let open = Session::open(&server);
     let child = child_pid(&open);
-    unsafe { libc::kill(server.pid(), libc::SIGTERM) };
-    server.wait_log("draining:");
+    start_drain(&server);
     let status = exit_status(&mut server);
     assert_eq!(status.code(), Some(0));
     server.wait_log("--drain-timeout passed with 1 session(s) open");
@@ -189,8 +193,7 @@ fn sigint_or_a_second_sigterm_during_a_drain_shuts_down_at_once() {
     for second in [libc::SIGINT, libc::SIGTERM] {
         let mut server = Server::start(&["--drain-timeout", "60s"], &[]);
         let open = Session::open(&server);
-        unsafe { libc::kill(server.pid(), libc::SIGTERM) };
-        server.wait_log("draining:");
+        start_drain(&server);
         unsafe { libc::kill(server.pid(), second) };
         assert_eq!(exit_status(&mut server).code(), Some(0));
         server.wait_log("ending 1 sessions");

@@ -66,6 +66,13 @@ fn list(s: &Session, id: i64, method: &str) -> Value {
     only(&s.post(&json!({"jsonrpc": "2.0", "id": id, "method": method})))
 }
 
+/// SIGHUP, then the log line (containing `says`) that tells how the reload went.
+fn reload(server: &Server, says: &str) -> String {
+    let from = server.log_len();
+    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
+    server.wait_log_after(says, from).1
+}
+
 fn get_json(server: &Server, path: &str) -> (u16, Value) {
     let r = Conn::open(server).request("GET", path, &[], b"");
     (r.status, r.json())
@@ -370,9 +377,7 @@ fn reload_adds_removes_and_changes_servers_without_failing_a_call_on_the_kept_on
         "a": {"command": BIN, "args": ["__demo-server"], "tools": {"deny": ["add"]}},
         "c": demo(),
     }));
-    let from = server.log_len();
-    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
-    server.wait_log_after("config_reload:", from);
+    reload(&server, "config_reload:");
     let before = calls.load(Ordering::Relaxed);
     eventually("calls on A after the reload", || {
         calls.load(Ordering::Relaxed) >= before + 5
@@ -436,18 +441,14 @@ fn a_reload_with_a_broken_file_keeps_the_running_servers_and_says_where() {
         "{\"mcpServers\": {\n  \"a\": {\"command\": \"x\",}\n}}",
     )
     .unwrap();
-    let from = server.log_len();
-    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
-    let (_, line) = server.wait_log_after("config_reload_failed", from);
+    let line = reload(&server, "config_reload_failed");
     assert!(line.contains("line 2 column"), "{line}");
     assert!(
         line.contains("keeping the configuration in force"),
         "{line}"
     );
     file.write(json!({"a": demo(), "b": {"command": "x", "bogus": 1}}));
-    let from = server.log_len();
-    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
-    let (_, line) = server.wait_log_after("config_reload_failed", from);
+    let line = reload(&server, "config_reload_failed");
     assert!(
         line.contains("\"b\"") && line.contains("\"bogus\""),
         "{line}"
@@ -527,9 +528,7 @@ fn servers_answers_after_a_reload_replaced_the_merged_endpoint_under_an_open_ses
         "2"
     );
     file.write(json!({"a": demo(), "b": demo(), "c": demo()}));
-    let from = server.log_len();
-    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
-    server.wait_log_after("config_reload:", from);
+    reload(&server, "config_reload:");
     let (status, servers) = get_json(&server, "/servers");
     assert_eq!(status, 200, "{servers}");
     assert_eq!(servers["servers"].as_array().unwrap().len(), 3, "{servers}");
@@ -551,9 +550,7 @@ fn a_front_path_session_survives_a_reload_from_one_server_to_several() {
         "3"
     );
     file.write(json!({"a": demo(), "b": demo()}));
-    let from = server.log_len();
-    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
-    server.wait_log_after("config_reload:", from);
+    reload(&server, "config_reload:");
     // /mcp is now the merged endpoint; the session opened there still reaches its child.
     assert_eq!(
         result_text(&only(&s.call(3, "add", json!({"a": 2, "b": 2})))),

@@ -295,18 +295,24 @@ def check_sessions(fleet, stats, failures, ids=IDS):
                 failures.append(f"no {kind} session landed on {sid}")
 
 
-async def check_load(fleet, opts):
-    stats = Stats()
-    t0 = time.monotonic()
-    tasks = await run_load(opts.lb, stats, total=opts.calls)
-    finished = await wait_tasks(tasks, 100)
-    took = time.monotonic() - t0
+def all_answered(finished, stats, opts):
+    """The failures of a run whose clients should all have finished every call."""
     failures = []
     if not finished:
         failures.append("clients did not finish within 100 s")
     total = sum(stats.calls.values())
     if total != opts.calls:
         failures.append(f"{total} calls answered, expected {opts.calls}")
+    return failures
+
+
+async def check_load(fleet, opts):
+    stats = Stats()
+    t0 = time.monotonic()
+    tasks = await run_load(opts.lb, stats, total=opts.calls)
+    finished = await wait_tasks(tasks, 100)
+    took = time.monotonic() - t0
+    failures = all_answered(finished, stats, opts)
     for e in stats.errors[:10]:
         failures.append(f"error: {e[1:]}")
     if stats.errors:
@@ -333,12 +339,7 @@ async def check_kill(fleet, opts):
     os.kill(vpid, signal.SIGKILL)
     fleet.procs[victim].wait()
     finished = await wait_tasks(tasks, 100)
-    failures = []
-    if not finished:
-        failures.append("clients did not finish within 100 s")
-    total = sum(stats.calls.values())
-    if total != opts.calls:
-        failures.append(f"{total} calls answered, expected {opts.calls}")
+    failures = all_answered(finished, stats, opts)
     after = [e for e in stats.errors if e[0] >= t_kill]
     # A client of the victim: its session was s2's, or its initialize was in flight
     # (no session yet) when s2 died.
