@@ -304,6 +304,36 @@ mod config {
             "",
             "working directory of the child (default: ours)",
         ),
+        flag(
+            "child-memory",
+            "SIZE",
+            "",
+            "each child's address space (RLIMIT_AS; counts reservations, not use: give Node, Java and Go room)",
+        ),
+        flag(
+            "child-cpu",
+            "DURATION",
+            "",
+            "CPU time each child may use (RLIMIT_CPU, whole seconds); then it is killed",
+        ),
+        flag(
+            "child-files",
+            "N",
+            "",
+            "open files per child (RLIMIT_NOFILE)",
+        ),
+        flag(
+            "child-processes",
+            "N",
+            "",
+            "processes of the children's user (RLIMIT_NPROC; root ignores it: use with --child-user)",
+        ),
+        flag(
+            "child-user",
+            "USER[:GROUP]",
+            "",
+            "run children as this user (stdio-sse as root; supplementary groups dropped)",
+        ),
         many(
             "env",
             "KEY=VALUE",
@@ -683,6 +713,11 @@ mod config {
 
     /// What `NAME__tool` joins on the merged endpoint (--tool-separator).
     pub const DEFAULT_TOOL_SEPARATOR: &str = "__";
+    /// The smallest --child-memory: below it not even a shell starts (musl sh maps
+    /// about 1 MiB; an interpreter many more), so every child would fail at exec.
+    pub const MIN_CHILD_MEMORY: u64 = 8 << 20;
+    /// The smallest --child-files: stdin, stdout, stderr and an interpreter's own few.
+    pub const MIN_CHILD_FILES: u64 = 8;
     /// Longest server name: it is a URL path segment, a metric label and a tool prefix.
     pub const MAX_SERVER_NAME: usize = 64;
     /// The name of the server a COMMAND (or the demo) runs: /servers shows it.
@@ -747,6 +782,198 @@ mod config {
         pub pass_headers: Vec<(String, String)>,
         pub tools: ToolFilter,
         pub disabled: bool,
+        pub limits: ChildLimits,
+    }
+
+    /// What a child may use, set between fork and exec (setrlimit, setgid, setuid): a
+    /// runaway child (a leak, a fork loop, a busy loop) is stopped at its own limit
+    /// instead of taking the machine. None: inherited from us.
+    #[derive(Clone, Debug, Default, PartialEq)]
+    pub struct ChildLimits {
+        /// RLIMIT_AS, bytes.
+        pub memory: Option<u64>,
+        /// RLIMIT_CPU, whole seconds.
+        pub cpu: Option<u64>,
+        /// RLIMIT_NOFILE.
+        pub files: Option<u64>,
+        /// RLIMIT_NPROC: counted per user, so it binds only a child that is not root.
+        pub processes: Option<u64>,
+        pub user: Option<ChildUser>,
+    }
+
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct ChildUser {
+        /// As given (for messages).
+        pub name: String,
+        pub uid: u32,
+        pub gid: u32,
+    }
+
+    /// Which limit a child met (a label of `stdio_sse_child_limit_exits_total`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Limit {
+        Memory,
+        Cpu,
+        Files,
+        Processes,
+    }
+
+    impl Limit {
+        pub const ALL: [Limit; 4] = [Limit::Memory, Limit::Cpu, Limit::Files, Limit::Processes];
+        pub fn label(self) -> &'static str {
+            match self {
+                Limit::Memory => "memory",
+                Limit::Cpu => "cpu",
+                Limit::Files => "files",
+                Limit::Processes => "processes",
+            }
+        }
+    }
+
+    impl ChildLimits {
+        pub fn get(&self, limit: Limit) -> Option<u64> {
+            match limit {
+                Limit::Memory => self.memory,
+                Limit::Cpu => self.cpu,
+                Limit::Files => self.files,
+                Limit::Processes => self.processes,
+            }
+        }
+
+        /// The limit as its flag says it: `--child-memory 64MiB`.
+        pub fn shown(&self, limit: Limit) -> String {
+            let n = self.get(limit).unwrap_or(0);
+            let value = match limit {
+                Limit::Memory if n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+                Limit::Memory if n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+                Limit::Cpu => format!("{n}s"),
+                _ => n.to_string(),
+            };
+            format!("--child-{} {value}", limit.label())
+        }
+
+        /// From the flags (or an entry's `limits` object, whose keys are the same words).
+        pub fn parse(get: &dyn Fn(&str) -> Option<String>) -> Result<ChildLimits, String> {
+            let some = |key: &str| get(key).filter(|v| !v.trim().is_empty());
+            let positive = |key: &str, n: u64| {
+                if n == 0 {
+                    Err(format!(
+                        "--{key} must be above 0 (leave it out for no limit)"
+                    ))
+                } else {
+                    Ok(n)
+                }
+            };
+            let mut limits = ChildLimits::default();
+            if let Some(v) = some("child-memory") {
+                let n = parse_size("child-memory", &v)? as u64;
+                // Below this not even a shell starts: every child would fail at exec.
+                if n < MIN_CHILD_MEMORY {
+                    return Err(format!(
+                        "--child-memory {v} is too small for any program to start (at least {}MiB)",
+                        MIN_CHILD_MEMORY >> 20
+                    ));
+                }
+                limits.memory = Some(n);
+            }
+            if let Some(v) = some("child-cpu") {
+                let d = parse_duration("child-cpu", &v)?;
+                let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+                limits.cpu = Some(positive("child-cpu", secs)?);
+            }
+            if let Some(v) = some("child-files") {
+                let n = parse_count("child-files", &v)? as u64;
+                // stdin, stdout, stderr and an interpreter's own few.
+                if n < MIN_CHILD_FILES {
+                    return Err(format!("--child-files {v}: a child needs at least {MIN_CHILD_FILES} (its stdio and an interpreter's own)"));
+                }
+                limits.files = Some(n);
+            }
+            if let Some(v) = some("child-processes") {
+                limits.processes = Some(positive(
+                    "child-processes",
+                    parse_count("child-processes", &v)? as u64,
+                )?);
+            }
+            if let Some(v) = some("child-user") {
+                limits.user = Some(user_of(&v)?);
+            }
+            Ok(limits)
+        }
+    }
+
+    /// `USER[:GROUP]`, each a name (from /etc/passwd, /etc/group) or a number; the group
+    /// defaults to the user's own. Only root can become another user.
+    fn user_of(given: &str) -> Result<ChildUser, String> {
+        let (user, group) = match given.split_once(':') {
+            Some((u, g)) => (u.trim(), Some(g.trim())),
+            None => (given.trim(), None),
+        };
+        let (uid, primary) =
+            match lookup_user(user) {
+                Some(found) => found,
+                None => match user.parse::<u32>() {
+                    Ok(uid) => (uid, uid),
+                    Err(_) => return Err(format!(
+                        "--child-user {given:?}: no user {user:?} on this machine (/etc/passwd)"
+                    )),
+                },
+            };
+        let gid = match group {
+            None | Some("") => primary,
+            Some(g) => match lookup_group(g).or_else(|| g.parse().ok()) {
+                Some(gid) => gid,
+                None => {
+                    return Err(format!(
+                        "--child-user {given:?}: no group {g:?} on this machine (/etc/group)"
+                    ))
+                }
+            },
+        };
+        let me = unsafe { libc::geteuid() };
+        if me != 0 && (uid != me || gid != unsafe { libc::getegid() }) {
+            return Err(format!("--child-user {given:?}: only root can run children as another user (stdio-sse runs as uid {me})"));
+        }
+        Ok(ChildUser {
+            name: given.trim().to_string(),
+            uid,
+            gid,
+        })
+    }
+
+    /// (uid, primary gid) of a user name, by getpwnam_r (musl reads /etc/passwd).
+    fn lookup_user(name: &str) -> Option<(u32, u32)> {
+        let cname = std::ffi::CString::new(name).ok()?;
+        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pw,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut out,
+            )
+        };
+        (rc == 0 && !out.is_null()).then_some((pw.pw_uid, pw.pw_gid))
+    }
+
+    fn lookup_group(name: &str) -> Option<u32> {
+        let cname = std::ffi::CString::new(name).ok()?;
+        let mut gr: libc::group = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0 as libc::c_char; 16 * 1024];
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        let rc = unsafe {
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut gr,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut out,
+            )
+        };
+        (rc == 0 && !out.is_null()).then_some(gr.gr_gid)
     }
 
     /// What --config holds: the servers to run, and why others are not run.
@@ -768,6 +995,7 @@ mod config {
         "passHeader",
         "tools",
         "disabled",
+        "limits",
     ];
     /// Keys other clients keep in the same file (Cline, Cursor, Claude Desktop
     /// extensions) that say nothing about how to run the server: ignored.
@@ -1009,6 +1237,38 @@ mod config {
             Some(_) => {
                 return Err(
                     "\"sessionIdleTimeout\" must be a duration like \"30m\" or seconds".into(),
+                )
+            }
+        }
+        match obj.get("limits") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                const KEYS: [&str; 5] = ["memory", "cpu", "files", "processes", "user"];
+                if let Some(k) = m.keys().find(|k| !KEYS.contains(&k.as_str())) {
+                    return Err(format!(
+                        "\"limits\": unknown key {k:?} ({})",
+                        KEYS.join(", ")
+                    ));
+                }
+                let own = ChildLimits::parse(&|flag| {
+                    m.get(flag.trim_start_matches("child-")).map(|v| match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        other => other.to_string(),
+                    })
+                })
+                .map_err(|e| e.replace("--child-", "\"limits\".").replace("--", ""))?;
+                // An entry's limits replace the flags' one by one.
+                let l = &mut spec.limits;
+                l.memory = own.memory.or(l.memory);
+                l.cpu = own.cpu.or(l.cpu);
+                l.files = own.files.or(l.files);
+                l.processes = own.processes.or(l.processes);
+                l.user = own.user.or(l.user.take());
+            }
+            Some(_) => {
+                return Err(
+                    "\"limits\" must be an object (memory, cpu, files, processes, user)".into(),
                 )
             }
         }
@@ -1471,6 +1731,7 @@ mod config {
                 ))
             }
         };
+        let child_limits = ChildLimits::parse(&|k| Some(v.get(k)))?;
         let cfg = Config {
             host: v.get("host"),
             port: v
@@ -1580,6 +1841,7 @@ mod config {
                 pass_headers: Vec::new(),
                 tools: ToolFilter::default(),
                 disabled: false,
+                limits: child_limits,
             },
             servers: Vec::new(),
             skipped: Vec::new(),
@@ -8740,7 +9002,8 @@ mod oneshot {
         };
         if !status.success() {
             let detail = serde_json::json!({
-                "error": format!("the program {}", crate::child::describe(&status)),
+                "error": format!("the program {}", child.ended(&status)),
+                "limit": child.limit_hit().map(|(l, _)| l.label()),
                 "exit_code": status.code(),
                 "signal": std::os::unix::process::ExitStatusExt::signal(&status),
                 "stderr": child.final_stderr_tail(),
@@ -10386,8 +10649,9 @@ mod sessions {
                 let status = child.wait_exit(Duration::ZERO);
                 let what = status
                     .as_ref()
-                    .map(crate::child::describe)
+                    .map(|s| child.ended(s))
                     .unwrap_or_else(|| "stopped answering".into());
+                let limit = child.limit_hit().map(|(l, _)| l.label());
                 let tail = if status.is_some() {
                     child.final_stderr_tail()
                 } else {
@@ -10409,7 +10673,12 @@ mod sessions {
                 (
                     -32603,
                     msg,
-                    Some(serde_json::json!({"exit": what, "stderr": tail})),
+                    Some(match limit {
+                        Some(limit) => {
+                            serde_json::json!({"exit": what, "limit": limit, "stderr": tail})
+                        }
+                        None => serde_json::json!({"exit": what, "stderr": tail}),
+                    }),
                 )
             }
             EndReason::Deleted => (-32000, "Session terminated by DELETE".to_string(), None),
@@ -11260,7 +11529,7 @@ mod upstream {
             Warn,
             "child_exit",
             session = child.tag; "server process {} with {} session(s) open",
-            crate::child::describe(&status),
+            child.ended(&status),
             members.len());
         for s in members {
             sessions::end(&s, EndReason::ChildGone);
@@ -11366,11 +11635,7 @@ mod upstream {
                     slots.slots.locked()[i].up = None;
                     let tail = child.final_stderr_tail();
                     let last = tail.last().map(|l| format!("; last stderr: {l}"));
-                    format!(
-                        "{}{}",
-                        crate::child::describe(&status),
-                        last.unwrap_or_default()
-                    )
+                    format!("{}{}", child.ended(&status), last.unwrap_or_default())
                 }
                 Err(msg) => msg,
             };
@@ -12817,7 +13082,7 @@ mod merged {
 /// ST-4, ST-5, ST-6.
 mod child {
     use super::*;
-    use crate::config::ServerSpec;
+    use crate::config::{ChildLimits, Limit, ServerSpec};
     use crate::servers::Server;
     use std::collections::VecDeque;
     use std::io::{BufRead, BufReader, Read, Write};
@@ -12845,10 +13110,14 @@ mod child {
         exited: Condvar,
         stderr_tail: Mutex<VecDeque<String>>,
         on_exit: Mutex<Option<OnEof>>,
+        /// What it was started under (to say which limit it met).
+        limits: crate::config::ChildLimits,
     }
 
     #[derive(Default)]
     struct Life {
+        /// The limit it met, found when it was reaped.
+        limit_hit: Option<Limit>,
         /// Set (under this lock) just before the leader is reaped: after it, its pid may
         /// be reused, so no signal may be sent to the group.
         reaping: bool,
@@ -12907,9 +13176,20 @@ mod child {
         // Own process group: the whole tree can be signalled, and a Ctrl-C at a terminal
         // reaches only us, so children end in order.
         cmd.process_group(0);
+        let limits = &cfg.limits;
+        if let Some(user) = &limits.user {
+            // std drops the supplementary groups (setgroups(0)) before setuid when root.
+            cmd.uid(user.uid).gid(user.gid);
+        }
+        let rlimits = rlimits_of(limits);
         let parent = unsafe { libc::getpid() };
         unsafe {
             cmd.pre_exec(move || {
+                // After setuid (std's order): lowering is allowed to anyone, and the
+                // parent-death signal below is not cleared by a later credential change.
+                for &(resource, soft, hard) in &rlimits {
+                    set_rlimit(resource, soft, hard)?;
+                }
                 if libc::prctl(
                     libc::PR_SET_PDEATHSIG,
                     libc::SIGKILL as libc::c_ulong,
@@ -12953,8 +13233,100 @@ mod child {
             exited: Condvar::new(),
             stderr_tail: Mutex::new(VecDeque::new()),
             on_exit: Mutex::new(None),
+            limits: cfg.limits.clone(),
         });
         Ok((child, proc_))
+    }
+
+    /// A CPU limit's hard limit is this much above its soft one: at the soft limit the
+    /// child gets SIGXCPU (it may say why it ends), at the hard one SIGKILL.
+    const CPU_HARD_MARGIN: u64 = 1;
+
+    /// (resource, soft, hard) for each limit set; computed before fork, as the child
+    /// may not allocate between fork and exec.
+    fn rlimits_of(limits: &ChildLimits) -> Vec<(libc::__rlimit_resource_t, u64, u64)> {
+        let mut out = Vec::new();
+        for limit in Limit::ALL {
+            let Some(n) = limits.get(limit) else { continue };
+            out.push(match limit {
+                Limit::Memory => (libc::RLIMIT_AS, n, n),
+                Limit::Cpu => (libc::RLIMIT_CPU, n, n + CPU_HARD_MARGIN),
+                Limit::Files => (libc::RLIMIT_NOFILE, n, n),
+                Limit::Processes => (libc::RLIMIT_NPROC, n, n),
+            });
+        }
+        out
+    }
+
+    /// Lowers a limit; never raises a hard limit we were given (only root may).
+    fn set_rlimit(
+        resource: libc::__rlimit_resource_t,
+        soft: u64,
+        hard: u64,
+    ) -> std::io::Result<()> {
+        let mut now = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if unsafe { libc::getrlimit(resource, &mut now) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hard = (hard as libc::rlim_t).min(now.rlim_max);
+        let new = libc::rlimit {
+            rlim_cur: (soft as libc::rlim_t).min(hard),
+            rlim_max: hard,
+        };
+        if unsafe { libc::setrlimit(resource, &new) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// What a child's stderr says when a limit refused it something: an allocation
+    /// (RLIMIT_AS), a file (EMFILE), a fork (EAGAIN under RLIMIT_NPROC).
+    const LIMIT_WORDS: [(Limit, &[&str]); 3] = [
+        (
+            Limit::Memory,
+            &[
+                "MemoryError",
+                "Cannot allocate memory",
+                "out of memory",
+                "Out of memory",
+                "bad_alloc",
+                "memory allocation of",
+                "ENOMEM",
+            ],
+        ),
+        (Limit::Files, &["Too many open files", "EMFILE"]),
+        (
+            Limit::Processes,
+            &["Resource temporarily unavailable", "EAGAIN", "fork: retry"],
+        ),
+    ];
+
+    /// Which limit a child that ended met, if one did: CPU by the time it used (its
+    /// rusage), the others by what its last stderr lines say, and only when the
+    /// limit was set and the child did not end well.
+    fn limit_met(
+        limits: &ChildLimits,
+        status: &ExitStatus,
+        cpu_used: Duration,
+        tail: &[String],
+    ) -> Option<Limit> {
+        if status.success() {
+            return None;
+        }
+        if let Some(cpu) = limits.cpu {
+            let killed_for_cpu =
+                matches!(status.signal(), Some(libc::SIGXCPU) | Some(libc::SIGKILL));
+            if killed_for_cpu && cpu_used + Duration::from_millis(100) >= Duration::from_secs(cpu) {
+                return Some(Limit::Cpu);
+            }
+        }
+        LIMIT_WORDS.iter().find_map(|(limit, words)| {
+            let said = tail.iter().any(|l| words.iter().any(|w| l.contains(w)));
+            (limits.get(*limit).is_some() && said).then_some(*limit)
+        })
     }
 
     /// Spawns the configured command and starts the thread that watches its stderr and
@@ -13123,19 +13495,63 @@ mod child {
             crate::ownership::forget(p.pid);
             life.reaping = true;
         }
-        let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(0));
+        let (status, cpu_used) = wait_with_usage(&mut child);
+        drop(child);
         crate::app().children.locked().remove(&p.pid);
         crate::app().metrics.child_exited(&status);
-        crate::log!(
-            Debug,
-            "child_exit",
-            session = p.tag; "pid {} {}",
-            p.pid,
-            describe(&status));
-        p.life.locked().status = Some(status);
+        let limit_hit = limit_met(&p.limits, &status, cpu_used, &p.stderr_tail());
+        match limit_hit {
+            Some(limit) => {
+                crate::app().metrics.child_limit_exit(limit);
+                crate::log!(
+                    Warn,
+                    "child_limit",
+                    session = p.tag, server = p.server, limit = limit.label(); "pid {} {} at its limit {}",
+                    p.pid,
+                    describe(&status),
+                    p.limits.shown(limit));
+            }
+            None => crate::log!(
+                Debug,
+                "child_exit",
+                session = p.tag; "pid {} {}",
+                p.pid,
+                describe(&status)),
+        }
+        {
+            let mut life = p.life.locked();
+            life.status = Some(status);
+            life.limit_hit = limit_hit;
+        }
         p.exited.notify_all();
         if let Some(hook) = p.on_exit.locked().take() {
             hook();
+        }
+    }
+
+    /// Reaps the leader with wait4, for the CPU time it used (std's wait gives none).
+    fn wait_with_usage(child: &mut std::process::Child) -> (ExitStatus, Duration) {
+        let pid = child.id() as libc::pid_t;
+        let mut raw = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        loop {
+            let rc = unsafe { libc::wait4(pid, &mut raw, 0, &mut usage) };
+            if rc == pid {
+                let tv = |t: libc::timeval| {
+                    Duration::from_secs(t.tv_sec.max(0) as u64)
+                        + Duration::from_micros(t.tv_usec.max(0) as u64)
+                };
+                return (
+                    ExitStatus::from_raw(raw),
+                    tv(usage.ru_utime) + tv(usage.ru_stime),
+                );
+            }
+            if rc < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            // Reaped elsewhere already (cannot happen: we own it): std's answer.
+            let status = child.wait().unwrap_or_else(|_| ExitStatus::from_raw(0));
+            return (status, Duration::ZERO);
         }
     }
 
@@ -13345,6 +13761,21 @@ mod child {
 
         pub fn has_exited(&self) -> bool {
             self.life.locked().status.is_some()
+        }
+
+        /// The limit it met and how the flag says it, once it has been reaped.
+        pub fn limit_hit(&self) -> Option<(Limit, String)> {
+            let limit = self.life.locked().limit_hit?;
+            Some((limit, self.limits.shown(limit)))
+        }
+
+        /// How it ended, naming the limit it met: "was killed by signal 24 at its
+        /// limit --child-cpu 1s".
+        pub fn ended(&self, status: &ExitStatus) -> String {
+            match self.limit_hit() {
+                Some((_, shown)) => format!("{} at its limit {shown}", describe(status)),
+                None => describe(status),
+            }
         }
 
         /// Runs `hook` once the child has been reaped (at once if it already has).
@@ -14777,6 +15208,8 @@ mod observe {
         config_reloads: Mutex<Vec<(&'static str, u64)>>,
         /// success, failure (non-zero status), signal
         children_exited: [AtomicU64; 3],
+        /// By crate::config::Limit, in Limit::ALL's order.
+        child_limit_exits: [AtomicU64; 4],
         children_restarted: AtomicU64,
         panics: AtomicU64,
         dropped: Mutex<Vec<(&'static str, u64)>>,
@@ -14810,6 +15243,7 @@ mod observe {
                 server_failures: Default::default(),
                 config_reloads: Default::default(),
                 children_exited: Default::default(),
+                child_limit_exits: Default::default(),
                 children_restarted: Default::default(),
                 panics: Default::default(),
                 dropped: Default::default(),
@@ -14939,6 +15373,14 @@ mod observe {
                 None => 2,
             };
             self.children_exited[class].fetch_add(1, Ordering::Relaxed);
+        }
+        /// A child that ended at one of its --child-* limits.
+        pub fn child_limit_exit(&self, limit: crate::config::Limit) {
+            let i = crate::config::Limit::ALL
+                .iter()
+                .position(|l| *l == limit)
+                .unwrap_or(0);
+            self.child_limit_exits[i].fetch_add(1, Ordering::Relaxed);
         }
         /// A message we could not deliver: logged by the caller, counted here.
         pub fn dropped(&self, reason: &'static str) {
@@ -15227,6 +15669,16 @@ mod observe {
                         .iter()
                         .zip(&self.children_exited)
                         .map(|(s, c)| (label("status", s), load(c)))
+                        .collect(),
+                ),
+                (
+                    "stdio_sse_child_limit_exits_total",
+                    "Child processes that ended at a --child-* limit, by which.",
+                    "counter",
+                    crate::config::Limit::ALL
+                        .iter()
+                        .zip(&self.child_limit_exits)
+                        .map(|(l, c)| (label("limit", l.label()), load(c)))
                         .collect(),
                 ),
                 (
@@ -15859,6 +16311,26 @@ fn warn_if_exposed(cfg: &config::Config, addr: &std::net::SocketAddr) {
     );
 }
 
+/// RLIMIT_NPROC does not bind root: a --child-processes for children that run as root
+/// would promise what it does not do.
+fn warn_if_limit_unbound(cfg: &config::Config) {
+    let root = unsafe { libc::geteuid() } == 0;
+    for s in &cfg.servers {
+        let as_root = match &s.limits.user {
+            Some(u) => u.uid == 0,
+            None => root,
+        };
+        if s.limits.processes.is_some() && as_root {
+            log!(
+                Warn,
+                "limit_unbound",
+                server = s.name;
+                "--child-processes does not bind children that run as root: add --child-user (e.g. nobody)"
+            );
+        }
+    }
+}
+
 /// Our own executable, for the demo child. /proc may be missing (scratch containers,
 /// chroots), so fall back to argv[0] when it names a path.
 fn self_exe(argv0: &str) -> Option<String> {
@@ -15967,6 +16439,7 @@ fn main() {
         std::process::exit(2);
     }
     warn_if_exposed(cfg, &addr);
+    warn_if_limit_unbound(cfg);
     follow_parent(parent, pid1);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = start_http(listener, tls);
