@@ -90,6 +90,9 @@ mod config {
     pub const DEFAULT_LOG_LEVEL: &str = "info";
     /// Text for people at a terminal; json for log shippers (one object per line).
     pub const DEFAULT_LOG_FORMAT: &str = "text";
+    /// A tap left on for a day of traffic fills no disk: two files of this size at most
+    /// (PATH and PATH.1).
+    pub const DEFAULT_TAP_MAX_SIZE: &str = "64MiB";
     /// One line per HTTP request: what an operator reads first when a client complains.
     pub const DEFAULT_ACCESS_LOG: &str = "true";
     /// --probe without a URL: the readiness endpoint of an instance on the default port.
@@ -505,6 +508,18 @@ mod config {
             DEFAULT_ACCESS_LOG,
             "a log line per HTTP request (--access-log=false: off)",
         ),
+        flag(
+            "tap",
+            "PATH",
+            "",
+            "write every JSON-RPC message, each way, as a JSON line to PATH (- for stderr)",
+        ),
+        flag(
+            "tap-max-size",
+            "SIZE",
+            DEFAULT_TAP_MAX_SIZE,
+            "at this size the tap file moves to PATH.1 and a new one starts (0: never)",
+        ),
         switch(
             "exit-with-parent",
             "exit (ending the children) when the process that started us exits",
@@ -617,6 +632,9 @@ mod config {
         pub log_level: crate::observe::Level,
         pub log_json: bool,
         pub access_log: bool,
+        /// --tap: where every message is written (None: off; "-": stderr).
+        pub tap: Option<String>,
+        pub tap_max_size: usize,
         pub exit_with_parent: bool,
         pub auth: Auth,
         pub cors_origins: Vec<String>,
@@ -909,16 +927,17 @@ mod config {
             Some((u, g)) => (u.trim(), Some(g.trim())),
             None => (given.trim(), None),
         };
-        let (uid, primary) =
-            match lookup_user(user) {
-                Some(found) => found,
-                None => match user.parse::<u32>() {
-                    Ok(uid) => (uid, uid),
-                    Err(_) => return Err(format!(
+        let (uid, primary) = match lookup_user(user) {
+            Some(found) => found,
+            None => match user.parse::<u32>() {
+                Ok(uid) => (uid, uid),
+                Err(_) => {
+                    return Err(format!(
                         "--child-user {given:?}: no user {user:?} on this machine (/etc/passwd)"
-                    )),
-                },
-            };
+                    ))
+                }
+            },
+        };
         let gid = match group {
             None | Some("") => primary,
             Some(g) => match lookup_group(g).or_else(|| g.parse().ok()) {
@@ -1810,6 +1829,8 @@ mod config {
                 other => return Err(format!("--log-format must be text or json, got {other:?}")),
             },
             access_log: v.switch("access-log")?,
+            tap: Some(v.get("tap")).filter(|t| !t.is_empty()),
+            tap_max_size: parse_size("tap-max-size", &v.get("tap-max-size"))?,
             exit_with_parent: v.switch("exit-with-parent")?,
             auth,
             cors_origins,
@@ -5360,6 +5381,14 @@ mod auth {
     use std::sync::{Arc, RwLock};
 
     static TOKENS: RwLock<Vec<Arc<str>>> = RwLock::new(Vec::new());
+
+    /// The tokens in force (for the log and the tap, which never print them).
+    pub fn tokens() -> Vec<Arc<str>> {
+        TOKENS
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 
     /// Loads the fixed tokens and the token file; on SIGHUP, again. A file that cannot
     /// be read keeps the tokens we have, so a bad edit never locks everyone out.
@@ -9768,6 +9797,21 @@ mod sessions {
     }
 
     impl Session {
+        /// One line of --tap for this session (its pass-header values redacted).
+        pub fn tap(&self, direction: crate::observe::tap::Direction, message: &Value) {
+            if !crate::observe::tap::on() {
+                return;
+            }
+            let secrets: Vec<String> = self.env.iter().map(|(_, v)| v.clone()).collect();
+            crate::observe::tap::record(
+                direction,
+                &self.tag,
+                &self.server.name,
+                crate::observe::tap::Message::Value(message),
+                &secrets,
+            );
+        }
+
         /// A hidden session carrying 2026-07-28 calls, not a client's.
         pub fn is_carrier(&self) -> bool {
             self.transport == Transport::Modern
@@ -10461,6 +10505,7 @@ mod sessions {
             return crate::merged::from_member(link, session, json, value);
         }
         app.metrics.message(crate::observe::Way::ToClient, value);
+        session.tap(crate::observe::tap::Direction::BridgeToClient, value);
         if session.carrier.is_some() {
             return crate::modern::from_child(session, json, value, aside);
         }
@@ -10712,6 +10757,11 @@ mod sessions {
             for (key, f) in in_flight {
                 let id: Value = serde_json::from_str(&key).unwrap_or(Value::Null);
                 let json = crate::message::error_response(&id, code, &message, data.clone());
+                if crate::observe::tap::on() {
+                    if let Ok(v) = serde_json::from_str::<Value>(&json) {
+                        session.tap(crate::observe::tap::Direction::BridgeToClient, &v);
+                    }
+                }
                 // The session is ending: its connections are dropped next, not waited for.
                 let _ = r.emit(&session.tag, f.stream, json.into(), true);
             }
@@ -10960,6 +11010,11 @@ mod upstream {
         /// initialize, a subscription the child already has) is answered here.
         pub fn send(&self, session: &Arc<Session>, messages: &[Value]) -> std::io::Result<()> {
             let app = crate::app();
+            if crate::observe::tap::on() && session.member.is_none() {
+                for m in messages {
+                    session.tap(crate::observe::tap::Direction::ClientToBridge, m);
+                }
+            }
             if !self.shared {
                 // The merged server's own writes to its servers' children are counted
                 // there: a message is counted once, when it reaches a child.
@@ -13112,6 +13167,8 @@ mod child {
         on_exit: Mutex<Option<OnEof>>,
         /// What it was started under (to say which limit it met).
         limits: crate::config::ChildLimits,
+        /// The --pass-header values it was given: never in the log or the tap.
+        pub secrets: Vec<String>,
     }
 
     #[derive(Default)]
@@ -13234,6 +13291,7 @@ mod child {
             stderr_tail: Mutex::new(VecDeque::new()),
             on_exit: Mutex::new(None),
             limits: cfg.limits.clone(),
+            secrets: env.iter().map(|(_, v)| v.clone()).collect(),
         });
         Ok((child, proc_))
     }
@@ -13461,10 +13519,21 @@ mod child {
     /// The reader thread: each stdout line to `on_line`, then `on_eof` once.
     pub fn start_reader(p: &ChildProc, stdout: ChildStdout, on_line: OnLine, on_eof: OnEof) {
         let max = crate::app().cfg.max_message;
-        let tag = p.tag.clone();
+        let who = Who {
+            tag: p.tag.clone(),
+            server: p.server.clone(),
+            secrets: p.secrets.clone(),
+        };
         crate::spawn_thread("child-stdout", move || {
-            read_stdout(stdout, max, &tag, on_line, on_eof)
+            read_stdout(stdout, max, &who, on_line, on_eof)
         });
+    }
+
+    /// Whose stdout a reader reads: for the log and the tap.
+    struct Who {
+        tag: String,
+        server: Arc<str>,
+        secrets: Vec<String>,
     }
 
     /// Blocks until the leader exits, without reaping it.
@@ -13556,7 +13625,8 @@ mod child {
     }
 
     /// Splits stdout on `\n` only (ST-1: U+2028 inside a string is not a line break).
-    fn read_stdout(stdout: ChildStdout, max: usize, tag: &str, mut on_line: OnLine, on_eof: OnEof) {
+    fn read_stdout(stdout: ChildStdout, max: usize, who: &Who, mut on_line: OnLine, on_eof: OnEof) {
+        let tag = who.tag.as_str();
         let mut reader = BufReader::with_capacity(64 * 1024, stdout);
         let mut buf = Vec::new();
         loop {
@@ -13575,9 +13645,19 @@ mod child {
                     match String::from_utf8(std::mem::take(&mut buf)) {
                         Ok(line) => {
                             if crate::observe::enabled(crate::observe::Level::Debug) {
-                                let body = crate::observe::body_excerpt(&line);
+                                let body = crate::observe::body_excerpt(&crate::observe::redact(
+                                    &line,
+                                    &who.secrets,
+                                ));
                                 crate::log!(Debug, "message", session = tag, direction = "from_child"; "{body}");
                             }
+                            crate::observe::tap::record(
+                                crate::observe::tap::Direction::ChildToBridge,
+                                tag,
+                                &who.server,
+                                crate::observe::tap::Message::Line(&line),
+                                &who.secrets,
+                            );
                             // A routing bug (a panic, logged and counted by the hook)
                             // loses this line, not the reader: a reader that died would
                             // leave the child's sessions waiting for ever.
@@ -13738,9 +13818,18 @@ mod child {
         pub fn send_message(&self, message: &serde_json::Value) -> std::io::Result<()> {
             let mut framed = serde_json::to_vec(message)?;
             if crate::observe::enabled(crate::observe::Level::Debug) {
-                let body = crate::observe::body_excerpt(&String::from_utf8_lossy(&framed));
+                let text = String::from_utf8_lossy(&framed);
+                let body =
+                    crate::observe::body_excerpt(&crate::observe::redact(&text, &self.secrets));
                 crate::log!(Debug, "message", session = self.tag.as_str(), direction = "to_child"; "{body}");
             }
+            crate::observe::tap::record(
+                crate::observe::tap::Direction::BridgeToChild,
+                &self.tag,
+                &self.server,
+                crate::observe::tap::Message::Value(message),
+                &self.secrets,
+            );
             framed.push(b'\n');
             crate::app()
                 .metrics
@@ -14341,6 +14430,7 @@ mod teardown {
                 for c in app.children.locked().values() {
                     unsafe { libc::kill(-c.pid, libc::SIGKILL) };
                 }
+                crate::observe::tap::close();
                 std::process::exit(0);
             }
             log!(
@@ -14466,6 +14556,7 @@ mod teardown {
             let _ = j.join();
         }
         log!(Info, "shutdown", "all children ended; exiting");
+        crate::observe::tap::close();
         std::process::exit(0);
     }
 
@@ -14962,6 +15053,203 @@ mod observe {
     }
 
     /// A message body for a debug line: at most BODY_LOG_LIMIT bytes of it.
+    /// Secrets never printed, in the log or the tap: the bearer tokens, and the
+    /// --pass-header values a child was given (`extra`), should a message carry them.
+    pub fn redact<'a>(text: &'a str, extra: &[String]) -> std::borrow::Cow<'a, str> {
+        let mut out = std::borrow::Cow::Borrowed(text);
+        let tokens = crate::auth::tokens();
+        let secrets = tokens
+            .iter()
+            .map(|t| &**t)
+            .chain(extra.iter().map(String::as_str))
+            .filter(|s| s.len() >= MIN_SECRET);
+        for secret in secrets {
+            if out.contains(secret) {
+                out = std::borrow::Cow::Owned(out.replace(secret, REDACTED));
+            }
+        }
+        out
+    }
+
+    /// What stands where a secret was.
+    pub const REDACTED: &str = "[redacted]";
+    /// Shorter values are not hidden: "1" or "on" would blank out every number.
+    const MIN_SECRET: usize = 4;
+
+    /// --tap: every JSON-RPC message as one JSON line, `{"time", "session", "server",
+    /// "direction", "message"}`, in the order each point saw it. The four directions
+    /// are the four places a message crosses: from the client into the bridge, from the
+    /// bridge to the child's stdin, from the child's stdout, and out to the client; a
+    /// message the bridge answers itself shows only the two client legs. Secrets are
+    /// redacted as in the log. At --tap-max-size the file moves to PATH.1 (the one
+    /// before is dropped) and a new one starts. Each line leaves in one write under one
+    /// lock, and exit takes the lock last, so the file never ends mid-line.
+    pub mod tap {
+        use super::*;
+        use std::io::Write;
+
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Direction {
+            ClientToBridge,
+            BridgeToChild,
+            ChildToBridge,
+            BridgeToClient,
+        }
+
+        impl Direction {
+            pub fn label(self) -> &'static str {
+                match self {
+                    Direction::ClientToBridge => "client_to_bridge",
+                    Direction::BridgeToChild => "bridge_to_child",
+                    Direction::ChildToBridge => "child_to_bridge",
+                    Direction::BridgeToClient => "bridge_to_client",
+                }
+            }
+        }
+
+        enum Sink {
+            Stderr,
+            File {
+                path: std::path::PathBuf,
+                file: std::fs::File,
+                size: u64,
+                max: u64,
+            },
+            /// After exit began: nothing more is written.
+            Closed,
+        }
+
+        static TAP: Mutex<Option<Sink>> = Mutex::new(None);
+        /// Read on every message: the lock is taken only when the tap is on.
+        static ON: AtomicBool = AtomicBool::new(false);
+
+        pub fn on() -> bool {
+            ON.load(Ordering::Relaxed)
+        }
+
+        /// Opens --tap at start (appending: a restart adds to the file).
+        pub fn open(cfg: &crate::config::Config) -> Result<(), String> {
+            let Some(path) = &cfg.tap else {
+                return Ok(());
+            };
+            let sink = if path == "-" {
+                Sink::Stderr
+            } else {
+                let path = std::path::PathBuf::from(path);
+                let file = append(&path)
+                    .map_err(|e| format!("--tap {}: cannot open it: {e}", path.display()))?;
+                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                Sink::File {
+                    path,
+                    file,
+                    size,
+                    max: cfg.tap_max_size as u64,
+                }
+            };
+            *TAP.locked() = Some(sink);
+            ON.store(true, Ordering::Release);
+            Ok(())
+        }
+
+        fn append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+        }
+
+        /// Writes one line: a message (parsed, or the raw text of a line that is not
+        /// JSON) crossing `direction` for a session (or a child's tag) of a server.
+        pub fn record(
+            direction: Direction,
+            session: &str,
+            server: &str,
+            message: Message,
+            secrets: &[String],
+        ) {
+            if !on() {
+                return;
+            }
+            let message = match message {
+                Message::Value(v) => v.to_string(),
+                Message::Line(text) => match serde_json::from_str::<serde_json::Value>(text) {
+                    Ok(v) => v.to_string(),
+                    Err(_) => serde_json::Value::String(text.to_string()).to_string(),
+                },
+            };
+            let message = redact(&message, secrets);
+            let mut line = String::with_capacity(message.len() + 128);
+            let _ = write!(
+                line,
+                "{{\"time\":\"{}\",\"session\":{},\"server\":{},\"direction\":\"{}\",\"message\":{message}}}\n",
+                timestamp(),
+                serde_json::Value::from(session),
+                serde_json::Value::from(server),
+                direction.label()
+            );
+            write_line(line.as_bytes());
+        }
+
+        pub enum Message<'a> {
+            Value(&'a serde_json::Value),
+            /// A child's stdout line as it came.
+            Line(&'a str),
+        }
+
+        fn write_line(bytes: &[u8]) {
+            let mut guard = TAP.locked();
+            let failed = match guard.as_mut() {
+                Some(Sink::Stderr) => std::io::stderr().lock().write_all(bytes).is_err(),
+                Some(Sink::File {
+                    path,
+                    file,
+                    size,
+                    max,
+                }) => {
+                    if *max > 0 && *size > 0 && *size + bytes.len() as u64 > *max {
+                        let old = path.with_extension(match path.extension() {
+                            Some(e) => format!("{}.1", e.to_string_lossy()),
+                            None => "1".into(),
+                        });
+                        match std::fs::rename(&*path, &old).and_then(|_| append(path)) {
+                            Ok(f) => {
+                                *file = f;
+                                *size = 0;
+                            }
+                            Err(e) => {
+                                crate::log!(
+                                    Error,
+                                    "tap",
+                                    "cannot rotate --tap {}: {e}; the tap stops",
+                                    path.display()
+                                );
+                                *guard = Some(Sink::Closed);
+                                return;
+                            }
+                        }
+                    }
+                    *size += bytes.len() as u64;
+                    file.write_all(bytes).is_err()
+                }
+                Some(Sink::Closed) | None => false,
+            };
+            if failed {
+                crate::app().metrics.dropped("tap_write_failed");
+                crate::log!(Error, "tap", "cannot write to --tap; the tap stops");
+                *guard = Some(Sink::Closed);
+            }
+        }
+
+        /// At exit: waits for the line being written, then lets no other begin.
+        pub fn close() {
+            if on() {
+                *TAP.locked() = Some(Sink::Closed);
+            }
+        }
+    }
+
     pub fn body_excerpt(body: &str) -> String {
         if body.len() <= BODY_LOG_LIMIT {
             return body.to_string();
@@ -16416,6 +16704,10 @@ fn main() {
     }
     let mut cfg = read_config(&args);
     start_logging(&cfg);
+    if let Err(e) = observe::tap::open(&cfg) {
+        eprintln!("stdio-sse: {e}");
+        std::process::exit(2);
+    }
     if cfg.demo {
         cfg.command = vec![demo_command(&args[0]), config::DEMO_ARG.to_string()];
         cfg.server_defaults.command = cfg.command.clone();

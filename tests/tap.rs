@@ -1,0 +1,202 @@
+//! --tap: every JSON-RPC message as one JSON line (time, session, server, direction,
+//! message), in order, each way; secrets redacted as in the log; a size cap with one
+//! rotated file; complete when stdio-sse exits.
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::process::Command;
+
+fn tap_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("stdio-sse-tap-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn lines_of(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON line ({e}): {l}")))
+        .collect()
+}
+
+/// The directions, in order, of the tap lines about request `id` of `session`.
+fn directions_of(lines: &[Value], id: i64) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l["message"]["id"] == id)
+        .map(|l| l["direction"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_sessions_messages_appear_in_order_each_way_with_secrets_redacted() {
+    let dir = tap_dir("order");
+    let tap = dir.join("tap.jsonl");
+    let token = "tok-8b1d9e2f5a";
+    let header_secret = "sk-live-3c7a9f";
+    let mut s = Server::start(
+        &[
+            "--tap",
+            tap.to_str().unwrap(),
+            "--log-level",
+            "debug",
+            "--auth-token",
+            token,
+            "--pass-header",
+            "X-User-Key=USER_KEY",
+        ],
+        &everything(),
+    );
+    let bearer = format!("Bearer {token}");
+    let mut c = Conn::open(&s);
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[
+            JSON_CT,
+            ACCEPT_BOTH,
+            ("Authorization", &bearer),
+            ("X-User-Key", header_secret),
+        ],
+        init_body("2025-11-25").as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    let sid = r.header("Mcp-Session-Id").unwrap().to_string();
+    let hdrs = [
+        JSON_CT,
+        ACCEPT_BOTH,
+        ("Authorization", bearer.as_str()),
+        ("Mcp-Session-Id", sid.as_str()),
+        ("MCP-Protocol-Version", "2025-11-25"),
+    ];
+    let mut post = |body: Value| c.request("POST", "/mcp", &hdrs, body.to_string().as_bytes());
+    assert_eq!(
+        post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).status,
+        202
+    );
+    let r = post(tool_call(5, "echo", json!({"message": "hello tap"})));
+    assert_eq!(result_text(&r.messages()[0]), "hello tap");
+    // The child says the secret it was given; a client puts the token in a message.
+    let r = post(tool_call(6, "env", json!({"name": "USER_KEY"})));
+    assert_eq!(
+        result_text(&r.messages()[0]),
+        header_secret,
+        "the client sees its own"
+    );
+    let r = post(tool_call(7, "echo", json!({"message": token})));
+    assert_eq!(r.status, 200);
+    assert_eq!(s.stop_with(libc::SIGTERM).code(), Some(0));
+
+    let text = std::fs::read_to_string(&tap).unwrap();
+    assert!(text.ends_with('\n'), "the file ends with a whole line");
+    let lines = lines_of(&tap);
+    let tag = tag_of(&sid);
+    for l in &lines {
+        for key in ["time", "session", "server", "direction", "message"] {
+            assert!(l.get(key).is_some(), "{key} in {l}");
+        }
+    }
+    let four = [
+        "client_to_bridge",
+        "bridge_to_child",
+        "child_to_bridge",
+        "bridge_to_client",
+    ];
+    assert_eq!(
+        directions_of(&lines, 5),
+        four,
+        "a call crosses four places, in order"
+    );
+    let init: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"]["method"] == "initialize")
+        .collect();
+    assert_eq!(init[0]["direction"], "client_to_bridge");
+    assert_eq!(init[0]["session"], tag.as_str());
+    assert_eq!(init[0]["server"], "default");
+    assert!(lines
+        .iter()
+        .any(|l| l["message"]["method"] == "notifications/initialized"
+            && l["direction"] == "bridge_to_child"));
+    let call = lines
+        .iter()
+        .find(|l| l["message"]["id"] == 5 && l["direction"] == "child_to_bridge")
+        .unwrap();
+    assert_eq!(call["message"]["result"]["content"][0]["text"], "hello tap");
+    // Secrets: neither in the tap nor in the debug log, redacted where they were.
+    for secret in [token, header_secret] {
+        assert!(!text.contains(secret), "{secret} in the tap");
+        assert!(!s.log_text().contains(secret), "{secret} in the log");
+    }
+    let said = lines
+        .iter()
+        .find(|l| l["message"]["id"] == 6 && l["direction"] == "bridge_to_client")
+        .unwrap();
+    assert_eq!(
+        said["message"]["result"]["content"][0]["text"],
+        "[redacted]"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_tap_rotates_at_its_size_and_every_line_stays_whole() {
+    let dir = tap_dir("rotate");
+    let tap = dir.join("tap.jsonl");
+    let s = Server::start(
+        &["--tap", tap.to_str().unwrap(), "--tap-max-size", "4KiB"],
+        &everything(),
+    );
+    let sess = Session::open(&s);
+    for i in 0..40 {
+        let r = sess.call(100 + i, "echo", json!({"message": "x".repeat(100)}));
+        assert_eq!(r.status, 200);
+    }
+    let old = dir.join("tap.jsonl.1");
+    eventually("the tap rotated to tap.jsonl.1", || old.exists());
+    for path in [&tap, &old] {
+        let size = std::fs::metadata(path).unwrap().len();
+        assert!(size <= 4096, "{} is {size} bytes", path.display());
+        lines_of(path);
+    }
+    // The newest calls are in the newest file.
+    assert_eq!(directions_of(&lines_of(&tap), 139).len(), 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tap_to_stderr_with_a_dash() {
+    let s = Server::start(&["--tap", "-"], &everything());
+    let sess = Session::open(&s);
+    assert_eq!(
+        sess.call(3, "echo", json!({"message": "to stderr"})).status,
+        200
+    );
+    let line = s.wait_log("\"direction\":\"bridge_to_client\",\"message\":{\"id\":3");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["message"]["result"]["content"][0]["text"], "to stderr");
+}
+
+/// OP-8: a tap that cannot be written is refused at start.
+#[test]
+fn a_tap_path_that_cannot_be_opened_is_refused_at_start() {
+    let out = Command::new(BIN)
+        .args([
+            "--port",
+            "0",
+            "--tap",
+            "/nonexistent-dir-stdio-sse/tap.jsonl",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--tap") && err.contains("cannot open"),
+        "{err}"
+    );
+}
