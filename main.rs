@@ -15183,12 +15183,13 @@ mod observe {
             let mut line = String::with_capacity(message.len() + 128);
             let _ = write!(
                 line,
-                "{{\"time\":\"{}\",\"session\":{},\"server\":{},\"direction\":\"{}\",\"message\":{message}}}\n",
+                "{{\"time\":\"{}\",\"session\":{},\"server\":{},\"direction\":\"{}\",\"message\":{message}}}",
                 timestamp(),
                 serde_json::Value::from(session),
                 serde_json::Value::from(server),
                 direction.label()
             );
+            line.push('\n');
             write_line(line.as_bytes());
         }
 
