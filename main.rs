@@ -9985,6 +9985,13 @@ mod sessions {
         /// ends the session (in the background): the refusal says so, and the requests
         /// are no longer waited for.
         pub fn submit(self: &Arc<Self>, messages: &[Value]) -> Result<(), Refusal> {
+            // A member session's messages come from the merged server, tapped as they
+            // came in to it.
+            if crate::observe::tap::on() && self.member.is_none() {
+                for m in messages {
+                    self.tap(crate::observe::tap::Direction::ClientToBridge, m);
+                }
+            }
             // Calls of tools the server's filter hides (by position), and their answers.
             let mut hidden: Vec<(usize, Value)> = Vec::new();
             let mut lists = Vec::new();
@@ -11010,11 +11017,6 @@ mod upstream {
         /// initialize, a subscription the child already has) is answered here.
         pub fn send(&self, session: &Arc<Session>, messages: &[Value]) -> std::io::Result<()> {
             let app = crate::app();
-            if crate::observe::tap::on() && session.member.is_none() {
-                for m in messages {
-                    session.tap(crate::observe::tap::Direction::ClientToBridge, m);
-                }
-            }
             if !self.shared {
                 // The merged server's own writes to its servers' children are counted
                 // there: a message is counted once, when it reaches a child.

@@ -292,3 +292,47 @@ fn an_unknown_user_in_the_config_file_names_the_server() {
     assert!(err.contains("\"odd\"") && err.contains("no user"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Shared mode: the one child meets its limit under every session; the call that drove
+/// it gets the error naming the limit, and the supervisor's next child serves again.
+#[test]
+fn a_shared_child_at_its_limit_names_it_and_is_replaced() {
+    let s = Server::start(
+        &[
+            "--mode",
+            "shared",
+            "--child-cpu",
+            "1s",
+            "--restart-delay",
+            "100ms",
+        ],
+        &hostile(),
+    );
+    let victim = Session::open(&s);
+    let (pid, _) = pid_uid(&victim);
+    let err = call_error(&victim, 1, "spin");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--child-cpu 1s"),
+        "{err}"
+    );
+    assert_eq!(err["data"]["limit"], "cpu", "{err}");
+    assert_eq!(
+        metric(&s, "stdio_sse_child_limit_exits_total{limit=\"cpu\"}"),
+        1.0
+    );
+    eventually("a new shared child serves a new session", || {
+        let mut c = Conn::open(&s);
+        let r = c.request(
+            "POST",
+            "/mcp",
+            &[JSON_CT, ACCEPT_BOTH],
+            init_body("2025-11-25").as_bytes(),
+        );
+        r.status == 200
+    });
+    let fresh = Session::open(&s);
+    assert_ne!(pid_uid(&fresh).0, pid);
+}
