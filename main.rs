@@ -1,6 +1,7 @@
 //! stdio-sse: serve a stdio MCP server (or any line-oriented JSON program) over HTTP.
 //!
 //!     stdio-sse [OPTIONS] [--] COMMAND [ARGS...]
+//!     stdio-sse check [OPTIONS] [--] COMMAND [ARGS...]   (does the server work? why not?)
 //!
 //! The file reads top to bottom in the order a message travels: configuration, the HTTP
 //! front door, the three transports (Streamable HTTP, legacy HTTP+SSE, one-shot), sessions
@@ -16,6 +17,7 @@
 //! | `door` | the connection layer below HTTP: accept, framing, deadlines, early refusals |
 //! | `http` | the listener, workers, routing, Host/Origin/CORS, bodies, replies |
 //! | `auth` | bearer tokens and what a session inherits from its first request |
+//! | `ratelimit` | --rate-limit buckets per token or client address, --trusted-proxy, sessions per client |
 //! | `servers` | the servers behind the port (COMMAND's, or --config's), their paths, reload |
 //! | `streamable` | Streamable HTTP (2025-03-26 .. 2025-11-25): POST, GET, DELETE |
 //! | `legacy` | HTTP+SSE (2024-11-05): the `/sse` stream and its message endpoint |
@@ -26,10 +28,12 @@
 //! | `upstream` | a session's child: its own, a warm one, or a shared one with id rewriting |
 //! | `merged` | the merged endpoint: one MCP server made of every --config server |
 //! | `child` | spawning, reading stdout and stderr, reaping, readiness |
+//! | `check` | `stdio-sse check`: start a server, talk to it, say whether it works and why not |
 //! | `ownership` | process groups, parent-death, the guardian, PID 1 duties |
 //! | `teardown` | how a child ends (the escalation table), signals, shutdown in order |
 //! | `sse` | SSE framing on a connection handed over by tiny_http |
 //! | `observe` | the log, the access log, metrics |
+//! | `console` | the browser page at `/` for trying the server (--console) |
 //! | `demo` | the built-in MCP server run when no COMMAND is given |
 //! | `memory` | a small allocation cache in front of musl's allocator |
 //!
@@ -95,6 +99,9 @@ mod config {
     pub const DEFAULT_TAP_MAX_SIZE: &str = "64MiB";
     /// One line per HTTP request: what an operator reads first when a client complains.
     pub const DEFAULT_ACCESS_LOG: &str = "true";
+    /// The browser console at `/`: on only when bound to loopback (module `console`
+    /// says why).
+    pub const DEFAULT_CONSOLE: &str = "auto";
     /// --probe without a URL: the readiness endpoint of an instance on the default port.
     pub const DEFAULT_PROBE_PATH: &str = "/readyz";
     /// The longest duration any flag takes: a deadline computed from it never
@@ -175,6 +182,13 @@ mod config {
     /// Deepest JSON nesting accepted from a client or the child. MCP messages nest a
     /// dozen levels; deeper input is refused before parsing, which recurses per level.
     pub const DEFAULT_MAX_JSON_DEPTH: &str = "64";
+    /// No rate limit unless asked: what a client may send is the operator's call.
+    pub const DEFAULT_RATE_LIMIT: &str = "";
+    /// Buckets held at once (about 100 bytes each, so a few MiB at most): tokens are few,
+    /// but addresses are not, and IPv6 hands one client many /64s.
+    pub const DEFAULT_RATE_LIMIT_KEYS: &str = "65536";
+    /// No cap per client beyond --max-sessions unless asked.
+    pub const DEFAULT_MAX_SESSIONS_PER_TOKEN: &str = "0";
 
     /// Protocol versions whose HTTP framing we relay (rule V-3: validate against what
     /// the bridge can carry, not what the child negotiated).
@@ -390,6 +404,29 @@ mod config {
             "at --max-sessions, end a session unattended this long for a new one (0 = refuse)",
         ),
         flag(
+            "max-sessions-per-token",
+            "N",
+            DEFAULT_MAX_SESSIONS_PER_TOKEN,
+            "most sessions one bearer token (without tokens: one client address) holds; 429 beyond (0 = no limit)",
+        ),
+        flag(
+            "rate-limit",
+            "RATE[,BURST]",
+            DEFAULT_RATE_LIMIT,
+            "requests per bearer token (without tokens: per client address), RATE as N/s, N/m or N/h; BURST default RATE per second, at least 10; 429 beyond",
+        ),
+        flag(
+            "rate-limit-keys",
+            "N",
+            DEFAULT_RATE_LIMIT_KEYS,
+            "most clients with a --rate-limit bucket at once (the fullest are dropped beyond)",
+        ),
+        many(
+            "trusted-proxy",
+            "ADDR[,ADDR...]",
+            "proxies (addresses or ADDR/BITS) whose X-Forwarded-For names the client address (repeatable)",
+        ),
+        flag(
             "keepalive",
             "DURATION",
             DEFAULT_KEEPALIVE,
@@ -520,6 +557,12 @@ mod config {
             DEFAULT_TAP_MAX_SIZE,
             "at this size the tap file moves to PATH.1 and a new one starts (0: never)",
         ),
+        flag(
+            "console",
+            "WHEN",
+            DEFAULT_CONSOLE,
+            "serve the browser console at /: auto (only when --host is loopback), on or off",
+        ),
         switch(
             "exit-with-parent",
             "exit (ending the children) when the process that started us exits",
@@ -647,6 +690,10 @@ mod config {
         pub max_header_size: usize,
         pub max_headers: usize,
         pub max_json_depth: usize,
+        /// --console: when `/` serves the browser console.
+        pub console: crate::console::Console,
+        /// --rate-limit, --rate-limit-keys, --trusted-proxy, --max-sessions-per-token.
+        pub rate: crate::ratelimit::Settings,
         /// Program and arguments of the child; for the demo server, ourselves.
         pub command: Vec<String>,
         pub demo: bool,
@@ -1841,6 +1888,13 @@ mod config {
             max_header_size: parse_size("max-header-size", &v.get("max-header-size"))?.max(256),
             max_headers: parse_count("max-headers", &v.get("max-headers"))?.max(1),
             max_json_depth: parse_count("max-json-depth", &v.get("max-json-depth"))?.clamp(1, 100),
+            console: crate::console::Console::parse(&v.get("console"))?,
+            rate: crate::ratelimit::Settings::from_flags(
+                &v.get("rate-limit"),
+                parse_count("rate-limit-keys", &v.get("rate-limit-keys"))?,
+                &v.list("trusted-proxy"),
+                parse_count("max-sessions-per-token", &v.get("max-sessions-per-token"))?,
+            )?,
             command: v.command,
             demo,
             config_file: None,
@@ -2043,7 +2097,8 @@ mod config {
         let mut out = String::from(
             "stdio-sse: serve a stdio MCP server over Streamable HTTP, legacy HTTP+SSE and one-shot SSE\n\n\
              usage: stdio-sse [OPTIONS] [--] COMMAND [ARGS...]\n\
-             \x20      stdio-sse [OPTIONS]            (no COMMAND: serve the built-in demo server)\n\noptions:\n",
+             \x20      stdio-sse [OPTIONS]            (no COMMAND: serve the built-in demo server)\n\
+             \x20      stdio-sse check [--] COMMAND   (start it, ask what it serves, say why not; check --help)\n\noptions:\n",
         );
         for f in FLAGS {
             let left = format!("  --{} {}", f.name, f.value);
@@ -2325,7 +2380,19 @@ mod refusal {
         HeaderControl {
             name: String,
         },
+        /// Over --rate-limit (module ratelimit): the whole seconds until the client's
+        /// bucket holds a request again.
+        RateLimited {
+            rate: String,
+            kind: crate::ratelimit::KeyKind,
+            retry_after: Duration,
+        },
         // ---- sessions (modules streamable, legacy, sessions, upstream) ---------------
+        /// A new session over --max-sessions-per-token (module ratelimit counts it).
+        ClientSessions {
+            limit: usize,
+            kind: crate::ratelimit::KeyKind,
+        },
         SessionIdRequired,
         SessionQueryRequired,
         SessionNotFound,
@@ -2460,6 +2527,7 @@ mod refusal {
                 | TooManyInFlight { .. }
                 | ModernUnavailable(_) => 503,
                 HttpVersion => 505,
+                RateLimited { .. } | ClientSessions { .. } => 429,
                 UnknownTool(_) | UnknownPrompt(_) | UnknownResource(_) | MergedUnknownMethod(_) => {
                     200
                 }
@@ -2530,7 +2598,9 @@ mod refusal {
                 | ParseBudget { .. }
                 | Restarting
                 | CrashLoop(_)
-                | TooManyInFlight { .. } => -32000,
+                | TooManyInFlight { .. }
+                | RateLimited { .. }
+                | ClientSessions { .. } => -32000,
             }
         }
 
@@ -2607,6 +2677,8 @@ mod refusal {
                 ChildModernOnly => format!("Unsupported protocol version: the server behind this bridge speaks only {} (no initialize); connect with a 2026-07-28 client", crate::modern::VERSIONS.join(", ")),
                 OneShotQueryRequired => "Bad Request: the request query parameter is required (url-encoded JSON)".into(),
                 TooManyInFlight { limit } => format!("Too many requests in flight (--max-sessions {limit})"),
+                RateLimited { rate, kind, retry_after } => format!("Too Many Requests: {} is over --rate-limit {rate}; retry after {} s", kind.words(), retry_after.as_secs()),
+                ClientSessions { limit, kind } => format!("Too Many Requests: {} holds --max-sessions-per-token {limit} sessions; end one (DELETE) or retry later", kind.words()),
             }
         }
 
@@ -2627,6 +2699,8 @@ mod refusal {
                 ModernUnavailable(_) => retry(RETRY_LATER),
                 TooManySessions { .. } | CrashLoop(_) => retry(RETRY_LATER),
                 ParseBudget { .. } => retry(RETRY_SOON),
+                RateLimited { retry_after, .. } => retry(*retry_after),
+                ClientSessions { .. } => retry(RETRY_LATER),
                 _ => Vec::new(),
             }
         }
@@ -2691,6 +2765,8 @@ mod refusal {
                 ModernUnavailable(_) => "capacity",
                 UnknownTool(_) | UnknownPrompt(_) | UnknownResource(_) => "unknown_name",
                 MergedUnknownMethod(_) => "method_not_found",
+                RateLimited { .. } => "rate_limited",
+                ClientSessions { .. } => "client_sessions",
             }
         }
 
@@ -2812,6 +2888,15 @@ mod refusal {
                 UnknownPrompt(s()),
                 UnknownResource(s()),
                 MergedUnknownMethod(s()),
+                RateLimited {
+                    rate: s(),
+                    kind: crate::ratelimit::KeyKind::Token,
+                    retry_after: Duration::from_secs(1),
+                },
+                ClientSessions {
+                    limit: 1,
+                    kind: crate::ratelimit::KeyKind::Address,
+                },
             ];
             for r in &all {
                 kind(r);
@@ -2888,7 +2973,9 @@ mod refusal {
                 | UnknownTool(_)
                 | UnknownPrompt(_)
                 | UnknownResource(_)
-                | MergedUnknownMethod(_) => {}
+                | MergedUnknownMethod(_)
+                | RateLimited { .. }
+                | ClientSessions { .. } => {}
             }
         }
 
@@ -2961,6 +3048,8 @@ mod refusal {
                     503 if !matches!(r, Refusal::TooManyConnections { .. }) => {
                         assert_eq!(headers, ["Retry-After"], "{r:?}")
                     }
+                    // RFC 6585 §4: when to come back.
+                    429 => assert_eq!(headers, ["Retry-After"], "{r:?}"),
                     _ => assert!(headers.is_empty(), "{r:?}"),
                 }
             }
@@ -3174,7 +3263,7 @@ mod door {
 
     fn inode(fd: i32) -> Option<u64> {
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+        (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino as u64)
     }
 
     fn peer_of(fd: i32) -> Option<SocketAddr> {
@@ -4932,6 +5021,11 @@ mod http {
             return respond(inc, Refusal::ShuttingDown.into());
         }
         let route = crate::servers::resolve(&inc.path);
+        if inc.path == "/" && route.is_none() && crate::console::enabled(cfg) {
+            // The page holds no secret: served without a token, it asks for one to send
+            // on the MCP requests, which still demand it.
+            return crate::console::serve(inc);
+        }
         let readiness = route
             .as_ref()
             .is_some_and(|r| r.endpoint == crate::servers::Endpoint::Readyz);
@@ -4942,6 +5036,10 @@ mod http {
                 Ok(token) => inc.token = token,
                 Err(reply) => return respond(inc, reply),
             }
+        }
+        // After the token check: the token is the bucket's key (RFC 6585 §4).
+        if let Err(reply) = crate::ratelimit::admit(&inc, readiness) {
+            return respond(inc, reply);
         }
         let path = inc.path.as_str();
         let method = inc.method().clone();
@@ -5482,6 +5580,8 @@ mod auth {
         pub env: Vec<(String, String)>,
         /// By which door the session came: its later requests may come by the same.
         pub door: crate::servers::Door,
+        /// Who it counts against for --max-sessions-per-token (`ratelimit`).
+        pub client: Option<crate::ratelimit::Client>,
     }
 
     pub fn context(inc: &Incoming) -> Result<Context, Reply> {
@@ -5499,6 +5599,7 @@ mod auth {
             owner: inc.token.clone(),
             env,
             door: inc.door,
+            client: Some(crate::ratelimit::client_of(inc)),
         })
     }
 
@@ -5513,6 +5614,576 @@ mod auth {
     }
 }
 
+// ======================================================================================
+/// Rate limits: a token bucket per client (--rate-limit), and how many sessions a client
+/// may hold (--max-sessions-per-token). A client is its bearer token when tokens are
+/// configured (`auth`), else its address: the peer's, or, when the peer is a
+/// --trusted-proxy, the right-most address of `X-Forwarded-For` that is not itself
+/// trusted (what a trusted proxy appended; a client's own header is ignored from any
+/// other peer, so it cannot choose its key). An IPv6 client counts by its /64, which one
+/// host usually holds whole. Tokens and addresses are keys here and nowhere else: never a
+/// metric label, never a token in a log line.
+/// Counted: every request past the Host/Origin and token checks except /healthz,
+/// /readyz (a server's too), /metrics, DELETE (it frees what the limit protects) and
+/// OPTIONS (a browser's preflight). A refused request takes nothing from the bucket.
+/// The table of buckets is bounded: a bucket that has refilled is the same as none and
+/// is dropped as it is met (swept every SWEEP_EVERY); at --rate-limit-keys the fullest
+/// buckets go first, so only a client that has spent least loses anything.
+/// Owns: the RATE syntax, --rate-limit, --rate-limit-keys, --trusted-proxy, the client
+/// key, the buckets, its counters. Touches: `refusal` (429), `observe` (log, the access
+/// line's reason), `sessions` asks it for a session's client key.
+/// Rules: RFC 6585 §4 (429 Too Many Requests), RFC 9110 §10.2.3 (Retry-After in whole
+/// seconds), RFC 7239 §5.2 (X-Forwarded-For), RB-3, OP-6.
+mod ratelimit {
+    use crate::http::{Incoming, Refusal, Reply};
+    use crate::Locked;
+    use std::collections::HashMap;
+    use std::net::IpAddr;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    /// --rate-limit's default BURST is RATE per second rounded up, but at least this: an
+    /// MCP client's start is several requests in a row (initialize, initialized, the GET
+    /// stream, tools/list, a call), and a smaller bucket would refuse the start itself.
+    pub const MIN_DEFAULT_BURST: u32 = 10;
+    /// The most requests a RATE or BURST names: beyond it a limit limits nothing.
+    pub const MAX_RATE: u64 = 1_000_000;
+    /// How often buckets that have refilled (the same as none) are dropped.
+    const SWEEP_EVERY: Duration = Duration::from_secs(10);
+    /// At --rate-limit-keys with no refilled bucket to drop, this share of the table
+    /// (the fullest buckets) goes at once, so a flood of new keys costs one sort per
+    /// eighth of the table, not one scan per key.
+    const EVICT_SHARE: usize = 8;
+
+    /// Whose bucket a request draws on, and the label its refusals are counted under.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum KeyKind {
+        Token,
+        Address,
+    }
+
+    impl KeyKind {
+        pub const ALL: [KeyKind; 2] = [KeyKind::Token, KeyKind::Address];
+        pub fn label(self) -> &'static str {
+            match self {
+                KeyKind::Token => "token",
+                KeyKind::Address => "address",
+            }
+        }
+        /// How a refusal names the client: never the token itself.
+        pub fn words(self) -> &'static str {
+            match self {
+                KeyKind::Token => "this bearer token",
+                KeyKind::Address => "this client address",
+            }
+        }
+    }
+
+    /// A client: its token, or its address (an IPv6 one cut to its /64).
+    #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+    pub enum Client {
+        Token(Arc<str>),
+        Address(IpAddr),
+    }
+
+    impl Client {
+        pub fn kind(&self) -> KeyKind {
+            match self {
+                Client::Token(_) => KeyKind::Token,
+                Client::Address(_) => KeyKind::Address,
+            }
+        }
+    }
+
+    /// A sustained rate and the burst above it, as --rate-limit gave them.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct Rate {
+        pub per_second: f64,
+        pub burst: u32,
+        /// `600/m,20`: how messages name it.
+        pub shown: String,
+    }
+
+    /// An address, or a network `ADDR/BITS`, of --trusted-proxy.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct Net {
+        addr: IpAddr,
+        bits: u8,
+    }
+
+    impl Net {
+        fn contains(&self, ip: IpAddr) -> bool {
+            match (self.addr, plain(ip)) {
+                (IpAddr::V4(a), IpAddr::V4(b)) => {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                    u32::from(a) & mask == u32::from(b) & mask
+                }
+                (IpAddr::V6(a), IpAddr::V6(b)) => {
+                    let mask = u128::MAX
+                        .checked_shl(128 - u32::from(self.bits))
+                        .unwrap_or(0);
+                    u128::from(a) & mask == u128::from(b) & mask
+                }
+                _ => false,
+            }
+        }
+    }
+
+    /// What the four flags say.
+    #[derive(Clone, Debug, Default, PartialEq)]
+    pub struct Settings {
+        /// None: no rate limit (the default).
+        pub rate: Option<Rate>,
+        /// --rate-limit-keys: the most buckets held at once.
+        pub keys: usize,
+        pub trusted: Vec<Net>,
+        /// --max-sessions-per-token (0: no limit).
+        pub sessions_per_client: usize,
+    }
+
+    impl Settings {
+        pub fn from_flags(
+            rate: &str,
+            keys: usize,
+            trusted: &[String],
+            sessions_per_client: usize,
+        ) -> Result<Settings, String> {
+            let rate = match rate.trim() {
+                "" | "0" | "off" => None,
+                given => Some(parse_rate(given)?),
+            };
+            if keys == 0 {
+                return Err("--rate-limit-keys must be at least 1".into());
+            }
+            let mut nets = Vec::new();
+            for spec in trusted.iter().flat_map(|s| s.split(',')) {
+                if !spec.trim().is_empty() {
+                    nets.push(parse_net(spec.trim())?);
+                }
+            }
+            Ok(Settings {
+                rate,
+                keys,
+                trusted: nets,
+                sessions_per_client,
+            })
+        }
+    }
+
+    /// `RATE[,BURST]`: RATE is `N/s`, `N/m` or `N/h` (N whole, 1 to MAX_RATE); BURST a
+    /// whole number of requests (default: RATE per second rounded up, at least
+    /// MIN_DEFAULT_BURST).
+    pub fn parse_rate(given: &str) -> Result<Rate, String> {
+        let wrong = |why: &str| {
+            format!("--rate-limit {given:?}: {why} (RATE[,BURST]: RATE is N/s, N/m or N/h, N a whole number from 1 to {MAX_RATE}; BURST a whole number of requests, e.g. 10/s or 600/m,20)")
+        };
+        let (rate, burst) = match given.split_once(',') {
+            Some((r, b)) => (r.trim(), Some(b.trim())),
+            None => (given.trim(), None),
+        };
+        let Some((n, unit)) = rate.split_once('/') else {
+            return Err(wrong("no unit: say /s, /m or /h"));
+        };
+        let whole = |s: &str, what: &str| -> Result<u64, String> {
+            match s.trim().parse::<u64>() {
+                Ok(n) if (1..=MAX_RATE).contains(&n) => Ok(n),
+                Ok(_) => Err(wrong(&format!("{what} must be from 1 to {MAX_RATE}"))),
+                Err(_) => Err(wrong(&format!("{what} {s:?} is not a whole number"))),
+            }
+        };
+        let n = whole(n, "the count")?;
+        let seconds = match unit.trim() {
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            other => return Err(wrong(&format!("unknown unit {other:?}"))),
+        };
+        let per_second = n as f64 / seconds;
+        let burst = match burst {
+            Some(b) => whole(b, "BURST")? as u32,
+            None => (per_second.ceil() as u32).max(MIN_DEFAULT_BURST),
+        };
+        Ok(Rate {
+            per_second,
+            burst,
+            shown: format!("{rate},{burst}"),
+        })
+    }
+
+    fn parse_net(spec: &str) -> Result<Net, String> {
+        let wrong = || {
+            format!("--trusted-proxy {spec:?}: not an IP address or ADDR/BITS network (e.g. 127.0.0.1, 10.0.0.0/8, ::1)")
+        };
+        let (addr, bits) = match spec.split_once('/') {
+            Some((a, b)) => (a, Some(b)),
+            None => (spec, None),
+        };
+        let addr = plain(
+            addr.trim_matches(|c| c == '[' || c == ']')
+                .parse::<IpAddr>()
+                .map_err(|_| wrong())?,
+        );
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            None => max,
+            Some(b) => match b.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(wrong()),
+            },
+        };
+        Ok(Net { addr, bits })
+    }
+
+    /// An IPv4 address carried in IPv6 (a dual-stack listener's peers) is the IPv4 one.
+    fn plain(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        }
+    }
+
+    /// One host's key: an IPv6 address cut to its /64 (a host is handed a /64 and may
+    /// take any address in it).
+    fn host_key(ip: IpAddr) -> IpAddr {
+        match plain(ip) {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
+            v4 => v4,
+        }
+    }
+
+    /// The client's address: the peer's, or, from a trusted peer, the right-most entry
+    /// of `X-Forwarded-For` (every such header, in order) that is not trusted itself. An
+    /// entry that is not an address stops the walk at the last good one: only a client
+    /// writes such a thing, and the trusted proxy's own entry to its right is the truth.
+    pub fn client_address(peer: IpAddr, forwarded: &[&str], trusted: &[Net]) -> IpAddr {
+        let peer = plain(peer);
+        if !trusted.iter().any(|n| n.contains(peer)) {
+            return peer;
+        }
+        let mut client = peer;
+        for hop in forwarded.iter().flat_map(|h| h.split(',')).rev() {
+            let hop = hop.trim();
+            let parsed = hop
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+                .or_else(|| hop.trim_matches(|c| c == '[' || c == ']').parse().ok());
+            let Some(ip) = parsed.map(plain) else {
+                break;
+            };
+            client = ip;
+            if !trusted.iter().any(|n| n.contains(ip)) {
+                break;
+            }
+        }
+        client
+    }
+
+    /// The client a request comes from (its token when auth is on).
+    pub fn client_of(inc: &Incoming) -> Client {
+        if let Some(t) = &inc.token {
+            return Client::Token(t.clone());
+        }
+        let peer = inc
+            .rq
+            .remote_addr()
+            .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let trusted = &crate::app().cfg.rate.trusted;
+        let forwarded: Vec<&str> = if trusted.is_empty() {
+            Vec::new()
+        } else {
+            inc.rq
+                .headers()
+                .iter()
+                .filter(|h| h.field.equiv("X-Forwarded-For"))
+                .map(|h| h.value.as_str())
+                .collect()
+        };
+        Client::Address(host_key(client_address(peer, &forwarded, trusted)))
+    }
+
+    struct Bucket {
+        /// Requests it holds at `at`.
+        tokens: f64,
+        at: Instant,
+        /// Requests refused since it last served one (its first refusal is logged, the
+        /// rest counted, and the sum said when it is served again).
+        refused: u64,
+    }
+
+    impl Bucket {
+        fn level(&self, rate: &Rate, now: Instant) -> f64 {
+            let refill = now.saturating_duration_since(self.at).as_secs_f64() * rate.per_second;
+            (self.tokens + refill).min(f64::from(rate.burst))
+        }
+    }
+
+    struct Table {
+        buckets: HashMap<Client, Bucket>,
+        swept: Instant,
+    }
+
+    static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+    /// Refused requests and refused sessions, by KeyKind (ALL's order).
+    static RATE_LIMITED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+    static SESSIONS_REFUSED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+    /// What the bucket said.
+    enum Verdict {
+        /// Served; `refused` requests had been refused since the last one served.
+        Served { refused: u64 },
+        /// Refused: a request is in the bucket again after `wait`.
+        Refused { wait: Duration, first: bool },
+    }
+
+    fn take(rate: &Rate, keys: usize, client: &Client, now: Instant) -> Verdict {
+        let mut guard = TABLE.locked();
+        let table = guard.get_or_insert_with(|| Table {
+            buckets: HashMap::new(),
+            swept: now,
+        });
+        if now.saturating_duration_since(table.swept) >= SWEEP_EVERY {
+            sweep(table, rate, now);
+        }
+        if !table.buckets.contains_key(client) && table.buckets.len() >= keys {
+            sweep(table, rate, now);
+            if table.buckets.len() >= keys {
+                evict_fullest(table, rate, now, keys);
+            }
+        }
+        let b = table.buckets.entry(client.clone()).or_insert(Bucket {
+            tokens: f64::from(rate.burst),
+            at: now,
+            refused: 0,
+        });
+        b.tokens = b.level(rate, now);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            let refused = std::mem::take(&mut b.refused);
+            return Verdict::Served { refused };
+        }
+        b.refused += 1;
+        Verdict::Refused {
+            wait: Duration::from_secs_f64((1.0 - b.tokens) / rate.per_second),
+            first: b.refused == 1,
+        }
+    }
+
+    /// Drops every bucket that has refilled: it says nothing a new one would not.
+    fn sweep(table: &mut Table, rate: &Rate, now: Instant) {
+        let full = f64::from(rate.burst);
+        table.buckets.retain(|_, b| b.level(rate, now) < full);
+        table.swept = now;
+    }
+
+    /// At --rate-limit-keys: the fullest buckets go (their clients lose least).
+    fn evict_fullest(table: &mut Table, rate: &Rate, now: Instant, keys: usize) {
+        let mut levels: Vec<(f64, Client)> = table
+            .buckets
+            .iter()
+            .map(|(k, b)| (b.level(rate, now), k.clone()))
+            .collect();
+        levels.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let n = (keys / EVICT_SHARE).max(1);
+        for (_, k) in levels.into_iter().take(n) {
+            table.buckets.remove(&k);
+        }
+        crate::log!(Warn, "rate_limit_keys", "--rate-limit-keys {keys} reached: the {n} fullest buckets dropped (their clients start again with a full bucket)");
+    }
+
+    /// Whether this request may go on (--rate-limit); a refusal is logged (once until
+    /// its client is served again), counted, and shown on the access line.
+    pub fn admit(inc: &Incoming, readiness: bool) -> Result<(), Reply> {
+        let app = crate::app();
+        let Some(rate) = &app.cfg.rate.rate else {
+            return Ok(());
+        };
+        let exempt_path = matches!(inc.path.as_str(), "/healthz" | "/readyz" | "/metrics");
+        let exempt_method = matches!(
+            inc.method(),
+            tiny_http::Method::Delete | tiny_http::Method::Options
+        );
+        if readiness || exempt_path || exempt_method {
+            return Ok(());
+        }
+        let client = client_of(inc);
+        let kind = client.kind();
+        let shown = |c: &Client| match c {
+            Client::Address(ip) => Some(ip.to_string()),
+            Client::Token(_) => None,
+        };
+        match take(rate, app.cfg.rate.keys, &client, Instant::now()) {
+            Verdict::Served { refused: 0 } => Ok(()),
+            Verdict::Served { refused } => {
+                crate::log!(Info, "rate_limit_served", key_kind = kind.label(), client = shown(&client);
+                    "{} served again after {refused} request(s) refused over --rate-limit {}", kind.words(), rate.shown);
+                Ok(())
+            }
+            Verdict::Refused { wait, first } => {
+                // Whole seconds, rounded up: a client that waits this long is served.
+                let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+                let refusal = Refusal::RateLimited {
+                    rate: rate.shown.clone(),
+                    kind,
+                    retry_after: Duration::from_secs(secs),
+                };
+                RATE_LIMITED[kind as usize].fetch_add(1, Ordering::Relaxed);
+                app.metrics.rejected(refusal.reason());
+                crate::observe::request_reason(refusal.reason());
+                if first {
+                    crate::log!(Warn, "rate_limited", key_kind = kind.label(), client = shown(&client);
+                        "{} is over --rate-limit {}: 429, retry after {secs} s (further refusals counted, not logged, until it is served again)", kind.words(), rate.shown);
+                }
+                Err(refusal.into())
+            }
+        }
+    }
+
+    /// A session refused at --max-sessions-per-token: counted, logged, on the access line.
+    pub fn session_refused(client: &Client, limit: usize) -> Refusal {
+        let kind = client.kind();
+        let refusal = Refusal::ClientSessions { limit, kind };
+        SESSIONS_REFUSED[kind as usize].fetch_add(1, Ordering::Relaxed);
+        crate::app().metrics.rejected(refusal.reason());
+        crate::observe::request_reason(refusal.reason());
+        let shown = match client {
+            Client::Address(ip) => Some(ip.to_string()),
+            Client::Token(_) => None,
+        };
+        crate::log!(Info, "client_sessions", key_kind = kind.label(), client = shown;
+            "{} holds --max-sessions-per-token {limit} sessions: a new one refused (429)", kind.words());
+        refusal
+    }
+
+    /// /metrics: refusals by key kind and the buckets held.
+    #[allow(clippy::type_complexity)]
+    pub fn families() -> Vec<(&'static str, &'static str, &'static str, Vec<(String, f64)>)> {
+        let by_kind = |list: &[AtomicU64; 2]| {
+            KeyKind::ALL
+                .iter()
+                .map(|k| {
+                    (
+                        format!("{{key_kind=\"{}\"}}", k.label()),
+                        list[*k as usize].load(Ordering::Relaxed) as f64,
+                    )
+                })
+                .collect()
+        };
+        let held = TABLE.locked().as_ref().map_or(0, |t| t.buckets.len());
+        vec![
+            (
+                "stdio_sse_rate_limited_total",
+                "Requests refused with 429 over --rate-limit, by whose bucket (a bearer token's, or a client address's).",
+                "counter",
+                by_kind(&RATE_LIMITED),
+            ),
+            (
+                "stdio_sse_rate_limit_buckets",
+                "Clients with a --rate-limit bucket held now (at most --rate-limit-keys; a refilled one is dropped).",
+                "gauge",
+                vec![(String::new(), held as f64)],
+            ),
+            (
+                "stdio_sse_client_sessions_refused_total",
+                "New sessions refused with 429 at --max-sessions-per-token, by key kind.",
+                "counter",
+                by_kind(&SESSIONS_REFUSED),
+            ),
+        ]
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn rates_take_a_count_per_unit_and_a_burst() {
+            let r = parse_rate("10/s").unwrap();
+            assert_eq!((r.per_second, r.burst), (10.0, 10));
+            let r = parse_rate("600/m,20").unwrap();
+            assert_eq!((r.per_second, r.burst), (10.0, 20));
+            assert_eq!(parse_rate("5/h").unwrap().burst, MIN_DEFAULT_BURST);
+            assert_eq!(parse_rate("50/s").unwrap().burst, 50);
+            assert_eq!(parse_rate(" 2/s , 3 ").unwrap().burst, 3);
+            for bad in [
+                "10",
+                "10/d",
+                "0/s",
+                "-1/s",
+                "1.5/s",
+                "ten/s",
+                "10/s,0",
+                "10/s,x",
+                "/s",
+                "10/s,",
+                "2000000/s",
+            ] {
+                assert!(parse_rate(bad).is_err(), "{bad}");
+            }
+        }
+
+        #[test]
+        fn forwarded_for_is_read_only_from_trusted_peers() {
+            let nets = |l: &[&str]| l.iter().map(|s| parse_net(s).unwrap()).collect::<Vec<_>>();
+            let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+            let trusted = nets(&["127.0.0.1", "10.0.0.0/8"]);
+            // An untrusted peer's header is its own invention.
+            assert_eq!(
+                client_address(ip("192.0.2.9"), &["198.51.100.1"], &trusted),
+                ip("192.0.2.9")
+            );
+            // The right-most untrusted entry, past trusted hops.
+            assert_eq!(
+                client_address(
+                    ip("127.0.0.1"),
+                    &["1.1.1.1, 203.0.113.5, 10.1.2.3"],
+                    &trusted
+                ),
+                ip("203.0.113.5")
+            );
+            // Several headers are one list, in order.
+            assert_eq!(
+                client_address(ip("127.0.0.1"), &["1.1.1.1", "203.0.113.6"], &trusted),
+                ip("203.0.113.6")
+            );
+            // A forged garbage entry left of the proxy's own stops nothing it should not.
+            assert_eq!(
+                client_address(ip("127.0.0.1"), &["evil, 10.0.0.1"], &trusted),
+                ip("10.0.0.1")
+            );
+            assert_eq!(
+                client_address(ip("127.0.0.1"), &[], &trusted),
+                ip("127.0.0.1")
+            );
+            assert_eq!(
+                client_address(ip("::ffff:127.0.0.1"), &["[2001:db8::1]:443"], &trusted),
+                ip("2001:db8::1")
+            );
+            assert_eq!(host_key(ip("2001:db8::1:2:3:4")), ip("2001:db8::"));
+            assert!(parse_net("10.0.0.0/33").is_err() && parse_net("proxy").is_err());
+        }
+
+        #[test]
+        fn a_bucket_refuses_past_its_burst_and_says_when_it_serves_again() {
+            let rate = parse_rate("2/s,3").unwrap();
+            let t0 = Instant::now();
+            let me = Client::Token(Arc::from("test-bucket-a"));
+            for _ in 0..3 {
+                assert!(matches!(take(&rate, 100, &me, t0), Verdict::Served { .. }));
+            }
+            let Verdict::Refused { wait, first: true } = take(&rate, 100, &me, t0) else {
+                panic!("the fourth at once is refused")
+            };
+            assert!(wait <= Duration::from_millis(500), "{wait:?}");
+            assert!(matches!(
+                take(&rate, 100, &me, t0 + wait),
+                Verdict::Served { refused: 1 }
+            ));
+        }
+    }
+}
 // ======================================================================================
 /// The servers behind the port: the one of COMMAND (or the demo), or every stdio server
 /// of a --config file. Which server a path is for (`/servers/NAME/mcp`, or the front
@@ -6376,6 +7047,9 @@ mod legacy {
             return respond(inc, Refusal::Draining.into());
         }
         if let Some(refusal) = sessions::full(inc.server()) {
+            return respond(inc, refusal.into());
+        }
+        if let Some(refusal) = sessions::client_full(&ctx) {
             return respond(inc, refusal.into());
         }
         let id = match crate::new_session_id() {
@@ -9536,6 +10210,8 @@ mod sessions {
         pub carrier: Option<Arc<crate::modern::Carrier>>,
         /// The merged server it serves (`Transport::Member` only).
         pub member: Option<crate::merged::MemberLink>,
+        /// Its client, for --max-sessions-per-token.
+        pub client: Option<crate::ratelimit::Client>,
         routing: Mutex<Routing>,
         last_active_ms: AtomicU64,
         /// Orders sessions by their latest request (a sequence, not a clock, so two
@@ -9713,6 +10389,18 @@ mod sessions {
         if app.sessions.count_for(server) >= limit && !evict_one(server) {
             return Err(full());
         }
+        let per_client = app.cfg.rate.sessions_per_client;
+        let client = ctx
+            .client
+            .clone()
+            .filter(|_| counts_per_client(transport) && per_client > 0);
+        if let Some(c) = &client {
+            if held_by(c) >= per_client && !evict_own(c) {
+                return Err(CreateError::Refused(
+                    crate::ratelimit::session_refused(c, per_client).into(),
+                ));
+            }
+        }
         let tag = crate::session_tag(&id);
         // A shared child can end between being picked and being joined: its sessions
         // were ended then, so this one would wait for ever. It picks again (the restarted
@@ -9742,6 +10430,7 @@ mod sessions {
                 door: ctx.door,
                 carrier: (transport == Transport::Modern).then(Arc::default),
                 member: link.take(),
+                client: ctx.client.clone(),
                 routing: Mutex::new(Routing {
                     resumable: transport == Transport::Streamable,
                     ..Routing::default()
@@ -9758,6 +10447,17 @@ mod sessions {
                         upstream.end_own(Duration::ZERO);
                     }
                     return Err(full());
+                }
+                // Again under the lock: a client's initializes at once stop at its limit.
+                if let Some(c) = &client {
+                    if map.values().filter(|s| s.holds_for(c)).count() >= per_client {
+                        drop(map);
+                        if stdout.is_some() {
+                            upstream.end_own(Duration::ZERO);
+                        }
+                        let refusal = crate::ratelimit::session_refused(c, per_client);
+                        return Err(CreateError::Refused(refusal.into()));
+                    }
                 }
                 map.insert(id.clone(), session.clone());
             }
@@ -10203,6 +10903,11 @@ mod sessions {
         /// How long the session has been unattended: no request in flight, no stream
         /// with a connection, no 2026-07-28 call or listener on a carrier. None while
         /// it is attended.
+        /// Whether it counts against `client`'s --max-sessions-per-token.
+        pub fn holds_for(&self, client: &crate::ratelimit::Client) -> bool {
+            counts_per_client(self.transport) && self.client.as_ref() == Some(client)
+        }
+
         pub fn unattended_for(&self) -> Option<Duration> {
             {
                 let r = self.routing.locked();
@@ -10664,6 +11369,55 @@ mod sessions {
             app.metrics.rejected(refusal.reason());
             refusal
         })
+    }
+
+    /// The sessions --max-sessions-per-token counts: those a client opened (Streamable
+    /// HTTP, legacy), not 2026-07-28 carriers (no client names them) or a merged
+    /// session's sessions on its servers (the merged session counts, once).
+    fn counts_per_client(t: Transport) -> bool {
+        matches!(t, Transport::Streamable | Transport::Legacy)
+    }
+
+    fn held_by(client: &crate::ratelimit::Client) -> usize {
+        let app = crate::app();
+        app.sessions
+            .map
+            .locked()
+            .values()
+            .filter(|s| s.holds_for(client))
+            .count()
+    }
+
+    /// At --max-sessions-per-token, the client's own session unattended longest (as
+    /// `evict_one`, and for the same clients: those that never send DELETE) makes room.
+    fn evict_own(client: &crate::ratelimit::Client) -> bool {
+        let Some((idle, s)) = evictable_own(client) else {
+            return false;
+        };
+        crate::log!(Info, "session_evicted", session = s.tag; "--max-sessions-per-token reached: ending this client's session unattended longest ({idle:?}) for a new one");
+        end(&s, EndReason::Evicted);
+        true
+    }
+
+    fn evictable_own(client: &crate::ratelimit::Client) -> Option<(Duration, Arc<Session>)> {
+        let floor = crate::app().cfg.evict_idle_after?;
+        crate::app()
+            .sessions
+            .all()
+            .into_iter()
+            .filter(|s| s.holds_for(client))
+            .filter_map(|s| s.unattended_for().map(|d| (d, s)))
+            .filter(|(d, _)| *d >= floor)
+            .max_by_key(|(d, _)| *d)
+    }
+
+    /// A new session of this client would be refused now (a legacy stream asks before it
+    /// announces its endpoint; it evicts nothing yet).
+    pub fn client_full(ctx: &crate::auth::Context) -> Option<Refusal> {
+        let per_client = crate::app().cfg.rate.sessions_per_client;
+        let c = ctx.client.as_ref().filter(|_| per_client > 0)?;
+        (held_by(c) >= per_client && evictable_own(c).is_none())
+            .then(|| crate::ratelimit::session_refused(c, per_client))
     }
 
     pub fn end_in_background(session: Arc<Session>, reason: EndReason) {
@@ -13302,9 +14056,15 @@ mod child {
     /// child gets SIGXCPU (it may say why it ends), at the hard one SIGKILL.
     const CPU_HARD_MARGIN: u64 = 1;
 
+    /// setrlimit's resource argument: an enum type in glibc, a plain int in musl.
+    #[cfg(target_env = "gnu")]
+    type Resource = libc::__rlimit_resource_t;
+    #[cfg(not(target_env = "gnu"))]
+    type Resource = libc::c_int;
+
     /// (resource, soft, hard) for each limit set; computed before fork, as the child
     /// may not allocate between fork and exec.
-    fn rlimits_of(limits: &ChildLimits) -> Vec<(libc::__rlimit_resource_t, u64, u64)> {
+    fn rlimits_of(limits: &ChildLimits) -> Vec<(Resource, u64, u64)> {
         let mut out = Vec::new();
         for limit in Limit::ALL {
             let Some(n) = limits.get(limit) else { continue };
@@ -13319,11 +14079,7 @@ mod child {
     }
 
     /// Lowers a limit; never raises a hard limit we were given (only root may).
-    fn set_rlimit(
-        resource: libc::__rlimit_resource_t,
-        soft: u64,
-        hard: u64,
-    ) -> std::io::Result<()> {
+    fn set_rlimit(resource: Resource, soft: u64, hard: u64) -> std::io::Result<()> {
         let mut now = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
@@ -13331,9 +14087,11 @@ mod child {
         if unsafe { libc::getrlimit(resource, &mut now) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let hard = (hard as libc::rlim_t).min(now.rlim_max);
+        // rlim_t is 32 bits on 32-bit glibc (armv7): a larger limit is no limit there.
+        let clamp = |n: u64| libc::rlim_t::try_from(n).unwrap_or(libc::RLIM_INFINITY);
+        let hard = clamp(hard).min(now.rlim_max);
         let new = libc::rlimit {
-            rlim_cur: (soft as libc::rlim_t).min(hard),
+            rlim_cur: clamp(soft).min(hard),
             rlim_max: hard,
         };
         if unsafe { libc::setrlimit(resource, &new) } != 0 {
@@ -13999,6 +14757,1402 @@ mod child {
     }
 }
 
+// ======================================================================================
+/// `stdio-sse check [OPTIONS] [--] COMMAND...` and `stdio-sse check --config FILE`: the
+/// first thing to run when a server does not work. Starts each server as a session would
+/// (`child::spawn`: the same environment, working directory, process group, parent-death
+/// and limits), talks to it as a client would (initialize, then
+/// notifications/initialized; server/discover for a 2026-07-28 child), lists its tools,
+/// prompts and resources, ends it by `teardown`'s escalation, and says what it saw: a
+/// short report, or one JSON object (--json). When a server does not work the report says
+/// why in words a person can act on and the exit status is 1; a usage mistake is 2.
+/// Owns: the check's own flags, its conversation with the child (answering what the child
+/// asks meanwhile), the verdict and the report. Touches: `config` (flags and the --config
+/// file, read as for serving), `child` (spawn, stdout lines, the stderr tail, the ending),
+/// `ownership` (the guardian). No HTTP.
+/// Rules: ST-1, ST-4, ST-5, ST-7, ST-8, ST-9, ST-10.
+mod check {
+    use super::*;
+    use crate::child::{ChildProc, LineRead};
+    use crate::config::ServerSpec;
+    use crate::message::{classify, Kind};
+    use crate::modern::ChildEra;
+    use crate::servers::Server;
+    use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+    use serde_json::{json, Value};
+    use std::io::Write;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+
+    /// The first argument that makes stdio-sse check servers instead of serving one (a
+    /// program named `check` is served with `stdio-sse -- check`).
+    pub const ARG: &str = "check";
+    /// How long a server has to answer initialize, and then each request: a server
+    /// started by npx or uvx from a warm cache answers within a few seconds, and a person
+    /// waiting for a verdict should not wait longer (--timeout).
+    pub const DEFAULT_TIMEOUT: &str = "10s";
+    const TIMEOUT_ENV: &str = "STDIO_SSE_CHECK_TIMEOUT";
+    /// After a 2025 handshake, how long server/discover is waited for: whether the server
+    /// also speaks 2026-07-28 is a question, not a requirement.
+    const DISCOVER_WAIT: Duration = Duration::from_secs(2);
+    /// Pages of one list followed at most: a server whose nextCursor never ends still
+    /// gets a verdict.
+    const MAX_PAGES: usize = 100;
+    /// Bad stdout lines quoted, each cut to QUOTE_CHARS; more are only counted.
+    const QUOTED_LINES: usize = 5;
+    const QUOTE_CHARS: usize = 300;
+    /// After stdout closed, how long the exit is waited for: it follows at once, unless
+    /// the child closed stdout and lives on.
+    const EXIT_SETTLE: Duration = Duration::from_secs(2);
+    /// Lines read from the child's stdout ahead of the conversation.
+    const PENDING_LINES: usize = 256;
+    /// Where the 2026-07-28 envelope keeps the version and the client's capabilities (the
+    /// keys `modern` validates), and where a 2026-07-28 result names its server.
+    const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+    const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+    const SERVER_INFO_POINTER: &str = "/_meta/io.modelcontextprotocol~1serverInfo";
+
+    /// Exit statuses (README: "When a server does not work").
+    pub const WORKS: i32 = 0;
+    pub const DOES_NOT_WORK: i32 = 1;
+    pub const USAGE: i32 = 2;
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Output {
+        Text,
+        Json,
+    }
+
+    #[derive(Clone, Copy)]
+    struct Options {
+        timeout: Duration,
+        output: Output,
+        /// --log-level was given (as a flag or its variable).
+        log_level: bool,
+    }
+
+    enum Asked {
+        Help,
+        Check(Options, Vec<String>),
+    }
+
+    /// Why a server does not work; each has a stable name for --json.
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Trouble {
+        NotFound,
+        PermissionDenied,
+        CannotStart,
+        Exited,
+        StdoutClosed,
+        NonJson,
+        TooLarge,
+        Timeout,
+        InvalidJsonRpc,
+        InitializeError,
+        DiscoverError,
+        UnsupportedVersion,
+        ModernOnly,
+        ListFailed,
+    }
+
+    impl Trouble {
+        fn name(self) -> &'static str {
+            match self {
+                Trouble::NotFound => "not_found",
+                Trouble::PermissionDenied => "permission_denied",
+                Trouble::CannotStart => "cannot_start",
+                Trouble::Exited => "exited",
+                Trouble::StdoutClosed => "stdout_closed",
+                Trouble::NonJson => "non_json_stdout",
+                Trouble::TooLarge => "line_too_large",
+                Trouble::Timeout => "timeout",
+                Trouble::InvalidJsonRpc => "invalid_jsonrpc",
+                Trouble::InitializeError => "initialize_error",
+                Trouble::DiscoverError => "discover_error",
+                Trouble::UnsupportedVersion => "unsupported_version",
+                Trouble::ModernOnly => "modern_only",
+                Trouble::ListFailed => "list_failed",
+            }
+        }
+    }
+
+    /// How the child ended.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Ending {
+        /// Before the check was done with it.
+        Itself,
+        /// When its stdin closed, as a server should (ST-8).
+        StdinEof,
+        Sigterm,
+        Sigkill,
+    }
+
+    impl Ending {
+        fn name(self) -> &'static str {
+            match self {
+                Ending::Itself => "itself",
+                Ending::StdinEof => "stdin_eof",
+                Ending::Sigterm => "sigterm",
+                Ending::Sigkill => "sigkill",
+            }
+        }
+    }
+
+    /// What one server showed.
+    struct Report {
+        name: String,
+        command: Vec<String>,
+        problems: Vec<(Trouble, String)>,
+        warnings: Vec<String>,
+        protocol: Option<String>,
+        speaks_2026: Option<bool>,
+        server_info: Option<Value>,
+        capabilities: Option<Value>,
+        instructions: Option<String>,
+        tools: Option<Vec<String>>,
+        prompts: Option<usize>,
+        resources: Option<usize>,
+        start: Option<Duration>,
+        stderr: Vec<String>,
+        non_json: Vec<String>,
+        non_json_count: usize,
+        asked: Vec<String>,
+        notifications: usize,
+        exit: Option<ExitStatus>,
+        ending: Option<(Ending, Duration)>,
+    }
+
+    impl Report {
+        fn new(spec: &ServerSpec) -> Report {
+            Report {
+                name: spec.name.clone(),
+                command: spec.command.clone(),
+                problems: Vec::new(),
+                warnings: Vec::new(),
+                protocol: None,
+                speaks_2026: None,
+                server_info: None,
+                capabilities: None,
+                instructions: None,
+                tools: None,
+                prompts: None,
+                resources: None,
+                start: None,
+                stderr: Vec::new(),
+                non_json: Vec::new(),
+                non_json_count: 0,
+                asked: Vec::new(),
+                notifications: 0,
+                exit: None,
+                ending: None,
+            }
+        }
+
+        /// The first of each kind is kept: the first bad line says what the rest do.
+        fn problem(&mut self, trouble: Trouble, message: String) {
+            if !self.problems.iter().any(|(t, _)| *t == trouble) {
+                self.problems.push((trouble, message));
+            }
+        }
+
+        fn works(&self) -> bool {
+            self.problems.is_empty()
+        }
+    }
+
+    /// `stdio-sse check ...`: the exit status.
+    pub fn run(args: &[String]) -> i32 {
+        let env = |k: &str| std::env::var(k).ok();
+        let (opts, rest) = match options(&args[2..], &env) {
+            Ok(Asked::Help) => return say(&help(), WORKS),
+            Ok(Asked::Check(o, rest)) => (o, rest),
+            Err(e) => return say_err(&e),
+        };
+        let cfg = match config::parse(&rest, &env) {
+            Ok(config::Parsed::Run(c)) => c,
+            Ok(config::Parsed::Help) => return say(&help(), WORKS),
+            Ok(config::Parsed::Version) => {
+                return say(&format!("stdio-sse {}\n", env!("CARGO_PKG_VERSION")), WORKS)
+            }
+            Ok(config::Parsed::Probe(_)) => {
+                return say_err("--probe asks a running stdio-sse; check starts the server itself")
+            }
+            Err(e) => return say_err(&e),
+        };
+        if cfg.demo {
+            return say_err("give the server's COMMAND (stdio-sse check -- python3 server.py) or --config FILE (see stdio-sse check --help)");
+        }
+        // The report says what the child wrote on stderr and how it ended: the log
+        // repeating it line by line is noise, unless asked for.
+        crate::start_logging(&cfg);
+        if !opts.log_level {
+            crate::observe::LEVEL.store(crate::observe::Level::Error as u8, Ordering::Relaxed);
+        }
+        START.get_or_init(Instant::now);
+        if !crate::ownership::init_if_pid1() {
+            crate::ownership::start_guardian();
+        }
+        let mut skipped: Vec<(String, String)> = cfg.skipped.clone();
+        let mut specs = Vec::new();
+        for spec in &cfg.servers {
+            if spec.disabled {
+                skipped.push((spec.name.clone(), "\"disabled\": true in the file".into()));
+            } else {
+                specs.push(spec.clone());
+            }
+        }
+        let from_file = cfg.config_file.is_some();
+        if specs.is_empty() {
+            let why: Vec<String> = skipped.iter().map(|(n, w)| format!("{n}: {w}")).collect();
+            return say_err(&format!(
+                "no stdio server to check in the file ({})",
+                why.join("; ")
+            ));
+        }
+        crate::install_app(cfg);
+        crate::child::start_spawner();
+        // Every server at once: a file of servers that hang takes one timeout, not one
+        // each.
+        let reports: Vec<Report> = std::thread::scope(|s| {
+            let running: Vec<_> = specs
+                .iter()
+                .map(|spec| (spec, s.spawn(move || check_server(spec, opts))))
+                .collect();
+            running
+                .into_iter()
+                .map(|(spec, h)| {
+                    h.join().unwrap_or_else(|_| {
+                        let mut r = Report::new(spec);
+                        r.problem(
+                            Trouble::CannotStart,
+                            "the check itself failed (a bug in stdio-sse: see the log)".into(),
+                        );
+                        r
+                    })
+                })
+                .collect()
+        });
+        let ok = reports.iter().all(Report::works);
+        let text = match opts.output {
+            Output::Json => {
+                let skipped: Vec<Value> = skipped
+                    .iter()
+                    .map(|(n, why)| json!({"name": n, "reason": why}))
+                    .collect();
+                let servers: Vec<Value> = reports.iter().map(to_json).collect();
+                format!(
+                    "{}\n",
+                    json!({"ok": ok, "servers": servers, "skipped": skipped})
+                )
+            }
+            Output::Text => {
+                let mut out = String::new();
+                for r in &reports {
+                    out.push_str(&to_text(r, from_file));
+                }
+                for (n, why) in &skipped {
+                    out.push_str(&format!("server {n}: not checked: {why}\n"));
+                }
+                if from_file {
+                    let bad = reports.iter().filter(|r| !r.works()).count();
+                    out.push_str(&format!(
+                        "{} server{} checked: {} work{}, {bad} do{} not\n",
+                        reports.len(),
+                        if reports.len() == 1 { "" } else { "s" },
+                        reports.len() - bad,
+                        if reports.len() - bad == 1 { "s" } else { "" },
+                        if bad == 1 { "es" } else { "" },
+                    ));
+                }
+                out
+            }
+        };
+        say(&text, if ok { WORKS } else { DOES_NOT_WORK })
+    }
+
+    /// Writes to stdout (a closed stdout is no reason to panic) and gives back `code`.
+    fn say(text: &str, code: i32) -> i32 {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+        code
+    }
+
+    fn say_err(e: &str) -> i32 {
+        eprintln!("stdio-sse check: {e}");
+        USAGE
+    }
+
+    /// Takes the check's own flags out of `args`; the rest (the flags that shape the
+    /// child, and COMMAND) stays in order for `config::parse`.
+    fn options(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Asked, String> {
+        let mut timeout = env(TIMEOUT_ENV).unwrap_or_else(|| DEFAULT_TIMEOUT.to_string());
+        let mut output = Output::Text;
+        let mut log_level = env(&config::env_name("log-level")).is_some();
+        let mut rest = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let arg = &args[i];
+            if arg == "-h" || arg == "--help" {
+                return Ok(Asked::Help);
+            }
+            let Some(body) = arg.strip_prefix("--").filter(|b| !b.is_empty()) else {
+                // `--`, or the first word of COMMAND.
+                rest.extend_from_slice(&args[i..]);
+                break;
+            };
+            let (name, inline) = match body.split_once('=') {
+                Some((n, v)) => (n, Some(v)),
+                None => (body, None),
+            };
+            match name {
+                "timeout" => {
+                    timeout = match inline {
+                        Some(v) => v.to_string(),
+                        None => {
+                            i += 1;
+                            args.get(i)
+                                .cloned()
+                                .ok_or("--timeout needs a value (DURATION)")?
+                        }
+                    }
+                }
+                "json" => {
+                    output = match inline.map(str::to_ascii_lowercase).as_deref() {
+                        None | Some("true" | "1" | "yes" | "on") => Output::Json,
+                        Some("false" | "0" | "no" | "off") => Output::Text,
+                        Some(v) => return Err(format!("--json is on or off, not {v:?}")),
+                    }
+                }
+                flag => {
+                    log_level |= flag == "log-level";
+                    rest.push(arg.clone());
+                    let takes_value = config::FLAGS.iter().any(|f| f.name == flag && !f.switch);
+                    if inline.is_none() && takes_value {
+                        if let Some(v) = args.get(i + 1) {
+                            rest.push(v.clone());
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            i += 1;
+        }
+        let timeout = config::parse_duration("timeout", &timeout)?;
+        if timeout.is_zero() {
+            return Err("--timeout must be more than 0".into());
+        }
+        Ok(Asked::Check(
+            Options {
+                timeout,
+                output,
+                log_level,
+            },
+            rest,
+        ))
+    }
+
+    pub fn help() -> String {
+        format!(
+            "stdio-sse check: start a stdio MCP server as a session would, talk to it, and say whether it works, and if not, why\n\n\
+             usage: stdio-sse check [OPTIONS] [--] COMMAND [ARGS...]\n\
+             \x20      stdio-sse check [OPTIONS] --config FILE    (every server of the file, at once)\n\n\
+             options:\n\
+             \x20 --timeout DURATION              how long the server has to answer initialize, and each request after it [default: {DEFAULT_TIMEOUT}]\n\
+             \x20                                 env {TIMEOUT_ENV}\n\
+             \x20 --json                          one JSON object on stdout instead of the report\n\
+             \x20 and the options of stdio-sse that shape the child, as when serving: --env, --cwd,\n\
+             \x20 --child-protocol, --shutdown-grace, --stderr-tail, --max-message, --log-level, ...\n\n\
+             exit status: {WORKS} every server works; {DOES_NOT_WORK} a server does not work (the report says why); {USAGE} a usage mistake\n"
+        )
+    }
+
+    // ---- one server --------------------------------------------------------------------
+
+    /// A line from the child's stdout, as the reader saw it.
+    enum Out {
+        Line(String),
+        NotUtf8(String),
+        TooLong(usize),
+        Closed,
+    }
+
+    /// What became of one request.
+    enum Answer {
+        Result(Value),
+        Error(Value),
+        /// Nothing within the wait.
+        Silent,
+        /// stdout closed (or stdin would not take the request).
+        Gone,
+        /// A wrong answer: the problem is recorded.
+        Wrong,
+    }
+
+    /// Whether the conversation goes on.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Line {
+        Open,
+        Over,
+    }
+
+    fn check_server(spec: &ServerSpec, opts: Options) -> Report {
+        let mut report = Report::new(spec);
+        let server = Server::new(spec.clone());
+        let tag = format!("{}check", server.tag_prefix());
+        let started = Instant::now();
+        let (child, stdout) = match crate::child::spawn(&server, &tag, Vec::new()) {
+            Ok(c) => c,
+            Err(e) => {
+                let (trouble, words) = cannot_start(spec, &e);
+                report.problem(trouble, words);
+                return report;
+            }
+        };
+        let (tx, rx) = crossbeam_channel::bounded(PENDING_LINES);
+        let max = crate::app().cfg.max_message;
+        // Without its thread the channel is closed at once: read as stdout closed.
+        crate::spawn_thread("check-stdout", move || read_stdout(stdout, max, tx));
+        let mut talk = Talk {
+            child,
+            rx,
+            report,
+            next_id: 1,
+            abandoned: Vec::new(),
+            timeout: opts.timeout,
+            started,
+            line: Line::Open,
+        };
+        talk.converse(spec.child_protocol);
+        talk.end()
+    }
+
+    /// Reads stdout as the bridge does (`\n` only, ST-1; --max-message), reporting what
+    /// the bridge would skip instead of skipping it.
+    fn read_stdout(stdout: std::process::ChildStdout, max: usize, tx: Sender<Out>) {
+        let mut reader = std::io::BufReader::with_capacity(64 * 1024, stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            let out = match crate::child::read_line_limited(&mut reader, &mut buf, max) {
+                Ok(LineRead::Line) => {
+                    if buf.ends_with(b"\r") {
+                        buf.pop();
+                    }
+                    if buf.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    match String::from_utf8(std::mem::take(&mut buf)) {
+                        Ok(line) => Out::Line(line),
+                        Err(e) => Out::NotUtf8(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                    }
+                }
+                Ok(LineRead::TooLong(n)) => Out::TooLong(n),
+                Ok(LineRead::Eof) | Err(_) => {
+                    let _ = tx.send(Out::Closed);
+                    return;
+                }
+            };
+            if tx.send(out).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Why the command could not be started, found out further than the error says.
+    fn cannot_start(spec: &ServerSpec, err: &str) -> (Trouble, String) {
+        let program = spec.command.first().map(String::as_str).unwrap_or("");
+        if let Some(dir) = spec.cwd.as_ref().filter(|d| !d.is_dir()) {
+            return (
+                Trouble::CannotStart,
+                format!(
+                    "the working directory {} (--cwd, or \"cwd\" in the file) does not exist or is not a directory",
+                    dir.display()
+                ),
+            );
+        }
+        let path_var = spec
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("PATH").ok())
+            .unwrap_or_default();
+        let found = locate(program, spec.cwd.as_deref(), &path_var);
+        if err.contains("command not found") {
+            return match found {
+                Some(path) => {
+                    let interpreter = std::fs::read(&path).ok().and_then(|head| {
+                        let first = head.split(|b| *b == b'\n').next()?.to_vec();
+                        let text = String::from_utf8(first).ok()?;
+                        Some(text.strip_prefix("#!")?.trim().to_string())
+                    });
+                    match interpreter {
+                        Some(i) => (Trouble::NotFound, format!("{} exists, but the interpreter its first line names ({i}) was not found: install it, or fix the #! line", path.display())),
+                        None => (Trouble::NotFound, format!("{} exists but cannot be run: {err}", path.display())),
+                    }
+                }
+                None if program.contains('/') => (
+                    Trouble::NotFound,
+                    format!("command not found: there is no file {program}{}", relative_to(program, spec)),
+                ),
+                None => (
+                    Trouble::NotFound,
+                    format!("command not found: {program:?} is in no directory of PATH ({path_var}). Install it, give its full path, or give the child the PATH it needs (--env PATH=...)"),
+                ),
+            };
+        }
+        if err.contains("permission denied") {
+            let words = match found {
+                Some(path) if path.is_dir() => format!("permission denied: {} is a directory, not a program", path.display()),
+                Some(path) if !executable(&path) => format!(
+                    "permission denied: {} is not executable. Make it so (chmod +x {}) or run it through its interpreter (for example python3 {})",
+                    path.display(), path.display(), path.display()
+                ),
+                Some(path) => format!("permission denied running {}: its file system may be mounted noexec, or a directory on the way is not searchable ({err})", path.display()),
+                None => format!("permission denied: {err}"),
+            };
+            return (Trouble::PermissionDenied, words);
+        }
+        (Trouble::CannotStart, err.to_string())
+    }
+
+    fn relative_to(program: &str, spec: &ServerSpec) -> String {
+        if program.starts_with('/') {
+            return String::new();
+        }
+        let dir = spec
+            .cwd
+            .clone()
+            .or_else(|| std::env::current_dir().ok())
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        format!(" (a relative path: from the working directory {dir})")
+    }
+
+    fn executable(path: &std::path::Path) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    }
+
+    /// The file the command names, executable or not: as given when it holds a `/`
+    /// (from the working directory), else the first of that name on PATH.
+    fn locate(
+        program: &str,
+        cwd: Option<&std::path::Path>,
+        path_var: &str,
+    ) -> Option<std::path::PathBuf> {
+        if program.contains('/') {
+            let p = std::path::Path::new(program);
+            let p = match cwd {
+                Some(dir) if p.is_relative() => dir.join(p),
+                _ => p.to_path_buf(),
+            };
+            return p.exists().then_some(p);
+        }
+        path_var
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| std::path::Path::new(d).join(program))
+            .find(|p| p.exists())
+    }
+
+    /// One conversation with one child.
+    struct Talk {
+        child: Arc<ChildProc>,
+        rx: Receiver<Out>,
+        report: Report,
+        next_id: u64,
+        /// Requests given up on: a late answer to one is no mistake.
+        abandoned: Vec<u64>,
+        timeout: Duration,
+        started: Instant,
+        line: Line,
+    }
+
+    impl Talk {
+        fn converse(&mut self, era: ChildEra) {
+            if era == ChildEra::Modern {
+                return self.discover_first();
+            }
+            let params = json!({
+                "protocolVersion": config::SUPPORTED_VERSIONS[config::SUPPORTED_VERSIONS.len() - 1],
+                "capabilities": {},
+                "clientInfo": {"name": "stdio-sse check", "version": env!("CARGO_PKG_VERSION")},
+            });
+            match self.ask("initialize", params, self.timeout) {
+                Answer::Result(r) => {
+                    self.report.start = Some(self.started.elapsed());
+                    if !self.hello_2025(&r) {
+                        return;
+                    }
+                }
+                Answer::Error(e) => {
+                    self.report.start = Some(self.started.elapsed());
+                    return self.refused_initialize(&e, era);
+                }
+                Answer::Silent => return self.silent("initialize"),
+                Answer::Gone => return self.gone("initialize"),
+                Answer::Wrong => return,
+            }
+            self.notify("notifications/initialized");
+            self.lists(None);
+            self.ask_discover_too();
+        }
+
+        /// --child-protocol modern: server/discover is the handshake.
+        fn discover_first(&mut self) {
+            let envelope = envelope_2026();
+            match self.ask("server/discover", envelope.clone(), self.timeout) {
+                Answer::Result(r) if speaks_2026(&r) => {
+                    self.report.start = Some(self.started.elapsed());
+                    self.report.speaks_2026 = Some(true);
+                    self.hello_2026(&r);
+                    self.lists(Some(&envelope));
+                }
+                Answer::Result(r) => self.report.problem(
+                    Trouble::UnsupportedVersion,
+                    format!("the server's answer to server/discover does not list {} in supportedVersions: {}. --child-protocol modern is for 2026-07-28 servers: serve this one without it (or with auto)", crate::modern::VERSIONS[0], show(&r)),
+                ),
+                Answer::Error(e) => self.report.problem(
+                    Trouble::DiscoverError,
+                    format!("the server answered server/discover with an error: {}. It does not seem to speak 2026-07-28: serve it without --child-protocol modern (or with auto)", show(&e)),
+                ),
+                Answer::Silent => self.silent("server/discover"),
+                Answer::Gone => self.gone("server/discover"),
+                Answer::Wrong => {}
+            }
+        }
+
+        /// An InitializeResult: what it says, or why a client would give up on it.
+        fn hello_2025(&mut self, r: &Value) -> bool {
+            let Some(version) = r.get("protocolVersion").and_then(Value::as_str) else {
+                self.report.problem(
+                    Trouble::InvalidJsonRpc,
+                    format!("the answer to initialize has no protocolVersion (an InitializeResult needs one): {}", show(r)),
+                );
+                self.line = Line::Over;
+                return false;
+            };
+            self.report.protocol = Some(version.to_string());
+            self.report.server_info = r.get("serverInfo").cloned();
+            if self.report.server_info.is_none() {
+                self.report
+                    .warnings
+                    .push("the InitializeResult has no serverInfo (it is required)".into());
+            }
+            self.report.instructions = r
+                .get("instructions")
+                .and_then(Value::as_str)
+                .map(String::from);
+            self.report.capabilities = Some(match r.get("capabilities") {
+                Some(c) if c.is_object() => c.clone(),
+                _ => {
+                    self.report.warnings.push(
+                        "the InitializeResult has no capabilities object: nothing is listed".into(),
+                    );
+                    json!({})
+                }
+            });
+            if !config::SUPPORTED_VERSIONS.contains(&version) {
+                self.report.problem(
+                    Trouble::UnsupportedVersion,
+                    format!(
+                        "the server answered initialize with protocol version {version:?}, which stdio-sse does not carry ({}): clients end the session there",
+                        config::SUPPORTED_VERSIONS.join(", ")
+                    ),
+                );
+                self.line = Line::Over;
+                return false;
+            }
+            true
+        }
+
+        /// A discover result: what it says.
+        fn hello_2026(&mut self, r: &Value) {
+            self.report.protocol = Some(crate::modern::VERSIONS[0].to_string());
+            self.report.server_info = r.pointer(SERVER_INFO_POINTER).cloned();
+            self.report.instructions = r
+                .get("instructions")
+                .and_then(Value::as_str)
+                .map(String::from);
+            self.report.capabilities = Some(
+                r.get("capabilities")
+                    .filter(|c| c.is_object())
+                    .cloned()
+                    .unwrap_or_else(|| json!({})),
+            );
+        }
+
+        /// initialize got an error: a 2026-07-28-only server refuses it, and answers
+        /// server/discover instead.
+        fn refused_initialize(&mut self, error: &Value, era: ChildEra) {
+            let envelope = envelope_2026();
+            match self.ask(
+                "server/discover",
+                envelope.clone(),
+                DISCOVER_WAIT.min(self.timeout),
+            ) {
+                Answer::Result(r) if speaks_2026(&r) => {
+                    self.report.speaks_2026 = Some(true);
+                    self.hello_2026(&r);
+                    if era == ChildEra::Legacy {
+                        self.report.problem(
+                            Trouble::ModernOnly,
+                            format!("the server speaks only 2026-07-28: it refused initialize ({}) and answered server/discover. stdio-sse starts a child with initialize unless told otherwise: serve it with --child-protocol modern (or auto, which asks once at start)", show(error)),
+                        );
+                    }
+                    self.lists(Some(&envelope));
+                }
+                answer => {
+                    if let Answer::Silent = answer {
+                        self.abandon();
+                    }
+                    self.report.problem(
+                        Trouble::InitializeError,
+                        format!(
+                            "the server answered initialize with an error: {}",
+                            show(error)
+                        ),
+                    );
+                    self.line = Line::Over;
+                }
+            }
+        }
+
+        /// After a 2025 handshake: does it speak 2026-07-28 as well? An answer either
+        /// way is fine; a server that cannot take a method it does not know is warned of.
+        fn ask_discover_too(&mut self) {
+            if self.line == Line::Over {
+                return;
+            }
+            let wait = DISCOVER_WAIT.min(self.timeout);
+            self.report.speaks_2026 = Some(
+                match self.ask("server/discover", envelope_2026(), wait) {
+                    Answer::Result(r) => speaks_2026(&r),
+                    Answer::Error(_) | Answer::Wrong => false,
+                    Answer::Silent => {
+                        self.abandon();
+                        self.report.warnings.push(format!("no answer to server/discover within {wait:?}: a request for a method a server does not know should get an error (-32601 Method not found), or its client waits"));
+                        false
+                    }
+                    Answer::Gone => {
+                        self.line = Line::Over;
+                        let (how, last) = self.exit_words();
+                        self.report.warnings.push(format!("the server {how} on server/discover, a method it does not know ({last}): a client may send any method, and should get an error (-32601 Method not found)"));
+                        false
+                    }
+                },
+            );
+        }
+
+        /// tools/list, prompts/list, resources/list, as the capabilities say.
+        fn lists(&mut self, envelope: Option<&Value>) {
+            let caps = self
+                .report
+                .capabilities
+                .clone()
+                .unwrap_or_else(|| json!({}));
+            if caps.get("tools").is_some() {
+                if let Some(tools) = self.list("tools/list", "tools", envelope) {
+                    let names = tools
+                        .iter()
+                        .map(|t| match t.get("name").and_then(Value::as_str) {
+                            Some(n) => n.to_string(),
+                            None => "(a tool without a name)".to_string(),
+                        })
+                        .collect();
+                    self.report.tools = Some(names);
+                }
+            }
+            if caps.get("prompts").is_some() && self.line == Line::Open {
+                self.report.prompts = self
+                    .list("prompts/list", "prompts", envelope)
+                    .map(|p| p.len());
+            }
+            if caps.get("resources").is_some() && self.line == Line::Open {
+                self.report.resources = self
+                    .list("resources/list", "resources", envelope)
+                    .map(|r| r.len());
+            }
+        }
+
+        /// Every page of one list (bounded), or None when it failed (recorded).
+        fn list(
+            &mut self,
+            method: &str,
+            key: &str,
+            envelope: Option<&Value>,
+        ) -> Option<Vec<Value>> {
+            let mut items = Vec::new();
+            let mut cursors: Vec<String> = Vec::new();
+            for _ in 0..MAX_PAGES {
+                let mut params = envelope.cloned().unwrap_or_else(|| json!({}));
+                if let Some(c) = cursors.last() {
+                    params["cursor"] = c.as_str().into();
+                }
+                let r = match self.ask(method, params, self.timeout) {
+                    Answer::Result(r) => r,
+                    Answer::Error(e) => {
+                        self.report.problem(
+                            Trouble::ListFailed,
+                            format!("the server answered {method} with an error, though its capabilities announce it: {}", show(&e)),
+                        );
+                        return None;
+                    }
+                    Answer::Silent => {
+                        self.silent(method);
+                        return None;
+                    }
+                    Answer::Gone => {
+                        self.gone(method);
+                        return None;
+                    }
+                    Answer::Wrong => return None,
+                };
+                let Some(page) = r.get(key).and_then(Value::as_array) else {
+                    self.report.problem(
+                        Trouble::InvalidJsonRpc,
+                        format!("the answer to {method} has no {key:?} list: {}", show(&r)),
+                    );
+                    return None;
+                };
+                items.extend(page.iter().cloned());
+                match r.get("nextCursor").and_then(Value::as_str) {
+                    Some(c) if !c.is_empty() => {
+                        if cursors.iter().any(|seen| seen == c) {
+                            self.report.warnings.push(format!(
+                                "{method} gave the cursor {} twice: the list was read once",
+                                quote(c)
+                            ));
+                            return Some(items);
+                        }
+                        cursors.push(c.to_string());
+                    }
+                    _ => return Some(items),
+                }
+            }
+            self.report.warnings.push(format!(
+                "{method}: stopped after {MAX_PAGES} pages (its nextCursor did not end)"
+            ));
+            Some(items)
+        }
+
+        fn notify(&mut self, method: &str) {
+            let _ = self
+                .child
+                .send_message(&json!({"jsonrpc": "2.0", "method": method}));
+        }
+
+        /// Sends a request and waits for its answer, taking care of everything else the
+        /// child says meanwhile.
+        fn ask(&mut self, method: &str, params: Value, wait: Duration) -> Answer {
+            if self.line == Line::Over {
+                return Answer::Wrong;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+            if self.child.send_message(&request).is_err() {
+                return Answer::Gone;
+            }
+            let deadline = Instant::now() + wait;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(left) {
+                    Ok(Out::Line(line)) => {
+                        if let Some(answer) = self.take(&line, id, method) {
+                            return answer;
+                        }
+                    }
+                    Ok(Out::NotUtf8(shown)) => {
+                        self.bad_line(&shown, "is not UTF-8 (ST-10)");
+                    }
+                    Ok(Out::TooLong(n)) => self.report.problem(
+                        Trouble::TooLarge,
+                        format!("the server wrote a stdout line of {n} bytes or more, over --max-message ({}): stdio-sse skips such a line, so its answer is lost", crate::app().cfg.max_message),
+                    ),
+                    Ok(Out::Closed) | Err(RecvTimeoutError::Disconnected) => return Answer::Gone,
+                    Err(RecvTimeoutError::Timeout) => return Answer::Silent,
+                }
+            }
+        }
+
+        /// One stdout line; the answer to `id` if it is one.
+        fn take(&mut self, line: &str, id: u64, method: &str) -> Option<Answer> {
+            let value = match crate::message::parse(line.as_bytes()) {
+                Ok(v) => v,
+                Err(_) => {
+                    self.bad_line(line, "is not JSON");
+                    return None;
+                }
+            };
+            // A batch (2025-03-26, ST-3) is read item by item, as the bridge reads it.
+            let items = match value {
+                Value::Array(items) => items,
+                v => vec![v],
+            };
+            let mut answer = None;
+            for item in items {
+                if let Some(a) = self.one(&item, id, method) {
+                    answer.get_or_insert(a);
+                }
+            }
+            answer
+        }
+
+        fn one(&mut self, item: &Value, id: u64, method: &str) -> Option<Answer> {
+            let ours = json!(id);
+            match classify(item) {
+                Kind::Request {
+                    id: rid,
+                    method: asked,
+                } => {
+                    let rid = rid.clone();
+                    let asked = asked.to_string();
+                    self.answer_request(rid, &asked);
+                    None
+                }
+                Kind::Notification { .. } => {
+                    self.report.notifications += 1;
+                    None
+                }
+                Kind::Response { id: rid } if *rid == ours => Some(match item.get("error") {
+                    Some(e) => Answer::Error(e.clone()),
+                    None => Answer::Result(item.get("result").cloned().unwrap_or(Value::Null)),
+                }),
+                Kind::Response { id: rid } => {
+                    if rid.as_u64().is_some_and(|r| self.abandoned.contains(&r)) {
+                        return None;
+                    }
+                    self.report.problem(
+                        Trouble::InvalidJsonRpc,
+                        format!("the server answered id {rid} while {method} (id {id}) was waiting: an answer must carry its request's id, or the client waits for ever: {}", show(item)),
+                    );
+                    self.line = Line::Over;
+                    Some(Answer::Wrong)
+                }
+                Kind::Invalid(why) => {
+                    let answers_us = item.get("id") == Some(&ours)
+                        && (item.get("result").is_some() || item.get("error").is_some());
+                    let what = if answers_us {
+                        format!("the server's answer to {method}")
+                    } else {
+                        "a message of the server's".to_string()
+                    };
+                    // A structured logger writing JSON to stdout is the usual culprit.
+                    let log = item.get("id").is_none() && item.get("method").is_none();
+                    let hint = if log {
+                        " (if it is a log line, logs go to stderr: stdout carries only JSON-RPC)"
+                    } else {
+                        ""
+                    };
+                    self.report.problem(
+                        Trouble::InvalidJsonRpc,
+                        format!(
+                            "{what} is not valid JSON-RPC 2.0 ({why}): {}{hint}",
+                            show(item)
+                        ),
+                    );
+                    answers_us.then(|| {
+                        self.line = Line::Over;
+                        Answer::Wrong
+                    })
+                }
+            }
+        }
+
+        /// A request of the child's during the check (ST-9): answered so it does not
+        /// wait, with what a client that offers nothing would say.
+        fn answer_request(&mut self, id: Value, method: &str) {
+            let reply = match method {
+                "ping" => json!({"jsonrpc": "2.0", "id": id, "result": {}}),
+                "roots/list" => json!({"jsonrpc": "2.0", "id": id, "result": {"roots": []}}),
+                _ => json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601,
+                    "message": format!("Method not found: {method} (stdio-sse check answers ping and roots/list only)")}}),
+            };
+            self.report.asked.push(method.to_string());
+            let _ = self.child.send_message(&reply);
+        }
+
+        /// A stdout line that is not a message (ST-5).
+        fn bad_line(&mut self, line: &str, what: &str) {
+            self.report.non_json_count += 1;
+            if self.report.non_json.len() < QUOTED_LINES {
+                self.report.non_json.push(cut(line));
+            }
+            let framing = if line.starts_with("Content-Length") {
+                " (Content-Length headers are LSP's framing: MCP's stdio is one JSON message per line)"
+            } else {
+                ""
+            };
+            self.report.problem(
+                Trouble::NonJson,
+                format!("the server wrote a line on stdout that {what}: {}{framing}. stdout must carry only JSON-RPC messages, one per line; logs and banners go to stderr (stdio-sse skips such lines, other clients may fail on them)", quote(line)),
+            );
+        }
+
+        fn abandon(&mut self) {
+            self.abandoned.push(self.next_id - 1);
+        }
+
+        fn silent(&mut self, during: &str) {
+            self.line = Line::Over;
+            self.abandon();
+            let lsp = self
+                .report
+                .non_json
+                .iter()
+                .any(|l| l.starts_with("Content-Length"));
+            let hint = if lsp {
+                "it frames its messages with Content-Length headers (LSP), not one JSON message per line"
+            } else {
+                "it may still be starting (raise --timeout), wait for something of its own (a login, a terminal prompt, the network), or not speak MCP on stdio"
+            };
+            let waited = self.timeout;
+            self.report.problem(
+                Trouble::Timeout,
+                format!("no answer to {during} within {waited:?} (--timeout): the server is running but did not answer; {hint}"),
+            );
+        }
+
+        fn gone(&mut self, during: &str) {
+            self.line = Line::Over;
+            self.drain();
+            let (how, last) = self.exit_words();
+            let trouble = if self.child.has_exited() {
+                Trouble::Exited
+            } else {
+                Trouble::StdoutClosed
+            };
+            self.report.problem(
+                trouble,
+                format!("the server {how} before answering {during}; {last}"),
+            );
+        }
+
+        /// What the child wrote on stdout before it went (a request that failed to be
+        /// written leaves it unread): a usage text or an error printed there is quoted.
+        fn drain(&mut self) {
+            let deadline = Instant::now() + EXIT_SETTLE;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(left) {
+                    Ok(Out::Line(line)) => {
+                        if crate::message::parse(line.as_bytes()).is_err() {
+                            self.bad_line(&line, "is not JSON");
+                        }
+                    }
+                    Ok(Out::NotUtf8(shown)) => self.bad_line(&shown, "is not UTF-8 (ST-10)"),
+                    Ok(Out::TooLong(_)) => {}
+                    Ok(Out::Closed) | Err(_) => return,
+                }
+            }
+        }
+
+        /// How the child went away, and its last words on stderr.
+        fn exit_words(&self) -> (String, String) {
+            let words = match self.child.wait_exit(EXIT_SETTLE) {
+                Some(status) => {
+                    let hint = match status.code() {
+                        Some(127) => " (127: a command it runs was not found)",
+                        Some(126) => " (126: a command it runs is not executable)",
+                        _ => "",
+                    };
+                    format!("{}{hint}", crate::child::describe(&status))
+                }
+                None => "closed its stdout and is still running".to_string(),
+            };
+            let last = match self.child.final_stderr_tail().last() {
+                Some(last) => format!("its last line on stderr: {}", quote(last)),
+                None => "it wrote nothing on stderr".to_string(),
+            };
+            (words, last)
+        }
+
+        /// Ends the child by the escalation (stdin EOF first) and completes the report.
+        fn end(self) -> Report {
+            let mut report = self.report;
+            let began = Instant::now();
+            let (status, ending) = match self.child.wait_exit(Duration::ZERO) {
+                Some(status) => {
+                    // Unless its going was already said (a problem, or the discover warning).
+                    if report.works() && self.line == Line::Open {
+                        report.warnings.push(format!("the server {} by itself before its stdin closed: a session whose child ends early fails its client's next request", crate::child::describe(&status)));
+                    }
+                    (status, Ending::Itself)
+                }
+                None => {
+                    let grace = crate::app().cfg.shutdown_grace;
+                    let status = self.child.terminate(grace);
+                    let ending = match status.signal() {
+                        Some(libc::SIGKILL) => Ending::Sigkill,
+                        Some(libc::SIGTERM) => Ending::Sigterm,
+                        _ if began.elapsed() >= grace => Ending::Sigterm,
+                        _ => Ending::StdinEof,
+                    };
+                    if ending != Ending::StdinEof {
+                        report.warnings.push(format!("the server did not exit when its stdin closed: it was sent {} after {grace:?} (--shutdown-grace). A server should exit on stdin EOF (ST-7, ST-8): stdio-sse waits that long for each such child", if ending == Ending::Sigkill { "SIGTERM, then SIGKILL," } else { "SIGTERM" }));
+                    }
+                    (status, ending)
+                }
+            };
+            report.exit = Some(status);
+            report.ending = Some((ending, began.elapsed()));
+            report.stderr = self.child.final_stderr_tail();
+            report
+        }
+    }
+
+    fn envelope_2026() -> Value {
+        json!({"_meta": {META_VERSION: crate::modern::VERSIONS[0], META_CAPABILITIES: {}}})
+    }
+
+    fn speaks_2026(discover: &Value) -> bool {
+        discover
+            .get("supportedVersions")
+            .and_then(Value::as_array)
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|v| v.as_str() == Some(crate::modern::VERSIONS[0]))
+            })
+    }
+
+    fn cut(line: &str) -> String {
+        let mut s: String = line.chars().take(QUOTE_CHARS).collect();
+        if s.len() < line.len() {
+            s.push('…');
+        }
+        s
+    }
+
+    /// A line as a JSON string: its quotes and escapes show exactly what was written.
+    fn quote(line: &str) -> String {
+        serde_json::to_string(&cut(line)).unwrap_or_default()
+    }
+
+    /// A message of the server's, as compact JSON (cut).
+    fn show(value: &Value) -> String {
+        cut(&value.to_string())
+    }
+
+    // ---- the report --------------------------------------------------------------------
+
+    fn to_json(r: &Report) -> Value {
+        let problems: Vec<Value> = r
+            .problems
+            .iter()
+            .map(|(t, m)| json!({"kind": t.name(), "message": m}))
+            .collect();
+        let exit = r.exit.map(|s| match (s.code(), s.signal()) {
+            (Some(c), _) => json!({"code": c}),
+            (None, Some(sig)) => json!({"signal": sig}),
+            _ => Value::Null,
+        });
+        json!({
+            "name": r.name,
+            "command": r.command,
+            "ok": r.works(),
+            "problems": problems,
+            "warnings": r.warnings,
+            "protocolVersion": r.protocol,
+            "speaks2026": r.speaks_2026,
+            "serverInfo": r.server_info,
+            "capabilities": r.capabilities,
+            "instructions": r.instructions,
+            "tools": r.tools,
+            "prompts": r.prompts,
+            "resources": r.resources,
+            "startMs": r.start.map(|d| d.as_millis() as u64),
+            "stderr": r.stderr,
+            "nonJsonStdout": r.non_json,
+            "nonJsonLines": r.non_json_count,
+            "serverRequests": r.asked,
+            "notifications": r.notifications,
+            "exit": exit,
+            "endedBy": r.ending.map(|(e, _)| e.name()),
+        })
+    }
+
+    /// `tools (listChanged)`: each capability with the flags it turns on.
+    fn capability_words(caps: &Value) -> String {
+        let Some(map) = caps.as_object() else {
+            return String::new();
+        };
+        let words: Vec<String> = map
+            .iter()
+            .map(|(k, v)| {
+                let on: Vec<&str> = v
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter(|(_, x)| x.as_bool() == Some(true) || x.is_object())
+                            .map(|(n, _)| n.as_str())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if on.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{k} ({})", on.join(", "))
+                }
+            })
+            .collect();
+        if words.is_empty() {
+            "none".into()
+        } else {
+            words.join(", ")
+        }
+    }
+
+    fn to_text(r: &Report, from_file: bool) -> String {
+        let mut out = String::new();
+        let mut row = |label: &str, value: String| {
+            out.push_str(&format!("  {label:<13} {value}\n"));
+        };
+        let head = if from_file {
+            format!("server {}: {}\n", r.name, r.command.join(" "))
+        } else {
+            format!("check: {}\n", r.command.join(" "))
+        };
+        if let Some(info) = &r.server_info {
+            let field = |k: &str| {
+                info.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            row("server", format!("{} {}", field("name"), field("version")));
+        }
+        if let Some(p) = &r.protocol {
+            let also = match (p.as_str() == crate::modern::VERSIONS[0], r.speaks_2026) {
+                (false, Some(true)) => " (also speaks 2026-07-28)",
+                (false, Some(false)) => " (does not speak 2026-07-28)",
+                _ => "",
+            };
+            row("protocol", format!("{p}{also}"));
+        }
+        if let Some(d) = r.start {
+            row(
+                "started in",
+                format!("{} ms (to its first answer)", d.as_millis()),
+            );
+        }
+        if let Some(c) = &r.capabilities {
+            row("capabilities", capability_words(c));
+        }
+        if let Some(tools) = &r.tools {
+            let label = format!("tools ({})", tools.len());
+            row(
+                &label,
+                if tools.is_empty() {
+                    "none".into()
+                } else {
+                    tools.join(", ")
+                },
+            );
+        }
+        if let Some(n) = r.prompts {
+            row("prompts", n.to_string());
+        }
+        if let Some(n) = r.resources {
+            row("resources", n.to_string());
+        }
+        if !r.asked.is_empty() {
+            row("it asked", format!("{} (answered)", r.asked.join(", ")));
+        }
+        let more = r.non_json_count.saturating_sub(r.non_json.len());
+        for (i, l) in r.non_json.iter().enumerate() {
+            row(if i == 0 { "bad stdout" } else { "" }, quote(l));
+        }
+        if more > 0 {
+            row("", format!("... and {more} more"));
+        }
+        for (i, l) in r.stderr.iter().enumerate() {
+            row(if i == 0 { "stderr" } else { "" }, format!("| {l}"));
+        }
+        if let (Some(status), Some((ending, took))) = (r.exit, r.ending) {
+            let how = crate::child::describe(&status);
+            let when = match ending {
+                Ending::Itself => "during the check".to_string(),
+                Ending::StdinEof => format!("once its stdin closed ({} ms)", took.as_millis()),
+                Ending::Sigterm => format!(
+                    "on SIGTERM ({} ms after its stdin closed)",
+                    took.as_millis()
+                ),
+                Ending::Sigkill => format!(
+                    "on SIGKILL ({} ms after its stdin closed)",
+                    took.as_millis()
+                ),
+            };
+            row("ended", format!("{how} {when}"));
+        }
+        for w in &r.warnings {
+            row("warning", w.clone());
+        }
+        for (t, m) in &r.problems {
+            row("PROBLEM", format!("[{}] {m}", t.name()));
+        }
+        out.insert_str(0, &head);
+        out.push_str(if r.works() {
+            "  verdict: works\n"
+        } else {
+            "  verdict: DOES NOT WORK\n"
+        });
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn split(args: &[&str]) -> Result<(Duration, bool, Vec<String>), String> {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            match options(&args, &|_| None)? {
+                Asked::Check(o, rest) => Ok((o.timeout, o.output == Output::Json, rest)),
+                Asked::Help => Err("help".into()),
+            }
+        }
+
+        #[test]
+        fn the_checks_flags_are_taken_out_and_the_rest_kept_in_order() {
+            let (t, json, rest) = split(&[
+                "--env",
+                "A=1",
+                "--timeout",
+                "2s",
+                "--json",
+                "--cwd=/tmp",
+                "python3",
+                "--timeout",
+                "x",
+            ])
+            .unwrap();
+            assert_eq!((t, json), (Duration::from_secs(2), true));
+            assert_eq!(
+                rest,
+                ["--env", "A=1", "--cwd=/tmp", "python3", "--timeout", "x"]
+            );
+            let (t, json, rest) = split(&["--access-log", "--", "srv"]).unwrap();
+            assert_eq!((t, json), (Duration::from_secs(10), false));
+            assert_eq!(rest, ["--access-log", "--", "srv"]);
+            assert!(split(&["--timeout", "0", "x"]).is_err());
+            assert!(split(&["--timeout"]).is_err());
+            assert!(split(&["--json=maybe", "x"]).is_err());
+            assert!(split(&["-h"]).is_err_and(|e| e == "help"));
+        }
+
+        #[test]
+        fn capabilities_read_as_words() {
+            let caps = json!({"tools": {"listChanged": true}, "logging": {}, "resources": {"subscribe": false, "listChanged": true}});
+            assert_eq!(
+                capability_words(&caps),
+                "logging, resources (listChanged), tools (listChanged)"
+            );
+            assert_eq!(capability_words(&json!({})), "none");
+        }
+    }
+}
 // ======================================================================================
 /// Process ownership past our own end: the guardian, a forked process that ends every
 /// child's process group if we die without doing it ourselves (SIGKILL, the OOM killer);
@@ -15066,8 +17220,13 @@ mod observe {
             .chain(extra.iter().map(String::as_str))
             .filter(|s| s.len() >= MIN_SECRET);
         for secret in secrets {
-            if out.contains(secret) {
-                out = std::borrow::Cow::Owned(out.replace(secret, REDACTED));
+            // Inside a JSON string a `"`, `\` or tab of the secret stands escaped.
+            let quoted = serde_json::Value::from(secret).to_string();
+            let escaped = &quoted[1..quoted.len() - 1];
+            for form in [escaped, secret] {
+                if out.contains(form) {
+                    out = std::borrow::Cow::Owned(out.replace(form, REDACTED));
+                }
             }
         }
         out
@@ -15330,6 +17489,8 @@ mod observe {
         era: Option<&'static str>,
         /// MRTR: the call was parked (answered input_required) or resumed (a retry).
         mrtr: Option<&'static str>,
+        /// The refusal's reason label, for the refusals that set it (rate limits).
+        reason: Option<&'static str>,
         bytes_in: u64,
         bytes_out: u64,
     }
@@ -15375,6 +17536,7 @@ mod observe {
                 error: None,
                 era: None,
                 mrtr: None,
+                reason: None,
                 bytes_in: 0,
                 bytes_out: 0,
             })
@@ -15396,7 +17558,7 @@ mod observe {
                 session = a.session, method = a.method.as_str(), path = a.path.as_str(),
                 status = a.status, duration_ms = a.started.elapsed(),
                 rpc_method = a.rpc_method, rpc_id = a.rpc_id, messages = messages,
-                era = a.era, mrtr = a.mrtr,
+                era = a.era, mrtr = a.mrtr, reason = a.reason,
                 bytes_in = a.bytes_in, bytes_out = a.bytes_out, peer = peer,
                 instance = crate::app().cfg.instance_id.as_deref(),
                 error = a.error; "");
@@ -15443,6 +17605,11 @@ mod observe {
 
     pub fn request_mrtr(what: &'static str) {
         with_current(|a| a.mrtr = Some(what));
+    }
+
+    /// A refusal's reason label for the access line (`reason=rate_limited`).
+    pub fn request_reason(reason: &'static str) {
+        with_current(|a| a.reason = Some(reason));
     }
 
     pub fn request_session(tag: &str) {
@@ -15713,6 +17880,7 @@ mod observe {
             families.extend(self.child_families());
             families.extend(self.bridge_families());
             families.extend(self.server_families());
+            families.extend(crate::ratelimit::families());
             families.extend(process_families(self.started_unix));
             let mut o = String::new();
             for (name, help, kind, samples) in families {
@@ -16132,6 +18300,1017 @@ mod observe {
     }
 }
 
+// ======================================================================================
+/// The console: one HTML page at `/` (GET and HEAD) with which a person tries the
+/// wrapped server from a browser. The page is a client like any other: it speaks
+/// Streamable HTTP (2025-11-25 and earlier with a session, SSE bodies read with fetch;
+/// or 2026-07-28, stateless, answering `input_required` on a retry) to this instance's
+/// own MCP endpoint, or with --config to one server's `/servers/NAME/mcp` or the merged
+/// one, so its requests pass the same Host/Origin checks, tokens and limits, and show
+/// in the access log as any client's do.
+///
+/// On by default only when bound to a loopback address (`--console auto`): there only
+/// people on this machine reach it, and they could call the tools with curl anyway. On
+/// a network address the operator deployed a bridge for programs, and a page they did
+/// not ask for is one more thing exposed (a person's browser, a token typed into it):
+/// `--console on` says they want it. The page itself holds no secret and is served
+/// without a token even when auth is on; the token it asks for is kept in the page's
+/// memory only and sent on the MCP requests, which still demand it (A-1).
+///
+/// Its script and style are inline and allowed by their SHA-256 hashes in the
+/// Content-Security-Policy (no other script, style, frame or origin is): a tool result
+/// the page shows cannot run as script. The hashes are written here, and a unit test
+/// recomputes them, so an edit to the page without them fails the tests.
+/// Served uncompressed: gzip would need a dependency (or a deflate written here) to
+/// save about 20 KB, once, on what is mostly a loopback connection.
+///
+/// Owns: the page, its headers, --console. Touches: `http` (routes `/` here, before
+/// the token check), `servers` (which mode the front path serves), `door` (closes the
+/// connection after a HEAD answer).
+/// Rules: O-1, O-2 (Host/Origin on the page as everywhere), A-1.
+mod console {
+    use crate::http::{respond, Incoming, Refusal, Reply};
+    use tiny_http::Method;
+
+    /// --console: when the page is served.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Console {
+        /// Only when --host is a loopback address.
+        Auto,
+        On,
+        Off,
+    }
+
+    impl Console {
+        pub fn parse(s: &str) -> Result<Console, String> {
+            match s {
+                "auto" => Ok(Console::Auto),
+                "on" | "true" => Ok(Console::On),
+                "off" | "false" => Ok(Console::Off),
+                other => Err(format!("--console must be auto, on or off, not {other:?}")),
+            }
+        }
+    }
+
+    /// Whether `/` serves the page under this configuration.
+    pub fn enabled(cfg: &crate::config::Config) -> bool {
+        match cfg.console {
+            Console::On => true,
+            Console::Off => false,
+            Console::Auto => loopback(&cfg.host),
+        }
+    }
+
+    /// `--host` names a loopback address (`localhost`, 127.0.0.0/8, `::1`).
+    fn loopback(host: &str) -> bool {
+        let h = host.trim().trim_start_matches('[').trim_end_matches(']');
+        h.eq_ignore_ascii_case("localhost")
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// The log line that says where the page is.
+    pub fn announce(url: &str) {
+        if enabled(&crate::app().cfg) {
+            crate::log!(
+                Info,
+                "console",
+                "open {url}/ in a browser to try the server (--console off: not served)"
+            );
+        }
+    }
+
+    /// GET or HEAD `/`: the page; any other method 405.
+    pub fn serve(inc: Incoming) {
+        let head = match inc.method() {
+            Method::Get => Answer::Whole,
+            Method::Head => Answer::HeadersOnly,
+            _ => {
+                let refusal = Refusal::MethodNotAllowed { allow: "GET, HEAD" };
+                return respond(inc, refusal.into());
+            }
+        };
+        let cfg = &crate::app().cfg;
+        let page = PAGE
+            .replace("{{MCP}}", &attribute(&cfg.mcp_path))
+            .replace("{{AUTH}}", if cfg.auth.enabled() { "on" } else { "off" })
+            .replace("{{MODE}}", front_mode());
+        let reply = Reply::text(200, "text/html; charset=utf-8", page)
+            .with_header("Content-Security-Policy", csp())
+            .with_header("X-Content-Type-Options", "nosniff")
+            .with_header("Referrer-Policy", "no-referrer")
+            .with_header("Cross-Origin-Resource-Policy", "same-origin")
+            // Small, and it says what this instance serves now (paths, auth).
+            .with_header("Cache-Control", "no-store");
+        match head {
+            Answer::Whole => respond(inc, reply),
+            Answer::HeadersOnly => headers_only(inc, reply),
+        }
+    }
+
+    /// What a request for the page gets.
+    #[derive(Clone, Copy)]
+    enum Answer {
+        Whole,
+        HeadersOnly,
+    }
+
+    /// HEAD: the headers GET would send, its Content-Length too, and no body. The
+    /// connection then closes, so a client that reads a body by its length (not knowing
+    /// it asked with HEAD) sees the end at once instead of waiting for bytes.
+    fn headers_only(inc: Incoming, reply: Reply) {
+        use std::io::Write;
+        crate::observe::response_status(reply.status);
+        let mut head = crate::sse::status_line(reply.status);
+        head.push_str(&format!("Content-Type: {}\r\n", reply.content_type));
+        for (k, v) in &reply.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            reply.body.len()
+        ));
+        let conn = inc.conn;
+        let mut out = inc.rq.into_writer();
+        crate::observe::bytes_out(head.len());
+        let _ = out.write_all(head.as_bytes()).and_then(|_| out.flush());
+        drop(out);
+        crate::door::shut(conn, libc::SHUT_RDWR);
+    }
+
+    /// What the front MCP path serves: the one server's mode, or the merged endpoint
+    /// (sessions) when there are several.
+    fn front_mode() -> &'static str {
+        match crate::servers::all().as_slice() {
+            [one] => crate::servers::mode_name(one.spec.mode),
+            _ => "session",
+        }
+    }
+
+    pub fn csp() -> String {
+        format!(
+            "default-src 'none'; script-src '{SCRIPT_HASH}'; style-src '{STYLE_HASH}'; \
+             connect-src 'self'; img-src data:; media-src data:; frame-ancestors 'none'; \
+             base-uri 'none'; form-action 'none'"
+        )
+    }
+
+    /// A value placed in a double-quoted HTML attribute.
+    fn attribute(s: &str) -> String {
+        s.replace('&', "&amp;")
+            .replace('"', "&quot;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    }
+
+    /// SHA-256 of the page's `<script>` and `<style>` contents, base64 (CSP level 2).
+    const SCRIPT_HASH: &str = "sha256-K8n2AhbOSWXLFewjJXp0cHm3fYVJ5h4jhh7UdAgZezs=";
+    const STYLE_HASH: &str = "sha256-GqspnsMq4qIq33N5H27qdF1hLbGnHIcZjZyzQosrVYA=";
+
+    /// The page. Its script and style are hashed into the CSP above (see the tests).
+    pub const PAGE: &str = r####"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>stdio-sse console</title>
+<style>
+:root{color-scheme:light dark;--b:#8885;--a:#2563eb;--bad:#d32f2f;font:14px/1.4 system-ui,sans-serif}
+body{margin:0;display:flex;flex-direction:column;height:100vh}
+header{display:flex;gap:.5em;align-items:center;flex-wrap:wrap;padding:.5em .8em;border-bottom:1px solid var(--b)}
+#status{margin-left:auto;font-size:.9em}
+main{flex:1;display:grid;grid-template-columns:minmax(200px,23%) 1fr minmax(260px,32%);min-height:0}
+main>section{overflow:auto;padding:.6em .8em;border-right:1px solid var(--b)}
+h2{font-size:1.05em;margin:.2em 0 .4em}h3{font-size:.95em;margin:.3em 0}
+.tabs{display:flex;gap:2px;margin:.6em 0 .3em}.tabs button{flex:1;padding:.25em .2em}
+.tabs .on,button.primary{background:var(--a);color:#fff;border-color:var(--a)}
+#list{list-style:none;margin:0;padding:0}
+#list li{padding:.35em .4em;border-bottom:1px solid var(--b);cursor:pointer}
+#list li:hover,#list li.on{background:#8882}
+#list small{display:-webkit-box;-webkit-line-clamp:2;-webkit-box-orient:vertical;overflow:hidden}
+#list small,.muted{opacity:.7}
+.field{display:grid;gap:.15em;margin:.55em 0;justify-items:start}.field>b{font-weight:600}.field>:not(b,small){width:100%}.field>[type=checkbox]{width:auto}
+input,select,textarea,button{font:inherit}
+textarea{width:100%;box-sizing:border-box;font:12px/1.35 ui-monospace,monospace}
+input:not([type=checkbox]),select{max-width:100%;box-sizing:border-box}
+button{cursor:pointer;padding:.25em .8em;border:1px solid var(--b);border-radius:4px;background:#8881}
+button:disabled{cursor:default;opacity:.5}
+.row{display:flex;gap:.5em;margin:.5em 0;flex-wrap:wrap}
+pre{margin:.3em 0;padding:.4em;background:#8881;border-radius:4px;overflow:auto;font:12px/1.35 ui-monospace,monospace}
+.wrap{white-space:pre-wrap;word-break:break-word}
+.bad{color:var(--bad)}
+.ask{border:2px solid #e0a800;border-radius:6px;padding:.4em .8em;margin-bottom:.8em;background:#e0a80018}
+.result{border-left:3px solid var(--a);padding-left:.6em;margin-top:.6em}.result.bad{border-color:var(--bad)}
+.notes{margin:.3em 0;padding-left:1.2em;font-size:.9em}
+.msg summary{cursor:pointer;font:12px/1.6 ui-monospace,monospace;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.msg.bad summary{color:var(--bad)}
+.msg time{float:right;opacity:.6;margin-left:.5em}
+.out{color:var(--a)}.in{color:#2e7d32}
+img{max-width:100%}
+.opts{display:flex;flex-wrap:wrap;gap:.2em .9em}
+#info pre{max-height:14em}
+#logp h2{position:sticky;top:-.6em;background:Canvas;margin:-.6em 0 0;padding:.5em 0 .3em;z-index:1}
+</style>
+</head>
+<body data-mcp="{{MCP}}" data-auth="{{AUTH}}" data-mode="{{MODE}}">
+<header>
+<b>stdio-sse console</b>
+<select id="ep" title="which server" hidden></select>
+<select id="ver" title="protocol version to ask for"><option>2025-11-25</option><option>2025-06-18</option><option>2025-03-26</option><option value="2026-07-28">2026-07-28 (stateless)</option></select>
+<label id="tokbar" hidden>token <input id="tok" type="password" autocomplete="off" size="18" placeholder="bearer token"></label>
+<button id="conn" class="primary">Connect</button>
+<button id="disc" disabled>Disconnect</button>
+<span id="status">not connected</span>
+</header>
+<main>
+<section id="nav">
+<div id="info"><p class="muted">Not connected.</p></div>
+<div class="tabs"><button data-tab="tools">Tools</button><button data-tab="prompts">Prompts</button><button data-tab="resources">Resources</button><button data-tab="roots">Roots</button></div>
+<ul id="list"></ul>
+</section>
+<section id="work">
+<div id="asks"></div>
+<div id="detail"><p class="muted">Pick a tool, a prompt or a resource.</p></div>
+</section>
+<section id="logp">
+<h2>Messages <button id="clear">clear</button></h2>
+<div id="log"></div>
+</section>
+</main>
+<script>
+"use strict";
+// Everything this page knows stays in this script's memory: the token is never put in
+// the URL, in storage or in a cookie, and every request goes to this page's origin.
+const $ = (s) => document.querySelector(s);
+const D = document.body.dataset;
+const LOG_MAX = 500, PAGES_MAX = 50;
+const CAPS = { roots: { listChanged: true }, sampling: {}, elicitation: { form: {}, url: {} } };
+// 2026-07-28: no session; every request carries the era in _meta and mirrored headers,
+// and the server's questions come back as input_required results answered on a retry.
+const MODERN = "2026-07-28", META = "io.modelcontextprotocol/";
+const NAMED = { "tools/call": "name", "prompts/get": "name", "resources/read": "uri" };
+const S = { token: "", url: D.mcp, session: null, version: null, server: null, id: 0, gen: 0,
+  pending: new Map(), get: null, tab: "tools", lists: {}, ver: {}, roots: ["file:///tmp"] };
+
+function el(tag, props, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (v == null || v === false) continue;
+    if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (k === "text") e.textContent = v;
+    else if (k === "class") e.className = v;
+    else if (k in e && !k.includes("-")) e[k] = v;
+    else e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of kids.flat(9)) if (c != null && c !== false) e.append(c);
+  return e;
+}
+const pre = (v, cls) => el("pre", { class: cls, text: typeof v === "string" ? v : JSON.stringify(v, null, 2) });
+const raw = (v, title) => el("details", {}, el("summary", { text: title || "raw JSON" }), pre(v));
+const row = (...k) => el("div", { class: "row" }, k);
+// replaceChildren, skipping absent parts and flattening lists (as el does).
+const put = (node, ...kids) => node.replaceChildren(...kids.flat(9).filter((k) => k != null && k !== false));
+const btn = (text, f, cls) => el("button", { type: "button", text, class: cls, onclick: f });
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+function status(text, cls) { const s = $("#status"); s.textContent = text; s.className = cls || ""; }
+function oops(e) { status(String(e && e.message || e), "bad"); }
+
+// ---- the message log -------------------------------------------------------------
+function brief(m) {
+  const p = m.params || {};
+  if (m.method === "notifications/progress") return `${p.progress}${p.total != null ? "/" + p.total : ""} ${p.message || ""}`;
+  if (m.method === "notifications/message") return `[${p.level}] ${typeof p.data === "string" ? p.data : JSON.stringify(p.data)}`;
+  if (m.method === "tools/call" || m.method === "prompts/get") return p.name;
+  if (m.method === "resources/read") return p.uri;
+  if (m.error) return m.error.message;
+  return "";
+}
+function log(dir, m, note) {
+  const what = m.method || (m.error ? "error" : "result") + (m.id != null ? " #" + m.id : "");
+  const head = el("summary", {}, el("span", { class: dir, text: dir === "out" ? "→ " : "← " }),
+    what + (m.method && m.id != null ? " #" + m.id : ""), " ", el("span", { class: "muted", text: (note ? note + " " : "") + brief(m) }),
+    el("time", { text: new Date().toLocaleTimeString() }));
+  const box = $("#log");
+  const stick = box.parentNode.scrollTop + box.parentNode.clientHeight >= box.parentNode.scrollHeight - 20;
+  box.append(el("details", { class: "msg" + (m.error ? " bad" : "") }, head, pre(m)));
+  while (box.childElementCount > LOG_MAX) box.firstElementChild.remove();
+  if (stick) box.parentNode.scrollTop = box.parentNode.scrollHeight;
+}
+
+// ---- HTTP: Streamable HTTP with fetch, SSE bodies read as they stream -------------
+function hdrs(extra) {
+  const h = { Accept: "application/json, text/event-stream" };
+  if (S.token) h.Authorization = "Bearer " + S.token;
+  if (S.session) h["Mcp-Session-Id"] = S.session;
+  if (S.version) h["MCP-Protocol-Version"] = S.version;
+  return Object.assign(h, extra);
+}
+async function hit(method, body, extra, signal) {
+  const r = await fetch(S.url, { method, headers: hdrs(extra), body, signal, cache: "no-store", credentials: "omit" });
+  if (r.status === 401) needToken("The server wants a bearer token (401).");
+  return r;
+}
+class RpcError extends Error {
+  constructor(e) { super((e.code != null ? e.code + ": " : "") + (e.message || "error")); this.error = e; }
+}
+function settle(id, result, error) {
+  const p = S.pending.get(id);
+  if (!p) return;
+  S.pending.delete(id);
+  if (error) p.reject(new RpcError(error)); else p.resolve(result);
+}
+async function send(m, extra, signal) {
+  log("out", m);
+  const r = await hit("POST", JSON.stringify(m), { "Content-Type": "application/json", ...extra }, signal);
+  const sid = r.headers.get("Mcp-Session-Id");
+  if (sid && m.method === "initialize") S.session = sid;
+  if (r.status === 202) return;
+  const type = r.headers.get("Content-Type") || "";
+  if (r.ok && type.startsWith("text/event-stream")) return readSse(r, m.id);
+  const text = await r.text();
+  let body;
+  try { body = JSON.parse(text); } catch { body = { jsonrpc: "2.0", error: { code: r.status, message: text || r.statusText } }; }
+  if (r.ok) return handle(body, m.id);
+  // An HTTP-level refusal carries no request id (P-4): it answers the request sent.
+  log("in", body, "HTTP " + r.status);
+  if (r.status === 404 && S.session && m.method !== "initialize") lost("the session is gone (404): connect again");
+  const err = body.error || { code: r.status, message: r.statusText };
+  if (m.id != null) settle(m.id, null, err); else oops(new RpcError(err));
+}
+async function readSse(r, forId) {
+  const reader = r.body.getReader(), dec = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf = (buf + dec.decode(value, { stream: true })).replace(/\r\n?/g, "\n");
+    let i;
+    while ((i = buf.indexOf("\n\n")) >= 0) {
+      const event = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      const data = event.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+      if (!data) continue; // a priming event or a comment
+      let m;
+      try { m = JSON.parse(data); } catch { log("in", { error: { message: "not JSON: " + data } }); continue; }
+      handle(m, forId);
+    }
+  }
+  if (forId != null) settle(forId, null, { message: "the stream ended before the answer came" });
+}
+function handle(m, forId) {
+  if (Array.isArray(m)) return m.forEach((x) => handle(x, forId));
+  if (!m || typeof m !== "object") return;
+  log("in", m);
+  if (m.method && m.id != null) return ask(m);
+  if (m.method) return note(m, forId);
+  settle(m.id, m.result, m.error);
+}
+// A header value as 2026-07-28 mirrors it: plain when printable ASCII, else =?base64?…?=.
+function mirror(v) {
+  v = String(v);
+  return /^[\x20-\x7e]*$/.test(v) ? v : `=?base64?${btoa(String.fromCharCode(...new TextEncoder().encode(v)))}?=`;
+}
+function call(method, params, onNote) {
+  const ctl = new AbortController();
+  let last = null;
+  const once = (q) => {
+    const id = last = ++S.id;
+    const m = { jsonrpc: "2.0", id, method }, extra = {};
+    if (q || S.modern) {
+      const meta = { ...((q && q._meta) || {}) };
+      if (onNote) meta.progressToken = id;
+      if (S.modern) {
+        Object.assign(meta, { [META + "protocolVersion"]: MODERN, [META + "clientCapabilities"]: CAPS });
+        if (S.level) meta[META + "logLevel"] = S.level;
+        extra["Mcp-Method"] = method;
+        if (NAMED[method] && q) extra["Mcp-Name"] = mirror(q[NAMED[method]]);
+      }
+      m.params = Object.keys(meta).length ? { ...q, _meta: meta } : { ...q };
+    }
+    return new Promise((resolve, reject) => {
+      S.pending.set(id, { resolve, reject, onNote });
+      send(m, extra, ctl.signal).catch((e) => settle(id, null, { message: String(e.message || e) }));
+    });
+  };
+  const p = !S.modern ? once(params) : (async () => {
+    let r = await once(params);
+    while (r && r.resultType === "input_required") {
+      const answers = await inputs(r.inputRequests || {});
+      r = await once({ ...params, inputResponses: answers, requestState: r.requestState });
+    }
+    return r;
+  })();
+  // 2026-07-28: closing the stream is cancellation; before, a notification says it.
+  p.cancel = () => S.modern ? ctl.abort() : notify("notifications/cancelled", { requestId: last, reason: "cancelled at the console" });
+  return p;
+}
+function notify(method, params) {
+  const m = { jsonrpc: "2.0", method };
+  if (params) m.params = params;
+  return send(m).catch(oops);
+}
+function note(m, forId) {
+  const p = m.params || {};
+  let owner = S.pending.get(forId);
+  if (m.method === "notifications/progress") owner = S.pending.get(p.progressToken) || owner;
+  if (owner && owner.onNote) owner.onNote(m);
+  const changed = { "notifications/tools/list_changed": "tools", "notifications/prompts/list_changed": "prompts",
+    "notifications/resources/list_changed": "resources" }[m.method];
+  if (changed) {
+    // Servers announce changes in bursts (one per tool registered): list once after.
+    delete S.lists[changed];
+    S.ver[changed] = (S.ver[changed] || 0) + 1;
+    clearTimeout(S.relist);
+    S.relist = setTimeout(() => { if (S.tab === changed && S.server) showTab(changed); }, 200);
+  }
+}
+
+// ---- connecting --------------------------------------------------------------------
+function needToken(why) {
+  $("#tokbar").hidden = false;
+  $("#tok").placeholder = S.token ? "another token" : "bearer token";
+  $("#tok").focus();
+  status(why || "This server wants a bearer token: enter it and Connect.", "bad");
+}
+async function servers() {
+  // With --config there are several servers: each on /servers/NAME/mcp, and all of
+  // them merged on the front path.
+  const r = await fetch("/servers", { headers: S.token ? { Authorization: "Bearer " + S.token } : {}, cache: "no-store" });
+  if (r.status === 401) { needToken(); return false; }
+  if (!r.ok) return true;
+  const j = await r.json();
+  const list = (j.servers || []).filter((s) => s.endpoints && s.endpoints.mcp);
+  if (!j.merged && list.length < 2) return true;
+  const ep = $("#ep"), keep = ep.value;
+  put(ep, j.merged ? el("option", { value: D.mcp, text: "all servers, merged (" + D.mcp + ")" }) : null,
+    list.map((s) => el("option", { value: s.endpoints.mcp, disabled: s.mode === "oneshot",
+      text: `${s.name} (${s.mode}, ${s.state}${s.mode === "oneshot" ? ": one-shot, no session" : ""})` })));
+  if (keep) ep.value = keep;
+  ep.hidden = false;
+  return true;
+}
+async function connect() {
+  const typed = $("#tok").value.trim();
+  if (typed) { S.token = typed; $("#tok").value = ""; $("#tok").placeholder = "token set (in memory)"; }
+  await disconnect(true);
+  const gen = S.gen;
+  if (!(await servers().catch(() => true))) return;
+  S.url = $("#ep").hidden ? D.mcp : $("#ep").value;
+  S.lists = {};
+  status("connecting…");
+  try {
+    let res;
+    if ($("#ver").value === MODERN) {
+      S.modern = true;
+      S.version = MODERN;
+      res = await call("server/discover", {});
+      res.serverInfo = (res._meta || {})[META + "serverInfo"];
+      res.protocolVersion = MODERN;
+    } else {
+      res = await call("initialize", { protocolVersion: $("#ver").value, capabilities: CAPS,
+        clientInfo: { name: "stdio-sse-console", title: "stdio-sse console", version: "1.0.0" } });
+    }
+    if (gen !== S.gen) return;
+    S.version = res.protocolVersion;
+    S.server = res;
+    if (!S.modern) await notify("notifications/initialized");
+    const info = res.serverInfo || {};
+    status(`connected to ${info.name || "server"} · protocol ${S.version}` +
+      (S.session ? ` · session ${S.session.slice(-8)}` : S.modern ? " · stateless, no session" : ""), "ok");
+    document.body.dataset.state = "connected";
+    $("#disc").disabled = false;
+    showInfo(res);
+    if (S.modern) subscribe(gen); else listen(gen);
+    showTab(S.tab);
+  } catch (e) {
+    if (gen === S.gen) { S.session = null; status("not connected: " + e.message, "bad"); }
+  }
+}
+async function disconnect(quiet) {
+  S.gen++;
+  if (S.get) S.get.abort();
+  S.get = null;
+  for (const id of [...S.pending.keys()]) settle(id, null, { message: "disconnected" });
+  if (S.session) {
+    log("out", { method: "DELETE " + S.url + " (end the session)" });
+    await hit("DELETE").catch(() => {});
+  }
+  S.session = S.version = S.server = null;
+  S.modern = false;
+  $("#disc").disabled = true;
+  $("#asks").replaceChildren();
+  $("#list").replaceChildren();
+  $("#info").replaceChildren(el("p", { class: "muted", text: "Not connected." }));
+  $("#detail").replaceChildren(el("p", { class: "muted", text: "Pick a tool, a prompt or a resource." }));
+  document.body.dataset.state = "disconnected";
+  if (!quiet) status("disconnected");
+}
+function lost(why) {
+  S.gen++;
+  S.session = S.version = null;
+  $("#disc").disabled = true;
+  document.body.dataset.state = "disconnected";
+  status(why, "bad");
+}
+// The GET stream: what the server says outside any request (list changes, its own
+// requests when no call is open), reopened while the session lasts.
+async function listen(gen) {
+  let tries = 0;
+  while (gen === S.gen && S.session) {
+    const ctl = new AbortController();
+    S.get = ctl;
+    try {
+      const r = await hit("GET", undefined, { Accept: "text/event-stream" }, ctl.signal);
+      if (r.status === 405) return;
+      if (r.status === 404) return gen === S.gen && lost("the session is gone (404): connect again");
+      if (r.ok) { tries = 0; await readSse(r); } else await r.text();
+    } catch (e) { if (gen !== S.gen) return; }
+    await sleep(Math.min(1000 * ++tries, 10000));
+  }
+}
+// 2026-07-28 has no GET stream: list changes come on a subscriptions/listen answer.
+async function subscribe(gen) {
+  const caps = S.server.capabilities || {}, want = {};
+  for (const [k, flag] of [["tools", "toolsListChanged"], ["prompts", "promptsListChanged"], ["resources", "resourcesListChanged"]])
+    if (caps[k] && caps[k].listChanged) want[flag] = true;
+  if (!Object.keys(want).length) return;
+  const p = call("subscriptions/listen", { notifications: want });
+  S.get = { abort: p.cancel };
+  // Listened again when the stream ends; not when the server refuses to listen.
+  const again = await p.then(() => true, (e) => !(e.error && e.error.code));
+  if (again && gen === S.gen) { await sleep(1000); if (gen === S.gen) subscribe(gen); }
+}
+addEventListener("pagehide", () => {
+  if (S.session) fetch(S.url, { method: "DELETE", headers: hdrs(), keepalive: true }).catch(() => {});
+});
+
+// ---- what the server offers ------------------------------------------------------------
+function showInfo(res) {
+  const i = res.serverInfo || {}, caps = res.capabilities || {};
+  let level = null;
+  if (caps.logging) {
+    // 2026-07-28 asks for logs per request (_meta logLevel); before, logging/setLevel.
+    level = el("select", { title: "log level", onchange: () => S.modern ? (S.level = level.value || null) : call("logging/setLevel", { level: level.value }).catch(oops) },
+      S.modern ? el("option", { value: "", text: "none" }) : null,
+      ["debug", "info", "notice", "warning", "error", "critical", "alert", "emergency"].map((l) => el("option", { text: l })));
+    level.value = S.modern ? "" : "info";
+    S.level = null;
+  }
+  put($("#info"),
+    el("h2", { id: "server-name", text: (i.title || i.name || "server") + (i.version ? " " + i.version : "") }),
+    el("div", { class: "muted", id: "negotiated", text: "protocol " + res.protocolVersion }),
+    i.description ? el("p", { text: i.description }) : null,
+    res.instructions ? el("details", { open: true }, el("summary", { text: "instructions" }), pre(res.instructions, "wrap")) : null,
+    raw(caps, "capabilities"),
+    level ? el("label", {}, "log level ", level) : null);
+}
+async function listAll(method, key) {
+  let out = [], cursor;
+  for (let n = 0; n < PAGES_MAX; n++) {
+    const r = await call(method, cursor ? { cursor } : undefined);
+    out = out.concat(r[key] || []);
+    if (!r.nextCursor) break;
+    cursor = r.nextCursor;
+  }
+  return out;
+}
+async function showTab(tab) {
+  S.tab = tab;
+  document.querySelectorAll(".tabs button").forEach((b) => b.classList.toggle("on", b.dataset.tab === tab));
+  const ul = $("#list");
+  const say = (text, cls) => ul.replaceChildren(el("li", { class: cls || "muted", text }));
+  if (tab === "roots") return rootsPanel();
+  if (!S.server) return say("not connected");
+  if (!(S.server.capabilities || {})[tab]) return say("the server offers no " + tab);
+  say("loading…");
+  try {
+    let items = S.lists[tab];
+    if (!items) {
+      const ver = S.ver[tab];
+      if (tab === "resources") {
+        const [res, tpl] = await Promise.all([listAll("resources/list", "resources"),
+          listAll("resources/templates/list", "resourceTemplates").catch(() => [])]);
+        items = res.concat(tpl.map((t) => ({ ...t, template: true })));
+      } else items = await listAll(tab + "/list", tab);
+      // A list asked for before a change was announced is shown, not kept.
+      if (ver === S.ver[tab]) S.lists[tab] = items;
+    }
+    if (S.tab !== tab) return;
+    if (!items.length) return say("none");
+    ul.replaceChildren(...items.map((item) => {
+      const li = el("li", { "data-name": item.name, tabIndex: 0, title: item.uri || item.uriTemplate || item.name },
+        el("b", { text: (item.title || item.name) + (item.template ? " (template)" : "") }),
+        item.description ? el("small", { text: item.description }) : null);
+      if (S.picked === tab + " " + item.name) li.classList.add("on");
+      const go = () => {
+        ul.querySelectorAll("li.on").forEach((x) => x.classList.remove("on"));
+        li.classList.add("on");
+        S.picked = tab + " " + item.name;
+        pick(tab, item);
+      };
+      li.addEventListener("click", go);
+      li.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
+      return li;
+    }));
+  } catch (e) { say(e.message, "bad"); }
+}
+
+// ---- forms from JSON Schema ----------------------------------------------------------
+const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+function choicesOf(s) {
+  if (!s) return null;
+  if (Array.isArray(s.enum)) return s.enum.map((v, i) => [v, (s.enumNames && s.enumNames[i]) || String(v)]);
+  const alt = s.oneOf || s.anyOf;
+  if (Array.isArray(alt) && alt.length && alt.every((o) => o && "const" in o)) return alt.map((o) => [o.const, o.title || String(o.const)]);
+  return null;
+}
+function field(name, s, required) {
+  let type = s.type;
+  if (Array.isArray(type)) { const t = type.filter((x) => x !== "null"); type = t.length === 1 ? t[0] : "json"; }
+  const miss = () => { if (required) throw new Error(name + " is required"); };
+  const choices = type !== "array" && choicesOf(s), items = type === "array" && choicesOf(s.items);
+  let input, get, box = "label";
+  if (choices) {
+    input = el("select", { name }, required && s.default !== undefined ? null : el("option", { value: "", text: "—" }),
+      choices.map(([, t], i) => el("option", { value: String(i), text: t })));
+    const d = choices.findIndex(([v]) => same(v, s.default));
+    if (d >= 0) input.value = String(d);
+    get = () => input.value === "" ? miss() : choices[+input.value][0];
+  } else if (type === "boolean") {
+    input = el("input", { type: "checkbox", name, checked: s.default === true });
+    let touched = s.default !== undefined || required;
+    input.addEventListener("change", () => { touched = true; });
+    get = () => touched ? input.checked : undefined;
+  } else if (type === "number" || type === "integer") {
+    input = el("input", { type: "number", name, step: type === "integer" ? "1" : "any", value: s.default ?? "" });
+    get = () => {
+      if (input.value === "") return miss();
+      const n = Number(input.value);
+      if (!Number.isFinite(n) || (type === "integer" && !Number.isInteger(n))) throw new Error(`${name}: not ${type === "integer" ? "an integer" : "a number"}`);
+      return n;
+    };
+  } else if (items) {
+    box = "div";
+    const boxes = items.map(([v]) => el("input", { type: "checkbox", checked: (s.default || []).some((d) => same(d, v)) }));
+    input = el("span", { class: "opts", "data-field": name }, items.map(([, t], i) => el("label", {}, boxes[i], " " + t)));
+    get = () => { const v = items.filter((_, i) => boxes[i].checked).map(([x]) => x); return v.length || required ? v : undefined; };
+  } else if (type === "string") {
+    const kind = { email: "email", uri: "url", date: "date", "date-time": "datetime-local" }[s.format] || "text";
+    input = el("input", { type: kind, name, value: s.default ?? "", placeholder: s.format || "" });
+    get = () => input.value === "" ? miss() : kind === "datetime-local" ? new Date(input.value).toISOString() : input.value;
+  } else {
+    // objects, arrays and anything else: JSON, checked when sent
+    input = el("textarea", { name, rows: 3, placeholder: type === "array" ? "[…] (JSON)" : type === "object" ? "{…} (JSON)" : "JSON",
+      value: s.default !== undefined ? JSON.stringify(s.default) : "" });
+    get = () => {
+      if (!input.value.trim()) return miss();
+      try { return JSON.parse(input.value); } catch (e) { throw new Error(`${name}: not JSON (${e.message})`); }
+    };
+  }
+  const hint = [type && type !== "json" ? type : "", s.description || ""].filter(Boolean).join(" · ");
+  return { name, get, node: el(box, { class: "field" }, el("b", { text: (s.title || name) + (required ? " *" : "") }), input, hint ? el("small", { class: "muted", text: hint }) : null) };
+}
+function schemaForm(schema) {
+  const req = new Set((schema && schema.required) || []);
+  const fields = Object.entries((schema && schema.properties) || {}).map(([n, s]) => field(n, s || {}, req.has(n)));
+  return {
+    node: el("div", { class: "fields" }, fields.length ? fields.map((f) => f.node) : el("p", { class: "muted", text: "no arguments" })),
+    value() { const o = {}; for (const f of fields) { const v = f.get(); if (v !== undefined) o[f.name] = v; } return o; },
+  };
+}
+
+// ---- showing results -------------------------------------------------------------------
+const mime = (m, d) => /^[\w.+-]+\/[\w.+-]+$/.test(m || "") ? m : d;
+function content(list) {
+  return (Array.isArray(list) ? list : [list]).filter(Boolean).map((c) => {
+    switch (c.type) {
+      case "text": return pre(c.text, "wrap");
+      case "image": return el("img", { alt: "image", src: `data:${mime(c.mimeType, "image/png")};base64,${c.data}` });
+      case "audio": return el("audio", { controls: true, src: `data:${mime(c.mimeType, "audio/wav")};base64,${c.data}` });
+      case "resource": return resource(c.resource || {});
+      case "resource_link": return el("div", { text: `link: ${c.uri}${c.name ? " (" + c.name + ")" : ""}` });
+      default: return pre(c);
+    }
+  });
+}
+function resource(r) {
+  const head = el("div", { class: "muted", text: `${r.uri || ""} ${r.mimeType || ""}` });
+  if (r.text != null) return el("div", {}, head, pre(r.text, "wrap"));
+  if (r.blob != null && /^image\//.test(r.mimeType || "")) return el("div", {}, head, el("img", { alt: r.uri, src: `data:${mime(r.mimeType)};base64,${r.blob}` }));
+  return el("div", {}, head, el("div", { text: `binary, ${Math.floor(String(r.blob || "").length * 3 / 4)} bytes` }));
+}
+function pick(tab, item) {
+  let form, verb, run;
+  if (tab === "tools") {
+    form = schemaForm(item.inputSchema || {});
+    verb = "Call";
+    run = (args, onNote) => call("tools/call", { name: item.name, arguments: args }, onNote);
+  } else if (tab === "prompts") {
+    const props = {}, required = [];
+    for (const a of item.arguments || []) { props[a.name] = { type: "string", title: a.title || a.name, description: a.description }; if (a.required) required.push(a.name); }
+    form = schemaForm({ properties: props, required });
+    verb = "Get";
+    run = (args, onNote) => call("prompts/get", { name: item.name, arguments: args }, onNote);
+  } else {
+    form = schemaForm({ properties: { uri: { type: "string", default: item.uri || item.uriTemplate, description: item.template ? "fill in the template" : "" } }, required: ["uri"] });
+    verb = "Read";
+    run = (args, onNote) => call("resources/read", { uri: args.uri }, onNote);
+  }
+  const out = el("div", { id: "out" }), cancel = btn("Cancel", null);
+  cancel.disabled = true;
+  const go = async () => {
+    let args;
+    try { args = form.value(); } catch (e) { return out.replaceChildren(el("p", { class: "bad", text: e.message })); }
+    const notes = el("ul", { class: "notes" }), bar = el("progress", { hidden: true });
+    out.replaceChildren(bar, notes);
+    const t0 = performance.now();
+    const p = run(args, (n) => {
+      const q = n.params || {};
+      if (n.method === "notifications/progress") {
+        bar.hidden = false;
+        if (q.total) { bar.max = q.total; bar.value = q.progress; } else bar.removeAttribute("value");
+      }
+      notes.append(el("li", { text: `${n.method.replace("notifications/", "")} ${brief(n)}` }));
+    });
+    cancel.disabled = false;
+    cancel.onclick = () => p.cancel();
+    try {
+      const r = await p;
+      const ms = Math.round(performance.now() - t0);
+      const shown = tab === "tools" ? [content(r.content), r.structuredContent ? raw(r.structuredContent, "structuredContent") : null]
+        : tab === "prompts" ? [r.description ? el("p", { text: r.description }) : null, (r.messages || []).map((m) => el("div", {}, el("b", { text: m.role }), content(m.content)))]
+        : (r.contents || []).map(resource);
+      out.append(el("div", { class: "result" + (r.isError ? " bad" : ""), id: "result" },
+        el("h3", { text: (r.isError ? "error result" : "result") + ` (${ms} ms)` }), shown, raw(r)));
+    } catch (e) {
+      out.append(el("div", { class: "result bad", id: "result" }, el("h3", { text: "error" }), pre(e.message, "wrap"), e.error ? raw(e.error) : null));
+    } finally { cancel.disabled = true; bar.hidden = true; }
+  };
+  const extra = tab === "tools" && item.annotations ? raw(item.annotations, "annotations") : null;
+  const schema = tab === "tools" ? raw(item.inputSchema || {}, "input schema") : null;
+  put($("#detail"), el("h2", { text: item.title || item.name }),
+    item.description ? el("p", { class: "wrap", text: item.description }) : null, extra, schema,
+    form.node, row(btn(verb, go, "primary"), cancel), out);
+  $("#detail button.primary").id = "run";
+}
+
+// ---- what the server asks of the person ------------------------------------------------
+const rootOf = (uri) => ({ uri, name: uri.replace(/\/+$/, "").split("/").pop() || uri });
+function parseRoots(text) {
+  const list = text.split("\n").map((l) => l.trim()).filter(Boolean);
+  for (const u of list) if (!u.startsWith("file://")) throw new Error(`${u}: a root is a file:// URI`);
+  return list;
+}
+function rootsPanel() {
+  const ta = el("textarea", { rows: 5, value: S.roots.join("\n") }), err = el("p", { class: "bad" });
+  $("#list").replaceChildren(el("li", {}, el("p", { class: "muted", text: "Roots this client offers (one file:// URI a line)." }), ta, err,
+    row(btn("Save", () => {
+      try { S.roots = parseRoots(ta.value); err.textContent = ""; } catch (e) { err.textContent = e.message; return; }
+      if (S.session) notify("notifications/roots/list_changed");
+    }, "primary"))));
+}
+// The answers to a 2026-07-28 input_required result, each asked of the person.
+function inputs(requests) {
+  const keys = Object.keys(requests), answers = {};
+  return new Promise((resolve) => {
+    if (!keys.length) resolve(answers);
+    for (const k of keys) {
+      ask({ id: k, method: requests[k].method, params: requests[k].params }, (result, error) => {
+        answers[k] = error ? { error } : result;
+        if (Object.keys(answers).length === keys.length) resolve(answers);
+      });
+    }
+  });
+}
+function ask(m, reply) {
+  const p = m.params || {}, err = el("p", { class: "bad" });
+  const card = el("div", { class: "ask", "data-method": m.method });
+  const done = (result, error) => {
+    card.remove();
+    if (reply) return reply(result, error);
+    send(error ? { jsonrpc: "2.0", id: m.id, error } : { jsonrpc: "2.0", id: m.id, result }).catch(oops);
+  };
+  const guard = (f) => () => { try { f(); } catch (e) { err.textContent = e.message; } };
+  let body;
+  if (m.method === "ping") return done({});
+  if (m.method === "elicitation/create" && p.mode === "url") {
+    body = [el("p", { class: "wrap", text: p.message || "" }), el("p", {}, "It asks you to open ", el("code", { text: p.url }), " (not opened from here)."),
+      row(btn("Accept", () => done({ action: "accept" }), "primary"), btn("Decline", () => done({ action: "decline" })), btn("Cancel", () => done({ action: "cancel" })))];
+  } else if (m.method === "elicitation/create") {
+    const f = schemaForm(p.requestedSchema || {});
+    body = [el("p", { class: "wrap", text: p.message || "" }), f.node, err,
+      row(btn("Accept", guard(() => done({ action: "accept", content: f.value() })), "primary"),
+        btn("Decline", () => done({ action: "decline" })), btn("Cancel", () => done({ action: "cancel" })))];
+  } else if (m.method === "sampling/createMessage") {
+    const ta = el("textarea", { rows: 4, placeholder: "You are the model: write its reply." });
+    body = [p.systemPrompt ? el("p", { class: "muted wrap", text: "system prompt: " + p.systemPrompt }) : null,
+      (p.messages || []).map((x) => el("div", {}, el("b", { text: x.role }), content(x.content))),
+      el("p", { class: "muted", text: `maxTokens ${p.maxTokens}` }), ta,
+      row(btn("Send reply", () => done({ role: "assistant", content: { type: "text", text: ta.value }, model: "person-at-console", stopReason: "endTurn" }), "primary"),
+        btn("Reject", () => done(null, { code: -1, message: "rejected by the person at the console" })))];
+  } else if (m.method === "roots/list") {
+    const ta = el("textarea", { rows: 3, value: S.roots.join("\n") });
+    body = [el("p", { text: "Roots to give (one file:// URI a line):" }), ta, err,
+      row(btn("Send", guard(() => { S.roots = parseRoots(ta.value); done({ roots: S.roots.map(rootOf) }); }), "primary"),
+        btn("Reject", () => done(null, { code: -1, message: "rejected by the person at the console" })))];
+  } else {
+    return done(null, { code: -32601, message: "Method not found: " + m.method });
+  }
+  card.append(el("h3", { text: "The server asks: " + m.method }), ...body.flat(9).filter(Boolean), raw(m));
+  $("#asks").append(card);
+  card.scrollIntoView({ block: "nearest" });
+}
+
+// ---- start -------------------------------------------------------------------------
+document.querySelectorAll(".tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
+$("#conn").addEventListener("click", () => connect().catch(oops));
+$("#disc").addEventListener("click", () => disconnect().catch(oops));
+$("#tok").addEventListener("keydown", (e) => { if (e.key === "Enter") connect().catch(oops); });
+$("#ep").addEventListener("change", () => connect().catch(oops));
+$("#clear").addEventListener("click", () => $("#log").replaceChildren());
+if (D.mode === "oneshot") {
+  status("one-shot mode: each request runs its own child, so there is no session to hold; the console needs --mode session or shared", "bad");
+  $("#conn").disabled = true;
+} else if (D.auth === "on") needToken("This server wants a bearer token: enter it and Connect.");
+else connect().catch(oops);
+</script>
+</body>
+</html>
+"####;
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The most the page may weigh: it is loaded whole before anything shows.
+        const MAX_PAGE: usize = 40 * 1024;
+
+        /// FIPS 180-4 SHA-256, here so the CSP hashes are checked without a dependency.
+        fn sha256(data: &[u8]) -> [u8; 32] {
+            const K: [u32; 64] = [
+                0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+                0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+                0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+                0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+                0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+                0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+                0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+                0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+                0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+                0xc67178f2,
+            ];
+            let mut h: [u32; 8] = [
+                0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+                0x5be0cd19,
+            ];
+            let mut msg = data.to_vec();
+            msg.push(0x80);
+            while msg.len() % 64 != 56 {
+                msg.push(0);
+            }
+            msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
+            for block in msg.chunks(64) {
+                let mut w = [0u32; 64];
+                for (i, word) in block.chunks(4).enumerate() {
+                    w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+                }
+                for i in 16..64 {
+                    let s0 =
+                        w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+                    let s1 =
+                        w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+                    w[i] = w[i - 16]
+                        .wrapping_add(s0)
+                        .wrapping_add(w[i - 7])
+                        .wrapping_add(s1);
+                }
+                let mut v = h;
+                for i in 0..64 {
+                    let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
+                    let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
+                    let t1 = v[7]
+                        .wrapping_add(s1)
+                        .wrapping_add(ch)
+                        .wrapping_add(K[i])
+                        .wrapping_add(w[i]);
+                    let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
+                    let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
+                    let t2 = s0.wrapping_add(maj);
+                    v = [
+                        t1.wrapping_add(t2),
+                        v[0],
+                        v[1],
+                        v[2],
+                        v[3].wrapping_add(t1),
+                        v[4],
+                        v[5],
+                        v[6],
+                    ];
+                }
+                for (x, y) in h.iter_mut().zip(v) {
+                    *x = x.wrapping_add(y);
+                }
+            }
+            let mut out = [0u8; 32];
+            for (i, x) in h.iter().enumerate() {
+                out[i * 4..i * 4 + 4].copy_from_slice(&x.to_be_bytes());
+            }
+            out
+        }
+
+        fn base64(data: &[u8]) -> String {
+            const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let mut out = String::new();
+            for c in data.chunks(3) {
+                let n = c
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+                for i in 0..4 {
+                    let sextet = (n >> (18 - 6 * i)) & 63;
+                    out.push(if i <= c.len() {
+                        A[sextet as usize] as char
+                    } else {
+                        '='
+                    });
+                }
+            }
+            out
+        }
+
+        fn between<'a>(page: &'a str, open: &str, close: &str) -> &'a str {
+            let start = page.find(open).expect("opening tag") + open.len();
+            let end = start + page[start..].find(close).expect("closing tag");
+            assert_eq!(page.matches(open).count(), 1, "one {open} block");
+            &page[start..end]
+        }
+
+        #[test]
+        fn sha256_matches_known_answers() {
+            assert_eq!(
+                base64(&sha256(b"")),
+                "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+            );
+            assert_eq!(
+                base64(&sha256(b"abc")),
+                "ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0="
+            );
+        }
+
+        #[test]
+        fn csp_hashes_are_those_of_the_inline_blocks() {
+            let script = base64(&sha256(between(PAGE, "<script>", "</script>").as_bytes()));
+            let style = base64(&sha256(between(PAGE, "<style>", "</style>").as_bytes()));
+            assert_eq!(
+                SCRIPT_HASH,
+                format!("sha256-{script}"),
+                "the page's script changed: put this hash in SCRIPT_HASH"
+            );
+            assert_eq!(
+                STYLE_HASH,
+                format!("sha256-{style}"),
+                "the page's style changed: put this hash in STYLE_HASH"
+            );
+            assert!(
+                !PAGE.contains(" style=") && !PAGE.contains(" onclick="),
+                "inline attributes the CSP would block"
+            );
+        }
+
+        #[test]
+        fn page_is_small_and_self_contained() {
+            assert!(
+                PAGE.len() <= MAX_PAGE,
+                "the page is {} bytes, over {MAX_PAGE}",
+                PAGE.len()
+            );
+            for outside in ["http://", "https://", "//cdn", "src=\"/", "@import"] {
+                assert!(!PAGE.contains(outside), "the page names {outside}");
+            }
+            for secret in ["localStorage", "sessionStorage", "document.cookie"] {
+                assert!(
+                    !PAGE.contains(secret),
+                    "the page may not keep anything in {secret}"
+                );
+            }
+        }
+
+        #[test]
+        fn console_values_and_loopback() {
+            assert_eq!(Console::parse("auto"), Ok(Console::Auto));
+            assert_eq!(Console::parse("on"), Ok(Console::On));
+            assert_eq!(Console::parse("off"), Ok(Console::Off));
+            assert!(Console::parse("yes").is_err());
+            for h in ["127.0.0.1", "127.1.2.3", "localhost", "::1", "[::1]"] {
+                assert!(loopback(h), "{h}");
+            }
+            for h in ["0.0.0.0", "::", "10.0.0.1", "example.com"] {
+                assert!(!loopback(h), "{h}");
+            }
+            assert_eq!(attribute("/a\"b<&"), "/a&quot;b&lt;&amp;");
+        }
+    }
+}
 // ======================================================================================
 /// The built-in demo server, run as a real child (`stdio-sse __demo-server`) when no
 /// COMMAND is given: an MCP server on stdio with `echo`, `add` and `broadcast` (a
@@ -16705,6 +19884,9 @@ fn main() {
         demo::run();
         return;
     }
+    if args.get(1).map(String::as_str) == Some(check::ARG) {
+        std::process::exit(check::run(&args));
+    }
     let mut cfg = read_config(&args);
     start_logging(&cfg);
     if let Err(e) = observe::tap::open(&cfg) {
@@ -16888,6 +20070,7 @@ fn start_http(
 /// The "listening" line, and what runs behind it.
 fn announce(url: &str) {
     let cfg = &app().cfg;
+    console::announce(url);
     if let Some(i) = &cfg.instance_id {
         log!(
             Info,

@@ -2,12 +2,11 @@
 //! honoured, mistakes refused with exit status 2.
 mod common;
 use common::*;
-use std::process::Command;
 
 /// Rules: OP-8.
 #[test]
 fn help_lists_every_flag_with_its_variable() {
-    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let out = bin_command().arg("--help").output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     for flag in [
@@ -37,7 +36,7 @@ fn help_lists_every_flag_with_its_variable() {
         assert!(help.contains(&var), "{var} missing from --help");
     }
     assert!(help.contains("[default: 4MiB]") && help.contains("[default: 30m]"));
-    let v = Command::new(BIN).arg("--version").output().unwrap();
+    let v = bin_command().arg("--version").output().unwrap();
     assert!(String::from_utf8(v.stdout)
         .unwrap()
         .starts_with("stdio-sse "));
@@ -86,7 +85,7 @@ fn mistakes_exit_2_with_a_reason() {
         ),
         (&["--auth-health=maybe"], "--auth-health is on or off"),
     ] {
-        let out = Command::new(BIN).args(args).output().unwrap();
+        let out = bin_command().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains(needle),

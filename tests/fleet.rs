@@ -99,7 +99,7 @@ fn the_default_instance_id_is_the_host_name_and_none_turns_it_off() {
 #[test]
 fn an_instance_id_that_could_not_be_split_off_again_is_refused() {
     for bad in ["web_1", "a b", "x/y", &"a".repeat(64)] {
-        let out = std::process::Command::new(BIN)
+        let out = bin_command()
             .args(["--port", "0", "--instance-id", bad])
             .output()
             .expect("run");

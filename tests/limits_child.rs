@@ -6,7 +6,6 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
-use std::process::Command;
 
 fn hostile() -> Vec<String> {
     vec!["python3".into(), fixture("hostile_child.py")]
@@ -260,7 +259,7 @@ fn bad_limits_are_refused_at_start() {
         (&["--child-processes", "-1"], "--child-processes"),
     ];
     for (flags, says) in cases {
-        let out = Command::new(BIN)
+        let out = bin_command()
             .args(["--port", "0"])
             .args(*flags)
             .args(["--", "true"])
@@ -283,7 +282,7 @@ fn an_unknown_user_in_the_config_file_names_the_server() {
             .to_string(),
     )
     .unwrap();
-    let out = Command::new(BIN)
+    let out = bin_command()
         .args(["--port", "0", "--config", file.to_str().unwrap()])
         .output()
         .unwrap();

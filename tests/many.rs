@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::Instant;
 
@@ -80,7 +80,7 @@ const NO_SUCH_COMMAND: &str = "/nonexistent/stdio-sse-test/no-such-mcp-server";
 /// Runs stdio-sse with `args` until it exits or says it is listening (then it is
 /// stopped): its exit code if it exited by itself (None if it served), and its stderr.
 fn run_until_exit_or_listening(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN)
+    let mut child = bin_command()
         .args(["--port", "0", "--host", "127.0.0.1"])
         .args(args)
         .stdin(Stdio::null())

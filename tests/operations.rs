@@ -88,16 +88,17 @@ fn pid1_reaps_orphans_and_forwards_sigterm() {
         .open(&fifo)
         .unwrap();
     let maker = vec!["sh".to_string(), fixture("orphan_maker.sh")];
+    let mut wrapper = vec![
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "--pid",
+        "--fork",
+        "--kill-child",
+    ];
+    wrapper.extend(bin_argv());
     let mut s = Server::launch(
-        &[
-            "unshare",
-            "--user",
-            "--map-root-user",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            BIN,
-        ],
+        &wrapper,
         &[],
         &maker,
         &[("ORPHAN_DIR", dir.to_str().unwrap())],
@@ -143,7 +144,7 @@ fn pid1_reaps_orphans_and_forwards_sigterm() {
     // the kernel ends the namespace.
     let worker: Vec<i32> = all_children_of(init)
         .into_iter()
-        .filter(|p| comm(*p) == "stdio-sse")
+        .filter(|p| comm(*p) == bin_comm())
         .collect();
     assert_eq!(worker.len(), 1, "one stdio-sse under PID 1: {worker:?}");
     let children = all_children_of(worker[0]);
@@ -172,7 +173,8 @@ fn pid1_reaps_orphans_and_forwards_sigterm() {
 /// Rules: OP-3.
 #[test]
 fn exit_with_parent_follows_the_parent() {
-    let mut wrapper = vec!["sh", "-c", "\"$@\" & wait", "sh", BIN];
+    let mut wrapper = vec!["sh", "-c", "\"$@\" & wait", "sh"];
+    wrapper.extend(bin_argv());
     wrapper.push("--exit-with-parent");
     let s = Server::launch(&wrapper, &[], &everything(), &[]);
     let ours = children_of(s.pid());
@@ -468,7 +470,7 @@ fn probe_answers_for_health_checks() {
     );
     let url = format!("http://{}/readyz", s.addr());
     let run = |env: &[(&str, &str)]| {
-        let mut cmd = std::process::Command::new(BIN);
+        let mut cmd = bin_command();
         cmd.arg("--probe")
             .arg(&url)
             .env_remove("STDIO_SSE_AUTH_TOKEN");
@@ -486,7 +488,7 @@ fn probe_answers_for_health_checks() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let out = std::process::Command::new(BIN)
+    let out = bin_command()
         .args(["--probe", &format!("http://127.0.0.1:{port}/readyz")])
         .output()
         .unwrap();

@@ -205,7 +205,9 @@ fn auth_health_closes_the_health_routes_too() {
 fn unauthenticated_non_loopback_bind_warns_and_names_the_flags() {
     let run = |extra: &[&str]| -> String {
         let mut cmd = std::process::Command::new("unshare");
-        cmd.args(["-rn", BIN, "--host", "0.0.0.0", "--port", "0"])
+        cmd.arg("-rn")
+            .args(bin_argv())
+            .args(["--host", "0.0.0.0", "--port", "0"])
             .args(extra);
         cmd.stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null());

@@ -4,7 +4,6 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
-use std::process::Command;
 
 fn tap_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("stdio-sse-tap-{name}-{}", std::process::id()));
@@ -182,7 +181,7 @@ fn tap_to_stderr_with_a_dash() {
 /// OP-8: a tap that cannot be written is refused at start.
 #[test]
 fn a_tap_path_that_cannot_be_opened_is_refused_at_start() {
-    let out = Command::new(BIN)
+    let out = bin_command()
         .args([
             "--port",
             "0",
@@ -199,4 +198,60 @@ fn a_tap_path_that_cannot_be_opened_is_refused_at_start() {
         err.contains("--tap") && err.contains("cannot open"),
         "{err}"
     );
+}
+
+/// A secret with characters JSON escapes (`"`, `\`) stands escaped in a message's text:
+/// the tap and the debug log hide it in that form too.
+#[test]
+fn a_secret_that_json_escapes_is_redacted_in_its_escaped_form() {
+    let dir = tap_dir("escaped");
+    let tap = dir.join("tap.jsonl");
+    let secret = r#"sk"q\7d2e9"#;
+    let escaped = r#"sk\"q\\7d2e9"#;
+    let mut s = Server::start(
+        &[
+            "--tap",
+            tap.to_str().unwrap(),
+            "--log-level",
+            "debug",
+            "--pass-header",
+            "X-User-Key=USER_KEY",
+        ],
+        &everything(),
+    );
+    let mut c = Conn::open(&s);
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ACCEPT_BOTH, ("X-User-Key", secret)],
+        init_body("2025-11-25").as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    let sid = r.header("Mcp-Session-Id").unwrap().to_string();
+    let hdrs = [
+        JSON_CT,
+        ACCEPT_BOTH,
+        ("Mcp-Session-Id", sid.as_str()),
+        ("MCP-Protocol-Version", "2025-11-25"),
+    ];
+    let mut post = |body: Value| c.request("POST", "/mcp", &hdrs, body.to_string().as_bytes());
+    assert_eq!(
+        post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).status,
+        202
+    );
+    let r = post(tool_call(6, "env", json!({"name": "USER_KEY"})));
+    assert_eq!(result_text(&r.messages()[0]), secret, "the client sees its own");
+    assert_eq!(s.stop_with(libc::SIGTERM).code(), Some(0));
+    let text = std::fs::read_to_string(&tap).unwrap();
+    assert!(
+        lines_of(&tap)
+            .iter()
+            .any(|l| l["message"]["id"] == 6 && l["direction"] == "child_to_bridge"),
+        "the answer is tapped"
+    );
+    for shown in [secret, escaped] {
+        assert!(!text.contains(shown), "{shown} in the tap");
+        assert!(!s.log_text().contains(shown), "{shown} in the log");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

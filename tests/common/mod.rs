@@ -13,7 +13,57 @@ use std::time::{Duration, Instant};
 mod wire;
 pub use wire::*;
 
+/// The binary cargo built for this host. A test that starts the stdio-sse under test
+/// uses `bin()`, `bin_argv()`, `bin_command()` or `Server`, which follow the overrides
+/// below; BIN itself is for what must be native (e.g. a `__demo-server` child).
 pub const BIN: &str = env!("CARGO_BIN_EXE_stdio-sse");
+
+/// The stdio-sse under test: `STDIO_SSE_TEST_BIN` (e.g. dist/stdio-sse-aarch64 or
+/// dist/stdio-sse-tiny, as ./build.sh test runs it), else the one cargo built.
+pub fn bin() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| match std::env::var("STDIO_SSE_TEST_BIN") {
+        Ok(p) if !p.is_empty() => std::fs::canonicalize(&p)
+            .unwrap_or_else(|e| panic!("STDIO_SSE_TEST_BIN={p}: {e}"))
+            .to_string_lossy()
+            .into_owned(),
+        _ => BIN.to_string(),
+    })
+}
+
+/// The words that run `bin()`: `STDIO_SSE_TEST_RUNNER`'s (an emulator such as
+/// `qemu-aarch64-static`, which runs the foreign binary in its own process, so the pid is
+/// still stdio-sse's and its children are still ours), then the binary.
+pub fn bin_argv() -> Vec<&'static str> {
+    let mut argv = runner().to_vec();
+    argv.push(bin());
+    argv
+}
+
+/// A Command that starts `bin()` (under the runner, if any).
+pub fn bin_command() -> Command {
+    let argv = bin_argv();
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    cmd
+}
+
+/// The name /proc gives the process `bin_argv()` starts (the emulator's, under one),
+/// for a test that finds it among others by name.
+pub fn bin_comm() -> String {
+    let exe = bin_argv()[0];
+    let name = exe.rsplit('/').next().unwrap_or(exe);
+    name.chars().take(15).collect()
+}
+
+fn runner() -> &'static [&'static str] {
+    static WORDS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    WORDS.get_or_init(|| {
+        let words = std::env::var("STDIO_SSE_TEST_RUNNER").unwrap_or_default();
+        let words: &'static str = Box::leak(words.into_boxed_str());
+        words.split_whitespace().collect()
+    })
+}
 
 pub fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
@@ -43,11 +93,11 @@ impl Server {
     }
 
     pub fn start_env(flags: &[&str], command: &[String], env: &[(&str, &str)]) -> Server {
-        Self::launch(&[BIN], flags, command, env)
+        Self::launch(&bin_argv(), flags, command, env)
     }
 
-    /// Runs `wrapper` (whose last word is the stdio-sse binary, e.g. under `unshare`)
-    /// with the usual loopback flags, then `flags` and COMMAND.
+    /// Runs `wrapper` (whose last words are `bin_argv()`, e.g. under `unshare`) with the
+    /// usual loopback flags, then `flags` and COMMAND.
     pub fn launch(
         wrapper: &[&str],
         flags: &[&str],
@@ -57,6 +107,24 @@ impl Server {
         let mut cmd = Command::new(wrapper[0]);
         cmd.args(&wrapper[1..]);
         cmd.args(["--port", "0", "--host", "127.0.0.1"]).args(flags);
+        // No COMMAND runs the built-in demo: stdio-sse execs itself again. An emulated
+        // stdio-sse cannot (its own file is foreign and no binfmt handler is registered
+        // here), so under a runner the same demo is named as COMMAND, through the runner.
+        let demo: Vec<String>;
+        let command = if command.is_empty()
+            && !runner().is_empty()
+            && wrapper.ends_with(&bin_argv())
+            && !flags.contains(&"--config")
+        {
+            demo = bin_argv()
+                .into_iter()
+                .map(String::from)
+                .chain(["__demo-server".to_string()])
+                .collect();
+            &demo[..]
+        } else {
+            command
+        };
         if !command.is_empty() {
             cmd.arg("--").args(command);
         }

@@ -16,7 +16,10 @@
 #     systemd-analyze, and real nginx in front with idle streams outliving its timeout;
 #   - many servers behind one port (--config FILE): both SDK clients on each server's
 #     endpoint and the merged one, the conformance suite through /servers/NAME/mcp, and a
-#     Claude Desktop file served unchanged (EXTERNAL_ONLY=many runs only these).
+#     Claude Desktop file served unchanged (EXTERNAL_ONLY=many runs only these);
+#   - the console at / in Chromium driving server-everything (EXTERNAL_ONLY=console);
+#   - the arm builds under qemu-user: CLI checks and the Python SDK client on both
+#     transports in both modes (tests/external/arm.sh, EXTERNAL_ONLY=arm).
 # Installs what it needs (pinned) into .cache/tools, and Debian's chromium, nginx and
 # systemd when missing.
 # Writes pass/fail counts to .cache/.
@@ -49,7 +52,14 @@ install_tools() {
     command -v nginx >/dev/null || debs+=(nginx)
     command -v haproxy >/dev/null || debs+=(haproxy)
     command -v systemd-analyze >/dev/null || debs+=(systemd)
+    command -v supervisord >/dev/null || debs+=(supervisor)
+    command -v qemu-aarch64-static >/dev/null || debs+=(qemu-user-static)
     [ "${EXTERNAL_ONLY:-}" = many ] && debs=()  # one section alone (EXTERNAL_ONLY=many) needs none of them
+    [ "${EXTERNAL_ONLY:-}" = check ] && debs=()  # nor does EXTERNAL_ONLY=check
+    [ "${EXTERNAL_ONLY:-}" = console ] && { debs=(); [ -x /usr/bin/chromium ] || debs+=(chromium); }
+    [ "${EXTERNAL_ONLY:-}" = supervisor ] && { debs=(); command -v supervisord >/dev/null || debs+=(supervisor); }
+    [ "${EXTERNAL_ONLY:-}" = arm ] && { debs=(); command -v qemu-aarch64-static >/dev/null || debs+=(qemu-user-static); }
+    [ "${EXTERNAL_ONLY:-}" = trusted-proxy ] && { debs=(); for d in nginx haproxy; do command -v "$d" >/dev/null || debs+=("$d"); done; }
     if [ ${#debs[@]} -gt 0 ]; then
         say "installing Debian packages: ${debs[*]} (browser, reverse-proxy and systemd checks)"
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}"; } >/dev/null 2>&1 \
@@ -366,6 +376,309 @@ if [ "${EXTERNAL_ONLY:-}" = fleet ]; then
     [ "$FAILED" -eq 0 ]; exit
 fi
 
+# 10. supervisor (contrib/supervisord.conf) under a real supervisord of its own (its
+#     own config, socket and logs in a temp dir, not the system's), the program section
+#     used as shipped with only its paths, port and command rewritten: the wrapped
+#     server is the everything fixture started by `sh -c`, which first leaves a sleeping
+#     grandchild marked by a unique word in its command line. A Python SDK session
+#     through it (with the bearer token from the file the section names);
+#     `supervisorctl stop` leaves no process of the tree recorded before it (the warm
+#     child, its grandchild) and none with the marker; `start`, then `restart`, serve
+#     again (the old tree gone); `supervisorctl shutdown` ends it all; then supervisord
+#     killed with SIGKILL: stdio-sse (--exit-with-parent) shuts down and leaves nothing.
+#     Alone with EXTERNAL_ONLY=supervisor.
+supervisor_recipe() {
+    local dir=$ROOT/.cache/supervisor mark port url sv pid tree="" p
+    command -v supervisord >/dev/null || { fail "supervisor: supervisord is missing (Debian package supervisor)"; return 1; }
+    rm -rf "$dir" && mkdir -p "$dir"
+    # The marker is whole only in the grandchild's arguments (sh joins `-"grandchild"`),
+    # so stdio-sse's own command line, which holds the script, does not match it.
+    local head="stdio-sse-sv-$$-$RANDOM"
+    mark="$head-grandchild"
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    url=http://127.0.0.1:$port
+    openssl rand -hex 32 > "$dir/tokens" 2>/dev/null || python3 -c 'import secrets; print(secrets.token_hex(32))' > "$dir/tokens"
+    # The shipped section, its paths, port and server replaced; each replaced line must
+    # still be there, so a change to the recipe cannot pass unseen.
+    local server="--warm 1 -- sh -c 'python3 -c \"import time; time.sleep(3600)\" $head-\"grandchild\" \& exec python3 $ROOT/tests/fixtures/everything.py'"
+    sed -e "s#^command=/usr/local/bin/stdio-sse #command=$BIN #" \
+        -e "s#--port 8000 #--port $port #" \
+        -e "s#--auth-token-file /etc/stdio-sse/tokens#--auth-token-file $dir/tokens#" \
+        -e "s#-- mcp-server-time\$#$server#" \
+        -e "s#^user=stdio-sse\$#user=$(id -un)#" \
+        -e "s#^stdout_logfile=/var/log/supervisor/stdio-sse.log\$#stdout_logfile=$dir/stdio-sse.log#" \
+        contrib/supervisord.conf > "$dir/stdio-sse.conf"
+    for want in "command=$BIN " "--port $port " "--auth-token-file $dir/tokens" "--exit-with-parent" "$head" "user=$(id -un)" \
+                "stdout_logfile=$dir/stdio-sse.log" "stopsignal=TERM" "stopasgroup=false" "killasgroup=false" "stopwaitsecs=20"; do
+        grep -qF -- "$want" "$dir/stdio-sse.conf" || { fail "supervisor: contrib/supervisord.conf no longer has what the test rewrites or relies on ($want)"; return 1; }
+    done
+    cat > "$dir/supervisord.conf" <<CONF
+[unix_http_server]
+file=$dir/supervisor.sock
+chmod=0700
+
+[supervisord]
+logfile=$dir/supervisord.log
+pidfile=$dir/supervisord.pid
+childlogdir=$dir
+nodaemon=true
+user=$(id -un)
+
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+
+[supervisorctl]
+serverurl=unix://$dir/supervisor.sock
+
+[include]
+files = $dir/stdio-sse.conf
+CONF
+    sv_ctl() { supervisorctl -c "$dir/supervisord.conf" "$@"; }
+    # Every process under PID, from one snapshot of the process table.
+    sv_tree_of() { ps -eo pid=,ppid= | awk -v root="$1" '{ parent[$1] = $2 } END { for (p in parent) { q = p; while (q in parent && q != root && q > 1) q = parent[q]; if (q == root && p != root) print p } }'; }
+    # The processes of a list still running (a zombie has ended).
+    sv_running() { local p; for p in "$@"; do [ -d "/proc/$p" ] && ! grep -q '^State:.*Z' "/proc/$p/status" 2>/dev/null && echo "$p"; done; }
+    sv_marked() { pgrep -f -- "$mark"; }
+    sv_ready() { local i; for i in $(seq 1 200); do curl -fsS "$url/healthz" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
+    # The warm child and its marked grandchild, once both are up: the tree to account for.
+    sv_grown() {
+        local i; for i in $(seq 1 200); do
+            pid=$(sv_ctl pid stdio-sse 2>/dev/null); tree=$(sv_tree_of "$pid" | tr '\n' ' ')
+            [ -n "$(sv_marked)" ] && [ "$(echo $tree | wc -w)" -ge 3 ] && return 0
+            sleep 0.05
+        done
+        echo "no child with a marked grandchild under stdio-sse ($pid): tree [$tree], marked [$(sv_marked | tr '\n' ' ')]"; return 1
+    }
+    sv_session() { MCP_BEARER=$(cat "$dir/tokens") timeout 60 "$PY" tests/external/py_client.py streamable "$url/mcp" echo '{"message": "via supervisor"}' "via supervisor"; }
+    # Waits (5 s at most) for every process listed to be gone (with `marked`: and every
+    # marked one).
+    sv_left_behind() {
+        local left i also=""
+        [ "$1" = marked ] && { also=1; shift; }
+        for i in $(seq 1 100); do
+            left=$(sv_running "$@" ${also:+$(sv_marked)} | sort -u | tr '\n' ' ')
+            [ -z "$left" ] && return 0
+            sleep 0.05
+        done
+        echo "left running: $left"; ps -o pid,ppid,pgid,stat,args -p "${left// /,}" 2>/dev/null; return 1
+    }
+
+    supervisord -c "$dir/supervisord.conf" >"$ROOT/.cache/logs/supervisord.log" 2>&1 &
+    sv=$!
+    PIDS+=($sv)
+    if ! sv_ready; then fail "supervisor: supervisord starts stdio-sse from contrib/supervisord.conf" "$dir/stdio-sse.log"; kill "$sv"; wait "$sv" 2>/dev/null; return 1; fi
+    # RUNNING once it has stayed up for startsecs.
+    sv_running_state() { local i st; for i in $(seq 1 200); do st=$(sv_ctl status stdio-sse); [[ "$st" == *RUNNING* ]] && { echo "$st"; return 0; }; sleep 0.05; done; echo "$st"; return 1; }
+    check "supervisor: supervisorctl status shows stdio-sse RUNNING" 10 sv_running_state
+    check "supervisor: a python-sdk session through stdio-sse under supervisord (bearer token from its file)" 60 sv_session
+
+    sv_stop_leaves_nothing() {
+        sv_grown || return 1
+        local before="$pid $tree"
+        echo "before stop: stdio-sse $pid, tree: $tree (marked grandchild $(sv_marked | tr '\n' ' '))"
+        sv_ctl stop stdio-sse || return 1
+        local st; st=$(sv_ctl status stdio-sse)
+        [[ "$st" == *STOPPED* ]] || { echo "$st"; return 1; }
+        sv_left_behind marked $before || return 1
+        echo "stopped: none of $(echo $before | wc -w) processes left, no marked grandchild"
+    }
+    check "supervisor: supervisorctl stop leaves no child or grandchild" 40 sv_stop_leaves_nothing
+    sv_start_serves() { sv_ctl start stdio-sse && sv_ready && sv_session; }
+    check "supervisor: supervisorctl start serves again" 60 sv_start_serves
+    sv_restart_serves() {
+        sv_grown || return 1
+        local before="$pid $tree" old=$pid
+        sv_ctl restart stdio-sse || return 1
+        sv_ready && sv_session || return 1
+        pid=$(sv_ctl pid stdio-sse)
+        [ "$pid" != "$old" ] || { echo "the pid did not change ($pid)"; return 1; }
+        sv_left_behind $before || return 1
+        echo "restarted: stdio-sse $old -> $pid, the old tree ($(echo $before | wc -w) processes) gone, a session served"
+    }
+    check "supervisor: supervisorctl restart serves again, the old tree gone" 60 sv_restart_serves
+    sv_shutdown_ends_all() {
+        sv_grown || return 1
+        local before="$pid $tree" i
+        sv_ctl shutdown || return 1
+        for i in $(seq 1 400); do kill -0 "$sv" 2>/dev/null || break; sleep 0.05; done
+        kill -0 "$sv" 2>/dev/null && { echo "supervisord still running"; return 1; }
+        sv_left_behind marked $before || return 1
+        echo "supervisord shut down; stdio-sse and its $(echo $tree | wc -w) descendants gone"
+    }
+    check "supervisor: supervisorctl shutdown ends supervisord, stdio-sse and every child" 40 sv_shutdown_ends_all
+    wait "$sv" 2>/dev/null
+
+    # supervisord itself killed: stdio-sse sees its parent go (--exit-with-parent) and
+    # shuts down in order instead of holding the port unsupervised.
+    sv_parent_killed() {
+        supervisord -c "$dir/supervisord.conf" >>"$ROOT/.cache/logs/supervisord.log" 2>&1 &
+        sv=$!
+        PIDS+=($sv)
+        sv_ready && sv_grown || return 1
+        local before="$pid $tree" i
+        kill -9 "$sv"; wait "$sv" 2>/dev/null
+        # Its log went to supervisord, now gone: what it left is the proof.
+        for i in $(seq 1 400); do [ -z "$(sv_running $before $(sv_marked))" ] && break; sleep 0.05; done
+        sv_left_behind marked $before || return 1
+        echo "supervisord killed (SIGKILL): stdio-sse $pid shut down by itself, its $(echo $tree | wc -w) descendants gone"
+    }
+    check "supervisor: supervisord killed with SIGKILL: stdio-sse (--exit-with-parent) ends with every child" 40 sv_parent_killed
+}
+if [ "${EXTERNAL_ONLY:-}" = supervisor ]; then
+    supervisor_recipe
+    say "external checks (supervisor only): $PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]; exit
+fi
+
+# 11. `stdio-sse check` (issue 21) against real stdio servers: server-everything (npm)
+#    and mcp-server-time (PyPI, in the venv) must work (exit 0) with their tools named,
+#    in the report and in --json, each alone and both from one --config file; a command
+#    that does not exist must not (exit 1, not_found). Alone with EXTERNAL_ONLY=check.
+check_servers() {
+    local logs=$ROOT/.cache/logs conf=$ROOT/.cache/check-servers.json
+    # check_works TOOL ARGS... : `stdio-sse check ARGS` says "works" and names TOOL, and
+    # its --json says ok with TOOL among the tools.
+    check_works() {
+        local tool=$1; shift
+        timeout 60 "$BIN" check "$@" >"$logs/check-report.txt" 2>&1; local rc=$?
+        cat "$logs/check-report.txt"
+        [ "$rc" -eq 0 ] || { echo "exit status $rc, not 0"; return 1; }
+        grep -q "verdict: works" "$logs/check-report.txt" && grep -qw -- "$tool" "$logs/check-report.txt" || { echo "no verdict, or no $tool"; return 1; }
+        timeout 60 "$BIN" check --json "$@" | "$PY" -c '
+import json, sys
+d = json.load(sys.stdin)
+assert d["ok"], d
+for s in d["servers"]:
+    assert s["ok"] and s["tools"], s
+assert any(sys.argv[1] in s["tools"] for s in d["servers"]), d
+print("; ".join("%s %s: %s, %d tools, %s ms" % (s["name"], s["serverInfo"]["name"], s["protocolVersion"], len(s["tools"]), s["startMs"]) for s in d["servers"]))
+' "$tool"
+    }
+    check_fails() {
+        timeout 30 "$BIN" check --json "$@" >"$logs/check-report.json"; local rc=$?
+        cat "$logs/check-report.json"
+        [ "$rc" -eq 1 ] && grep -q '"kind":"not_found"' "$logs/check-report.json" && echo "exit 1, not_found"
+    }
+    check "check: server-everything works, its tools named" 130 check_works echo -- "$NODE22" "$NM/@modelcontextprotocol/server-everything/dist/index.js" stdio
+    check "check: mcp-server-time works, its tools named" 130 check_works get_current_time -- "$TOOLS/venv/bin/mcp-server-time"
+    cat >"$conf" <<JSON
+{"mcpServers": {
+  "everything": {"command": "$NODE22", "args": ["$NM/@modelcontextprotocol/server-everything/dist/index.js", "stdio"]},
+  "time": {"command": "$TOOLS/venv/bin/mcp-server-time"}
+}}
+JSON
+    check "check: --config with both servers: both work" 130 check_works get_current_time --config "$conf"
+    check "check: a command that does not exist: exit 1, not_found" 40 check_fails -- no-such-mcp-server
+}
+if [ "${EXTERNAL_ONLY:-}" = check ]; then
+    check_servers
+    say "external checks (check only): $PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]; exit
+fi
+
+# 14. --trusted-proxy behind the shipped balancer recipes: real HAProxy
+#     (contrib/haproxy/haproxy.cfg, `option forwardfor`) and real nginx
+#     (contrib/nginx/stdio-sse-fleet.conf, `$proxy_add_x_forwarded_for`) in front of one
+#     stdio-sse with --trusted-proxy 127.0.0.1 and --rate-limit 1/h,3; clients on two
+#     loopback addresses (curl --interface 127.0.0.2, 127.0.0.3): the first is refused
+#     with 429 at its fourth request while the second is served, and a forged
+#     X-Forwarded-For changes nothing; without --trusted-proxy (the control) every client
+#     shares the balancer's bucket. Alone with EXTERNAL_ONLY=trusted-proxy.
+trusted_proxy_recipes() {
+    local dir=$ROOT/.cache/trusted-proxy b lb lbpid trusted want out
+    rm -rf "$dir" && mkdir -p "$dir/nginx/tmp"
+    # tp_status CLIENT_ADDRESS [CURL ARGS...]: the status of GET /servers through the balancer.
+    tp_status() { local from=$1; shift; curl -s -o /dev/null -w '%{http_code}' --interface "$from" "$@" "http://127.0.0.1:$lb/servers"; }
+    tp_through() {
+        local b=$1 trusted=$2 got
+        got="$(tp_status 127.0.0.2) $(tp_status 127.0.0.2) $(tp_status 127.0.0.2) $(tp_status 127.0.0.2)"
+        got="$got | $(tp_status 127.0.0.3) | $(tp_status 127.0.0.2 -H 'X-Forwarded-For: 198.51.100.1')"
+        if [ "$trusted" = yes ]; then want="200 200 200 429 | 200 | 429"; else want="200 200 200 429 | 429 | 429"; fi
+        echo "statuses (127.0.0.2 x4 | 127.0.0.3 | 127.0.0.2 forging X-Forwarded-For): $got"
+        [ "$got" = "$want" ] || { echo "expected $want"; return 1; }
+        curl -sf "http://127.0.0.1:$lb/metrics" > "$dir/metrics-$b-$trusted.txt" || return 1
+        if [ "$trusted" = yes ]; then
+            grep -q '^stdio_sse_rate_limited_total{key_kind="address"} 2$' "$dir/metrics-$b-$trusted.txt" || { grep rate_limited "$dir/metrics-$b-$trusted.txt"; return 1; }
+            grep -q 'rate_limited.*client=127.0.0.2' "$ROOT/.cache/logs/trusted-proxy-$b-$trusted.log" || { echo "no rate_limited line naming 127.0.0.2"; return 1; }
+            echo "each client address has its own bucket through $b; the forged header is ignored"
+        else
+            echo "without --trusted-proxy every client shares $b's bucket (the control)"
+        fi
+    }
+    for b in haproxy nginx; do
+        command -v "$b" >/dev/null || { fail "trusted-proxy: $b is missing (Debian package $b)"; continue; }
+        for trusted in yes no; do
+            local flags=(--rate-limit 1/h,3)
+            [ "$trusted" = yes ] && flags+=(--trusted-proxy 127.0.0.1)
+            start_server "trusted-proxy-$b-$trusted" "${flags[@]}" || { fail "trusted-proxy: stdio-sse starts" "$ROOT/.cache/logs/trusted-proxy-$b-$trusted.log"; continue; }
+            local sspid=${PIDS[-1]}
+            lb=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+            if [ "$b" = haproxy ]; then
+                STDIO_SSE_FLEET_BIND=127.0.0.1:$lb STDIO_SSE_S1=127.0.0.1:$PORT STDIO_SSE_S2=127.0.0.1:$PORT STDIO_SSE_S3=127.0.0.1:$PORT \
+                    haproxy -f contrib/haproxy/haproxy.cfg >"$ROOT/.cache/logs/trusted-proxy-haproxy.log" 2>&1 &
+            else
+                sed -e "s#127.0.0.1:800[123]#127.0.0.1:$PORT#" -e "s#listen 127.0.0.1:8080;#listen 127.0.0.1:$lb;#" \
+                    contrib/nginx/stdio-sse-fleet.conf > "$dir/nginx/fleet.conf"
+                grep -q 'X-Forwarded-For $proxy_add_x_forwarded_for' "$dir/nginx/fleet.conf" || { fail "trusted-proxy: contrib/nginx/stdio-sse-fleet.conf no longer appends X-Forwarded-For"; continue; }
+                printf 'daemon off;\nmaster_process off;\npid %s/nginx.pid;\nerror_log %s;\nevents {}\nhttp {\n    access_log off;\n    client_body_temp_path %s/tmp;\n    proxy_temp_path %s/tmp;\n    include %s/fleet.conf;\n}\n' \
+                    "$dir/nginx" "$ROOT/.cache/logs/trusted-proxy-nginx-error.log" "$dir/nginx" "$dir/nginx" "$dir/nginx" > "$dir/nginx/nginx.conf"
+                nginx -c "$dir/nginx/nginx.conf" -p "$dir/nginx" >/dev/null 2>&1 &
+            fi
+            lbpid=$!
+            PIDS+=($lbpid)
+            for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$lb") 2>/dev/null && break; sleep 0.05; done
+            if [ "$trusted" = yes ]; then
+                check "trusted-proxy ($b): --trusted-proxy 127.0.0.1 gives each client address behind $b its own --rate-limit bucket" 60 tp_through "$b" yes
+            else
+                check "trusted-proxy ($b): without --trusted-proxy every client behind $b shares one bucket (control)" 60 tp_through "$b" no
+            fi
+            kill "$lbpid" 2>/dev/null; wait "$lbpid" 2>/dev/null
+            kill "$sspid" 2>/dev/null; wait "$sspid" 2>/dev/null
+        done
+    done
+}
+if [ "${EXTERNAL_ONLY:-}" = trusted-proxy ]; then
+    trusted_proxy_recipes
+    say "external checks (trusted-proxy only): $PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]; exit
+fi
+
+# 12. The console (GET /, issue 21) in Debian's Chromium driven by playwright-core,
+#    against stdio-sse wrapping server-everything: tools listed and called from their
+#    forms, progress as it streams, roots, elicitation and sampling answered from the
+#    page, Disconnect's DELETE; then with --auth-token, the token typed into the page and
+#    kept in its memory only. Every request the page makes must go to its own origin,
+#    and no CSP violation may occur. Screenshots in .cache/console-*.png; the elicitation
+#    one becomes docs/console.png when that is missing or UPDATE_SCREENSHOTS=1.
+#    Alone with EXTERNAL_ONLY=console.
+console_page() {
+    local doc=-
+    if [ ! -f "$ROOT/docs/console.png" ] || [ -n "${UPDATE_SCREENSHOTS:-}" ]; then
+        mkdir -p "$ROOT/docs" && doc=$ROOT/docs/console.png
+    fi
+    cp "$ROOT/tests/external/console_check.mjs" "$TOOLS/node/console_check.mjs"
+    check "console: the page at / drives server-everything in Chromium (forms, progress, roots, elicitation, sampling, a token), no other origin" 180 \
+        "$NODE22" "$TOOLS/node/console_check.mjs" "$BIN" "$NODE22" \
+        "$NM/@modelcontextprotocol/server-everything/dist/index.js" "$ROOT/.cache" "$doc"
+}
+if [ "${EXTERNAL_ONLY:-}" = console ]; then
+    console_page
+    say "external checks (console only): $PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]; exit
+fi
+
+# 13. The arm builds under qemu-user (issue 20): dist/stdio-sse-aarch64 and
+#    dist/stdio-sse-armv7 each pass the CLI checks and serve the Python SDK client over
+#    Streamable HTTP and legacy SSE, a child per session and shared
+#    (tests/external/arm.sh). Alone with EXTERNAL_ONLY=arm.
+# shellcheck source=tests/external/arm.sh
+. "$ROOT/tests/external/arm.sh"
+if [ "${EXTERNAL_ONLY:-}" = arm ]; then
+    arm_builds
+    say "external checks (arm only): $PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]; exit
+fi
+
 # 1. Conformance: every server scenario against the project's everything fixture, with
 #    a child per session and with one shared child. A WARNING counts as a failure.
 CONF="$NODE22 $NM/@modelcontextprotocol/conformance/dist/index.js"
@@ -669,6 +982,21 @@ kubernetes_manifests
 
 # 9. A fleet behind HAProxy and nginx (defined after section 8's).
 fleet
+
+# 10. supervisor (defined after section 9's).
+supervisor_recipe
+
+# 14. --trusted-proxy behind HAProxy and nginx (defined after section 10's).
+trusted_proxy_recipes
+
+# 11. stdio-sse check against real servers (defined before section 1).
+check_servers
+
+# 12. The console in Chromium (defined before section 1).
+console_page
+
+# 13. The arm builds under qemu-user (defined before section 1).
+arm_builds
 
 echo "$PASSED" > "$ROOT/.cache/external-passed"
 echo "$FAILED" > "$ROOT/.cache/external-failed"
