@@ -10900,14 +10900,14 @@ mod sessions {
                 .any(|s| s.conn.is_some())
         }
 
-        /// How long the session has been unattended: no request in flight, no stream
-        /// with a connection, no 2026-07-28 call or listener on a carrier. None while
-        /// it is attended.
         /// Whether it counts against `client`'s --max-sessions-per-token.
         pub fn holds_for(&self, client: &crate::ratelimit::Client) -> bool {
             counts_per_client(self.transport) && self.client.as_ref() == Some(client)
         }
 
+        /// How long the session has been unattended: no request in flight, no stream
+        /// with a connection, no 2026-07-28 call or listener on a carrier. None while
+        /// it is attended.
         pub fn unattended_for(&self) -> Option<Duration> {
             {
                 let r = self.routing.locked();
@@ -14113,6 +14113,11 @@ mod child {
                 "bad_alloc",
                 "memory allocation of",
                 "ENOMEM",
+                // Refused at its start: glibc's loader cannot map a library, the JVM
+                // cannot reserve its heap, Go's runtime its arena.
+                "failed to map segment",
+                "Could not reserve enough space",
+                "cannot allocate memory",
             ],
         ),
         (Limit::Files, &["Too many open files", "EMFILE"]),
@@ -14554,6 +14559,8 @@ mod child {
 
         fn log_line(&mut self, p: &ChildProc) {
             let text = String::from_utf8_lossy(&self.partial);
+            // Before the cut, so no part of a secret is left at the end (OP-5).
+            let text = crate::observe::redact(&text, &p.secrets);
             let line: String = text
                 .trim_end_matches(['\n', '\r'])
                 .chars()
@@ -14778,7 +14785,7 @@ mod check {
     use crate::message::{classify, Kind};
     use crate::modern::ChildEra;
     use crate::servers::Server;
-    use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+    use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
     use serde_json::{json, Value};
     use std::io::Write;
     use std::os::unix::process::ExitStatusExt;
@@ -15212,8 +15219,21 @@ mod check {
         let max = crate::app().cfg.max_message;
         // Without its thread the channel is closed at once: read as stdout closed.
         crate::spawn_thread("check-stdout", move || read_stdout(stdout, max, tx));
+        // Writes leave from their own thread: a child that does not read its stdin (and
+        // floods requests whose answers fill the pipe) cannot hold the check past its
+        // --timeout. A write that fails ends the thread, so a later send sees Gone.
+        let (to_child, writes) = crossbeam_channel::bounded::<Value>(PENDING_LINES);
+        let writer = child.clone();
+        crate::spawn_thread("check-stdin", move || {
+            for message in writes {
+                if writer.send_message(&message).is_err() {
+                    return;
+                }
+            }
+        });
         let mut talk = Talk {
             child,
+            to_child,
             rx,
             report,
             next_id: 1,
@@ -15360,6 +15380,8 @@ mod check {
     /// One conversation with one child.
     struct Talk {
         child: Arc<ChildProc>,
+        /// To the writer thread (check_server), which writes to the child's stdin.
+        to_child: Sender<Value>,
         rx: Receiver<Out>,
         report: Report,
         next_id: u64,
@@ -15640,8 +15662,8 @@ mod check {
 
         fn notify(&mut self, method: &str) {
             let _ = self
-                .child
-                .send_message(&json!({"jsonrpc": "2.0", "method": method}));
+                .to_child
+                .try_send(json!({"jsonrpc": "2.0", "method": method}));
         }
 
         /// Sends a request and waits for its answer, taking care of everything else the
@@ -15653,10 +15675,13 @@ mod check {
             let id = self.next_id;
             self.next_id += 1;
             let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-            if self.child.send_message(&request).is_err() {
-                return Answer::Gone;
-            }
             let deadline = Instant::now() + wait;
+            match self.to_child.send_timeout(request, wait) {
+                Ok(()) => {}
+                // Its stdin has taken nothing for the whole wait.
+                Err(SendTimeoutError::Timeout(_)) => return Answer::Silent,
+                Err(SendTimeoutError::Disconnected(_)) => return Answer::Gone,
+            }
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match self.rx.recv_timeout(left) {
@@ -15771,8 +15796,14 @@ mod check {
                 _ => json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601,
                     "message": format!("Method not found: {method} (stdio-sse check answers ping and roots/list only)")}}),
             };
-            self.report.asked.push(method.to_string());
-            let _ = self.child.send_message(&reply);
+            // Each method once, and only the first few: a server asking in a loop would
+            // otherwise grow the report for as long as the check lasts.
+            let method = cut(method);
+            if !self.report.asked.contains(&method) && self.report.asked.len() < QUOTED_LINES {
+                self.report.asked.push(method);
+            }
+            // Full: the child is not reading its stdin, and the answer would wait for ever.
+            let _ = self.to_child.try_send(reply);
         }
 
         /// A stdout line that is not a message (ST-5).
@@ -15854,12 +15885,15 @@ mod check {
         fn exit_words(&self) -> (String, String) {
             let words = match self.child.wait_exit(EXIT_SETTLE) {
                 Some(status) => {
+                    // A loader refused memory by --child-memory exits 127 as well.
+                    let limit = self.child.limit_hit().is_some();
                     let hint = match status.code() {
+                        _ if limit => "",
                         Some(127) => " (127: a command it runs was not found)",
                         Some(126) => " (126: a command it runs is not executable)",
                         _ => "",
                     };
-                    format!("{}{hint}", crate::child::describe(&status))
+                    format!("{}{hint}", self.child.ended(&status))
                 }
                 None => "closed its stdout and is still running".to_string(),
             };
@@ -17381,6 +17415,8 @@ mod observe {
                                 *size = 0;
                             }
                             Err(e) => {
+                                // This line is lost as a failed write's is: counted too.
+                                crate::app().metrics.dropped("tap_write_failed");
                                 crate::log!(
                                     Error,
                                     "tap",
@@ -18464,7 +18500,7 @@ mod console {
     }
 
     /// SHA-256 of the page's `<script>` and `<style>` contents, base64 (CSP level 2).
-    const SCRIPT_HASH: &str = "sha256-K8n2AhbOSWXLFewjJXp0cHm3fYVJ5h4jhh7UdAgZezs=";
+    const SCRIPT_HASH: &str = "sha256-GPp6xB6diMkFjjmrXLVhLh0c96rS5FbjclFLWWGEyhw=";
     const STYLE_HASH: &str = "sha256-GqspnsMq4qIq33N5H27qdF1hLbGnHIcZjZyzQosrVYA=";
 
     /// The page. Its script and style are hashed into the CSP above (see the tests).
@@ -18550,7 +18586,8 @@ const CAPS = { roots: { listChanged: true }, sampling: {}, elicitation: { form: 
 const MODERN = "2026-07-28", META = "io.modelcontextprotocol/";
 const NAMED = { "tools/call": "name", "prompts/get": "name", "resources/read": "uri" };
 const S = { token: "", url: D.mcp, session: null, version: null, server: null, id: 0, gen: 0,
-  pending: new Map(), get: null, tab: "tools", lists: {}, ver: {}, roots: ["file:///tmp"] };
+  pending: new Map(), get: null, tab: "tools", lists: {}, ver: {}, roots: ["file:///tmp"],
+  ctl: new AbortController() };
 
 function el(tag, props, ...kids) {
   const e = document.createElement(tag);
@@ -18605,7 +18642,10 @@ function hdrs(extra) {
   if (S.version) h["MCP-Protocol-Version"] = S.version;
   return Object.assign(h, extra);
 }
+// Every request of a connection ends with it: one still on its way when the session is
+// DELETEd would otherwise come back 404 for a session the person already left.
 async function hit(method, body, extra, signal) {
+  signal = signal ? AbortSignal.any([signal, S.ctl.signal]) : S.ctl.signal;
   const r = await fetch(S.url, { method, headers: hdrs(extra), body, signal, cache: "no-store", credentials: "omit" });
   if (r.status === 401) needToken("The server wants a bearer token (401).");
   return r;
@@ -18790,6 +18830,12 @@ async function disconnect(quiet) {
   S.gen++;
   if (S.get) S.get.abort();
   S.get = null;
+  S.ctl.abort();
+  S.ctl = new AbortController();
+  // Nothing may start on the old session while its DELETE is on the way (a re-list
+  // timed after a list_changed burst would get a 404).
+  clearTimeout(S.relist);
+  S.server = null;
   for (const id of [...S.pending.keys()]) settle(id, null, { message: "disconnected" });
   if (S.session) {
     log("out", { method: "DELETE " + S.url + " (end the session)" });

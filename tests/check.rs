@@ -415,3 +415,45 @@ fn usage_mistakes_exit_2() {
     assert_eq!(r.code, 0);
     assert!(r.says("--timeout DURATION") && r.says("STDIO_SSE_CHECK_TIMEOUT"));
 }
+
+/// A server stopped by a --child-* limit of the check's own flags is said to have met
+/// it, not to be missing a command (127 is the loader's status here).
+#[test]
+fn a_server_stopped_by_a_child_limit_is_said_to_have_met_it() {
+    let r = check(&[
+        "--child-memory",
+        "8MiB",
+        "--",
+        "python3",
+        "-c",
+        "import sys; sys.stdin.read()",
+    ]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.says("at its limit --child-memory 8MiB"), "{}", r.stdout);
+    assert!(!r.says("a command it runs was not found"), "{}", r.stdout);
+}
+
+/// A server that floods requests of its own (pings) and never reads its stdin: the
+/// answers fill its stdin pipe, and the check must not wait on that pipe past its
+/// --timeout. Its verdict comes in time, and the methods it asked are listed once.
+#[test]
+fn a_server_flooding_requests_without_reading_stdin_gets_its_verdict_in_time() {
+    let ping = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+    let r = check_env(
+        &[
+            "--timeout",
+            "1s",
+            "--shutdown-grace",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            &format!("exec yes '{ping}'"),
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.says("no answer to initialize within 1s"), "{}", r.stdout);
+    assert!(!r.says("ping, ping"), "{}", r.stdout);
+}

@@ -335,3 +335,38 @@ fn a_shared_child_at_its_limit_names_it_and_is_replaced() {
     let fresh = Session::open(&s);
     assert_ne!(pid_uid(&fresh).0, pid);
 }
+
+/// A child refused at its start by --child-memory (the loader cannot map a library:
+/// "failed to map segment") is named as meeting the limit, as one that dies later is.
+#[test]
+fn a_child_that_cannot_even_load_under_child_memory_names_the_limit() {
+    let s = Server::start(
+        &["--child-memory", "8MiB"],
+        &[
+            "python3".into(),
+            "-c".into(),
+            "import sys; sys.stdin.read()".into(),
+        ],
+    );
+    let mut c = Conn::open(&s);
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ACCEPT_BOTH],
+        init_body("2025-11-25").as_bytes(),
+    );
+    let msgs = r.messages();
+    let err = &msgs
+        .iter()
+        .find(|m| m.get("error").is_some())
+        .unwrap_or_else(|| panic!("no error for initialize: {}", r.text()))["error"];
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--child-memory 8MiB"),
+        "the error names the limit: {err}"
+    );
+    assert_eq!(err["data"]["limit"], "memory", "{err}");
+    s.wait_log("at its limit --child-memory 8MiB");
+}

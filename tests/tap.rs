@@ -240,7 +240,11 @@ fn a_secret_that_json_escapes_is_redacted_in_its_escaped_form() {
         202
     );
     let r = post(tool_call(6, "env", json!({"name": "USER_KEY"})));
-    assert_eq!(result_text(&r.messages()[0]), secret, "the client sees its own");
+    assert_eq!(
+        result_text(&r.messages()[0]),
+        secret,
+        "the client sees its own"
+    );
     assert_eq!(s.stop_with(libc::SIGTERM).code(), Some(0));
     let text = std::fs::read_to_string(&tap).unwrap();
     assert!(
@@ -254,4 +258,62 @@ fn a_secret_that_json_escapes_is_redacted_in_its_escaped_form() {
         assert!(!s.log_text().contains(shown), "{shown} in the log");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A rotation that fails (PATH.1 is a directory) stops the tap: said in the log and
+/// counted as a dropped message, as a failed write is, not lost unseen (OP-6).
+#[test]
+fn a_rotation_that_fails_stops_the_tap_logged_and_counted() {
+    let dir = tap_dir("rotfail");
+    let tap = dir.join("tap.jsonl");
+    let blocker = dir.join("tap.jsonl.1");
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let s = Server::start(
+        &["--tap", tap.to_str().unwrap(), "--tap-max-size", "2KiB"],
+        &everything(),
+    );
+    let sess = Session::open(&s);
+    for i in 0..10 {
+        let r = sess.call(200 + i, "echo", json!({"message": "y".repeat(300)}));
+        assert_eq!(r.status, 200, "the tap stopping stops no call");
+    }
+    s.wait_log("cannot rotate --tap");
+    let m = scrape(&s);
+    assert!(
+        sample(
+            &m,
+            "stdio_sse_messages_dropped_total{reason=\"tap_write_failed\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// OP-5: a child that prints its --pass-header value on stderr (a debug line of its own)
+/// does not put it in our log, where its stderr lines are logged.
+#[test]
+fn a_secret_a_child_prints_on_stderr_stays_out_of_the_log() {
+    let secret = "sk-stderr-5e0b1d";
+    let s = Server::start(
+        &["--pass-header", "X-User-Key=USER_KEY"],
+        &[
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "echo \"using key $USER_KEY\" >&2; exec python3 {}",
+                fixture("everything.py")
+            ),
+        ],
+    );
+    let mut c = Conn::open(&s);
+    let r = c.request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ACCEPT_BOTH, ("X-User-Key", secret)],
+        init_body("2025-11-25").as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    let line = s.wait_log("using key");
+    assert!(!line.contains(secret), "{line}");
+    assert!(!s.log_text().contains(secret), "the secret in the log");
 }

@@ -57,6 +57,11 @@ async function open(origin) {
   page.on("request", (r) => requests.push({ method: r.method(), url: r.url(), headers: r.headers() }));
   page.on("console", (m) => { if (m.type() === "error") problems.push(m.text()); });
   page.on("pageerror", (e) => problems.push(String(e)));
+  // Which request a "Failed to load resource" was: the browser's message does not say.
+  page.on("response", (r) => {
+    if (r.status() >= 400 && r.status() !== 401)
+      problems.push(`(${r.request().method()} ${new URL(r.url()).pathname} ${(r.request().postData() || "").slice(0, 80)} answered ${r.status()})`);
+  });
   await page.goto(origin + "/");
   return { page, context, requests, problems };
 }
