@@ -1615,6 +1615,16 @@ mod config {
             let value = match inline {
                 Some(v) => v,
                 None if f.switch => "true".to_string(),
+                // --console alone means on, as websocketd's --devconsole does: the next
+                // word is its value only when it is one of its values.
+                None if f.name == "console"
+                    && !matches!(
+                        args.get(i + 1).map(String::as_str),
+                        Some("auto" | "on" | "off")
+                    ) =>
+                {
+                    "on".to_string()
+                }
                 None => {
                     i += 1;
                     args.get(i)
@@ -5034,7 +5044,14 @@ mod http {
         if !open_route {
             match crate::auth::check(inc.header("Authorization")) {
                 Ok(token) => inc.token = token,
-                Err(reply) => return respond(inc, reply),
+                Err(reply) => {
+                    // A wrong token is a guess: it draws on its address's bucket, so
+                    // guessing goes no faster than --rate-limit.
+                    if let Err(limited) = crate::ratelimit::admit(&inc, readiness) {
+                        return respond(inc, limited);
+                    }
+                    return respond(inc, reply);
+                }
             }
         }
         // After the token check: the token is the bucket's key (RFC 6585 §4).
@@ -15683,7 +15700,12 @@ mod check {
                 Err(SendTimeoutError::Disconnected(_)) => return Answer::Gone,
             }
             loop {
+                // A child that writes faster than this reads would otherwise keep a
+                // ready line in the channel past the deadline for ever.
                 let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Answer::Silent;
+                }
                 match self.rx.recv_timeout(left) {
                     Ok(Out::Line(line)) => {
                         if let Some(answer) = self.take(&line, id, method) {

@@ -242,12 +242,16 @@ fn bound_to_a_non_loopback_address_the_console_is_off_unless_asked_for() {
     let r = asked.get_page();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.header("Content-Security-Policy").is_some());
+    drop(asked);
+    // Alone, as websocketd's --devconsole: on.
+    let bare = Exposed::start(&["--console"]);
+    assert_eq!(bare.get_page().status, 200);
 }
 
 #[test]
 fn a_bad_console_value_is_refused_at_startup() {
     let out = bin_command()
-        .args(["--port", "0", "--console", "maybe"])
+        .args(["--port", "0", "--console=maybe"])
         .output()
         .expect("run stdio-sse");
     assert!(!out.status.success());

@@ -600,3 +600,27 @@ fn the_bucket_table_stays_within_rate_limit_keys() {
     // The spent bucket is the emptiest: it stayed, so its client is still refused.
     assert_eq!(spender.echo(2).status, 429);
 }
+
+/// A wrong token is a guess: with --rate-limit on, guesses draw on their address's
+/// bucket, so token guessing goes no faster than the rate (401s, then 429), while a
+/// client with the right token keeps its own bucket.
+#[test]
+fn wrong_tokens_draw_on_the_address_bucket() {
+    let s = Server::start(
+        &["--auth-token", "right-token-1", "--rate-limit", "1/h,3"],
+        &everything(),
+    );
+    let guesser = Client::bearer(&s, "wrong-guess");
+    let statuses: Vec<u16> = (0..4).map(|i| guesser.echo(i).status).collect();
+    assert_eq!(
+        statuses,
+        [401, 401, 401, 429],
+        "three guesses, then refused"
+    );
+    let mut good = Client::bearer(&s, "right-token-1");
+    assert_eq!(
+        good.open().status,
+        200,
+        "the right token has its own bucket"
+    );
+}
