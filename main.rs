@@ -9649,6 +9649,20 @@ mod oneshot {
         let filter = (value.get("method").and_then(serde_json::Value::as_str)
             == Some("tools/list"))
         .then(|| server.clone());
+        let env = match crate::auth::context(&inc) {
+            Ok(ctx) => ctx.env,
+            Err(reply) => return respond(inc, reply),
+        };
+        let secrets: Vec<String> = env.iter().map(|(_, v)| v.clone()).collect();
+        use crate::observe::tap;
+        tap::record(
+            tap::Direction::ClientToBridge,
+            &tag,
+            &server.name,
+            tap::Message::Value(&value),
+            &secrets,
+        );
+        let (tap_tag, tap_server) = (tag.clone(), server.name.clone());
         let on_line = move |line: String| {
             let line = match &filter {
                 Some(server) => crate::message::parse(line.as_bytes())
@@ -9657,13 +9671,16 @@ mod oneshot {
                     .map_or(line, |v| v.to_string()),
                 None => line,
             };
+            tap::record(
+                tap::Direction::BridgeToClient,
+                &tap_tag,
+                &tap_server,
+                tap::Message::Line(&line),
+                &secrets,
+            );
             if tx.send_timeout(Some(line), stall).is_err() {
                 app.metrics.dropped("client_gone");
             }
-        };
-        let env = match crate::auth::context(&inc) {
-            Ok(ctx) => ctx.env,
-            Err(reply) => return respond(inc, reply),
         };
         let child = match crate::child::spawn(&server, &tag, env) {
             Ok((c, stdout)) => {

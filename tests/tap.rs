@@ -317,3 +317,45 @@ fn a_secret_a_child_prints_on_stderr_stays_out_of_the_log() {
     assert!(!line.contains(secret), "{line}");
     assert!(!s.log_text().contains(secret), "the secret in the log");
 }
+
+/// One-shot mode: the request, the line to the child, each stdout line, and what the
+/// client got, under the request's tag.
+#[test]
+fn one_shot_requests_are_tapped_each_way() {
+    let dir = tap_dir("oneshot");
+    let tap = dir.join("tap.jsonl");
+    let mut s = Server::start(
+        &["--mode", "oneshot", "--tap", tap.to_str().unwrap()],
+        &["python3".to_string(), fixture("stdio_mcp_server.py")],
+    );
+    let body = r#"{"jsonrpc":"2.0","id":"abc","params":{"message":"tapped once"}}"#;
+    let r = Conn::open(&s).request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ("Accept", "*/*")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(s.stop_with(libc::SIGTERM).code(), Some(0));
+    let lines = lines_of(&tap);
+    let mine: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"]["id"] == "abc")
+        .collect();
+    let directions: Vec<&str> = mine
+        .iter()
+        .map(|l| l["direction"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        directions,
+        [
+            "client_to_bridge",
+            "bridge_to_child",
+            "child_to_bridge",
+            "bridge_to_client"
+        ]
+    );
+    assert!(mine.iter().all(|l| l["session"] == mine[0]["session"]));
+    assert_eq!(mine[3]["message"]["result"]["echo"], "tapped once");
+    let _ = std::fs::remove_dir_all(&dir);
+}
