@@ -20,6 +20,43 @@ fn lines_of(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
+/// A session opened with headers of its own (a bearer token, a pass-header value) that
+/// every later POST carries too.
+struct Keyed {
+    conn: Conn,
+    headers: Vec<(&'static str, String)>,
+    session: String,
+}
+
+impl Keyed {
+    /// initialize, then notifications/initialized.
+    fn open(s: &Server, extra: &[(&'static str, &str)]) -> Keyed {
+        let mut k = Keyed {
+            conn: Conn::open(s),
+            headers: extra.iter().map(|(n, v)| (*n, v.to_string())).collect(),
+            session: String::new(),
+        };
+        let r = k.send(init_body("2025-11-25").as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        k.session = r.header("Mcp-Session-Id").unwrap().to_string();
+        let n = k.post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        assert_eq!(n.status, 202);
+        k
+    }
+    fn send(&mut self, body: &[u8]) -> Response {
+        let mut h: Vec<(&str, &str)> = vec![JSON_CT, ACCEPT_BOTH];
+        if !self.session.is_empty() {
+            h.push(("Mcp-Session-Id", &self.session));
+            h.push(("MCP-Protocol-Version", "2025-11-25"));
+        }
+        h.extend(self.headers.iter().map(|(n, v)| (*n, v.as_str())));
+        self.conn.request("POST", "/mcp", &h, body)
+    }
+    fn post(&mut self, body: Value) -> Response {
+        self.send(body.to_string().as_bytes())
+    }
+}
+
 /// The directions, in order, of the tap lines about request `id` of `session`.
 fn directions_of(lines: &[Value], id: i64) -> Vec<String> {
     lines
@@ -49,32 +86,12 @@ fn a_sessions_messages_appear_in_order_each_way_with_secrets_redacted() {
         &everything(),
     );
     let bearer = format!("Bearer {token}");
-    let mut c = Conn::open(&s);
-    let r = c.request(
-        "POST",
-        "/mcp",
-        &[
-            JSON_CT,
-            ACCEPT_BOTH,
-            ("Authorization", &bearer),
-            ("X-User-Key", header_secret),
-        ],
-        init_body("2025-11-25").as_bytes(),
+    let mut c = Keyed::open(
+        &s,
+        &[("Authorization", &bearer), ("X-User-Key", header_secret)],
     );
-    assert_eq!(r.status, 200);
-    let sid = r.header("Mcp-Session-Id").unwrap().to_string();
-    let hdrs = [
-        JSON_CT,
-        ACCEPT_BOTH,
-        ("Authorization", bearer.as_str()),
-        ("Mcp-Session-Id", sid.as_str()),
-        ("MCP-Protocol-Version", "2025-11-25"),
-    ];
-    let mut post = |body: Value| c.request("POST", "/mcp", &hdrs, body.to_string().as_bytes());
-    assert_eq!(
-        post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).status,
-        202
-    );
+    let sid = c.session.clone();
+    let mut post = |body: Value| c.post(body);
     let r = post(tool_call(5, "echo", json!({"message": "hello tap"})));
     assert_eq!(result_text(&r.messages()[0]), "hello tap");
     // The child says the secret it was given; a client puts the token in a message.
@@ -219,26 +236,8 @@ fn a_secret_that_json_escapes_is_redacted_in_its_escaped_form() {
         ],
         &everything(),
     );
-    let mut c = Conn::open(&s);
-    let r = c.request(
-        "POST",
-        "/mcp",
-        &[JSON_CT, ACCEPT_BOTH, ("X-User-Key", secret)],
-        init_body("2025-11-25").as_bytes(),
-    );
-    assert_eq!(r.status, 200);
-    let sid = r.header("Mcp-Session-Id").unwrap().to_string();
-    let hdrs = [
-        JSON_CT,
-        ACCEPT_BOTH,
-        ("Mcp-Session-Id", sid.as_str()),
-        ("MCP-Protocol-Version", "2025-11-25"),
-    ];
-    let mut post = |body: Value| c.request("POST", "/mcp", &hdrs, body.to_string().as_bytes());
-    assert_eq!(
-        post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).status,
-        202
-    );
+    let mut c = Keyed::open(&s, &[("X-User-Key", secret)]);
+    let mut post = |body: Value| c.post(body);
     let r = post(tool_call(6, "env", json!({"name": "USER_KEY"})));
     assert_eq!(
         result_text(&r.messages()[0]),
