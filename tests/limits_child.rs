@@ -37,6 +37,12 @@ fn call_error(sess: &Session, id: i64, tool: &str) -> Value {
     answer["error"].clone()
 }
 
+/// The error names the limit as its flag says it.
+fn assert_names(err: &Value, shown: &str) {
+    let message = err["message"].as_str().unwrap_or_default();
+    assert!(message.contains(shown), "the error names {shown}: {err}");
+}
+
 /// The pid and uid the child reports.
 fn pid_uid(sess: &Session) -> (i32, u32) {
     let text = result_text(&sess.call(7, "pid", json!({})).messages()[0]);
@@ -87,7 +93,7 @@ fn assert_limit_met(
 ) {
     let (pid, _) = pid_uid(victim);
     let err = call_error(victim, 1, tool);
-    let message = err["message"].as_str().unwrap_or_default();
+    assert_names(&err, shown);
     assert!(
         message.contains(shown),
         "the error names the limit {shown}: {err}"
@@ -230,13 +236,7 @@ fn per_server_limits_from_the_config_file() {
         .split_whitespace()
         .any(|w| w == "30"));
     let err = call_error(&small, 1, "alloc");
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("--child-memory 64MiB"),
-        "{err}"
-    );
+    assert_names(&err, "--child-memory 64MiB");
     assert_eq!(pid_uid(&plain).0, plain_pid, "the other server goes on");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -310,13 +310,7 @@ fn a_shared_child_at_its_limit_names_it_and_is_replaced() {
     let victim = Session::open(&s);
     let (pid, _) = pid_uid(&victim);
     let err = call_error(&victim, 1, "spin");
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("--child-cpu 1s"),
-        "{err}"
-    );
+    assert_names(&err, "--child-cpu 1s");
     assert_eq!(err["data"]["limit"], "cpu", "{err}");
     assert_eq!(
         metric(&s, "stdio_sse_child_limit_exits_total{limit=\"cpu\"}"),
