@@ -127,7 +127,7 @@ tiny_build() {
         CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_LINKER=rust-lld \
         RUSTFLAGS="-Zunstable-options -Cpanic=immediate-abort -C relocation-model=static -C target-feature=+crt-static -A deprecated" \
             cargo "+$NIGHTLY" build --release --locked --target "$t" --target-dir "$td" \
-                -Z build-std=std,panic_abort -Z build-std-features=optimize_for_size \
+                --no-default-features -Z build-std=std,panic_abort -Z build-std-features=optimize_for_size \
                 --config 'profile.release.opt-level="z"' --config 'profile.release.panic="abort"' \
             || return 1
         out=stdio-sse-tiny; [ "$t" = "$AARCH64" ] && out=stdio-sse-aarch64-tiny

@@ -18420,6 +18420,7 @@ mod console {
         pub fn parse(s: &str) -> Result<Console, String> {
             match s {
                 "auto" => Ok(Console::Auto),
+                "on" | "true" if PAGE.is_empty() => Err("--console on: this build has no console (the tiny build leaves it out; use dist/stdio-sse)".into()),
                 "on" | "true" => Ok(Console::On),
                 "off" | "false" => Ok(Console::Off),
                 other => Err(format!("--console must be auto, on or off, not {other:?}")),
@@ -18429,6 +18430,9 @@ mod console {
 
     /// Whether `/` serves the page under this configuration.
     pub fn enabled(cfg: &crate::config::Config) -> bool {
+        if PAGE.is_empty() {
+            return false;
+        }
         match cfg.console {
             Console::On => true,
             Console::Off => false,
@@ -18543,6 +18547,7 @@ mod console {
     const STYLE_HASH: &str = "sha256-GqspnsMq4qIq33N5H27qdF1hLbGnHIcZjZyzQosrVYA=";
 
     /// The page. Its script and style are hashed into the CSP above (see the tests).
+    #[cfg(feature = "console")]
     pub const PAGE: &str = r####"<!doctype html>
 <html lang="en">
 <head>
@@ -19222,6 +19227,11 @@ else connect().catch(oops);
 </body>
 </html>
 "####;
+    /// The tiny build (`--no-default-features`) leaves the page out: it is a third of
+    /// what that build may weigh beyond its limit, and an edge device is driven by
+    /// programs, not a person at a browser.
+    #[cfg(not(feature = "console"))]
+    pub const PAGE: &str = "";
 
     #[cfg(test)]
     mod tests {
