@@ -5036,18 +5036,22 @@ mod http {
             // on the MCP requests, which still demand it.
             return crate::console::serve(inc);
         }
-        let readiness = route
-            .as_ref()
-            .is_some_and(|r| r.endpoint == crate::servers::Endpoint::Readyz);
-        let open_route =
-            (readiness || matches!(inc.path.as_str(), "/healthz" | "/readyz")) && !cfg.auth.health;
+        let kind = match &route {
+            Some(r) if r.endpoint == crate::servers::Endpoint::Readyz => {
+                crate::ratelimit::Kind::Probe
+            }
+            _ => crate::ratelimit::Kind::Work,
+        };
+        let open_route = (kind == crate::ratelimit::Kind::Probe
+            || matches!(inc.path.as_str(), "/healthz" | "/readyz"))
+            && !cfg.auth.health;
         if !open_route {
             match crate::auth::check(inc.header("Authorization")) {
                 Ok(token) => inc.token = token,
                 Err(reply) => {
                     // A wrong token is a guess: it draws on its address's bucket, so
                     // guessing goes no faster than --rate-limit.
-                    if let Err(limited) = crate::ratelimit::admit(&inc, readiness) {
+                    if let Err(limited) = crate::ratelimit::admit(&inc, kind) {
                         return respond(inc, limited);
                     }
                     return respond(inc, reply);
@@ -5055,7 +5059,7 @@ mod http {
             }
         }
         // After the token check: the token is the bucket's key (RFC 6585 §4).
-        if let Err(reply) = crate::ratelimit::admit(&inc, readiness) {
+        if let Err(reply) = crate::ratelimit::admit(&inc, kind) {
             return respond(inc, reply);
         }
         let path = inc.path.as_str();
@@ -5673,6 +5677,14 @@ mod ratelimit {
     /// eighth of the table, not one scan per key.
     const EVICT_SHARE: usize = 8;
 
+    /// What a request is to the limit: a server's own readiness probe (never counted:
+    /// probes poll, and a balancer that sees 429 takes the instance out), or work.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Kind {
+        Probe,
+        Work,
+    }
+
     /// Whose bucket a request draws on, and the label its refusals are counted under.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum KeyKind {
@@ -6012,7 +6024,7 @@ mod ratelimit {
 
     /// Whether this request may go on (--rate-limit); a refusal is logged (once until
     /// its client is served again), counted, and shown on the access line.
-    pub fn admit(inc: &Incoming, readiness: bool) -> Result<(), Reply> {
+    pub fn admit(inc: &Incoming, request: Kind) -> Result<(), Reply> {
         let app = crate::app();
         let Some(rate) = &app.cfg.rate.rate else {
             return Ok(());
@@ -6022,7 +6034,7 @@ mod ratelimit {
             inc.method(),
             tiny_http::Method::Delete | tiny_http::Method::Options
         );
-        if readiness || exempt_path || exempt_method {
+        if request == Kind::Probe || exempt_path || exempt_method {
             return Ok(());
         }
         let client = client_of(inc);

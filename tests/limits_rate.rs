@@ -206,7 +206,13 @@ fn a_token_over_its_rate_gets_429_then_is_served_after_retry_after() {
         let h = Conn::open(&s).request("GET", "/healthz", &[], b"");
         assert_eq!(h.status, 200);
     }
-    assert!(scrape_as(&s, Some("token-a")).contains("stdio_sse_rate_limited_total"));
+    assert!(
+        sample(
+            &scrape_as(&s, Some("token-a")),
+            "stdio_sse_rate_limited_total{key_kind=\"token\"}"
+        ) >= 1.0,
+        "the refusal is counted under its key kind"
+    );
 
     // Served again: within Retry-After (it is rounded up), polling.
     let waited = served_within(&a, 100, retry_after + Duration::from_secs(3));
