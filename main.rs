@@ -210,6 +210,8 @@ mod config {
         pub repeatable: bool,
         /// On or off: `--name` alone turns it on; a value may say `true` or `false`.
         pub switch: bool,
+        /// Given alone (the next word not one of `words`): this value.
+        pub alone: Option<(&'static str, &'static [&'static str])>,
         pub help: &'static str,
     }
 
@@ -225,6 +227,7 @@ mod config {
             default,
             repeatable: false,
             switch: false,
+            alone: None,
             help,
         }
     }
@@ -235,7 +238,15 @@ mod config {
             default: "",
             repeatable: true,
             switch: false,
+            alone: None,
             help,
+        }
+    }
+    /// A flag whose value is one of `words`, and `value` when given alone.
+    const fn or_alone(f: Flag, value: &'static str, words: &'static [&'static str]) -> Flag {
+        Flag {
+            alone: Some((value, words)),
+            ..f
         }
     }
     const fn switch(name: &'static str, help: &'static str) -> Flag {
@@ -248,6 +259,7 @@ mod config {
             default,
             repeatable: false,
             switch: true,
+            alone: None,
             help,
         }
     }
@@ -557,11 +569,16 @@ mod config {
             DEFAULT_TAP_MAX_SIZE,
             "at this size the tap file moves to PATH.1 and a new one starts (0: never)",
         ),
-        flag(
-            "console",
-            "WHEN",
-            DEFAULT_CONSOLE,
-            "serve the browser console at /: auto (only when --host is loopback), on or off",
+        // Alone it means on, as websocketd's --devconsole does.
+        or_alone(
+            flag(
+                "console",
+                "WHEN",
+                DEFAULT_CONSOLE,
+                "serve the browser console at /: auto (only when --host is loopback), on or off; alone: on",
+            ),
+            "on",
+            &["auto", "on", "off"],
         ),
         switch(
             "exit-with-parent",
@@ -1612,20 +1629,16 @@ mod config {
             let Some(f) = FLAGS.iter().find(|f| f.name == name) else {
                 return Err(format!("unknown option --{name} (see --help)"));
             };
-            let value = match inline {
-                Some(v) => v,
-                None if f.switch => "true".to_string(),
-                // --console alone means on, as websocketd's --devconsole does: the next
-                // word is its value only when it is one of its values.
-                None if f.name == "console"
-                    && !matches!(
-                        args.get(i + 1).map(String::as_str),
-                        Some("auto" | "on" | "off")
-                    ) =>
-                {
-                    "on".to_string()
-                }
-                None => {
+            // A flag that may stand alone takes the next word only when it is one of
+            // its values.
+            let alone = f
+                .alone
+                .filter(|(_, words)| !args.get(i + 1).is_some_and(|a| words.contains(&a.as_str())));
+            let value = match (inline, alone) {
+                (Some(v), _) => v,
+                (None, _) if f.switch => "true".to_string(),
+                (None, Some((v, _))) => v.to_string(),
+                (None, None) => {
                     i += 1;
                     args.get(i)
                         .cloned()
@@ -5723,6 +5736,14 @@ mod ratelimit {
                 Client::Address(_) => KeyKind::Address,
             }
         }
+
+        /// How the log names it: an address, never a token.
+        fn shown(&self) -> Option<String> {
+            match self {
+                Client::Address(ip) => Some(ip.to_string()),
+                Client::Token(_) => None,
+            }
+        }
     }
 
     /// A sustained rate and the burst above it, as --rate-limit gave them.
@@ -5977,8 +5998,12 @@ mod ratelimit {
         }
         if !table.buckets.contains_key(client) && table.buckets.len() >= keys {
             sweep(table, rate, now);
-            if table.buckets.len() >= keys {
-                evict_fullest(table, rate, now, keys);
+            // Room for an eighth of the table at once: a flood of new keys then costs one
+            // sort per eighth, not a sweep per key when a sweep frees only a few.
+            let room = (keys / EVICT_SHARE).max(1);
+            let over = (table.buckets.len() + room).saturating_sub(keys);
+            if over > 0 {
+                evict_fullest(table, rate, now, keys, over);
             }
         }
         let b = table.buckets.entry(client.clone()).or_insert(Bucket {
@@ -6007,15 +6032,14 @@ mod ratelimit {
         table.swept = now;
     }
 
-    /// At --rate-limit-keys: the fullest buckets go (their clients lose least).
-    fn evict_fullest(table: &mut Table, rate: &Rate, now: Instant, keys: usize) {
+    /// At --rate-limit-keys: the `n` fullest buckets go (their clients lose least).
+    fn evict_fullest(table: &mut Table, rate: &Rate, now: Instant, keys: usize, n: usize) {
         let mut levels: Vec<(f64, Client)> = table
             .buckets
             .iter()
             .map(|(k, b)| (b.level(rate, now), k.clone()))
             .collect();
         levels.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let n = (keys / EVICT_SHARE).max(1);
         for (_, k) in levels.into_iter().take(n) {
             table.buckets.remove(&k);
         }
@@ -6039,14 +6063,10 @@ mod ratelimit {
         }
         let client = client_of(inc);
         let kind = client.kind();
-        let shown = |c: &Client| match c {
-            Client::Address(ip) => Some(ip.to_string()),
-            Client::Token(_) => None,
-        };
         match take(rate, app.cfg.rate.keys, &client, Instant::now()) {
             Verdict::Served { refused: 0 } => Ok(()),
             Verdict::Served { refused } => {
-                crate::log!(Info, "rate_limit_served", key_kind = kind.label(), client = shown(&client);
+                crate::log!(Info, "rate_limit_served", key_kind = kind.label(), client = client.shown();
                     "{} served again after {refused} request(s) refused over --rate-limit {}", kind.words(), rate.shown);
                 Ok(())
             }
@@ -6062,7 +6082,7 @@ mod ratelimit {
                 app.metrics.rejected(refusal.reason());
                 crate::observe::request_reason(refusal.reason());
                 if first {
-                    crate::log!(Warn, "rate_limited", key_kind = kind.label(), client = shown(&client);
+                    crate::log!(Warn, "rate_limited", key_kind = kind.label(), client = client.shown();
                         "{} is over --rate-limit {}: 429, retry after {secs} s (further refusals counted, not logged, until it is served again)", kind.words(), rate.shown);
                 }
                 Err(refusal.into())
@@ -6077,10 +6097,7 @@ mod ratelimit {
         SESSIONS_REFUSED[kind as usize].fetch_add(1, Ordering::Relaxed);
         crate::app().metrics.rejected(refusal.reason());
         crate::observe::request_reason(refusal.reason());
-        let shown = match client {
-            Client::Address(ip) => Some(ip.to_string()),
-            Client::Token(_) => None,
-        };
+        let shown = client.shown();
         crate::log!(Info, "client_sessions", key_kind = kind.label(), client = shown;
             "{} holds --max-sessions-per-token {limit} sessions: a new one refused (429)", kind.words());
         refusal
@@ -9665,7 +9682,7 @@ mod oneshot {
             Ok(ctx) => ctx.env,
             Err(reply) => return respond(inc, reply),
         };
-        let secrets: Vec<String> = env.iter().map(|(_, v)| v.clone()).collect();
+        let secrets = env.clone();
         use crate::observe::tap;
         tap::record(
             tap::Direction::ClientToBridge,
@@ -10548,13 +10565,12 @@ mod sessions {
             if !crate::observe::tap::on() {
                 return;
             }
-            let secrets: Vec<String> = self.env.iter().map(|(_, v)| v.clone()).collect();
             crate::observe::tap::record(
                 direction,
                 &self.tag,
                 &self.server.name,
                 crate::observe::tap::Message::Value(message),
-                &secrets,
+                &self.env,
             );
         }
 
@@ -13969,8 +13985,9 @@ mod child {
         on_exit: Mutex<Option<OnEof>>,
         /// What it was started under (to say which limit it met).
         limits: crate::config::ChildLimits,
-        /// The --pass-header values it was given: never in the log or the tap.
-        pub secrets: Vec<String>,
+        /// The --pass-header variables it was given: their values are never in the log
+        /// or the tap.
+        pub secrets: Vec<(String, String)>,
     }
 
     #[derive(Default)]
@@ -14093,7 +14110,7 @@ mod child {
             stderr_tail: Mutex::new(VecDeque::new()),
             on_exit: Mutex::new(None),
             limits: cfg.limits.clone(),
-            secrets: env.iter().map(|(_, v)| v.clone()).collect(),
+            secrets: env.to_vec(),
         });
         Ok((child, proc_))
     }
@@ -14344,7 +14361,7 @@ mod child {
     struct Who {
         tag: String,
         server: Arc<str>,
-        secrets: Vec<String>,
+        secrets: Vec<(String, String)>,
     }
 
     /// Blocks until the leader exits, without reaping it.
@@ -17293,16 +17310,15 @@ mod observe {
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
-    /// A message body for a debug line: at most BODY_LOG_LIMIT bytes of it.
     /// Secrets never printed, in the log or the tap: the bearer tokens, and the
     /// --pass-header values a child was given (`extra`), should a message carry them.
-    pub fn redact<'a>(text: &'a str, extra: &[String]) -> std::borrow::Cow<'a, str> {
+    pub fn redact<'a>(text: &'a str, extra: &[(String, String)]) -> std::borrow::Cow<'a, str> {
         let mut out = std::borrow::Cow::Borrowed(text);
         let tokens = crate::auth::tokens();
         let secrets = tokens
             .iter()
             .map(|t| &**t)
-            .chain(extra.iter().map(String::as_str))
+            .chain(extra.iter().map(|(_, value)| value.as_str()))
             .filter(|s| s.len() >= MIN_SECRET);
         for secret in secrets {
             // Inside a JSON string a `"`, `\` or tab of the secret stands escaped.
@@ -17413,7 +17429,7 @@ mod observe {
             session: &str,
             server: &str,
             message: Message,
-            secrets: &[String],
+            secrets: &[(String, String)],
         ) {
             if !on() {
                 return;
@@ -17499,6 +17515,7 @@ mod observe {
         }
     }
 
+    /// A message body for a debug line: at most BODY_LOG_LIMIT bytes of it.
     pub fn body_excerpt(body: &str) -> String {
         if body.len() <= BODY_LOG_LIMIT {
             return body.to_string();
