@@ -43,6 +43,16 @@ fn assert_names(err: &Value, shown: &str) {
     assert!(message.contains(shown), "the error names {shown}: {err}");
 }
 
+/// An initialize on /mcp, whatever its answer.
+fn initialize(s: &Server) -> Response {
+    Conn::open(s).request(
+        "POST",
+        "/mcp",
+        &[JSON_CT, ACCEPT_BOTH],
+        init_body("2025-11-25").as_bytes(),
+    )
+}
+
 /// The pid and uid the child reports.
 fn pid_uid(sess: &Session) -> (i32, u32) {
     let text = result_text(&sess.call(7, "pid", json!({})).messages()[0]);
@@ -313,14 +323,7 @@ fn a_shared_child_at_its_limit_names_it_and_is_replaced() {
         1.0
     );
     eventually("a new shared child serves a new session", || {
-        let mut c = Conn::open(&s);
-        let r = c.request(
-            "POST",
-            "/mcp",
-            &[JSON_CT, ACCEPT_BOTH],
-            init_body("2025-11-25").as_bytes(),
-        );
-        r.status == 200
+        initialize(&s).status == 200
     });
     let fresh = Session::open(&s);
     assert_ne!(pid_uid(&fresh).0, pid);
@@ -338,25 +341,13 @@ fn a_child_that_cannot_even_load_under_child_memory_names_the_limit() {
             "import sys; sys.stdin.read()".into(),
         ],
     );
-    let mut c = Conn::open(&s);
-    let r = c.request(
-        "POST",
-        "/mcp",
-        &[JSON_CT, ACCEPT_BOTH],
-        init_body("2025-11-25").as_bytes(),
-    );
+    let r = initialize(&s);
     let msgs = r.messages();
     let err = &msgs
         .iter()
         .find(|m| m.get("error").is_some())
         .unwrap_or_else(|| panic!("no error for initialize: {}", r.text()))["error"];
-    assert!(
-        err["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("--child-memory 8MiB"),
-        "the error names the limit: {err}"
-    );
+    assert_names(err, "--child-memory 8MiB");
     assert_eq!(err["data"]["limit"], "memory", "{err}");
     s.wait_log("at its limit --child-memory 8MiB");
 }
